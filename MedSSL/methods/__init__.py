@@ -1,0 +1,11 @@
+"""Self-supervised methods, one module each, registered by name (see :mod:`MedSSL.methods.base`)."""
+
+import importlib
+
+#: modules that register a method when imported; add a new method's module here
+METHOD_MODULES = ("genesis",)
+
+
+def load_all() -> None:
+    for module in METHOD_MODULES:
+        importlib.import_module(f"{__name__}.{module}")

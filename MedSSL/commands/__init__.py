@@ -1,0 +1,1 @@
+"""One module per ``medssl`` sub-command: ``add_parser(subparsers)`` registers it, ``args.run`` runs it."""

@@ -1,0 +1,55 @@
+"""Options shared by several sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..train.loop import LoopConfig
+from ..train.progress import Progress
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                        help="bar in a terminal (default), json = one JSON object per line on stdout, none")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def add_training_options(parser: argparse.ArgumentParser, steps: int, batch: int, lr: float, patch) -> None:
+    parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {steps}, or unlimited with --max-time)")
+    parser.add_argument("--max-time", type=float, default=None, metavar="SECONDS", help="stop after this many seconds (whichever of --steps/--max-time comes first)")
+    parser.add_argument("--batch-size", type=int, default=batch, help=f"cubes per step (default {batch})")
+    parser.add_argument("--patch", type=int, nargs=3, default=list(patch), metavar=("X", "Y", "Z"), help=f"cube size in voxels, multiples of 8 (default {' '.join(map(str, patch))})")
+    parser.add_argument("--width", type=int, default=32, help="base channels of the U-Net (32 = official Models Genesis; 8 or 16 for CPUs and small GPUs)")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="default adam")
+    parser.add_argument("--val-every", type=int, default=50, help="validate every N steps (default 50)")
+    parser.add_argument("--patience", type=int, default=20, help="early stopping after N validations without improvement (default 20; 0 = off)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps (default 100)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+
+
+def loop_config(args, default_steps: int) -> LoopConfig:
+    steps = args.steps if args.steps is not None else (10**9 if args.max_time else default_steps)
+    for name in ("steps", "batch_size", "width", "val_every", "checkpoint_every"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            from ..errors import MedSSLError
+
+            raise MedSSLError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    return LoopConfig(steps=steps, max_time=args.max_time, lr=args.lr, optimizer=args.optimizer,
+                      val_every=args.val_every, patience=args.patience or None,
+                      checkpoint_every=args.checkpoint_every, amp=not args.no_amp)
+
+
+def make_progress(args) -> Progress:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import sys
+
+    mode = args.progress or ("bar" if sys.stderr.isatty() else "none")
+    return Progress(mode)

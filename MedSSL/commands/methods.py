@@ -1,0 +1,25 @@
+"""``medssl methods``: the self-supervised methods this installation offers."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("methods", help="list the self-supervised methods")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..methods.base import available_methods
+
+    methods = [{"name": m.name, "description": m.description, "published": m.published,
+                "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.defaults.items()}}
+               for m in available_methods()]
+    if args.json:
+        print(json.dumps({"methods": methods}, indent=2))
+    else:
+        for m in methods:
+            print(f"{m['name']:18s} {m['description']}")
+    return 0

@@ -1,0 +1,87 @@
+"""The one interface every self-supervised method implements, and the registry the trainer reads.
+
+A method is an ``nn.Module`` that owns the transferable 3D U-Net (``self.backbone``, a
+:class:`~MedSSL.models.unet3d.UNet3D`) plus whatever heads, teachers or queues it needs. The trainer
+knows no method names: it asks the registry for a class, builds it, calls :meth:`SSLMethod.training_loss`
+on batches of cubes, :meth:`SSLMethod.after_step` after each optimiser step, and saves
+``backbone`` (keys ``backbone.*``) plus the method's other parameters in the bundle.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..models.unet3d import UNet3D
+
+_REGISTRY: dict[str, type["SSLMethod"]] = {}
+
+
+class SSLMethod(nn.Module):
+    """Base class. Subclasses set ``name``, ``description`` and ``defaults`` and implement the loss.
+
+    Batches are (N, 1, X, Y, Z) float tensors in [0, 1] on the training device (X, Y, Z = the patch,
+    slice axis last). ``settings`` overrides ``defaults``; the merged dict is recorded in the bundle.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict] = {}
+    #: what the method was published with and how we differ (for ``medssl methods`` and the README)
+    published: ClassVar[str] = ""
+
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
+        super().__init__()
+        unknown = set(settings or {}) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"unknown setting(s) for method {self.name}: {', '.join(sorted(unknown))}")
+        self.settings = {**self.defaults, **(settings or {})}
+        self.backbone = UNet3D(in_channels=in_channels, out_channels=in_channels, width=width)
+
+    def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Scalar loss to minimise and a dict of named float components for the log."""
+        raise NotImplementedError
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Same as :meth:`training_loss`, so a DistributedDataParallel wrapper syncs its gradients."""
+        return self.training_loss(batch, generator)
+
+    @torch.no_grad()
+    def validation_loss(self, batch: torch.Tensor, generator: torch.Generator) -> float:
+        """Loss on a validation batch (same objective, no gradient). Override when it differs."""
+        loss, _ = self.training_loss(batch, generator)
+        return float(loss)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimiser step (momentum teachers, queues, schedules). Default: nothing."""
+
+    def describe(self) -> dict:
+        """The bundle's ``method`` entry: name plus settings."""
+        return {"name": self.name, **self.settings}
+
+
+def register(cls: type[SSLMethod]) -> type[SSLMethod]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[SSLMethod]:
+    """The registered class for ``name``; KeyError lists the known names."""
+    from . import load_all
+
+    load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[type[SSLMethod]]:
+    from . import load_all
+
+    load_all()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]

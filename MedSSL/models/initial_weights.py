@@ -1,0 +1,120 @@
+"""Initial weights for pretraining or fine-tuning: a MedSSL bundle or an official Models Genesis ``.pt``.
+
+Official files (``Genesis_Chest_CT.pt``) are dicts with ``state_dict`` whose keys carry a ``module.``
+prefix; they load with ``torch.load(weights_only=True)``, so a file carrying pickled code objects is
+refused before anything in it runs. Semantic Genesis / TransVW releases may also nest the encoder under
+``classficationNet.`` (sic) and carry extra heads; those prefixes are stripped and unknown keys ignored.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..bundle import is_bundle, load_bundle
+from ..errors import MedSSLError
+from .unet3d import width_from_state_dict
+
+_PREFIXES = ("module.", "classficationNet.", "backbone.", "encoder_q.")
+
+
+@dataclass
+class InitialWeights:
+    """UNet3D weights to start from.
+
+    state_dict: UNet3D key -> tensor (prefixes stripped). width: base channels. source: "bundle" or
+    "official-pt". meta: the bundle's model.json (empty for .pt files).
+    """
+
+    state_dict: dict
+    width: int
+    source: str
+    meta: dict
+
+    def describe(self) -> dict:
+        """What to record in a bundle about the initialisation (no paths)."""
+        info = {"source": self.source, "width": self.width}
+        if self.meta:
+            info["method"] = (self.meta.get("method") or {}).get("name")
+            info["task"] = self.meta.get("task")
+        return info
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def load_official_checkpoint(path) -> dict:
+    """State dict (prefixes stripped) of a Models Genesis-style ``.pt``; never unpickles code."""
+    path = Path(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise MedSSLError(
+            f"{path}: refused: the checkpoint holds pickled objects other than tensors (it could run code); "
+            "re-save it as plain tensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError):
+        raise MedSSLError(f"{path}: not a PyTorch checkpoint") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise MedSSLError(f"{path}: the checkpoint holds no state_dict")
+    return {_strip(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_initial_weights(path) -> InitialWeights:
+    """Load a bundle folder or an official ``.pt``/``.pth`` file. Raises MedSSLError naming ``path``."""
+    p = Path(path)
+    if not p.exists():
+        raise MedSSLError(f"{path}: no such model file or bundle")
+    if p.is_dir():
+        if not is_bundle(p):
+            raise MedSSLError(f"{path}: not a model bundle (no model.json)")
+        meta, state = load_bundle(p)
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")} or state
+        source = "bundle"
+    else:
+        if p.stat().st_size == 0:
+            raise MedSSLError(f"{path}: the model file is empty")
+        meta, state, source = {}, load_official_checkpoint(p), "official-pt"
+    try:
+        width = width_from_state_dict(state)
+    except KeyError:
+        raise MedSSLError(f"{path}: not a Models Genesis UNet3D (no down_tr64.ops.0.conv1.weight)") from None
+    return InitialWeights(state, width, source, meta)
+
+
+def apply_initial_weights(model: nn.Module, init: InitialWeights, what: str = "model") -> dict:
+    """Copy every tensor of ``init`` whose key and shape match ``model``'s UNet3D.
+
+    The encoder must match completely (else MedSSLError: wrong width or input channels); decoder and
+    output layers that differ (e.g. 1 restoration channel vs N classes) are left as initialised.
+    Returns {"loaded": n, "skipped": [keys]}.
+    """
+    target = model.state_dict()
+    loaded, skipped = {}, []
+    for key, value in init.state_dict.items():
+        if key in target and tuple(target[key].shape) == tuple(value.shape):
+            loaded[key] = value.to(target[key].dtype)
+        elif key in target:
+            skipped.append(key)
+    encoder_keys = [k for k in target if k.startswith("down_tr")]
+    missing = [k for k in encoder_keys if k not in loaded]
+    if missing:
+        raise MedSSLError(
+            f"{what}: initial weights do not fit this network ({len(missing)} encoder tensors differ, e.g. "
+            f"{missing[0]}; the weights have width {init.width}, the network {getattr(model, 'width', '?')})"
+        )
+    model.load_state_dict(loaded, strict=False)
+    return {"loaded": len(loaded), "skipped": skipped}
