@@ -14,6 +14,9 @@ official behaviour is not. The state-dict keys are the same either way.
 
 Input: (N, C_in, X, Y, Z) with X, Y, Z divisible by 8. Output: (N, C_out, X, Y, Z) logits (no sigmoid:
 the restoration loss applies it; segmentation uses softmax).
+
+``spatial_dims=2`` builds the same network with 2D layers (input (N, C_in, X, Y)) for one-slice images
+such as radiographs loaded in Slicer; its keys are the same, its kernels 2D.
 """
 
 from __future__ import annotations
@@ -22,13 +25,23 @@ import torch
 from torch import nn
 
 
-class LUConv(nn.Module):
-    """Conv3d(k=3, padding 1) -> BatchNorm3d -> ReLU. Keys: conv1.*, bn1.*."""
+def _layers(spatial_dims: int):
+    """(Conv, BatchNorm, MaxPool, ConvTranspose) classes for 2 or 3 spatial dimensions."""
+    if spatial_dims == 3:
+        return nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d
+    if spatial_dims == 2:
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
 
-    def __init__(self, in_channels: int, out_channels: int):
+
+class LUConv(nn.Module):
+    """Conv(k=3, padding 1) -> BatchNorm -> ReLU. Keys: conv1.*, bn1.*."""
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.bn1 = nn.BatchNorm3d(out_channels)
+        conv, norm, _, _ = _layers(spatial_dims)
+        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1)
+        self.bn1 = norm(out_channels)
         self.relu1 = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +54,12 @@ class DownTransition(nn.Module):
     Returns (output, skip): the pooled tensor and the pre-pool tensor kept for the decoder.
     """
 
-    def __init__(self, in_channels: int, depth: int, width: int):
+    def __init__(self, in_channels: int, depth: int, width: int, spatial_dims: int = 3):
         super().__init__()
         mid = width * 2**depth
-        self.ops = nn.Sequential(LUConv(in_channels, mid), LUConv(mid, mid * 2))
+        self.ops = nn.Sequential(LUConv(in_channels, mid, spatial_dims), LUConv(mid, mid * 2, spatial_dims))
         self.out_channels = mid * 2
-        self.pool = nn.MaxPool3d(2) if depth < 3 else None
+        self.pool = _layers(spatial_dims)[2](2) if depth < 3 else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.ops(x)
@@ -56,10 +69,11 @@ class DownTransition(nn.Module):
 class UpTransition(nn.Module):
     """ConvTranspose3d(k=2, s=2) -> concat with the skip -> two LUConvs to ``out_channels``."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, spatial_dims: int = 3):
         super().__init__()
-        self.up_conv = nn.ConvTranspose3d(in_channels, in_channels, kernel_size=2, stride=2)
-        self.ops = nn.Sequential(LUConv(in_channels + skip_channels, out_channels), LUConv(out_channels, out_channels))
+        self.up_conv = _layers(spatial_dims)[3](in_channels, in_channels, kernel_size=2, stride=2)
+        self.ops = nn.Sequential(LUConv(in_channels + skip_channels, out_channels, spatial_dims),
+                                 LUConv(out_channels, out_channels, spatial_dims))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.ops(torch.cat([self.up_conv(x), skip], dim=1))
@@ -68,9 +82,9 @@ class UpTransition(nn.Module):
 class OutputTransition(nn.Module):
     """1x1x1 convolution to the output channels (logits). Key: final_conv.*."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 3):
         super().__init__()
-        self.final_conv = nn.Conv3d(in_channels, out_channels, kernel_size=1)
+        self.final_conv = _layers(spatial_dims)[0](in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(x)
@@ -83,22 +97,25 @@ class UNet3D(nn.Module):
         in_channels: input channels (1 for CT/MR; 2.5D inputs use more).
         out_channels: output channels (1 for restoration; the number of classes for segmentation).
         width: base channels; the bottleneck has ``16 * width`` channels.
+        spatial_dims: 3 (volumes, the official network) or 2 (one-slice images).
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 32):
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 32, spatial_dims: int = 3):
         super().__init__()
         if width < 1:
             raise ValueError("width must be >= 1")
         self.in_channels, self.out_channels, self.width = in_channels, out_channels, width
-        self.down_tr64 = DownTransition(in_channels, 0, width)
-        self.down_tr128 = DownTransition(self.down_tr64.out_channels, 1, width)
-        self.down_tr256 = DownTransition(self.down_tr128.out_channels, 2, width)
-        self.down_tr512 = DownTransition(self.down_tr256.out_channels, 3, width)
+        self.spatial_dims = spatial_dims
+        d = spatial_dims
+        self.down_tr64 = DownTransition(in_channels, 0, width, d)
+        self.down_tr128 = DownTransition(self.down_tr64.out_channels, 1, width, d)
+        self.down_tr256 = DownTransition(self.down_tr128.out_channels, 2, width, d)
+        self.down_tr512 = DownTransition(self.down_tr256.out_channels, 3, width, d)
         c64, c128, c256, c512 = (t.out_channels for t in (self.down_tr64, self.down_tr128, self.down_tr256, self.down_tr512))
-        self.up_tr256 = UpTransition(c512, c256, c256)
-        self.up_tr128 = UpTransition(c256, c128, c128)
-        self.up_tr64 = UpTransition(c128, c64, c64)
-        self.out_tr = OutputTransition(c64, out_channels)
+        self.up_tr256 = UpTransition(c512, c256, c256, d)
+        self.up_tr128 = UpTransition(c256, c128, c128, d)
+        self.up_tr64 = UpTransition(c128, c64, c64, d)
+        self.out_tr = OutputTransition(c64, out_channels, d)
 
     @property
     def bottleneck_channels(self) -> int:
@@ -127,6 +144,11 @@ class UNet3D(nn.Module):
         """(logits (N, C_out, X, Y, Z), bottleneck (N, 16w, X/8, Y/8, Z/8)) in one pass."""
         bottleneck, skips = self.encode(x)
         return self.out_tr(self.decode(bottleneck, skips)), bottleneck
+
+
+def spatial_dims_from_state_dict(state: dict) -> int:
+    """2 or 3: the number of spatial dimensions of a UNet3D state dict's kernels."""
+    return int(state["down_tr64.ops.0.conv1.weight"].dim()) - 2
 
 
 def width_from_state_dict(state: dict) -> int:
