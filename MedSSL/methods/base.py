@@ -9,14 +9,37 @@ on batches of cubes, :meth:`SSLMethod.after_step` after each optimiser step, and
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..models.unet3d import UNet3D
 
 _REGISTRY: dict[str, type["SSLMethod"]] = {}
+
+
+@dataclass
+class PretrainData:
+    """What the trainer hands a method to build its batches from.
+
+    train / val: CubeSets of preprocessed cubes ((X, Y, Z) float in [0, 1], memory-mapped), or None for
+    methods whose ``data_kind`` is not "cubes". sources: the volume files/DICOM folders (never written
+    to bundles). settings: the CubeSettings used. datasets: the parsed ``--datasets`` spec for methods
+    that learn from labelled datasets. cache_dir: where methods may cache what they derive.
+    """
+
+    train: Any = None
+    val: Any = None
+    sources: list = field(default_factory=list)
+    settings: Any = None
+    datasets: dict | None = None
+    cache_dir: Path | None = None
+    seed: int = 0
+    log: Callable[[str], None] = print
 
 
 class SSLMethod(nn.Module):
@@ -40,16 +63,45 @@ class SSLMethod(nn.Module):
         self.settings = {**self.defaults, **(settings or {})}
         self.backbone = UNet3D(in_channels=in_channels, out_channels=in_channels, width=width)
 
-    def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Scalar loss to minimise and a dict of named float components for the log."""
+    #: "cubes" (unlabeled cubes from --data) or "labelled-datasets" (from --datasets SPEC.json)
+    data_kind: ClassVar[str] = "cubes"
+
+    def batch_source(self, data: PretrainData, batch_size: int, rng: np.random.Generator,
+                     device: torch.device) -> Callable[[], Any]:
+        """A function returning one training batch per call. Default: ``batch_size`` random cubes as a
+        (N, 1, X, Y, Z) float tensor on ``device``. Methods needing pseudo-labels or views override."""
+
+        def next_batch() -> torch.Tensor:
+            idx = np.sort(rng.integers(0, len(data.train), size=batch_size))
+            return torch.from_numpy(data.train.get(idx)).unsqueeze(1).to(device, non_blocking=True)
+
+        return next_batch
+
+    def validation_batches(self, data: PretrainData, batch_size: int, device: torch.device, limit: int = 8) -> list:
+        """Fixed validation batches (the same every check). Default: the first cubes of ``data.val``."""
+        if data.val is None or len(data.val) == 0:
+            return []
+        n = min(len(data.val), batch_size * limit)
+        return [torch.from_numpy(data.val.get(np.arange(i, min(i + batch_size, n)))).unsqueeze(1).to(device)
+                for i in range(0, n, batch_size)]
+
+    def training_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Scalar loss to minimise and a dict of named float components for the log.
+
+        ``batch`` is what :meth:`batch_source` returns (by default (N, 1, X, Y, Z) cubes in [0, 1]).
+        """
         raise NotImplementedError
 
-    def forward(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def transferable_state_dict(self) -> dict:
+        """What the bundle stores: the whole method state (the U-Net under ``backbone.*``)."""
+        return self.state_dict()
+
+    def forward(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Same as :meth:`training_loss`, so a DistributedDataParallel wrapper syncs its gradients."""
         return self.training_loss(batch, generator)
 
     @torch.no_grad()
-    def validation_loss(self, batch: torch.Tensor, generator: torch.Generator) -> float:
+    def validation_loss(self, batch, generator: torch.Generator) -> float:
         """Loss on a validation batch (same objective, no gradient). Override when it differs."""
         loss, _ = self.training_loss(batch, generator)
         return float(loss)

@@ -10,13 +10,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..bundle import save_bundle
-from ..data.cubes import CubeSet, CubeSettings, default_cache_dir, prepare_cubes
+from ..data.cubes import CubeSettings, default_cache_dir, prepare_cubes
 from ..data.preprocess import IntensityConfig
 from ..errors import MedSSLError
 from ..io.volumes import find_volumes
-from ..methods.base import method_class
+from ..methods.base import PretrainData, method_class
 from ..models.initial_weights import apply_initial_weights, load_initial_weights
-from .checkpoint import load_checkpoint
 from .loop import LoopConfig, TrainingLoop, thin_history
 from .progress import Progress
 from .runtime import OutputLock, device_description, init_distributed, seed_everything
@@ -50,16 +49,6 @@ def check_patch(patch) -> tuple:
     if len(patch) != 3 or any(p < 8 or p % 8 for p in patch):
         raise MedSSLError(f"--patch {' '.join(map(str, patch))}: each size must be a multiple of 8 (the network pools 3 times)")
     return patch
-
-
-def _batches(cubes: CubeSet, batch: int, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
-    idx = rng.integers(0, len(cubes), size=batch)
-    return torch.from_numpy(cubes.get(np.sort(idx))).unsqueeze(1).to(device, non_blocking=True)
-
-
-def _validation_batches(val: CubeSet, batch: int, limit: int = 8) -> list[np.ndarray]:
-    n = min(len(val), batch * limit)
-    return [val.get(np.arange(i, min(i + batch, n))) for i in range(0, n, batch)]
 
 
 def pretrain(config: PretrainConfig, progress: Progress) -> Path:
@@ -97,6 +86,8 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
                           progress=lambda done, total, cached: progress.update(done, total, cached=cached))
     train, val = cubes.split(config.val_fraction, seed=config.seed)
     progress.log(f"{len(train)} training and {len(val)} validation cubes of {patch} on {device_description(device)}")
+    data = PretrainData(train=train, val=val, sources=sources, settings=settings,
+                        cache_dir=Path(config.cache_dir or default_cache_dir()), seed=config.seed, log=progress.log)
 
     method = cls(width=config.width, settings=config.method_settings).to(device)
     init_info = None
@@ -110,21 +101,23 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, ctx.rank, loop.step])
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + ctx.rank * 7919 + loop.step)
-    val_batches = _validation_batches(val, config.batch_size) if len(val) else []
+    next_batch = method.batch_source(data, config.batch_size, rng, device)
+    val_batches = method.validation_batches(data, config.batch_size, device)
 
     def step_fn(step):
-        loss, parts = wrapped(_batches(train, config.batch_size, rng, device), generator)
+        loss, parts = wrapped(next_batch(), generator)
         return loss, {**parts, "batch": config.batch_size}
 
     def validate_fn():
         fixed = torch.Generator(device=device).manual_seed(config.seed + 12345)
-        losses = [method.validation_loss(torch.from_numpy(b).unsqueeze(1).to(device), fixed) for b in val_batches]
-        return float(np.mean(losses))
+        return float(np.mean([method.validation_loss(b, fixed) for b in val_batches]))
 
     result = loop.run(step_fn, validate_fn if val_batches else None)
     if not ctx.is_main:
         return out
-    state = result.best_state or method.state_dict()
+    if result.best_state is not None:
+        method.load_state_dict(result.best_state)
+    state = method.transferable_state_dict()
     meta = {
         "architecture": {"name": "unet3d", "width": config.width, "in_channels": 1, "out_channels": 1, "spatial_dims": 3},
         "task": "pretrain",
