@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -344,9 +343,6 @@ def test_real_ct_file_and_dicom_folder(tmp_path):
     if thorax.is_file():
         volume = volumes.read_volume(thorax)
         a, modality = normalize_intensity(volume)
-        start = time.perf_counter()
         mask = body_mask(a, modality)
-        seconds = time.perf_counter() - start
         assert modality == "CT" and 0.25 < mask.mean() < 0.6
         assert not mask[:, 200:, :].any()  # the table (rows 200-250, below the back) is not body
-        assert seconds < 5.0  # ~0.2 s on an idle core
