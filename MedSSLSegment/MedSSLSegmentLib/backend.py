@@ -1,0 +1,213 @@
+"""Where the MedSSL backend is and how to start it: Python executable, environment, command lines, probes.
+
+The backend package ``MedSSL`` ships with the extension, next to the module folders (installed tree:
+``<qt-scripted-modules>/MedSSL``; source tree: ``<repo>/MedSSL``). The child process finds it through
+``PYTHONPATH``; it is never imported here, and neither are torch nor MONAI (they are only checked in a
+child process, see :func:`probeEnvironment`).
+
+Overrides (environment variables): ``MEDSSL_BACKEND_PATH`` (folder containing ``MedSSL/``),
+``MEDSSL_PYTHON`` (the child's Python), ``MEDSSL_WORK_DIR`` (where job folders go, default ``~/MedSSL``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import sys
+
+from . import jobs
+
+PACKAGE = "MedSSL"
+DEFAULT_METHODS = [{"name": "genesis", "description": "Models Genesis: restore cubes after non-linear "
+                    "intensity, local shuffling, in/out-painting"}]
+"""Used when the backend cannot list its methods."""
+
+
+def backendRoot() -> str | None:
+    """Folder that contains the ``MedSSL`` package shipped with the extension (None: rely on an installed
+    ``MedSSL`` in the child's Python). Looks at ``MEDSSL_BACKEND_PATH``, then upwards from this file."""
+    candidates = []
+    if os.environ.get("MEDSSL_BACKEND_PATH"):
+        candidates.append(os.environ["MEDSSL_BACKEND_PATH"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    for _ in range(3):  # MedSSLSegmentLib -> module folder or qt-scripted-modules -> repository root
+        here = os.path.dirname(here)
+        candidates.append(here)
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, PACKAGE, "__init__.py")):
+            return os.path.abspath(folder)
+    return None
+
+
+def insideSlicerApplication() -> bool:
+    """True in Slicer's GUI (or ``--no-main-window``) process, False under PythonSlicer, slicer-core or
+    plain Python."""
+    slicer = sys.modules.get("slicer")
+    return slicer is not None and getattr(slicer, "app", None) is not None
+
+
+def pythonExecutable() -> str:
+    """The child's Python: ``MEDSSL_PYTHON``; in Slicer, ``PythonSlicer`` (Slicer's own Python without the
+    application, next to ``sys.executable``); elsewhere ``sys.executable``."""
+    if os.environ.get("MEDSSL_PYTHON"):
+        return os.environ["MEDSSL_PYTHON"]
+    if insideSlicerApplication():
+        candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer")
+        if os.name == "nt":
+            candidate += ".exe"
+        if os.path.isfile(candidate):
+            return candidate
+    return sys.executable
+
+
+def childEnvironment(extra: dict | None = None) -> dict:
+    """Environment for a backend child process: this process's, with the backend folder first on
+    ``PYTHONPATH``, unbuffered UTF-8 output, and ``extra`` on top."""
+    env = dict(os.environ)
+    root = backendRoot()
+    if root:
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.update(extra or {})
+    return env
+
+
+def command(subcommand: str, *args, python: str | None = None) -> list[str]:
+    """argv of ``python -m MedSSL <subcommand> <args>`` (``None`` arguments are dropped)."""
+    return [python or pythonExecutable(), "-m", PACKAGE, subcommand] + [str(a) for a in args if a is not None]
+
+
+def budgetArgs(steps=None, maxTime=None, width=None, device=None, seed=None) -> list[str]:
+    """Common training options: ``--steps N``, ``--max-time S`` (seconds), ``--width W``, ``--device``,
+    ``--seed``; options left as None are not passed (the backend's defaults apply)."""
+    args = []
+    for flag, value in (("--steps", steps), ("--max-time", maxTime), ("--width", width), ("--device", device),
+                        ("--seed", seed)):
+        if value is not None and value != "":
+            args += [flag, str(int(value) if flag in ("--steps", "--width", "--seed") else value)]
+    return args
+
+
+# ----------------------------------------------------------------------------------- job folders
+
+
+def workDirectory() -> str:
+    """Base folder for job folders and default model outputs: ``MEDSSL_WORK_DIR`` or ``~/MedSSL``."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("MEDSSL_WORK_DIR") or os.path.join("~", "MedSSL")))
+
+
+def newJobDirectory(kind: str, base: str | None = None) -> str:
+    """A fresh folder ``<base>/jobs/<date-time>-<kind>-<random>`` (created)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(base or workDirectory(), "jobs", f"{stamp}-{kind}-{secrets.token_hex(3)}")
+    os.makedirs(path)
+    return path
+
+
+def writeJson(path, data) -> str:
+    """Write ``data`` as indented JSON; returns the path."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------- probes
+
+PROBE_SCRIPT = r"""
+import json, sys
+out = {"python": sys.version.split()[0], "executable": sys.executable}
+for name in ("torch", "monai", "SimpleITK", "safetensors", "MedSSL"):
+    try:
+        module = __import__(name)
+        out[name] = getattr(module, "__version__", "installed")
+    except Exception as exc:
+        out[name] = None
+        out[name + "_error"] = (exc.__class__.__name__ + ": " + str(exc))[:300]
+out["cuda"] = []
+out["mps"] = False
+if out["torch"]:
+    import torch
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out["cuda"].append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1)})
+    out["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+print(json.dumps(out))
+"""
+"""Run in the child's Python to learn which dependencies import and which GPUs torch sees."""
+
+
+def probeEnvironment(python: str | None = None, timeout: float = 180.0) -> dict:
+    """Import torch, MONAI, SimpleITK, safetensors and MedSSL in a child process (never here) and report
+    versions (None when missing, with ``<name>_error``) and GPUs: ``{"torch": "2.5.1", "monai": ...,
+    "cuda": [{"name": ..., "memory_gb": ...}], "mps": bool, ...}``."""
+    code, out, err = jobs.runQuick([python or pythonExecutable(), "-c", PROBE_SCRIPT], childEnvironment(), timeout)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"checking the Python environment failed: {(err.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(lines[-1])
+
+
+def missingDependencies(probe: dict) -> list[str]:
+    """Names of backend dependencies that did not import in the child (from :func:`probeEnvironment`)."""
+    return [name for name in ("torch", "monai", "SimpleITK", "safetensors") if not probe.get(name)]
+
+
+def deviceChoices(probe: dict) -> list[tuple[str, str]]:
+    """[(value for --device, label)] for a device selector: auto first, naming what it will use."""
+    gpus = probe.get("cuda") or []
+    if gpus:
+        auto = f"auto ({gpus[0]['name']}, {gpus[0].get('memory_gb', '?')} GB)"
+    else:
+        auto = "auto (CPU: no CUDA GPU found - slow)"
+    choices = [("auto", auto)]
+    if gpus:
+        choices.append(("cuda", f"cuda ({gpus[0]['name']})"))
+    choices.append(("cpu", "cpu (slow)"))
+    return choices
+
+
+def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[dict]:
+    """The backend's pretraining methods (``methods --json``): [{"name", "description"}]. Falls back to
+    :data:`DEFAULT_METHODS` when the backend cannot be run or answers nothing usable."""
+    try:
+        code, out, _err = jobs.runQuick(command("methods", "--json", python=python), childEnvironment(), timeout)
+        methods = json.loads(out.strip().splitlines()[-1])["methods"] if code == 0 else None
+    except (OSError, TimeoutError, ValueError, KeyError, IndexError, TypeError):
+        methods = None
+    if not methods or not all(isinstance(m, dict) and m.get("name") for m in methods):
+        return [dict(m) for m in DEFAULT_METHODS]
+    return [{"name": str(m["name"]), "description": str(m.get("description", ""))} for m in methods]
+
+
+def bundleInfo(modelDir, python: str | None = None, timeout: float = 120.0) -> dict:
+    """model.json of a bundle: read directly when present (no child process), else ``info DIR --json``.
+    Raises ``ValueError`` with the reason when the folder is not a usable bundle."""
+    path = os.path.join(str(modelDir), "model.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                info = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable model.json ({exc})") from None
+    else:
+        code, out, err = jobs.runQuick(command("info", str(modelDir), "--json", python=python), childEnvironment(),
+                                       timeout)
+        if code != 0:
+            raise ValueError(jobs.errorReason(err) or f"{modelDir}: not a MedSSL model bundle")
+        info = json.loads(out)
+    if not isinstance(info, dict):
+        raise ValueError(f"{modelDir}: model.json is not an object")
+    return info
+
+
+def bundleTask(info: dict) -> str:
+    """"segment", "detect", "classify" or "pretrain": a segmentation bundle marked ``"detection": true``
+    counts as a detector."""
+    task = str(info.get("task") or "segment")
+    if task == "segment" and info.get("detection"):
+        return "detect"
+    return task

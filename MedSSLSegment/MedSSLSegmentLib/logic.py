@@ -1,0 +1,119 @@
+"""MedSSLSegmentLogic: apply a model bundle to a volume node (segmentation, detection, classification).
+
+Usable from Slicer's Python console, scripts and tests with only ``slicer.mrmlScene`` set; no Qt, no torch in
+this process. Each call writes the volume to a job folder as NRRD, runs ``python -m MedSSL predict`` in a
+child process and imports what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import backend, nodes
+from .runner import BackendRunner
+
+
+class MedSSLSegmentLogic(BackendRunner):
+    """Apply MedSSL model bundles to volumes.
+
+    Example (Slicer's Python console)::
+
+        from MedSSLSegmentLib.logic import MedSSLSegmentLogic
+        segmentation = MedSSLSegmentLogic().segment(getNode("CTChest"), "/path/to/bundle")
+
+    Every method takes ``blocking``: True waits and returns the new node; False returns a running
+    :class:`~MedSSLSegmentLib.jobs.Job` to poll (its ``result`` is the node once ``job.status == "done"``).
+    Outputs are placed in the volume's subject-hierarchy study and under its parent transform.
+    """
+
+    def segment(self, volumeNode, modelDir, blocking=True, onEvent=None, name=None):
+        """Segment ``volumeNode`` -> new ``vtkMRMLSegmentationNode`` with the bundle's segment names and colors
+        on the volume's geometry."""
+        info = self._prepare(volumeNode, modelDir, ("segment", "detect"))
+        return self._predict(volumeNode, modelDir, info, "segment", blocking, onEvent, name)
+
+    def detect(self, volumeNode, modelDir, blocking=True, onEvent=None, name=None):
+        """Detect findings -> new ``vtkMRMLMarkupsFiducialNode`` (one control point per finding, labelled
+        "<class> <score>", positions in RAS) referencing a findings ``vtkMRMLTableNode`` (node reference
+        role "MedSSLFindings", also in ``lastOutputs["table"]``)."""
+        info = self._prepare(volumeNode, modelDir, ("detect",))
+        return self._predict(volumeNode, modelDir, info, "detect", blocking, onEvent, name)
+
+    def classify(self, volumeNode, modelDir, blocking=True, onEvent=None, name=None):
+        """Classify the whole volume -> new ``vtkMRMLTableNode`` (class, probability, predicted)."""
+        info = self._prepare(volumeNode, modelDir, ("classify",))
+        return self._predict(volumeNode, modelDir, info, "classify", blocking, onEvent, name)
+
+    def apply(self, volumeNode, modelDir, blocking=True, onEvent=None, name=None):
+        """Segment, detect or classify, whichever the bundle's task is."""
+        task = backend.bundleTask(self.modelInfo(modelDir))
+        method = {"segment": self.segment, "detect": self.detect, "classify": self.classify}.get(task)
+        if method is None:
+            raise ValueError(f"{modelDir}: a '{task}' bundle cannot be applied (pretrained models need fine-tuning)")
+        return method(volumeNode, modelDir, blocking=blocking, onEvent=onEvent, name=name)
+
+    def modelInfo(self, modelDir) -> dict:
+        """The bundle's model.json content (task, classes, method, architecture, ...)."""
+        return backend.bundleInfo(self.checkModel(modelDir), python=self.python)
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(self, volumeNode, modelDir, tasks) -> dict:
+        self.checkVolume(volumeNode)
+        info = self.modelInfo(modelDir)
+        task = backend.bundleTask(info)
+        if task not in tasks:
+            raise ValueError(f"{modelDir} is a '{task}' model; this needs a {' or '.join(tasks)} model")
+        return info
+
+    def _predict(self, volumeNode, modelDir, info, kind, blocking, onEvent, name):
+        jobDir = self.newJobDirectory(kind)
+        inputs = os.path.join(jobDir, "inputs")
+        image = nodes.writeVolume(volumeNode, os.path.join(inputs, "image.nrrd"))
+        out = os.path.join(jobDir, "classification.json" if kind == "classify" else "prediction.nrrd")
+        detections = os.path.join(jobDir, "detections.json") if kind == "detect" else None
+        args = ["--model", self.checkModel(modelDir), "--image", image, "--out", out]
+        args += ["--detections", detections] if detections else []
+        args += ["--device", self.device, "--progress", "json"]
+        name = name or f"{volumeNode.GetName()} {modelName(modelDir, info)}"
+        importer = {"segment": self._importSegmentation, "detect": self._importDetections,
+                    "classify": self._importClassification}[kind]
+        paths = {"out": out, "detections": detections}
+        def onFinished(job):
+            nodes.checkStillInScene(volumeNode)
+            return importer(volumeNode, info, paths, name)
+
+        return self.run(jobDir, [self.command("predict", *args)], onFinished, blocking, onEvent, [inputs])
+
+    def _importSegmentation(self, volumeNode, info, paths, name):
+        array, ijkToRas = nodes.readArray(paths["out"])
+        with nodes.rollbackOnError(self.scene):
+            node = nodes.segmentationFromLabelmap(array, ijkToRas, info.get("classes"), volumeNode, name, self.scene)
+        self.lastOutputs = {"segmentation": node}
+        return node
+
+    def _importDetections(self, volumeNode, info, paths, name):
+        with open(paths["detections"], encoding="utf-8") as handle:
+            detections = json.load(handle)
+        with nodes.rollbackOnError(self.scene):
+            markups = nodes.markupsFromDetections(detections, volumeNode, name, self.scene)
+            table = nodes.tableFromDetections(detections, volumeNode, f"{name} findings", self.scene)
+            markups.SetNodeReferenceID("MedSSLFindings", table.GetID())
+        self.lastOutputs = {"markups": markups, "table": table}
+        return markups
+
+    def _importClassification(self, volumeNode, info, paths, name):
+        with open(paths["out"], encoding="utf-8") as handle:
+            result = json.load(handle)
+        with nodes.rollbackOnError(self.scene):
+            table = nodes.tableFromClassification(result, volumeNode, name, self.scene)
+        self.lastOutputs = {"table": table}
+        return table
+
+
+def modelName(modelDir, info: dict | None = None) -> str:
+    """Short display name of a model: model.json "name" if any, else the folder name."""
+    if info and info.get("name"):
+        return str(info["name"])
+    return os.path.basename(os.path.normpath(str(modelDir)))

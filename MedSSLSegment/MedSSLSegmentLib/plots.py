@@ -1,0 +1,61 @@
+"""A live loss curve in MRML: a table node (step, loss) drawn by a plot series in a plot chart node.
+
+Qt-free (the widget shows the chart in the layout); works under slicer-core.
+"""
+
+from __future__ import annotations
+
+import vtk
+
+import slicer
+
+from .nodes import getScene, uniqueName
+
+
+class LossCurve:
+    """Table + plot series + plot chart holding a training loss against the step.
+
+    ``append(step, loss)`` adds a point; ``remove()`` deletes the three nodes (used when a job is
+    cancelled, so that the scene is left as it was).
+    """
+
+    def __init__(self, title: str, scene=None):
+        scene = getScene(scene)
+        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", uniqueName(scene, f"{title} loss"))
+        for name in ("step", "loss"):
+            column = vtk.vtkDoubleArray()
+            column.SetName(name)
+            self.table.AddColumn(column)
+        self.series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", uniqueName(scene, f"{title} loss"))
+        self.series.SetAndObserveTableNodeID(self.table.GetID())
+        self.series.SetXColumnName("step")
+        self.series.SetYColumnName("loss")
+        self.series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        self.series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        self.series.SetColor(0.1, 0.4, 0.8)
+        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", uniqueName(scene, f"{title} loss chart"))
+        self.chart.AddAndObservePlotSeriesNodeID(self.series.GetID())
+        self.chart.SetTitle(f"{title}: training loss")
+        self.chart.SetXAxisTitle("step")
+        self.chart.SetYAxisTitle("loss")
+        self.chart.SetLegendVisibility(False)
+
+    def append(self, step: float, loss: float) -> None:
+        """Add one (step, loss) point and redraw."""
+        table = self.table.GetTable()
+        row = table.InsertNextBlankRow()
+        table.SetValue(row, 0, vtk.vtkVariant(float(step)))
+        table.SetValue(row, 1, vtk.vtkVariant(float(loss)))
+        table.Modified()
+        self.table.Modified()
+
+    def points(self) -> list[tuple[float, float]]:
+        """The (step, loss) points so far."""
+        table = self.table.GetTable()
+        return [(table.GetValue(r, 0).ToDouble(), table.GetValue(r, 1).ToDouble()) for r in range(table.GetNumberOfRows())]
+
+    def remove(self) -> None:
+        """Remove the chart, series and table nodes from the scene."""
+        for node in (self.chart, self.series, self.table):
+            if node is not None and node.GetScene() is not None:
+                node.GetScene().RemoveNode(node)

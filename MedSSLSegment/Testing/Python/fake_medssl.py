@@ -1,0 +1,189 @@
+"""A stand-in for the MedSSL backend CLI, used by the Slicer-side tests (copied to <tmp>/MedSSL/__main__.py).
+
+It speaks the CLI contract (JSON-lines progress, ``medssl: error:`` + exit 2, bundle folders with model.json)
+with trivial "models", so the tests check the Slicer side - files, geometry, node import - in a second,
+without torch. Behaviour switches (environment): FAKE_MEDSSL_FAIL=<reason> (fail every command),
+FAKE_MEDSSL_STEP_S=<seconds per step>, FAKE_MEDSSL_STEPS=<steps>, FAKE_MEDSSL_CHILD_PID=<file> (start a
+sleeping grandchild and write its pid there), FAKE_MEDSSL_IGNORE_TERM=1 (ignore SIGTERM), FAKE_MEDSSL_TASK
+(task written by finetune: segment | detect | classify).
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def emit(**event):
+    print(json.dumps(event), flush=True)
+
+
+def fail(reason):
+    print(f"medssl: error: {reason}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def read(path):
+    if not os.path.exists(path):
+        fail(f"{path}: no such file")
+    return sitk.ReadImage(path)
+
+
+def train_loop(stage):
+    steps = int(os.environ.get("FAKE_MEDSSL_STEPS", "3"))
+    delay = float(os.environ.get("FAKE_MEDSSL_STEP_S", "0"))
+    for step in range(1, steps + 1):
+        time.sleep(delay)
+        emit(event="progress", step=step, total=steps, loss=1.0 / step, lr=1e-3, eta_s=delay * (steps - step),
+             cubes_per_s=10.0, stage=stage)
+
+
+def save_bundle(out, meta):
+    os.makedirs(out, exist_ok=True)
+    meta = {"format": "medssl-bundle", "format_version": 1, "architecture": {"name": "fake"}, **meta}
+    with open(os.path.join(out, "model.json"), "w") as handle:
+        json.dump(meta, handle)
+    open(os.path.join(out, "weights.safetensors"), "wb").close()
+
+
+def cmd_methods(args):
+    print(json.dumps({"methods": [{"name": "genesis", "description": "Models Genesis"},
+                                  {"name": "fake", "description": "test method"}]}))
+
+
+def cmd_pretrain(args):
+    for path in args.data:
+        if not os.path.exists(path):
+            fail(f"{path}: no such file or folder")
+    emit(event="stage", stage="pretrain", message=f"{len(args.data)} inputs")
+    train_loop("pretrain")
+    save_bundle(args.out, {"task": "pretrain", "method": {"name": args.method},
+                           "data": [os.path.basename(p) for p in args.data]})
+    emit(event="done", bundle=args.out)
+
+
+def cmd_finetune(args):
+    image, label = read(args.image), read(args.label)
+    same = (image.GetSize() == label.GetSize()
+            and np.allclose(image.GetSpacing(), label.GetSpacing(), atol=1e-9)
+            and np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-9)
+            and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-9))
+    if not same:
+        fail(f"{args.label}: the label is not on the image's grid")
+    with open(args.classes) as handle:
+        classes = json.load(handle)
+    labels = sitk.GetArrayFromImage(label)  # (k, j, i)
+    annotated = [int(k) for k in range(labels.shape[0]) if (labels[k] != 255).any()]
+    train_loop("finetune")
+    task = os.environ.get("FAKE_MEDSSL_TASK", "segment")
+    save_bundle(args.out, {"task": task, "classes": classes, "init": args.init,
+                           "annotated_slices": annotated,
+                           "label_values": sorted(int(v) for v in np.unique(labels))})
+    emit(event="done", bundle=args.out)
+
+
+def cmd_predict(args):
+    with open(os.path.join(args.model, "model.json")) as handle:
+        meta = json.load(handle)
+    image = read(args.image)
+    values = sitk.GetArrayFromImage(image)
+    emit(event="progress", step=1, total=1, loss=0.0, lr=0.0, eta_s=0.0, cubes_per_s=1.0, stage="predict")
+    if meta["task"] == "classify":
+        with open(args.out, "w") as handle:
+            json.dump({"probabilities": {"normal": 0.25, "abnormal": 0.75}, "label": 1, "name": "abnormal"}, handle)
+        emit(event="done", outputs={"classification": args.out})
+        return
+    labels = np.zeros(values.shape, np.uint8)
+    labels[values > 0] = 1  # the tests' volumes: positive voxels are "class 1"
+    labels[values > 100] = 2
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, args.out)
+    outputs = {"labelmap": args.out}
+    if args.detections:
+        findings = []
+        for value in (2, 1):
+            k, j, i = np.nonzero(labels == value)
+            if len(i):
+                center = image.TransformContinuousIndexToPhysicalPoint([float(i.mean()), float(j.mean()), float(k.mean())])
+                findings.append({"label": value, "name": meta["classes"][str(value)]["name"], "center_mm": list(center),
+                                 "score": 0.9 if value == 2 else 0.6, "volume_mm3": float(len(i) * np.prod(image.GetSpacing())),
+                                 "bbox_mm": [list(center), list(center)]})
+        with open(args.detections, "w") as handle:
+            json.dump(findings, handle)
+        outputs["detections"] = args.detections
+    emit(event="done", outputs=outputs)
+
+
+def cmd_suggest(args):
+    image = read(args.image)
+    values = sitk.GetArrayFromImage(image)
+    scores = values.reshape(values.shape[0], -1).astype(float).std(axis=1)
+    order = np.argsort(-scores)[: args.count]
+    size = image.GetSize()
+    slices = []
+    for k in order:
+        center = image.TransformContinuousIndexToPhysicalPoint([(size[0] - 1) / 2, (size[1] - 1) / 2, float(k)])
+        slices.append({"axis": 2, "index": int(k), "score": float(scores[k]), "center_mm": list(center)})
+    answer = {"slices": slices}
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(answer, handle)
+    print(json.dumps(answer))
+
+
+def cmd_sleep(args):
+    """Used by the cancel tests: progress forever, with a grandchild in the same process group."""
+    if os.environ.get("FAKE_MEDSSL_IGNORE_TERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pid_file = os.environ.get("FAKE_MEDSSL_CHILD_PID")
+    if pid_file:
+        child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
+        with open(pid_file, "w") as handle:
+            handle.write(str(child.pid))
+    step = 0
+    while True:
+        step += 1
+        emit(event="progress", step=step, total=10**6, loss=1.0, lr=0.0, eta_s=1e6, cubes_per_s=1.0, stage="sleep")
+        time.sleep(0.1)
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="medssl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    for flag in ("--progress", "--device", "--seed", "--steps", "--max-time", "--width", "--init"):
+        common.add_argument(flag)
+    p = sub.add_parser("methods", parents=[common])
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("pretrain", parents=[common])
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--method", default="genesis")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("finetune", parents=[common])
+    for flag in ("--image", "--label", "--classes", "--out"):
+        p.add_argument(flag, required=True)
+    p = sub.add_parser("predict", parents=[common])
+    for flag in ("--model", "--image", "--out"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--detections")
+    p = sub.add_parser("suggest", parents=[common])
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--out")
+    sub.add_parser("sleep", parents=[common])
+    args = parser.parse_args()
+    if os.environ.get("FAKE_MEDSSL_FAIL"):
+        fail(os.environ["FAKE_MEDSSL_FAIL"])
+    globals()["cmd_" + args.command](args)
+
+
+if __name__ == "__main__":
+    main()
