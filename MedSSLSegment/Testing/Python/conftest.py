@@ -5,8 +5,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import medssl_testing  # noqa: E402
+import slicer_testing_helpers  # noqa: E402
 
-medssl_testing.addModulePaths()
+slicer_testing_helpers.addModulePaths()
 
-from medssl_testing import fake_backend, scene, work_dir  # noqa: E402,F401
+from slicer_testing_helpers import fake_backend, scene, work_dir  # noqa: E402,F401

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medssl_testing import addVolume, obliqueMatrix, phantom
+from slicer_testing_helpers import addVolume, obliqueMatrix, phantom
 
 from MedSSLSegmentLib import geometry
 
