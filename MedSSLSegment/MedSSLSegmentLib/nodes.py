@@ -63,10 +63,11 @@ def uniqueName(scene, name: str) -> str:
 
 
 def placeLike(node, referenceNode) -> None:
-    """Put ``node`` in the same subject-hierarchy folder/study and under the same parent transform as
-    ``referenceNode``. Creates the subject-hierarchy item when the scene has none for ``node`` (as under
+    """Put ``node`` in the same subject-hierarchy folder/study and (if transformable) under the same parent
+    transform as ``referenceNode``. Creates the subject-hierarchy item when the scene has none for ``node`` (as under
     slicer-core, where items are not created automatically)."""
-    node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
+    if node.IsA("vtkMRMLTransformableNode"):
+        node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
     scene = node.GetScene()
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     if shNode is None:

@@ -1,0 +1,104 @@
+"""MedSSLSegmentLogic end to end in blocking mode against the stand-in backend (fake_medssl.py): the nodes
+it makes (names, colors, geometry, RAS control points), failures, cancel. The same calls against the real
+backend are in test_segment_backend.py."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from slicer_testing_helpers import addVolume, phantom
+
+CLASSES = {"1": {"name": "tissue", "color": [0.2, 0.8, 0.2]}, "2": {"name": "lesion", "color": [0.9, 0.1, 0.1]}}
+
+
+def bundle(tmp_path, task, classes=CLASSES, **extra):
+    path = tmp_path / f"{task}-bundle"
+    path.mkdir(exist_ok=True)
+    meta = {"format": "medssl-bundle", "format_version": 1, "architecture": {"name": "fake"}, "task": task,
+            "classes": classes, **extra}
+    (path / "model.json").write_text(json.dumps(meta))
+    return str(path)
+
+
+@pytest.fixture
+def logic(scene, fake_backend):
+    from MedSSLSegmentLib.logic import MedSSLSegmentLogic
+
+    return MedSSLSegmentLogic()
+
+
+def test_segment(logic, scene, tmp_path):
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    segmentation = logic.segment(volume, bundle(tmp_path, "segment"))
+    assert segmentation.IsA("vtkMRMLSegmentationNode") and segmentation.GetName() == "ct segment-bundle"
+    seg = segmentation.GetSegmentation()
+    assert [seg.GetNthSegment(i).GetName() for i in range(2)] == ["tissue", "lesion"]
+    np.testing.assert_allclose(seg.GetNthSegment(1).GetColor(), [0.9, 0.1, 0.1])
+    labels, _info = nodes.segmentsLabelmap(segmentation, volume)
+    expected = np.where(phantom() > 100, 2, np.where(phantom() > 0, 1, 0))
+    assert np.array_equal(labels, expected)  # voxel for voxel on the oblique, non-isotropic grid
+    job = logic.lastJob
+    assert job.status == "done" and not os.path.exists(os.path.join(job.jobDir, "inputs"))
+
+
+def test_detect_gives_ras_control_points_and_table(logic, scene, tmp_path):
+    from MedSSLSegmentLib import geometry, nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    markups = logic.detect(volume, bundle(tmp_path, "segment", detection=True))
+    assert markups.IsA("vtkMRMLMarkupsFiducialNode") and markups.GetNumberOfControlPoints() == 2
+    assert markups.GetNthControlPointLabel(0) == "lesion 0.90" and markups.GetNthControlPointLabel(1) == "tissue 0.60"
+    k, j, i = np.nonzero(phantom() > 100)
+    expected = geometry.indexToRas(nodes.ijkToRasArray(volume), [i.mean(), j.mean(), k.mean()])
+    position = [0.0, 0.0, 0.0]
+    markups.GetNthControlPointPosition(0, position)
+    np.testing.assert_allclose(position, expected, atol=1e-6)
+    table = markups.GetNodeReference("MedSSLFindings")
+    assert table is logic.lastOutputs["table"] and table.GetNumberOfRows() == 2
+    np.testing.assert_allclose([table.GetTable().GetValue(0, c).ToDouble() for c in (3, 4, 5)], expected, atol=1e-6)
+
+
+def test_classify_and_apply_dispatch(logic, scene, tmp_path):
+    volume = addVolume(scene, phantom(), name="ct")
+    model = bundle(tmp_path, "classify", {"0": {"name": "normal"}, "1": {"name": "abnormal"}})
+    table = logic.apply(volume, model)
+    assert table.IsA("vtkMRMLTableNode") and table.GetCellText(0, 0) == "abnormal"
+    with pytest.raises(ValueError, match="'classify' model"):
+        logic.segment(volume, model)
+    with pytest.raises(ValueError, match="cannot be applied"):
+        logic.apply(volume, bundle(tmp_path, "pretrain", {}))
+
+
+def test_failure_reason_and_scene_untouched(logic, scene, tmp_path, monkeypatch):
+    from MedSSLSegmentLib import jobs
+
+    volume = addVolume(scene, phantom(), name="ct")
+    count = scene.GetNumberOfNodes()
+    monkeypatch.setenv("FAKE_MEDSSL_FAIL", "CUDA out of memory; try --device cpu")
+    with pytest.raises(jobs.JobError, match="^CUDA out of memory; try --device cpu$"):
+        logic.segment(volume, bundle(tmp_path, "segment"))
+    assert scene.GetNumberOfNodes() == count
+    assert "medssl: error: CUDA out of memory" in logic.lastJob.readLog()
+
+
+def test_non_blocking_then_cancel_leaves_scene(logic, scene, tmp_path, monkeypatch):
+    volume = addVolume(scene, phantom(), name="ct")
+    count = scene.GetNumberOfNodes()
+    monkeypatch.setenv("FAKE_MEDSSL_STEP_S", "0.5")
+    job = logic.segment(volume, bundle(tmp_path, "segment"), blocking=False)
+    assert job.running
+    job.cancel()
+    assert job.status == "cancelled" and scene.GetNumberOfNodes() == count
+    # and a job that finishes while polled imports once, on the polling thread
+    monkeypatch.delenv("FAKE_MEDSSL_STEP_S")
+    job = logic.segment(volume, bundle(tmp_path, "segment"), blocking=False)
+    deadline = time.monotonic() + 60
+    while job.running and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.status == "done" and job.result.IsA("vtkMRMLSegmentationNode")

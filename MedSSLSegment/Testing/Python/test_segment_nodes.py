@@ -1,0 +1,120 @@
+"""Results -> nodes: segmentation names/colors/order/geometry, findings as RAS control points, tables,
+subject-hierarchy placement, and no leftover temporary nodes."""
+
+import numpy as np
+import pytest
+
+from slicer_testing_helpers import addVolume, phantom
+
+CLASSES = {"1": {"name": "spleen", "color": [1.0, 0.0, 0.0]}, "2": {"name": "liver", "color": [0, 0, 255]},
+           "3": {"name": "kidney"}}
+
+
+def nodeClasses(scene):
+    return sorted(scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes()))
+
+
+def test_segmentation_from_labelmap(scene):
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    labels = np.zeros(phantom().shape, np.uint8)
+    labels[1:3, 2:5, 3:6] = 2
+    labels[4, 6:8, 7:9] = 1
+    labels[0, 0, 0] = 7  # a value the bundle does not name
+    before = set(nodeClasses(scene))
+    segmentation = nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), CLASSES, volume, "ct pred")
+    names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(4)]
+    assert names == ["spleen", "liver", "kidney", "class 7"]
+    segment = segmentation.GetSegmentation().GetNthSegment
+    assert segment(0).GetColor() == (1.0, 0.0, 0.0) and segment(1).GetColor() == (0.0, 0.0, 1.0)
+    back, info = nodes.segmentsLabelmap(segmentation, volume)
+    assert [s["name"] for s in info] == names
+    expected = np.choose(labels, [0, 1, 2, 0, 0, 0, 0, 4]).astype(np.uint8)  # value -> segment position + 1
+    assert np.array_equal(back, expected)  # kidney (3) is an empty segment
+    referenceGeometry = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+    assert referenceGeometry is volume
+    assert set(nodeClasses(scene)) - before <= {"vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode",
+                                                 "vtkMRMLSubjectHierarchyNode"}
+
+
+def test_outputs_go_to_the_volume_study_and_transform(scene):
+    import slicer
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
+    sh.CreateItem(study, volume)
+    table = nodes.tableFromRows([("a", "string")], [["x"]], "t", volume)
+    assert sh.GetItemParent(sh.GetItemByDataNode(table)) == study
+    markups = nodes.markupsFromDetections([], volume, "points")
+    assert sh.GetItemParent(sh.GetItemByDataNode(markups)) == study
+    assert markups.GetTransformNodeID() == transform.GetID()
+
+
+def test_markups_and_table_from_detections(scene):
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    findings = [{"label": 2, "name": "nodule", "center_mm": [10.0, -20.0, 30.5], "score": 0.93, "volume_mm3": 12.5},
+                {"label": 1, "name": "cyst", "center_mm": [-1.5, 2.25, -3.0], "score": 0.41, "volume_mm3": 3.0}]
+    markups = nodes.markupsFromDetections(findings, volume, "ct findings")
+    assert markups.GetNumberOfControlPoints() == 2
+    position = [0.0, 0.0, 0.0]
+    markups.GetNthControlPointPosition(0, position)
+    assert position == [-10.0, 20.0, 30.5]  # LPS -> RAS
+    assert markups.GetNthControlPointLabel(0) == "nodule 0.93" and markups.GetNthControlPointLabel(1) == "cyst 0.41"
+    assert "score 0.930" in markups.GetNthControlPointDescription(0)
+    table = nodes.tableFromDetections(findings, volume, "ct findings table")
+    assert table.GetNumberOfRows() == 2
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert columns == ["name", "label", "score", "R", "A", "S", "volume_mm3"]
+    assert table.GetCellText(0, 0) == "nodule" and float(table.GetCellText(1, 3)) == 1.5
+
+
+def test_classification_table(scene):
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    table = nodes.tableFromClassification({"probabilities": {"normal": 0.2, "abnormal": 0.8}, "label": 1,
+                                           "name": "abnormal"}, volume, "ct class")
+    assert [table.GetCellText(r, 0) for r in range(2)] == ["abnormal", "normal"]
+    assert table.GetCellText(0, 2) == "1" and table.GetAttribute("MedSSL.predictedClass") == "abnormal"
+
+
+def test_rollback_removes_partial_results(scene):
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(RuntimeError):
+        with nodes.rollbackOnError(scene):
+            nodes.markupsFromDetections([], volume, "half")
+            raise RuntimeError("import failed")
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_removed_volume_is_detected(scene):
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    nodes.checkStillInScene(volume)
+    scene.RemoveNode(volume)
+    with pytest.raises(RuntimeError, match="removed"):
+        nodes.checkStillInScene(volume)
+
+
+def test_loss_curve_nodes(scene):
+    from MedSSLSegmentLib.plots import LossCurve
+
+    count = scene.GetNumberOfNodes()
+    curve = LossCurve("pretrain")
+    curve.append(1, 0.5)
+    curve.append(2, 0.25)
+    assert curve.points() == [(1.0, 0.5), (2.0, 0.25)]
+    assert curve.chart.GetPlotSeriesNodeID() == curve.series.GetID()
+    curve.remove()
+    assert scene.GetNumberOfNodes() == count
