@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -317,11 +318,14 @@ def _groupAlive(process: subprocess.Popen) -> bool:
         return False
 
 
-def runQuick(command, env=None, timeout: float = 120.0) -> tuple[int, str, str]:
+def runQuick(command, env=None, timeout: float = 120.0, cwd=None) -> tuple[int, str, str]:
     """Run a short command to completion (blocking; for probes such as ``methods --json``).
-    Returns (exit status, stdout, stderr); a timeout kills the process tree and raises ``TimeoutError``."""
+    Returns (exit status, stdout, stderr); a timeout kills the process tree and raises ``TimeoutError``.
+    The default working folder is the temporary folder, so that ``python -m`` never picks up a package
+    from wherever the caller happens to be."""
     process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               stdin=subprocess.DEVNULL, env=env, **processGroupOptions())
+                               stdin=subprocess.DEVNULL, env=env, cwd=cwd or tempfile.gettempdir(),
+                               **processGroupOptions())
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

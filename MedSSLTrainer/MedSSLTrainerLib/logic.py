@@ -1,0 +1,160 @@
+"""MedSSLTrainerLogic: self-supervised pretraining and few-shot fine-tuning from Slicer nodes.
+
+Usable from Slicer's Python console, scripts and tests with only ``slicer.mrmlScene`` set; no Qt, and torch
+only ever runs in the child process (``python -m MedSSL ...``). The job runner, node<->file conversion and
+backend discovery are shared with the MedSSLSegment module (``MedSSLSegmentLib``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from MedSSLSegmentLib import backend, geometry, nodes
+from MedSSLSegmentLib.runner import BackendRunner
+
+from .annotation import SLICE_AXIS_K, sparseLabels
+
+
+class MedSSLTrainerLogic(BackendRunner):
+    """Pretrain on unlabeled volumes, fine-tune on sparsely painted slices, suggest slices to paint next.
+
+    Example (Slicer's Python console)::
+
+        from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+        logic = MedSSLTrainerLogic()
+        bundle = logic.pretrain(["/data/unlabeled_ct"], steps=2000)
+        model = logic.finetune(getNode("CT"), getNode("Segmentation"), initModel=bundle, steps=300)
+        logic.lastOutputs["segmentation"]   # the whole volume segmented, for review
+
+    ``blocking=True`` waits and returns the bundle folder; ``blocking=False`` returns a running
+    :class:`~MedSSLSegmentLib.jobs.Job` to poll from a timer (``job.poll()``), cancel (``job.cancel()``)
+    and read (``job.result`` once ``job.status == "done"``). Budgets: ``steps`` (optimizer steps) and/or
+    ``maxTime`` (seconds); ``width`` is the network's base width; None leaves the backend's default.
+    """
+
+    def availableMethods(self) -> list[dict]:
+        """Pretraining methods the backend offers: [{"name", "description"}] (fallback: genesis)."""
+        return backend.availableMethods(python=self.python)
+
+    def pretrain(self, volumeNodesOrPaths, method="genesis", outputDir=None, steps=None, maxTime=None, width=None,
+                 blocking=True, initModel=None, onEvent=None):
+        """Self-supervised pretraining on unlabeled data.
+
+        volumeNodesOrPaths: volume nodes and/or paths (files, folders searched recursively, DICOM folders),
+        or a single path. Nodes are written to the job folder as NRRD (deleted when the job ends).
+        Returns the bundle folder (``outputDir``, default ``<workDir>/models/<job name>``).
+        """
+        items = [volumeNodesOrPaths] if isinstance(volumeNodesOrPaths, (str, os.PathLike)) else list(volumeNodesOrPaths)
+        if not items:
+            raise ValueError("choose at least one volume or folder to pretrain on")
+        jobDir = self.newJobDirectory("pretrain")
+        inputs = os.path.join(jobDir, "inputs")
+        data = [self._dataPath(item, inputs, index) for index, item in enumerate(items)]
+        outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "pretrain"))
+        args = ["--data", *data, "--method", method, "--out", outputDir]
+        args += ["--init", self.checkModel(initModel)] if initModel else []
+        args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
+        return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
+                        blocking, onEvent, [inputs])
+
+    def finetune(self, volumeNode, segmentationNode, outputDir=None, initModel=None, steps=None, maxTime=None,
+                 width=None, blocking=True, predict=True, sliceAxis=SLICE_AXIS_K, onEvent=None):
+        """Few-shot fine-tuning on the slices painted in ``segmentationNode`` (see :func:`sparseLabels`).
+
+        initModel: a MedSSL bundle folder, an official Models Genesis ``.pt``, "none", or None (backend
+        default). With ``predict`` the new model then segments the whole volume into a new segmentation
+        node for review (``lastOutputs["segmentation"]``; on a job: ``job.segmentationNode``).
+        Returns the new bundle folder.
+        """
+        self.checkVolume(volumeNode)
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise ValueError("select the segmentation painted on the volume")
+        labels, classes, _slices = sparseLabels(segmentationNode, volumeNode, sliceAxis)
+        jobDir = self.newJobDirectory("finetune")
+        inputs = os.path.join(jobDir, "inputs")
+        image = nodes.writeVolume(volumeNode, os.path.join(inputs, "image.nrrd"))
+        label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, "label.nrrd"))
+        classesPath = backend.writeJson(os.path.join(inputs, "classes.json"), classes)
+        outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "finetune"))
+        args = ["--image", image, "--label", label, "--classes", classesPath, "--out", outputDir]
+        args += ["--init", initModel if str(initModel).lower() == "none" else self.checkModel(initModel)] if initModel else []
+        args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
+        commands = [self.command("finetune", *args)]
+        prediction = os.path.join(jobDir, "prediction.nrrd")
+        if predict:
+            commands.append(self.command("predict", "--model", outputDir, "--image", image, "--out", prediction,
+                                         "--device", self.device, "--progress", "json"))
+
+        def onFinished(job):
+            bundle = _bundleOf(job, outputDir)
+            if predict:
+                nodes.checkStillInScene(volumeNode)
+                job.segmentationNode = self._importPrediction(volumeNode, bundle, prediction)
+            return bundle
+
+        return self.run(jobDir, commands, onFinished, blocking, onEvent, [inputs])
+
+    def suggestSlices(self, volumeNode, modelDir, count=5, blocking=True, onEvent=None):
+        """Slices worth annotating next, best first: [{"axis", "index", "score", "center_mm" (LPS),
+        "center_ras"}] (axis: ITK index axis, 2 = k)."""
+        self.checkVolume(volumeNode)
+        jobDir = self.newJobDirectory("suggest")
+        inputs = os.path.join(jobDir, "inputs")
+        image = nodes.writeVolume(volumeNode, os.path.join(inputs, "image.nrrd"))
+        out = os.path.join(jobDir, "suggestions.json")
+        args = ["--model", self.checkModel(modelDir), "--image", image, "--count", int(count), "--out", out]
+        return self.run(jobDir, [self.command("suggest", *args)], lambda job: _readSuggestions(out, job),
+                        blocking, onEvent, [inputs])
+
+    @staticmethod
+    def jumpToSlice(suggestion, scene=None) -> None:
+        """Centre every slice view on a suggested slice (``center_ras``, mm). Needs slice view nodes, i.e.
+        the Slicer application; meant for the module's widget."""
+        scene = nodes.getScene(scene)
+        r, a, s = suggestion["center_ras"]
+        import slicer
+
+        slicer.vtkMRMLSliceNode.JumpAllSlices(scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+    def _importPrediction(self, volumeNode, bundle, prediction):
+        """New segmentation node from the fine-tuned model's prediction, named after the volume and model."""
+        info = backend.bundleInfo(bundle, python=self.python)
+        array, ijkToRas = nodes.readArray(prediction)
+        name = f"{volumeNode.GetName()} {os.path.basename(os.path.normpath(bundle))}"
+        with nodes.rollbackOnError(self.scene):
+            node = nodes.segmentationFromLabelmap(array, ijkToRas, info.get("classes"), volumeNode, name, self.scene)
+        self.lastOutputs = {"segmentation": node, "bundle": bundle}
+        return node
+
+    def _dataPath(self, item, inputs, index) -> str:
+        """A path for ``--data``: existing paths as given, volume nodes written as NRRD."""
+        if isinstance(item, (str, os.PathLike)):
+            if not os.path.exists(item):
+                raise ValueError(f"not found: {item}")
+            return os.path.abspath(item)
+        self.checkVolume(item)
+        return nodes.writeVolume(item, os.path.join(inputs, f"volume-{index:03d}.nrrd"))
+
+
+def _bundleOf(job, default) -> str:
+    """The bundle folder a training job reported in its "done" event (else ``default``)."""
+    for event in reversed(job.events):
+        if event.get("event") == "done" and event.get("bundle"):
+            return os.path.abspath(event["bundle"])
+    return default
+
+
+def _readSuggestions(path, job) -> list[dict]:
+    """Suggestions from the backend's JSON file (or, failing that, its stdout), each with ``center_ras``
+    (mm) added."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            answer = json.load(handle)
+    else:
+        answer = next((o for o in reversed(job.outputs) if isinstance(o, dict) and "slices" in o), {})
+    slices = list(answer.get("slices", []))
+    for item in slices:
+        if item.get("center_mm") is not None:
+            item["center_ras"] = [float(v) for v in geometry.lpsToRas(item["center_mm"])]
+    return slices

@@ -1,0 +1,97 @@
+"""MedSSLTrainerLogic in blocking mode against the stand-in backend (fake_medssl.py): the job files it
+writes, the options it passes, and the nodes it imports. The real backend is exercised in
+test_trainer_backend.py."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from slicer_testing_helpers import addVolume, phantom
+
+
+@pytest.fixture
+def logic(scene, fake_backend):
+    from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+    return MedSSLTrainerLogic()
+
+
+def painted(scene, volume):
+    from MedSSLSegmentLib import nodes
+
+    labels = np.zeros(phantom().shape, np.uint8)
+    labels[1, 2:8, 3:10] = 1
+    labels[3, 4:6, 5:7] = 2
+    classes = {"1": {"name": "tissue", "color": [0.1, 0.9, 0.1]}, "2": {"name": "lesion", "color": [1.0, 0.0, 0.0]}}
+    return nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), classes, volume, "painted")
+
+
+def test_finetune_then_predict(logic, scene, tmp_path):
+    from MedSSLSegmentLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    events = []
+    init = tmp_path / "genesis.pt"
+    init.write_bytes(b"")
+    bundle = logic.finetune(volume, painted(scene, volume), outputDir=str(tmp_path / "model"), initModel=str(init),
+                            steps=3, onEvent=events.append)
+    assert bundle == str(tmp_path / "model")
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["annotated_slices"] == [1, 3] and meta["label_values"] == [0, 1, 2, 255]
+    assert meta["classes"]["2"] == {"name": "lesion", "color": [1.0, 0.0, 0.0]} and meta["init"] == str(init)
+    assert [e["stage"] for e in events if e["event"] == "progress"] == ["finetune"] * 3 + ["predict"]
+    segmentation = logic.lastOutputs["segmentation"]
+    assert segmentation is logic.lastJob.segmentationNode and segmentation.GetName() == "ct model"
+    seg = segmentation.GetSegmentation()
+    assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["tissue", "lesion"]
+    labels, _info = nodes.segmentsLabelmap(segmentation, volume)
+    assert np.array_equal(labels, np.where(phantom() > 100, 2, np.where(phantom() > 0, 1, 0)))
+
+
+def test_finetune_without_prediction_adds_no_node(logic, scene, tmp_path):
+    volume = addVolume(scene, phantom(), name="ct")
+    segmentation = painted(scene, volume)
+    count = scene.GetNumberOfNodes()
+    bundle = logic.finetune(volume, segmentation, initModel="none", predict=False)
+    assert os.path.isfile(os.path.join(bundle, "model.json")) and scene.GetNumberOfNodes() == count
+    assert bundle.startswith(str(tmp_path / "work" / "models"))
+    assert json.loads(open(os.path.join(bundle, "model.json")).read())["init"] == "none"
+
+
+def test_pretrain_from_nodes_and_folder(logic, scene, tmp_path):
+    volume = addVolume(scene, phantom(), name="ct")
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    bundle = logic.pretrain([volume, str(folder)], method="genesis", steps=2, maxTime=60)
+    meta = json.loads(open(os.path.join(bundle, "model.json")).read())
+    assert meta["task"] == "pretrain" and meta["data"] == ["volume-000.nrrd", "unlabeled"]
+    assert not os.path.exists(os.path.join(logic.lastJob.jobDir, "inputs"))  # the copy of the scan is gone
+    with pytest.raises(ValueError, match="not found"):
+        logic.pretrain(str(tmp_path / "missing"))
+
+
+def test_suggest_slices_in_ras(logic, scene, tmp_path):
+    from MedSSLSegmentLib import geometry, nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    model = tmp_path / "m"
+    model.mkdir()
+    slices = logic.suggestSlices(volume, str(model), count=2)
+    assert len(slices) == 2 and all(s["axis"] == 2 for s in slices)
+    for item in slices:
+        center = geometry.sliceCenterIndex(phantom().shape, 2, item["index"])
+        np.testing.assert_allclose(item["center_ras"], geometry.indexToRas(nodes.ijkToRasArray(volume), center), atol=1e-6)
+
+
+def test_methods_from_backend(logic):
+    assert [m["name"] for m in logic.availableMethods()] == ["genesis", "fake"]
+
+
+def test_methods_fallback_without_backend(scene, monkeypatch, tmp_path):
+    from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+    monkeypatch.setenv("MEDSSL_BACKEND_PATH", str(tmp_path))
+    logic = MedSSLTrainerLogic(python=str(tmp_path / "no-python"))
+    assert [m["name"] for m in logic.availableMethods()] == ["genesis"]
