@@ -1,0 +1,61 @@
+"""Writing evaluation results: atomic writes and JSON with NaN/inf as null."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedSSLError
+
+
+def clean_for_json(value):
+    """A copy of ``value`` with numpy scalars as Python numbers and NaN/inf floats as None."""
+    if isinstance(value, dict):
+        return {str(k): clean_for_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_for_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return clean_for_json(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(clean_for_json(result), indent=2, allow_nan=False) + "\n"
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, creating the
+    folder; MedSSLError naming ``path`` on failure (nothing is left behind)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix, dir=parent)
+    except OSError as exc:
+        raise MedSSLError(f"{path}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise MedSSLError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def write_json(path, result: dict) -> None:
+    """``result`` as indented JSON (NaN/inf -> null), written atomically."""
+    atomic_write_bytes(path, to_json(result).encode("utf-8"))
