@@ -91,6 +91,19 @@ def budgetArgs(steps=None, maxTime=None, width=None, device=None, seed=None) -> 
     return args
 
 
+def parseJsonOutput(text: str):
+    """The JSON a command printed: the whole output (indented JSON), else its last line that parses."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        for line in reversed(text.strip().splitlines()):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError("no JSON in the command's output")
+
+
 # ----------------------------------------------------------------------------------- job folders
 
 
@@ -175,7 +188,7 @@ def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[
     :data:`DEFAULT_METHODS` when the backend cannot be run or answers nothing usable."""
     try:
         code, out, _err = jobs.runQuick(command("methods", "--json", python=python), childEnvironment(), timeout)
-        methods = json.loads(out.strip().splitlines()[-1])["methods"] if code == 0 else None
+        methods = parseJsonOutput(out)["methods"] if code == 0 else None
     except (OSError, TimeoutError, ValueError, KeyError, IndexError, TypeError):
         methods = None
     if not methods or not all(isinstance(m, dict) and m.get("name") for m in methods):
@@ -198,7 +211,7 @@ def bundleInfo(modelDir, python: str | None = None, timeout: float = 120.0) -> d
                                        timeout)
         if code != 0:
             raise ValueError(jobs.errorReason(err) or f"{modelDir}: not a MedSSL model bundle")
-        info = json.loads(out)
+        info = parseJsonOutput(out)
     if not isinstance(info, dict):
         raise ValueError(f"{modelDir}: model.json is not an object")
     return info
