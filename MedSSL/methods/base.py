@@ -40,6 +40,13 @@ class PretrainData:
     cache_dir: Path | None = None
     seed: int = 0
     log: Callable[[str], None] = print
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, n: int) -> np.ndarray:
+        """Indices 0..n-1 that belong to this torchrun rank (all of them without torchrun)."""
+        own = np.arange(self.rank, n, self.world_size)
+        return own if len(own) else np.arange(n)
 
 
 class SSLMethod(nn.Module):
@@ -71,8 +78,10 @@ class SSLMethod(nn.Module):
         """A function returning one training batch per call. Default: ``batch_size`` random cubes as a
         (N, 1, X, Y, Z) float tensor on ``device``. Methods needing pseudo-labels or views override."""
 
+        own = data.shard(len(data.train))
+
         def next_batch() -> torch.Tensor:
-            idx = np.sort(rng.integers(0, len(data.train), size=batch_size))
+            idx = np.sort(rng.choice(own, size=batch_size))
             return torch.from_numpy(data.train.get(idx)).unsqueeze(1).to(device, non_blocking=True)
 
         return next_batch

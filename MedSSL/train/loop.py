@@ -134,7 +134,8 @@ class TrainingLoop:
         stopped_by, samples, last_report = "steps", 0, 0.0
         self.trainable.train()
         while self.step < cfg.steps:
-            if cfg.max_time is not None and time.monotonic() - start >= cfg.max_time:
+            out_of_time = cfg.max_time is not None and time.monotonic() - start >= cfg.max_time
+            if self.ctx.any(out_of_time, self.device):
                 stopped_by = "time"
                 break
             for group in self.optimizer.param_groups:

@@ -14,6 +14,7 @@ from ..data.cubes import CubeSettings, default_cache_dir, prepare_cubes
 from ..data.preprocess import IntensityConfig
 from ..errors import MedSSLError
 from ..io.volumes import find_volumes
+from ..privacy import redact_paths
 from ..methods.base import PretrainData, method_class
 from ..models.initial_weights import apply_initial_weights, load_initial_weights
 from .loop import LoopConfig, TrainingLoop, thin_history
@@ -82,12 +83,18 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
                             intensity=IntensityConfig(modality=config.modality),
                             target_spacing_mm=config.spacing, seed=config.seed)
     progress.stage("preprocess", f"preparing cubes from {len(sources)} volume(s)", total=len(sources))
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 fills the cache first; the others then read it
     cubes = prepare_cubes(sources, settings, Path(config.cache_dir or default_cache_dir()),
-                          progress=lambda done, total, cached: progress.update(done, total, cached=cached))
+                          progress=lambda done, total, cached: progress.update(done, total, cached=cached),
+                          warn=lambda message: progress.log(redact_paths(message, sources)))
+    if ctx.is_main:
+        ctx.barrier()
     train, val = cubes.split(config.val_fraction, seed=config.seed)
     progress.log(f"{len(train)} training and {len(val)} validation cubes of {patch} on {device_description(device)}")
     data = PretrainData(train=train, val=val, sources=sources, settings=settings,
-                        cache_dir=Path(config.cache_dir or default_cache_dir()), seed=config.seed, log=progress.log)
+                        cache_dir=Path(config.cache_dir or default_cache_dir()), seed=config.seed, log=progress.log,
+                        rank=ctx.rank, world_size=ctx.world_size)
 
     method = cls(width=config.width, settings=config.method_settings).to(device)
     init_info = None

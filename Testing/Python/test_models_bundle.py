@@ -12,17 +12,10 @@ from MedSSL.cli import main
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
 from MedSSL.models.unet3d import UNet3D
+from medssl_testing import official_checkpoint
 
 torch.set_num_threads(1)
 KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "research" / "genesis_state_dict_keys.json"
-
-
-def official_checkpoint(path: Path, width: int = 32, seed: int = 0) -> dict:
-    """A file laid out like Genesis_Chest_CT.pt: epoch, state_dict with 'module.' keys, optimizer state."""
-    torch.manual_seed(seed)
-    state = {f"module.{k}": v for k, v in UNet3D(width=width).state_dict().items()}
-    torch.save({"epoch": 7, "state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []}}, path)
-    return state
 
 
 def test_official_layout_at_width_32():
