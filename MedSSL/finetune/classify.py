@@ -1,0 +1,230 @@
+"""``medssl finetune --task classify``: one label per volume, from a CSV of ``image,label`` rows.
+
+The network is the (pretrained) UNet3D encoder with the Models Genesis target-task head: global
+average pooling of the bottleneck (16w channels) -> Linear(16w, 1024) -> ReLU -> Linear(1024, n),
+trained with cross-entropy on class-balanced batches.
+
+Input fitting: each volume is intensity-normalised as in pretraining, then **resized** (trilinear) to
+the patch, so the whole volume is seen whatever its size; give volume crops (e.g. 64 x 64 x 32 cubes
+around candidates, as the Models Genesis NCC task) when the finding is small. The same fitting is
+applied at prediction (``input_fit: "resize"`` in model.json).
+
+CSV: ``image,label`` per row (a first row ``image,label`` is a header and skipped); ``label`` is a
+class value (integer) or a class name; relative image paths resolve against the CSV's folder. Classes
+come from ``--classes`` (value -> name, 0 allowed) or, without it, from the labels: integers keep their
+values, names get values 0..n-1 in sorted order.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bundle import save_bundle
+from ..errors import MedSSLError
+from ..models.initial_weights import apply_initial_weights
+from ..models.unet3d import UNet3D
+from ..train.checkpoint import load_checkpoint
+from ..train.loop import TrainingLoop
+from ..train.progress import Progress
+from ..train.runtime import OutputLock, device_description, resolve_device, seed_everything
+from .augment import AugmentConfig, augment_batch
+from .common import (FinetuneConfig, LoopProgress, check_patch, common_meta, load_init, majority, normalize,
+                     preprocessing_from_init, read_image, resolve_width)
+from .labels import classes_to_json, default_color, parse_classes
+
+DEFAULT_PATCH = (64, 64, 32)
+
+
+class ClassifierNet(nn.Module):
+    """UNet3D encoder + head. forward: (N, C_in, X, Y, Z) -> logits (N, n_classes).
+
+    Keys: ``backbone.*`` (a whole UNet3D, so the bundle also serves as ``--init``) and ``head.*``.
+    """
+
+    def __init__(self, width: int, n_classes: int, in_channels: int = 1):
+        super().__init__()
+        self.backbone = UNet3D(in_channels=in_channels, out_channels=1, width=width)
+        channels = self.backbone.bottleneck_channels
+        self.head = nn.Sequential(nn.Linear(channels, 1024), nn.ReLU(inplace=True), nn.Linear(1024, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bottleneck, _ = self.backbone.encode(x)
+        return self.head(bottleneck.mean(dim=(2, 3, 4)))
+
+
+def fit_to_patch(array: np.ndarray, patch) -> torch.Tensor:
+    """float32 (X, Y, Z) -> (1, X', Y', Z') = ``patch``, trilinear resize."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    if tuple(t.shape[2:]) != tuple(patch):
+        t = F.interpolate(t, size=tuple(int(p) for p in patch), mode="trilinear", align_corners=False)
+    return t[0]
+
+
+def read_csv_rows(path) -> list[tuple[Path, str, int]]:
+    """(image path, label text, row number) of every data row. Raises MedSSLError naming the CSV."""
+    p = Path(path)
+    if not p.is_file():
+        raise MedSSLError(f"--csv {path}: no such file")
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as handle:
+            rows = [(i + 1, r) for i, r in enumerate(csv.reader(handle)) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MedSSLError(f"--csv {path}: cannot be read ({exc.__class__.__name__})") from None
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["image", "label"]:
+        rows = rows[1:]
+    if not rows:
+        raise MedSSLError(f"--csv {path}: no image,label rows")
+    out = []
+    for number, row in rows:
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise MedSSLError(f"--csv {path}: row {number}: expected image,label")
+        image = Path(row[0].strip())
+        out.append((image if image.is_absolute() else p.parent / image, row[1].strip(), number))
+    return out
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_volume_classes(labels: list[str], rows, spec: str | None, csv_path) -> tuple[dict, list[int]]:
+    """(classes {value: {"name", "color"}}, value of each row)."""
+    given = parse_classes(spec, allow_zero=True)
+    if given is None:
+        if all(_is_int(t) for t in labels):
+            values = sorted({int(t) for t in labels})
+            given = {v: {"name": f"class_{v}", "color": default_color(v + 1)} for v in values}
+        else:
+            names = sorted(set(labels))
+            given = {i: {"name": n, "color": default_color(i + 1)} for i, n in enumerate(names)}
+    by_name = {e["name"]: v for v, e in given.items()}
+    row_values = []
+    for text, (_, _, number) in zip(labels, rows):
+        if _is_int(text) and int(text) in given:
+            row_values.append(int(text))
+        elif text in by_name:
+            row_values.append(by_name[text])
+        else:
+            known = ", ".join(f"{v}={e['name']}" for v, e in sorted(given.items()))
+            raise MedSSLError(f"--csv {csv_path}: row {number}: unknown class {text!r} (known: {known})")
+    if len(given) < 2:
+        raise MedSSLError(f"--csv {csv_path}: classification needs at least two classes, found {len(given)}")
+    return given, row_values
+
+
+def load_classification_data(config: FinetuneConfig, intensity, patch):
+    """Read the CSV and every image: (tensor (N, 1, X, Y, Z), class indices (N,), classes, class_values,
+    summary, modalities)."""
+    rows = read_csv_rows(config.csv)
+    classes, values = resolve_volume_classes([r[1] for r in rows], rows, config.classes, config.csv)
+    class_values = sorted(classes)
+    index_of = {v: i for i, v in enumerate(class_values)}
+    images, modalities, summary = [], [], {"volumes": 0, "shapes": [], "spacings_mm": []}
+    for image_path, _, _ in rows:
+        volume = read_image(image_path, config.spacing)
+        array, modality = normalize(volume, intensity)
+        images.append(fit_to_patch(array, patch))
+        modalities.append(modality)
+        summary["volumes"] += 1
+        summary["shapes"].append(list(volume.shape))
+        summary["spacings_mm"].append([round(float(s), 4) for s in volume.spacing])
+    targets = torch.tensor([index_of[v] for v in values], dtype=torch.long)
+    summary["class_counts"] = {str(v): int((targets == index_of[v]).sum()) for v in class_values}
+    return torch.stack(images), targets, classes, class_values, summary, modalities
+
+
+def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
+    """Train the classifier and write the bundle; input checks happen before ``--out`` is touched."""
+    if config.csv is None:
+        raise MedSSLError("finetune --task classify: give --csv FILE with image,label rows")
+    init = load_init(config.init)
+    width = resolve_width(config.width, init)
+    intensity, spacing = preprocessing_from_init(init, config.modality, config.spacing)
+    config.spacing = spacing
+    patch = check_patch(config.patch) if config.patch else DEFAULT_PATCH
+    device = resolve_device(config.device)
+    progress.stage("preprocess", f"reading the volumes listed in {config.csv}")
+    images, targets, classes, class_values, summary, modalities = load_classification_data(config, intensity, patch)
+    out = Path(config.out)
+    with OutputLock(out):
+        if not config.resume and load_checkpoint(out) is not None:
+            raise MedSSLError(f"{out}: already holds a training run; add --resume to continue it or choose another --out")
+        seed_everything(config.seed)
+        model = ClassifierNet(width, len(class_values)).to(device)
+        if init is not None:
+            apply_initial_weights(model.backbone, init, what=f"--init {config.init}")
+        result = _train(config, progress, model, images, targets, device, out)
+        meta = common_meta(task="classify", width=width, out_channels=len(class_values), intensity=intensity,
+                           modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=config.loop,
+                           result=result, batch_size=config.batch_size, seed=config.seed, device=device)
+        meta.update({
+            "classes": classes_to_json(classes),
+            "class_values": class_values,
+            "head": f"gap -> linear({model.backbone.bottleneck_channels}, 1024) -> relu -> linear(1024, {len(class_values)})",
+            "input_fit": "resize",
+            "data_summary": {**summary, "modalities": {m: modalities.count(m) for m in set(modalities)}},
+        })
+        save_bundle(out, result.best_state or model.state_dict(), meta)
+    return out
+
+
+def _balanced_indices(targets: torch.Tensor, batch: int, rng: np.random.Generator) -> np.ndarray:
+    by_class = [np.flatnonzero(targets.numpy() == c) for c in range(int(targets.max()) + 1)]
+    by_class = [idx for idx in by_class if idx.size]
+    classes = rng.integers(len(by_class), size=batch)
+    return np.array([rng.choice(by_class[c]) for c in classes])
+
+
+def _train(config, progress, model, images, targets, device, out):
+    n = len(targets)
+    order = np.random.default_rng(config.seed).permutation(n)
+    n_val = int(round(config.val_fraction * n)) if config.val_fraction > 0 and n >= 4 else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train_x, train_y = images[train_idx], targets[train_idx]
+    loop = TrainingLoop(model, config.loop, device, LoopProgress(progress), out, "finetune")
+    if config.resume and loop.resume():
+        progress.log(f"resumed from step {loop.step}")
+    rng = np.random.default_rng([config.seed, loop.step])
+    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step)
+    augment = AugmentConfig(p_affine=0.3)
+    progress.log(f"{len(train_idx)} training and {n_val} validation volume(s) on {device_description(device)}")
+
+    def step_fn(step):
+        idx = _balanced_indices(train_y, config.batch_size, rng)
+        x = train_x[idx].to(device)
+        if config.augment:
+            x, _ = augment_batch(x, torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device=device), augment, generator)
+        y = train_y[idx].to(device)
+        loss = F.cross_entropy(model(x).float(), y)
+        return loss, {"ce": float(loss.detach()), "batch": config.batch_size}
+
+    validate_fn = None
+    if n_val:
+        val_x, val_y = images[val_idx], targets[val_idx]
+
+        @torch.no_grad()
+        def validate_fn():
+            losses = [float(F.cross_entropy(model(val_x[i:i + 8].to(device)).float(), val_y[i:i + 8].to(device), reduction="sum"))
+                      for i in range(0, n_val, 8)]
+            return sum(losses) / n_val
+
+    return loop.run(step_fn, validate_fn)
+
+
+@torch.no_grad()
+def predict_classification(network: nn.Module, array: np.ndarray, patch, device, tta: bool = False) -> np.ndarray:
+    """float32 (X, Y, Z) in [0, 1] -> (n_classes,) softmax probabilities (flip-averaged with ``tta``)."""
+    x = fit_to_patch(array, patch)[None].to(device)
+    flips = ((), (2,), (3,), (4,)) if tta else ((),)
+    probs = sum(torch.softmax(network(x.flip(d) if d else x).float(), dim=1) for d in flips) / len(flips)
+    return probs[0].cpu().numpy()

@@ -1,0 +1,155 @@
+"""What segmentation and classification fine-tuning share: the initial weights, the preprocessing they
+imply, reading image volumes, and the bundle fields common to both tasks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
+from ..errors import MedSSLError
+from ..io.volumes import Volume, read_volume
+from ..models.initial_weights import InitialWeights, load_initial_weights
+from ..train.loop import LoopConfig
+from ..train.runtime import device_description
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``medssl finetune`` takes.
+
+    images/labels: paired paths (segment); csv: the ``image,label`` table (classify). init: bundle or
+    official ``.pt`` (None = from scratch). width: None = the init's width, else 32. patch: (X, Y, Z)
+    voxels, multiples of 8 (None = automatic). spacing: mm (None = the init bundle's, else the grid).
+    """
+
+    out: Path
+    task: str = "segment"
+    images: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    csv: Path | None = None
+    init: str | None = None
+    classes: str | None = None
+    width: int | None = None
+    patch: tuple | None = None
+    batch_size: int = 2
+    modality: str = "auto"
+    spacing: tuple | None = None
+    detection: bool = False
+    augment: bool = True
+    val_fraction: float = 0.0
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+class LoopProgress:
+    """The :class:`Progress` handed to :class:`TrainingLoop`: tolerates ``update(step, total, step=...)``
+    (the loop's record repeats ``step``) by letting the positional values win."""
+
+    def __init__(self, progress):
+        self.inner = progress
+
+    def update(self, *args, **values) -> None:
+        step, total = args
+        values.pop("step", None)
+        values.pop("total", None)
+        self.inner.update(step, total, **values)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def load_init(spec: str | None) -> InitialWeights | None:
+    """``--init``: None or "none" = from scratch, else a bundle folder or an official ``.pt``."""
+    if spec is None or str(spec).strip().lower() in ("", "none", "scratch"):
+        return None
+    return load_initial_weights(spec)
+
+
+def resolve_width(requested: int | None, init: InitialWeights | None) -> int:
+    if init is not None:
+        if requested is not None and requested != init.width:
+            raise MedSSLError(f"--width {requested}: the --init weights have width {init.width}; leave --width out to use it")
+        return init.width
+    width = 32 if requested is None else int(requested)
+    if width < 1:
+        raise MedSSLError(f"--width {width}: must be at least 1")
+    return width
+
+
+def preprocessing_from_init(init: InitialWeights | None, modality: str, spacing) -> tuple[IntensityConfig, tuple | None]:
+    """The intensity settings and target spacing to fine-tune with.
+
+    Same as the pretraining that produced ``init`` (its bundle's ``preprocessing``) so the encoder sees
+    what it learned on; Models Genesis' CT window for official ``.pt`` files and scratch. An explicit
+    ``--modality`` / ``--spacing`` overrides.
+    """
+    prep = (init.meta.get("preprocessing") or {}) if init is not None else {}
+    intensity = IntensityConfig.from_dict(prep.get("intensity")) if prep.get("intensity") else IntensityConfig()
+    if modality and modality != "auto":
+        intensity = IntensityConfig(modality=modality, ct_window=intensity.ct_window, mr_percentiles=intensity.mr_percentiles)
+    target = spacing if spacing is not None else prep.get("target_spacing_mm")
+    if target is not None:
+        target = tuple(float(s) for s in np.broadcast_to(np.asarray(target, dtype=np.float64).reshape(-1), (3,)))
+        if not all(s > 0 for s in target):
+            raise MedSSLError(f"--spacing {list(target)}: spacings must be positive (mm)")
+    return intensity, target
+
+
+def check_patch(patch) -> tuple:
+    patch = tuple(int(p) for p in patch)
+    if len(patch) != 3 or any(p < 8 or p % 8 for p in patch):
+        raise MedSSLError(f"--patch {' '.join(map(str, patch))}: each size must be a multiple of 8 (the network pools 3 times)")
+    return patch
+
+
+def check_3d(volume: Volume, path) -> None:
+    if min(volume.shape) < 2:
+        raise MedSSLError(f"{path}: a single-slice image ({'x'.join(map(str, volume.shape))}); fine-tuning needs a 3D volume")
+
+
+def read_image(path, spacing) -> Volume:
+    """Read an image volume and resample it to ``spacing`` (mm, linear) when given."""
+    volume = read_volume(path)
+    check_3d(volume, path)
+    return resample_to_spacing(volume, spacing) if spacing is not None else volume
+
+
+def normalize(volume: Volume, intensity: IntensityConfig) -> tuple[np.ndarray, str]:
+    """float32 (X, Y, Z) in [0, 1] and the modality used."""
+    return normalize_intensity(volume, intensity)
+
+
+def majority(values) -> str | None:
+    counts = Counter(v for v in values if v)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def common_meta(*, task: str, width: int, out_channels: int, intensity: IntensityConfig, modality: str | None,
+                spacing, patch, init: InitialWeights | None, loop: LoopConfig, result, batch_size: int,
+                seed: int, device) -> dict:
+    """The model.json fields every fine-tuned bundle has (no paths, no identifiers)."""
+    from ..train.loop import thin_history
+
+    resolved = IntensityConfig(modality=modality or intensity.modality, ct_window=intensity.ct_window,
+                               mr_percentiles=intensity.mr_percentiles)
+    return {
+        "architecture": {"name": "unet3d", "width": width, "in_channels": 1, "out_channels": out_channels, "spatial_dims": 3},
+        "task": task,
+        "method": {"name": "finetune", "init_method": (init.describe().get("method") if init else None)},
+        "init": init.describe() if init is not None else {"source": "scratch"},
+        "preprocessing": {"intensity": resolved.to_dict(), "target_spacing_mm": list(spacing) if spacing else None,
+                          "modality": modality},
+        "patch_size": list(patch),
+        "training": {"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": batch_size,
+                     "optimizer": loop.optimizer, "lr": loop.lr, "max_time_s": loop.max_time,
+                     "best_val_loss": result.best_val, "seed": seed, "device": device_description(device),
+                     "seconds": round(result.seconds, 1)},
+        "history": thin_history(result.history),
+        "world_size": 1,
+    }

@@ -1,0 +1,110 @@
+"""Class-balanced patch sampling around annotated voxels.
+
+Every patch is centred near an annotated voxel of one channel (background or a class), the channels
+taken in turn (a random permutation per round), so a class painted on three slices is seen as often as
+the background of a whole volume. The centre is then shifted by up to ``jitter`` of the patch along each
+axis, so the annotated voxel (and, for painted slices, the painted plane) lies at varying depths inside
+the patch and the network learns to predict at every position of its window, not only at the centre.
+Parts of a patch outside the volume are padded with 0 (image) and 255 (not annotated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .labels import IGNORE
+
+#: at most this many candidate centres are kept per channel and volume (a random subset)
+MAX_CANDIDATES = 200_000
+
+
+@dataclass
+class TrainingVolume:
+    """image: float32 (X, Y, Z) in [0, 1]; target: uint8 (X, Y, Z) channels, 255 = not annotated."""
+
+    image: np.ndarray
+    target: np.ndarray
+
+
+def crop(array: np.ndarray, start: np.ndarray, size, fill) -> np.ndarray:
+    """The box ``[start, start + size)`` of ``array`` (X, Y, Z), padded with ``fill`` outside it."""
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + np.asarray(size), array.shape)
+    if np.any(src_hi <= src_lo):
+        return out
+    dst_lo = src_lo - start
+    dst_hi = dst_lo + (src_hi - src_lo)
+    out[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
+        array[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+    return out
+
+
+class PatchSampler:
+    """Draws (image, target) patches balanced over channels.
+
+    volumes: the training volumes; patch: (X, Y, Z) voxels; n_channels: background + classes;
+    jitter: the largest centre shift as a fraction of the patch (0.4 keeps the centre voxel inside).
+    """
+
+    def __init__(self, volumes: list[TrainingVolume], patch, n_channels: int, rng: np.random.Generator,
+                 jitter: float = 0.4):
+        self.volumes, self.patch, self.rng = volumes, np.asarray(patch, dtype=int), rng
+        self.n_channels = n_channels
+        self.max_shift = np.floor(self.patch * jitter).astype(int)
+        # candidates[c] = [(volume index, flat indices), ...] for every volume holding channel c
+        self.candidates: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n_channels)]
+        for i, vol in enumerate(volumes):
+            flat = vol.target.reshape(-1)
+            for c in range(n_channels):
+                idx = np.flatnonzero(flat == c)
+                if idx.size > MAX_CANDIDATES:
+                    idx = np.sort(rng.choice(idx, MAX_CANDIDATES, replace=False))
+                if idx.size:
+                    self.candidates[c].append((i, idx))
+        self.channels = [c for c in range(n_channels) if self.candidates[c]]
+        if not self.channels:
+            raise ValueError("no annotated voxels to sample from")
+        self._queue: list[int] = []
+
+    def _next_channel(self) -> int:
+        if not self._queue:
+            self._queue = list(self.rng.permutation(self.channels))
+        return int(self._queue.pop())
+
+    def sample_one(self) -> tuple[np.ndarray, np.ndarray]:
+        """One patch: image float32 (X, Y, Z) and target uint8 (X, Y, Z)."""
+        channel = self._next_channel()
+        choices = self.candidates[channel]
+        vol_index, idx = choices[int(self.rng.integers(len(choices)))]
+        vol = self.volumes[vol_index]
+        centre = np.array(np.unravel_index(int(idx[self.rng.integers(idx.size)]), vol.target.shape))
+        centre = centre + self.rng.integers(-self.max_shift, self.max_shift + 1)
+        start = centre - self.patch // 2
+        return crop(vol.image, start, self.patch, 0.0), crop(vol.target, start, self.patch, IGNORE)
+
+    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """image (N, 1, X, Y, Z) float32, target (N, X, Y, Z) uint8."""
+        pairs = [self.sample_one() for _ in range(batch)]
+        images = np.stack([p[0] for p in pairs])[:, None]
+        targets = np.stack([p[1] for p in pairs])
+        return images, targets
+
+
+def auto_patch(spacings: list, shapes: list, base: int = 64, max_z: int = 32) -> tuple[int, int, int]:
+    """A patch for fine-tuning when ``--patch`` is not given.
+
+    In-plane (X, Y): ``base`` voxels. Along Z: about the same physical extent as in-plane, in multiples
+    of 8, between 8 and ``max_z`` (64 x 64 x 32 for isotropic data as Models Genesis; 64 x 64 x 16 for
+    0.8 x 0.8 x 5 mm slices: thin along thick slices, still 3D). No axis exceeds the largest volume's
+    size rounded up to a multiple of 8.
+    """
+    spacing = np.median(np.asarray(spacings, dtype=np.float64), axis=0)
+    largest = np.max(np.asarray(shapes), axis=0)
+    in_plane = float(min(spacing[0], spacing[1]))
+    z = int(np.clip(8 * np.ceil(base * in_plane / spacing[2] / 8), 8, max_z))
+    patch = np.array([base, base, z])
+    cap = 8 * np.ceil(largest / 8).astype(int)
+    return tuple(int(p) for p in np.maximum(8, np.minimum(patch, cap)))

@@ -1,0 +1,114 @@
+"""Loading a fine-tuned bundle for inference and preparing an image the way it was trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..bundle import load_bundle
+from ..data.preprocess import IntensityConfig, detect_modality, normalize_intensity, resample_to_spacing
+from ..errors import MedSSLError
+from ..io.volumes import Volume
+from ..models.unet3d import UNet3D
+
+TASKS = ("segment", "classify")
+
+
+@dataclass
+class LoadedModel:
+    """A bundle ready to run.
+
+    network: eval-mode module on ``device`` (UNet3D for segment, :class:`ClassifierNet` for classify).
+    channel_values: (C,) uint8, channel -> original label value (segment). class_values: ordered class
+    values (classify). classes: {value: {"name", "color"}}. patch: (X, Y, Z) voxels. spacing: target mm
+    or None. intensity: the training intensity settings (modality fixed to the one trained on).
+    """
+
+    meta: dict
+    network: nn.Module
+    task: str
+    classes: dict
+    patch: tuple
+    spacing: tuple | None
+    intensity: IntensityConfig
+    device: torch.device
+    channel_values: np.ndarray | None = None
+    class_values: list | None = None
+
+    def name_of(self, value: int) -> str:
+        entry = self.classes.get(int(value))
+        return entry["name"] if entry else f"label_{int(value)}"
+
+
+def load_model(bundle_dir, device: torch.device, allowed=TASKS, what: str = "--model") -> LoadedModel:
+    """Read a bundle and build its network. Raises MedSSLError for pretraining bundles (nothing to
+    predict yet), unknown tasks or architectures, and weights that do not fit the description."""
+    meta, state = load_bundle(bundle_dir)
+    task = meta.get("task")
+    if task not in allowed:
+        hint = " (a pretraining bundle: fine-tune it first with `medssl finetune --init`)" if task == "pretrain" else ""
+        raise MedSSLError(f"{what} {bundle_dir}: task {task!r}{hint}; expected {' or '.join(allowed)}")
+    arch = meta.get("architecture") or {}
+    if arch.get("name") != "unet3d":
+        raise MedSSLError(f"{what} {bundle_dir}: unknown architecture {arch.get('name')!r}")
+    classes = {int(k): (v if isinstance(v, dict) else {"name": str(v)}) for k, v in (meta.get("classes") or {}).items()}
+    if task == "segment":
+        network = UNet3D(int(arch.get("in_channels", 1)), int(arch["out_channels"]), int(arch["width"]),
+                         spatial_dims=int(arch.get("spatial_dims", 3)))
+    else:
+        from ..finetune.classify import ClassifierNet
+
+        network = ClassifierNet(int(arch["width"]), int(arch["out_channels"]), int(arch.get("in_channels", 1)))
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise MedSSLError(f"{what} {bundle_dir}: the weights do not match model.json ({str(exc).splitlines()[0][:120]})") from None
+    network.to(device).eval()
+    prep = meta.get("preprocessing") or {}
+    intensity = IntensityConfig.from_dict(prep.get("intensity"))
+    if prep.get("modality") in ("CT", "MR"):
+        intensity = IntensityConfig(prep["modality"], intensity.ct_window, intensity.mr_percentiles)
+    spacing = prep.get("target_spacing_mm")
+    model = LoadedModel(meta, network, task, classes, tuple(int(p) for p in meta.get("patch_size") or (64, 64, 32)),
+                        tuple(float(s) for s in spacing) if spacing else None, intensity, device)
+    if task == "segment":
+        values = meta.get("channels") or [0, *sorted(classes)]
+        if len(values) != int(arch["out_channels"]):
+            raise MedSSLError(f"{what} {bundle_dir}: model.json lists {len(values)} channels for {arch['out_channels']} outputs")
+        model.channel_values = np.asarray(values, dtype=np.uint8)
+    else:
+        model.class_values = [int(v) for v in meta.get("class_values") or sorted(classes)]
+    return model
+
+
+def check_image(model: LoadedModel, volume: Volume, path) -> None:
+    """The image must suit the network: one channel (scalar), and 3D for a 3D network."""
+    arch = model.meta.get("architecture") or {}
+    in_channels = int(arch.get("in_channels", 1))
+    if in_channels != 1:
+        raise MedSSLError(f"{path}: the model expects {in_channels} input channels; the image has 1 (a scalar volume)")
+    dims = int(arch.get("spatial_dims", 3))
+    single = min(volume.shape) < 2
+    if dims == 3 and single:
+        raise MedSSLError(f"{path}: a single-slice image ({'x'.join(map(str, volume.shape))}) but the model is 3D")
+    if dims == 2 and not single:
+        raise MedSSLError(f"{path}: a 3D image but the model is 2D (one-slice images only)")
+
+
+def prepare(model: LoadedModel, volume: Volume, path, log=None) -> tuple[np.ndarray, Volume]:
+    """Image -> (float32 (X, Y, Z) in [0, 1] on the model's grid, the volume on that grid).
+
+    The grid is the input's, or the bundle's target spacing (linear resampling) when it has one.
+    """
+    check_image(model, volume, path)
+    if model.intensity.modality != "auto" and volume.modality is None and log is not None:
+        detected = detect_modality(volume)
+        if detected != model.intensity.modality:
+            log(f"warning: {path} looks like {detected} but the model was trained on {model.intensity.modality}")
+    work = resample_to_spacing(volume, model.spacing) if model.spacing else volume
+    array, _ = normalize_intensity(work, model.intensity)
+    return array, work

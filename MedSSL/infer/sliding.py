@@ -1,0 +1,137 @@
+"""Memory-bounded sliding-window inference: MONAI's ``sliding_window_inference`` run slab by slab.
+
+A full-volume sliding window keeps a (classes x voxels) accumulator: 62 classes on 25 million voxels is
+6 GB in float32. Here the volume is cut into slabs along Z whose accumulators fit ``memory_mb``; each
+slab is padded with ``patch_z // 2`` slices of context on both sides (recomputed, then dropped), run
+through MONAI with Gaussian blending and an fp16 accumulator (MONAI accumulates in the input's dtype),
+and reduced at once to what the caller keeps (e.g. argmax and the winning probability) by ``reduce``.
+Few classes or small volumes give a single slab: exactly MONAI's result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+#: flips used by test-time augmentation: identity and one flip per axis (dims of (N, C, X, Y, Z))
+TTA_FLIPS = ((), (2,), (3,), (4,))
+
+
+@dataclass
+class Slab:
+    """Slices ``[start, stop)`` go through the network; ``[core_start, core_stop)`` are kept."""
+
+    start: int
+    stop: int
+    core_start: int
+    core_stop: int
+
+
+def plan_slabs(depth: int, patch_z: int, channels: int, plane_voxels: int, memory_mb: float) -> list[Slab]:
+    """Cut ``depth`` slices into slabs whose fp16 accumulator (``channels`` + 1 count map) fits
+    ``memory_mb`` where possible; every slab keeps at least ``patch_z`` slices."""
+    per_slice = (channels + 1) * plane_voxels * 2
+    fit = int(memory_mb * 2**20 // max(1, per_slice))
+    if fit >= depth:
+        return [Slab(0, depth, 0, depth)]
+    margin = patch_z // 2
+    core = max(patch_z, fit - 2 * margin)
+    slabs = []
+    for core_start in range(0, depth, core):
+        core_stop = min(depth, core_start + core)
+        slabs.append(Slab(max(0, core_start - margin), min(depth, core_stop + margin), core_start, core_stop))
+    return slabs
+
+
+def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = False) -> Callable:
+    """Window function for MONAI: (B, 1, X, Y, Z) -> (B, C [+1], X, Y, Z) float16 probabilities.
+
+    Softmax of the network's logits, averaged over :data:`TTA_FLIPS` when ``tta``; with ``entropy`` a
+    last channel holds the predictive entropy of those (averaged) probabilities divided by log(C), in
+    [0, 1].
+    """
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        flips = TTA_FLIPS if tta else ((),)
+        total = None
+        for dims in flips:
+            xi = x.flip(dims) if dims else x
+            with _autocast(x.device):
+                logits = network(xi)
+            probs = torch.softmax(logits.float(), dim=1)
+            probs = probs.flip(dims) if dims else probs
+            total = probs if total is None else total + probs
+        probs = total / len(flips)
+        if entropy:
+            c = probs.shape[1]
+            h = -(probs * torch.log(probs.clamp_min(1e-8))).sum(dim=1, keepdim=True) / max(np.log(c), 1e-8)
+            probs = torch.cat([probs, h], dim=1)
+        return probs.half()
+
+    return predict
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
+              reduce: Callable[[torch.Tensor, int, int], None], *, overlap: float = 0.5, sw_batch_size: int = 2,
+              memory_mb: float = 1024.0, device: torch.device = torch.device("cpu"),
+              on_slab: Callable[[int, int], None] | None = None) -> None:
+    """Slide ``predictor`` over ``array`` (float32 (X, Y, Z)) slab by slab.
+
+    ``reduce(block, z0, z1)`` receives each slab's kept part: float16 (channels, X, Y, z1 - z0) for
+    slices ``[z0, z1)`` of the volume. ``channels`` is what the predictor returns. ``on_slab(i, n)`` is
+    called after each slab (progress).
+    """
+    x_size, y_size, depth = array.shape
+    slabs = plan_slabs(depth, int(patch[2]), channels, x_size * y_size, memory_mb)
+    for i, slab in enumerate(slabs):
+        inputs = torch.from_numpy(np.ascontiguousarray(array[:, :, slab.start:slab.stop])).to(device)
+        inputs = inputs.half()[None, None]
+        out = sliding_window_inference(inputs, roi_size=tuple(int(p) for p in patch), sw_batch_size=sw_batch_size,
+                                       predictor=predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
+                                       cval=0.0)
+        lo, hi = slab.core_start - slab.start, slab.core_stop - slab.start
+        reduce(out[0, :, :, :, lo:hi], slab.core_start, slab.core_stop)
+        del out, inputs
+        if on_slab is not None:
+            on_slab(i + 1, len(slabs))
+
+
+class SegmentationReducer:
+    """Keeps, per voxel, the winning channel (uint8), its probability and the foreground probability
+    (1 - p(background)) as float16: memory independent of the number of classes.
+
+    entropy=True expects an extra last channel (see :func:`make_predictor`) and keeps it too.
+    """
+
+    def __init__(self, shape, n_channels: int, entropy: bool = False, chunk: int = 8):
+        self.n_channels, self.chunk = n_channels, chunk
+        self.channel = np.zeros(shape, dtype=np.uint8)
+        self.max_prob = np.zeros(shape, dtype=np.float16)
+        self.fg_prob = np.zeros(shape, dtype=np.float16)
+        self.entropy = np.zeros(shape, dtype=np.float16) if entropy else None
+
+    def __call__(self, block: torch.Tensor, z0: int, z1: int) -> None:
+        for a in range(0, z1 - z0, self.chunk):
+            b = min(z1 - z0, a + self.chunk)
+            part = block[..., a:b].float()
+            probs = part[: self.n_channels]
+            best, arg = probs.max(dim=0)
+            self.channel[:, :, z0 + a:z0 + b] = arg.to(torch.uint8).cpu().numpy()
+            self.max_prob[:, :, z0 + a:z0 + b] = best.half().cpu().numpy()
+            self.fg_prob[:, :, z0 + a:z0 + b] = (1.0 - probs[0]).clamp(0, 1).half().cpu().numpy()
+            if self.entropy is not None:
+                self.entropy[:, :, z0 + a:z0 + b] = part[self.n_channels].half().cpu().numpy()
