@@ -1,0 +1,289 @@
+"""Qt pieces shared by the MedSSL module widgets: the job panel (timer polling, Start <-> Cancel, progress
+with ETA, log), background probes, device choice, and two-way binding of str parameters.
+
+Needs the Slicer application (``qt``, ``slicer.app``): imported only by MedSSLTrainer.py / MedSSLSegment.py,
+never by the logic or the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import qt
+
+import slicer
+
+from . import backend, jobs
+
+LOG_MAX_LINES = 5000
+
+
+def formatDuration(seconds) -> str:
+    """'1 h 05 min', '3 min 20 s' or '45 s'."""
+    seconds = max(0, int(round(float(seconds))))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def describeProgress(event: dict) -> str:
+    """One status line from a progress event: stage, step/total, loss, speed, ETA."""
+    text = f"{event.get('stage', 'running')}: step {event.get('step', '?')}/{event.get('total', '?')}"
+    if event.get("loss") is not None:
+        text += f", loss {float(event['loss']):.4g}"
+    if event.get("cubes_per_s"):
+        text += f", {float(event['cubes_per_s']):.1f} cubes/s"
+    if event.get("eta_s") is not None:
+        text += f", about {formatDuration(event['eta_s'])} left"
+    return text
+
+
+class JobPanel:
+    """Runs one :class:`jobs.Job` at a time for a widget.
+
+    A ``qt.QTimer`` polls the job on the main thread (so results are imported there), the start button turns
+    into Cancel, the progress bar and status label show step/total and ETA, the log view follows the job's
+    log file. ``onEnded(job)`` is called once when the job is done, failed or cancelled.
+    """
+
+    def __init__(self, progressBar, statusLabel, logView, intervalMs: int = 250):
+        self.progressBar = progressBar
+        self.statusLabel = statusLabel
+        self.logView = logView
+        self.logView.setMaximumBlockCount(LOG_MAX_LINES)
+        self.job = None
+        self.title = ""
+        self._button = None
+        self._buttonText = ""
+        self._onEnded = None
+        self._logOffset = 0
+        self.timer = qt.QTimer()
+        self.timer.setInterval(intervalMs)
+        self.timer.connect("timeout()", self._poll)
+        self.progressBar.hide()
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.running
+
+    @property
+    def jobDir(self) -> str | None:
+        return self.job.jobDir if self.job is not None else None
+
+    def start(self, job, button, title: str, onEnded=None) -> None:
+        """Follow a started ``job``; ``button`` becomes its Cancel button until it ends."""
+        self.job, self.title, self._onEnded = job, title, onEnded
+        self._button, self._buttonText = button, button.text
+        button.text = "Cancel"
+        button.toolTip = f"Stop {title.lower()} (ends the background process)"
+        self._logOffset = 0
+        self.logView.clear()
+        self.progressBar.setRange(0, 0)  # busy indicator until the first progress event
+        self.progressBar.show()
+        self.statusLabel.text = f"{title}: starting..."
+        self.timer.start()
+
+    def cancel(self) -> None:
+        """Cancel the running job (its whole process tree ends within a few seconds)."""
+        if self.busy:
+            self.statusLabel.text = f"{self.title}: cancelling..."
+            slicer.app.processEvents()
+            self.job.cancel()
+            self._poll()
+
+    def showEvent(self, event: dict) -> None:
+        """Update the progress bar and status line from a job event."""
+        kind = event.get("event")
+        if kind == "progress" and event.get("total"):
+            self.progressBar.setRange(0, int(event["total"]))
+            self.progressBar.setValue(int(event.get("step", 0)))
+            self.statusLabel.text = describeProgress(event)
+        elif kind == "stage":
+            self.progressBar.setRange(0, 0)
+            self.statusLabel.text = f"{event.get('stage', '')}: {event.get('message', '')}"
+
+    def _poll(self) -> None:
+        job = self.job
+        if job is None:
+            self.timer.stop()
+            return
+        try:
+            for event in job.poll():
+                self.showEvent(event)
+        except Exception:  # a bug in an event handler must not leave a job running unobserved
+            logging.exception("MedSSL: error while following the job; cancelling it")
+            job.cancel()
+        self._followLog()
+        if not job.running:
+            self.timer.stop()
+            self._ended(job)
+
+    def _followLog(self) -> None:
+        """Append what the job's log file gained since the last poll."""
+        try:
+            with open(self.job.logPath, encoding="utf-8", errors="replace") as handle:
+                handle.seek(self._logOffset)
+                text = handle.read()
+                self._logOffset = handle.tell()
+        except OSError:
+            return
+        if text:
+            self.logView.appendPlainText(text.rstrip("\n"))
+
+    def _ended(self, job) -> None:
+        self._button.text = self._buttonText
+        self._button.toolTip = ""
+        self.progressBar.hide()
+        if job.status == jobs.DONE:
+            self.statusLabel.text = f"{self.title}: done in {formatDuration(job.elapsed)}."
+        elif job.status == jobs.CANCELLED:
+            self.statusLabel.text = f"{self.title}: cancelled."
+        else:
+            self.statusLabel.text = f"{self.title} failed: {job.error}"
+        onEnded, self._onEnded = self._onEnded, None
+        if onEnded is not None:
+            onEnded(job)
+        if job.status == jobs.FAILED:
+            slicer.util.errorDisplay(f"{self.title} failed:\n{job.error}\n\nThe full log is in {job.logPath}",
+                                     detailedText=job.readLog(20000))
+
+    def openJobFolder(self) -> None:
+        """Show the current job's folder (log, inputs, outputs) in the file browser."""
+        if self.jobDir and os.path.isdir(self.jobDir):
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(self.jobDir))
+
+
+class BackgroundCall:
+    """Run a Qt-free, MRML-free function (e.g. a subprocess probe) in a thread; a timer on the main thread
+    calls ``onDone(result, error)`` when it returns."""
+
+    def __init__(self, function, onDone, intervalMs: int = 200):
+        self.result = None
+        self.error = None
+        self._onDone = onDone
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(intervalMs)
+        self._timer.connect("timeout()", self._check)
+        self._thread.start()
+        self._timer.start()
+
+    def _run(self, function) -> None:
+        try:
+            self.result = function()
+        except Exception as exc:  # reported on the main thread
+            self.error = exc
+
+    def _check(self) -> None:
+        if self._thread.is_alive():
+            return
+        self._timer.stop()
+        self._onDone(self.result, self.error)
+
+
+def probeBackend() -> dict:
+    """Environment probe and method list in one background call: {"environment": ..., "methods": [...]}."""
+    environment = backend.probeEnvironment()
+    methods = backend.availableMethods() if environment.get("MedSSL") else list(backend.DEFAULT_METHODS)
+    return {"environment": environment, "methods": methods}
+
+
+def fillDeviceComboBox(comboBox, environment: dict | None, current: str = "auto") -> None:
+    """Device choices (item data = --device value), auto naming the GPU it will use."""
+    comboBox.blockSignals(True)
+    comboBox.clear()
+    for value, label in backend.deviceChoices(environment or {}):
+        comboBox.addItem(label, value)
+    index = comboBox.findData(current)
+    comboBox.setCurrentIndex(index if index >= 0 else 0)
+    comboBox.blockSignals(False)
+
+
+def deviceWarning(environment: dict | None, device: str) -> str:
+    """A warning to show next to the device choice ('' when a GPU will be used)."""
+    if environment is None:
+        return ""
+    if device == "cpu" or not environment.get("cuda"):
+        return ("Training will run on the CPU: expect hours for pretraining. Use a small step budget, or a "
+                "computer with an NVIDIA GPU.")
+    return ""
+
+
+def environmentSummary(environment: dict | None, error=None) -> str:
+    """One line about torch/MONAI/GPU for the module panel."""
+    if error is not None:
+        return f"Could not check the Python environment: {error}"
+    if environment is None:
+        return "Checking torch, MONAI and GPUs..."
+    missing = backend.missingDependencies(environment)
+    if missing:
+        return f"Missing Python packages: {', '.join(missing)}. Click Install to add them."
+    if not environment.get("MedSSL"):
+        return f"The MedSSL backend does not import: {environment.get('MedSSL_error', 'not found')}"
+    gpus = ", ".join(g["name"] for g in environment.get("cuda") or []) or "no CUDA GPU"
+    return f"torch {environment['torch']}, MONAI {environment['monai']}; {gpus}."
+
+
+class StringBindings:
+    """Two-way binding of ``str`` parameters of a parameterNodeWrapper to QComboBox (item data) and
+    ctkPathLineEdit widgets (the widget types whose str binding this module does not leave to the
+    wrapper's connectGui)."""
+
+    def __init__(self):
+        self._bindings = []  # (widget, name, kind)
+        self._parameterNode = None
+        self._updating = False
+
+    def combo(self, comboBox, name: str) -> None:
+        self._bindings.append((comboBox, name, "combo"))
+        comboBox.connect("currentIndexChanged(int)", lambda _index, n=name, w=comboBox: self._store(n, w, "combo"))
+
+    def path(self, pathLineEdit, name: str) -> None:
+        self._bindings.append((pathLineEdit, name, "path"))
+        pathLineEdit.connect("currentPathChanged(QString)", lambda _path, n=name, w=pathLineEdit: self._store(n, w, "path"))
+
+    def setParameterNode(self, parameterNode) -> None:
+        self._parameterNode = parameterNode
+        self.updateGui()
+
+    def updateGui(self, *_args) -> None:
+        """Parameter node -> widgets."""
+        if self._parameterNode is None:
+            return
+        self._updating = True
+        try:
+            for widget, name, kind in self._bindings:
+                value = getattr(self._parameterNode, name)
+                if kind == "combo":
+                    index = widget.findData(value)
+                    if index >= 0 and index != widget.currentIndex:
+                        widget.setCurrentIndex(index)
+                elif widget.currentPath != value:
+                    widget.currentPath = value
+        finally:
+            self._updating = False
+
+    def _store(self, name, widget, kind) -> None:
+        """Widget -> parameter node."""
+        if self._updating or self._parameterNode is None:
+            return
+        value = widget.currentData if kind == "combo" else widget.currentPath
+        if value is not None and getattr(self._parameterNode, name) != value:
+            setattr(self._parameterNode, name, str(value))
+
+
+def showChart(chartNode) -> None:
+    """Show a plot chart node in the view layout (switching to a layout with a plot view if needed)."""
+    slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+
+
+def showTable(tableNode) -> None:
+    """Show a table node in the view layout's table view."""
+    slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+    selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+    selectionNode.SetActiveTableID(tableNode.GetID())
+    slicer.app.applicationLogic().PropagateTableSelection()

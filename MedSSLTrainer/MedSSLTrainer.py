@@ -1,0 +1,476 @@
+"""MedSSL Trainer: self-supervised pretraining on your own unlabeled scans, and few-shot segmentation from a
+few painted slices.
+
+Slicer glue only (module, parameter node, widget, self-test). The work is done by
+``MedSSLTrainerLib.logic.MedSSLTrainerLogic`` (Qt-free) and the MedSSL backend in a child process; torch is
+never imported in Slicer's process. Shared code (job runner, node<->file conversion, Qt job panel) comes from
+``MedSSLSegmentLib`` of the MedSSLSegment module, a declared dependency.
+"""
+
+import os
+
+import ctk
+import numpy as np
+import qt
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from MedSSLSegmentLib import backend, gui, install, jobs, nodes
+from MedSSLSegmentLib.plots import LossCurve
+from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sparseLabels
+from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4
+    def _(text):
+        return text
+
+    def translate(_context, text):
+        return text
+
+try:
+    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+except ImportError:  # Slicer < 5.2: the settings are simply not kept with the scene
+    parameterNodeWrapper = None
+
+__all__ = ["MedSSLTrainer", "MedSSLTrainerWidget", "MedSSLTrainerLogic", "MedSSLTrainerTest"]
+
+INIT_CHOICES = [
+    ("bundle", "MedSSL model (pretrained or fine-tuned)"),
+    ("genesis-pt", "Official Models Genesis .pt file"),
+    ("none", "None (train from scratch)"),
+]
+
+
+class MedSSLTrainer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedSSL Trainer")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["MedSSLSegment"]  # provides MedSSLSegmentLib
+        self.parent.contributors = ["MedSSL contributors"]
+        self.parent.helpText = _(
+            "Pretraining: learn from your own unlabeled CT/MR scans (volumes in the scene or a folder) with a "
+            "self-supervised method such as Models Genesis; best on a GPU, overnight. Few-shot segmentation: "
+            "paint a structure on a few slices in the Segment Editor, click Fine-tune: the network starts from "
+            "the pretrained model, learns from the painted slices and segments the whole volume into a new "
+            "segmentation for review. Suggest slices moves the views to where more paint helps most; paint "
+            "there and fine-tune again. Everything runs in a separate process: Slicer stays responsive and "
+            "Cancel stops it.")
+        self.parent.acknowledgementText = _(
+            "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")
+
+
+if parameterNodeWrapper is not None:
+
+    @parameterNodeWrapper
+    class MedSSLTrainerParameterNode:
+        """The module's settings, saved with the scene."""
+
+        device: str = "auto"
+        useDataFolder: bool = False
+        dataFolder: str = ""
+        method: str = "genesis"
+        pretrainSteps: int = 2000
+        pretrainMinutes: float = 0.0
+        pretrainOutput: str = ""
+        fewShotVolume: vtkMRMLScalarVolumeNode
+        fewShotSegmentation: vtkMRMLSegmentationNode
+        initChoice: str = "bundle"
+        initModel: str = ""
+        finetuneSteps: int = 300
+        finetuneMinutes: float = 0.0
+        model: str = ""
+
+
+def getParameterNode():
+    """The module's parameter node (wrapped), or None on Slicer versions without parameterNodeWrapper."""
+    if parameterNodeWrapper is None:
+        return None
+    logic = ScriptedLoadableModuleLogic()
+    logic.moduleName = "MedSSLTrainer"
+    return MedSSLTrainerParameterNode(logic.getParameterNode())
+
+
+def budget(stepsSpinBox, minutesSpinBox):
+    """(steps or None, seconds or None) from the budget widgets; 0 means no limit of that kind."""
+    steps = int(stepsSpinBox.value) or None
+    seconds = float(minutesSpinBox.value) * 60.0 or None
+    return steps, seconds
+
+
+class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.panel = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._environment = None
+        self._probe = None
+        self._lossCurve = None
+        self._suggestions = []
+        self._cpuConfirmed = False
+
+    # ------------------------------------------------------------------ setup and parameter node
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSSLTrainer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedSSLTrainerLogic()
+        self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
+        self._setupWidgets()
+        self.strings = gui.StringBindings()
+        for widget, name in ((self.ui.deviceComboBox, "device"), (self.ui.methodComboBox, "method"),
+                             (self.ui.initComboBox, "initChoice")):
+            self.strings.combo(widget, name)
+        for widget, name in ((self.ui.dataFolderPathLineEdit, "dataFolder"), (self.ui.pretrainOutputPathLineEdit,
+                             "pretrainOutput"), (self.ui.initModelPathLineEdit, "initModel"),
+                             (self.ui.modelPathLineEdit, "model")):
+            self.strings.path(widget, name)
+        self._connect()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.startProbe()
+
+    def _setupWidgets(self):
+        ui = self.ui
+        ui.dataFolderPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        ui.pretrainOutputPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        ui.dataFolderPathLineEdit.settingKey = "MedSSL/PretrainDataFolder"
+        ui.initModelPathLineEdit.settingKey = "MedSSL/InitModelPath"
+        gui.fillDeviceComboBox(ui.deviceComboBox, None)
+        self._fillMethods(list(backend.DEFAULT_METHODS))
+        for value, text in INIT_CHOICES:
+            ui.initComboBox.addItem(text, value)
+        ui.installButton.hide()
+
+    def _connect(self):
+        ui = self.ui
+        ui.pretrainButton.connect("clicked(bool)", self.onPretrainButton)
+        ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
+        ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        ui.installButton.connect("clicked(bool)", self.onInstallButton)
+        ui.showChartButton.connect("clicked(bool)", self.onShowChartButton)
+        ui.openJobFolderButton.connect("clicked(bool)", lambda: self.panel.openJobFolder())
+        ui.suggestionsListWidget.connect("currentRowChanged(int)", self.onSuggestionSelected)
+        ui.deviceComboBox.connect("currentIndexChanged(int)", self._updateDeviceWarning)
+        ui.initComboBox.connect("currentIndexChanged(int)", self._updateInitWidgets)
+        ui.useDataFolderCheckBox.connect("toggled(bool)", self._updateButtons)
+        ui.pretrainVolumesSelector.connect("checkedNodesChanged()", self._updateButtons)
+        for widget in (ui.dataFolderPathLineEdit, ui.initModelPathLineEdit, ui.modelPathLineEdit):
+            widget.connect("currentPathChanged(QString)", self._updateButtons)
+        for selector in (ui.fewShotVolumeSelector, ui.fewShotSegmentationSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
+
+    def cleanup(self):
+        if self.panel is not None and self.panel.busy:
+            self.panel.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        if self.panel.busy:
+            self.panel.cancel()
+        self._lossCurve = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        parameterNode = getParameterNode()
+        if parameterNode is not None and not parameterNode.fewShotVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                parameterNode.fewShotVolume = firstVolume
+        self.setParameterNode(parameterNode)
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
+            self._parameterNodeGuiTag = None
+        self._parameterNode = parameterNode
+        self.strings.setParameterNode(parameterNode)
+        if self._parameterNode is not None:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
+        self._updateInitWidgets()
+
+    # ------------------------------------------------------------------ environment
+
+    def startProbe(self):
+        """Check torch/MONAI/GPUs and list the backend's methods in a child process, in the background."""
+        self.ui.environmentLabel.text = gui.environmentSummary(None)
+        self._probe = gui.BackgroundCall(gui.probeBackend, self.onProbeDone)
+
+    def onProbeDone(self, answer, error):
+        self._probe = None
+        self._environment = answer["environment"] if answer else None
+        self.ui.environmentLabel.text = gui.environmentSummary(self._environment, error)
+        self.ui.installButton.visible = bool(self._environment and backend.missingDependencies(self._environment))
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, self._environment, self.ui.deviceComboBox.currentData or "auto")
+        if answer:
+            self._fillMethods(answer["methods"])
+        self.strings.updateGui()
+        self._updateDeviceWarning()
+
+    def _fillMethods(self, methods):
+        combo = self.ui.methodComboBox
+        current = combo.currentData or (self._parameterNode.method if self._parameterNode else "genesis")
+        combo.blockSignals(True)
+        combo.clear()
+        for method in methods:
+            combo.addItem(method["name"], method["name"])
+            combo.setItemData(combo.count - 1, method.get("description", ""), qt.Qt.ToolTipRole)
+        index = combo.findData(current)
+        combo.setCurrentIndex(index if index >= 0 else 0)
+        combo.blockSignals(False)
+
+    def onInstallButton(self):
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+            self._environment = install.ensureBackendReady(self._environment)
+        self.startProbe()
+
+    def _updateDeviceWarning(self, *_args):
+        self.ui.deviceWarningLabel.text = gui.deviceWarning(self._environment, self.ui.deviceComboBox.currentData)
+
+    def _prepareRun(self):
+        """Dependencies present (offering to install them) and the device chosen. Raises if not ready."""
+        self._environment = install.ensureBackendReady(self._environment)
+        self.logic.device = self.ui.deviceComboBox.currentData or "auto"
+
+    def _usesCpu(self):
+        return self.logic.device == "cpu" or not (self._environment or {}).get("cuda")
+
+    # ------------------------------------------------------------------ widget state
+
+    def _updateInitWidgets(self, *_args):
+        choice = self.ui.initComboBox.currentData
+        edit = self.ui.initModelPathLineEdit
+        edit.visible = choice != "none"
+        if choice == "genesis-pt":
+            edit.filters = ctk.ctkPathLineEdit.Files
+            edit.nameFilters = ["Models Genesis weights (*.pt *.pth)"]
+        else:
+            edit.filters = ctk.ctkPathLineEdit.Dirs
+        self._updateButtons()
+
+    def _updateButtons(self, *_args):
+        ui = self.ui
+        busy = self.panel.busy
+        useFolder = ui.useDataFolderCheckBox.checked
+        ui.pretrainVolumesSelector.enabled = not useFolder
+        ui.dataFolderPathLineEdit.enabled = useFolder
+        hasData = bool(ui.dataFolderPathLineEdit.currentPath) if useFolder else bool(ui.pretrainVolumesSelector.checkedNodes())
+        hasInit = ui.initComboBox.currentData == "none" or bool(ui.initModelPathLineEdit.currentPath)
+        canFineTune = bool(ui.fewShotVolumeSelector.currentNode() and ui.fewShotSegmentationSelector.currentNode() and hasInit)
+        canSuggest = bool(ui.fewShotVolumeSelector.currentNode() and ui.modelPathLineEdit.currentPath)
+        ui.pretrainButton.enabled = (hasData and not busy) or (busy and self._runningButton == ui.pretrainButton)
+        ui.fineTuneButton.enabled = (canFineTune and not busy) or (busy and self._runningButton == ui.fineTuneButton)
+        ui.suggestButton.enabled = (canSuggest and not busy) or (busy and self._runningButton == ui.suggestButton)
+        ui.showChartButton.enabled = self._lossCurve is not None
+
+    _runningButton = None
+
+    def _start(self, job, button, title, onEnded):
+        self._runningButton = button
+        self.panel.start(job, button, title, onEnded=lambda j: self._ended(j, onEnded))
+        self._updateButtons()
+
+    def _ended(self, job, onEnded):
+        self._runningButton = None
+        if job.status == jobs.CANCELLED and self._lossCurve is not None:
+            self._lossCurve.remove()  # leave the scene as it was
+            self._lossCurve = None
+        try:
+            onEnded(job)
+        finally:
+            self._updateButtons()
+
+    def _newLossCurve(self, title):
+        self._lossCurve = LossCurve(title)
+        gui.showChart(self._lossCurve.chart)
+
+    def _onEvent(self, event):
+        """Job event handler (main thread): progress events feed the loss chart."""
+        if event.get("event") == "progress" and event.get("loss") is not None and self._lossCurve is not None:
+            self._lossCurve.append(event.get("step", 0), event["loss"])
+
+    def onShowChartButton(self):
+        if self._lossCurve is not None:
+            gui.showChart(self._lossCurve.chart)
+
+    # ------------------------------------------------------------------ pretraining
+
+    def onPretrainButton(self):
+        if self.panel.busy:
+            self.panel.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Pretraining could not start."), waitCursor=True):
+            self._prepareRun()
+            if self._usesCpu() and not self._cpuConfirmed:
+                if not slicer.util.confirmOkCancelDisplay(gui.deviceWarning(self._environment, "cpu") + "\n\n"
+                                                          + _("Pretrain on the CPU anyway?")):
+                    return
+                self._cpuConfirmed = True
+            ui = self.ui
+            if ui.useDataFolderCheckBox.checked:
+                data = [ui.dataFolderPathLineEdit.currentPath]
+                ui.dataFolderPathLineEdit.addCurrentPathToHistory()
+            else:
+                data = list(ui.pretrainVolumesSelector.checkedNodes())
+            steps, maxTime = budget(ui.pretrainStepsSpinBox, ui.pretrainMinutesSpinBox)
+            self._newLossCurve(_("Pretraining"))
+            job = self.logic.pretrain(data, method=ui.methodComboBox.currentData or "genesis",
+                                      outputDir=ui.pretrainOutputPathLineEdit.currentPath or None, steps=steps,
+                                      maxTime=maxTime, blocking=False, onEvent=self._onEvent)
+            self._start(job, ui.pretrainButton, _("Pretraining"), self.onPretrainEnded)
+
+    def onPretrainEnded(self, job):
+        if job.status != jobs.DONE:
+            return
+        bundle = job.result
+        self.ui.statusLabel.text = _("Pretrained model saved in {path}. It is now the initial model for "
+                                     "few-shot segmentation.").format(path=bundle)
+        self.ui.initComboBox.setCurrentIndex(self.ui.initComboBox.findData("bundle"))
+        self.ui.initModelPathLineEdit.currentPath = bundle
+
+    # ------------------------------------------------------------------ few-shot fine-tuning
+
+    def _initModel(self):
+        choice = self.ui.initComboBox.currentData
+        return "none" if choice == "none" else (self.ui.initModelPathLineEdit.currentPath or None)
+
+    def onFineTuneButton(self):
+        if self.panel.busy:
+            self.panel.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
+            self._prepareRun()
+            ui = self.ui
+            volume = ui.fewShotVolumeSelector.currentNode()
+            steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
+            self._newLossCurve(_("Fine-tuning"))
+            job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
+                                      steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
+            self._start(job, ui.fineTuneButton, _("Fine-tuning"), lambda j, v=volume: self.onFineTuneEnded(j, v))
+
+    def onFineTuneEnded(self, job, volume):
+        if job.status != jobs.DONE:
+            return
+        self.ui.modelPathLineEdit.currentPath = job.result
+        segmentation = getattr(job, "segmentationNode", None)
+        if segmentation is not None:
+            segmentation.GetDisplayNode().SetVisibility(True)
+            slicer.util.setSliceViewerLayers(background=volume)
+            self.ui.statusLabel.text = _("Review '{name}'. To improve it, paint more slices (Suggest slices shows "
+                                         "where) and fine-tune again.").format(name=segmentation.GetName())
+
+    # ------------------------------------------------------------------ suggestions
+
+    def onSuggestButton(self):
+        if self.panel.busy:
+            self.panel.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Suggesting slices failed."), waitCursor=True):
+            self._prepareRun()
+            job = self.logic.suggestSlices(self.ui.fewShotVolumeSelector.currentNode(),
+                                           self.ui.modelPathLineEdit.currentPath, count=5, blocking=False)
+            self._start(job, self.ui.suggestButton, _("Suggesting slices"), self.onSuggestEnded)
+
+    def onSuggestEnded(self, job):
+        if job.status != jobs.DONE:
+            return
+        self._suggestions = list(job.result or [])
+        widget = self.ui.suggestionsListWidget
+        widget.clear()
+        for item in self._suggestions:
+            widget.addItem(_("slice {index} along axis {axis} (score {score:.3g})").format(
+                index=item["index"], axis="ijk"[item.get("axis", 2)], score=float(item.get("score", 0))))
+        if self._suggestions:
+            widget.setCurrentRow(0)
+
+    def onSuggestionSelected(self, row):
+        if 0 <= row < len(self._suggestions) and self._suggestions[row].get("center_ras"):
+            self.logic.jumpToSlice(self._suggestions[row])
+
+
+class MedSSLTrainerTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer (Reload and Test, or ctest). Checks the sparse-annotation extraction and the loss chart
+    nodes on small synthetic data, and that the backend's environment can be probed. A tiny fine-tune is
+    only run when the environment variable MEDSSL_TEST_TRAIN=1 (it needs torch in Slicer's Python and takes
+    a minute on a CPU)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SparseAnnotation()
+        self.setUp()
+        self.test_LossChart()
+        self.setUp()
+        self.test_TinyFineTune()
+
+    def _paintedVolume(self):
+        array = np.zeros((8, 16, 16), np.int16)
+        array[2:6, 4:12, 4:12] = 100
+        matrix = np.diag([0.8, 0.8, 2.0, 1.0])
+        volume = nodes.addVolumeFromArray(array, matrix, "MedSSL test volume")
+        labels = np.zeros(array.shape, np.uint8)
+        labels[3, 4:12, 4:12] = 1  # one painted slice
+        segmentation = nodes.segmentationFromLabelmap(labels, matrix, {"1": {"name": "box", "color": [1, 0, 0]}},
+                                                      volume, "MedSSL test annotations")
+        return volume, segmentation
+
+    def test_SparseAnnotation(self):
+        self.delayDisplay("Painted slices become training labels, other slices are ignored (255)")
+        volume, segmentation = self._paintedVolume()
+        labels, classes, slices = sparseLabels(segmentation, volume)
+        self.assertEqual(slices, [3])
+        self.assertEqual(classes["1"]["name"], "box")
+        self.assertTrue((labels[3] != NOT_ANNOTATED).all() and (labels[[0, 1, 2, 4, 5, 6, 7]] == NOT_ANNOTATED).all())
+        self.delayDisplay("Test passed")
+
+    def test_LossChart(self):
+        self.delayDisplay("Loss chart nodes")
+        curve = LossCurve("test")
+        curve.append(1, 0.5)
+        self.assertEqual(curve.points(), [(1.0, 0.5)])
+        curve.remove()
+        self.delayDisplay("Test passed")
+
+    def test_TinyFineTune(self):
+        environment = backend.probeEnvironment()
+        self.delayDisplay(gui.environmentSummary(environment))
+        if os.environ.get("MEDSSL_TEST_TRAIN") != "1" or backend.missingDependencies(environment):
+            self.delayDisplay("MEDSSL_TEST_TRAIN not set (or torch/MONAI missing): fine-tuning is not tested")
+            return
+        volume, segmentation = self._paintedVolume()
+        logic = MedSSLTrainerLogic()
+        logic.device = "cpu"
+        bundle = logic.finetune(volume, segmentation, initModel="none", steps=2, width=4)
+        self.assertTrue(os.path.isfile(os.path.join(bundle, "model.json")))
+        self.assertIsNotNone(logic.lastOutputs.get("segmentation"))
+        self.delayDisplay("Test passed")
