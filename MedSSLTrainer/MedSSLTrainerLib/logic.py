@@ -59,13 +59,16 @@ class MedSSLTrainerLogic(BackendRunner):
                         blocking, onEvent, [inputs])
 
     def finetune(self, volumeNode, segmentationNode, outputDir=None, initModel=None, steps=None, maxTime=None,
-                 width=None, blocking=True, predict=True, sliceAxis=SLICE_AXIS_K, onEvent=None):
+                 width=None, blocking=True, predict=True, sliceAxis=SLICE_AXIS_K, onEvent=None, detection=False,
+                 cleanup=True):
         """Few-shot fine-tuning on the slices painted in ``segmentationNode`` (see :func:`sparseLabels`).
 
         initModel: a MedSSL bundle folder, an official Models Genesis ``.pt``, "none", or None (backend
         default). With ``predict`` the new model then segments the whole volume into a new segmentation
-        node for review (``lastOutputs["segmentation"]``; on a job: ``job.segmentationNode``).
-        Returns the new bundle folder.
+        node for review (``lastOutputs["segmentation"]``; on a job: ``job.segmentationNode``); with
+        ``cleanup`` that prediction keeps only components connected to the painted structures and the
+        painted voxels themselves (the backend's ``--annotation`` few-shot clean-up). ``detection`` marks the
+        bundle as a detector (usable with MedSSLSegmentLogic.detect). Returns the new bundle folder.
         """
         self.checkVolume(volumeNode)
         if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
@@ -78,12 +81,14 @@ class MedSSLTrainerLogic(BackendRunner):
         classesPath = backend.writeJson(os.path.join(inputs, "classes.json"), classes)
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "finetune"))
         args = ["--image", image, "--label", label, "--classes", classesPath, "--out", outputDir]
+        args += ["--detection"] if detection else []
         args += ["--init", initModel if str(initModel).lower() == "none" else self.checkModel(initModel)] if initModel else []
         args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
         commands = [self.command("finetune", *args)]
         prediction = os.path.join(jobDir, "prediction.nrrd")
         if predict:
             commands.append(self.command("predict", "--model", outputDir, "--image", image, "--out", prediction,
+                                         *(["--annotation", label] if cleanup else []),
                                          "--device", self.device, "--progress", "json"))
 
         def onFinished(job):
@@ -95,15 +100,22 @@ class MedSSLTrainerLogic(BackendRunner):
 
         return self.run(jobDir, commands, onFinished, blocking, onEvent, [inputs])
 
-    def suggestSlices(self, volumeNode, modelDir, count=5, blocking=True, onEvent=None):
+    def suggestSlices(self, volumeNode, modelDir, count=5, blocking=True, onEvent=None, segmentationNode=None,
+                      sliceAxis=SLICE_AXIS_K):
         """Slices worth annotating next, best first: [{"axis", "index", "score", "center_mm" (LPS),
-        "center_ras"}] (axis: ITK index axis, 2 = k)."""
+        "center_ras" (mm)}] (axis: ITK index axis, 2 = k). With ``segmentationNode`` (the current painting)
+        its annotated slices are not suggested again."""
         self.checkVolume(volumeNode)
         jobDir = self.newJobDirectory("suggest")
         inputs = os.path.join(jobDir, "inputs")
         image = nodes.writeVolume(volumeNode, os.path.join(inputs, "image.nrrd"))
         out = os.path.join(jobDir, "suggestions.json")
-        args = ["--model", self.checkModel(modelDir), "--image", image, "--count", int(count), "--out", out]
+        args = ["--model", self.checkModel(modelDir), "--image", image, "--count", int(count), "--axis", int(sliceAxis),
+                "--out", out, "--device", self.device, "--progress", "json"]
+        labels = _paintedLabelsOrNone(segmentationNode, volumeNode, sliceAxis)
+        if labels is not None:
+            label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, "label.nrrd"))
+            args += ["--label", label]
         return self.run(jobDir, [self.command("suggest", *args)], lambda job: _readSuggestions(out, job),
                         blocking, onEvent, [inputs])
 
@@ -135,6 +147,16 @@ class MedSSLTrainerLogic(BackendRunner):
             return os.path.abspath(item)
         self.checkVolume(item)
         return nodes.writeVolume(item, os.path.join(inputs, f"volume-{index:03d}.nrrd"))
+
+
+def _paintedLabelsOrNone(segmentationNode, volumeNode, sliceAxis):
+    """Sparse labels of a segmentation, or None when there is none or nothing is painted yet."""
+    if segmentationNode is None:
+        return None
+    try:
+        return sparseLabels(segmentationNode, volumeNode, sliceAxis)[0]
+    except ValueError:
+        return None
 
 
 def _bundleOf(job, default) -> str:

@@ -82,6 +82,8 @@ def cmd_finetune(args):
     annotated = [int(k) for k in range(labels.shape[0]) if (labels[k] != 255).any()]
     train_loop("finetune")
     task = os.environ.get("FAKE_MEDSSL_TASK", "segment")
+    if args.detection:
+        task = "detect"
     save_bundle(args.out, {"task": task, "classes": classes, "init": args.init,
                            "annotated_slices": annotated,
                            "label_values": sorted(int(v) for v in np.unique(labels))})
@@ -93,6 +95,8 @@ def cmd_predict(args):
         meta = json.load(handle)
     image = read(args.image)
     values = sitk.GetArrayFromImage(image)
+    with open(args.out + ".args.json", "w") as handle:
+        json.dump(vars(args), handle)
     emit(event="progress", step=1, total=1, loss=0.0, lr=0.0, eta_s=0.0, cubes_per_s=1.0, stage="predict")
     if meta["task"] == "classify":
         with open(args.out, "w") as handle:
@@ -125,6 +129,9 @@ def cmd_suggest(args):
     image = read(args.image)
     values = sitk.GetArrayFromImage(image)
     scores = values.reshape(values.shape[0], -1).astype(float).std(axis=1)
+    if args.label:  # annotated slices are not suggested again
+        labels = sitk.GetArrayFromImage(read(args.label))
+        scores[[k for k in range(labels.shape[0]) if (labels[k] != 255).any()]] = -1.0
     order = np.argsort(-scores)[: args.count]
     size = image.GetSize()
     slices = []
@@ -169,14 +176,18 @@ def main():
     p = sub.add_parser("finetune", parents=[common])
     for flag in ("--image", "--label", "--classes", "--out"):
         p.add_argument(flag, required=True)
+    p.add_argument("--detection", action="store_true")
     p = sub.add_parser("predict", parents=[common])
     for flag in ("--model", "--image", "--out"):
         p.add_argument(flag, required=True)
     p.add_argument("--detections")
+    p.add_argument("--annotation")
     p = sub.add_parser("suggest", parents=[common])
     p.add_argument("--model", required=True)
     p.add_argument("--image", required=True)
     p.add_argument("--count", type=int, default=5)
+    p.add_argument("--axis", type=int, default=2)
+    p.add_argument("--label")
     p.add_argument("--out")
     sub.add_parser("sleep", parents=[common])
     args = parser.parse_args()

@@ -48,6 +48,17 @@ def test_finetune_then_predict(logic, scene, tmp_path):
     assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["tissue", "lesion"]
     labels, _info = nodes.segmentsLabelmap(segmentation, volume)
     assert np.array_equal(labels, np.where(phantom() > 100, 2, np.where(phantom() > 0, 1, 0)))
+    predictArgs = json.loads(open(os.path.join(logic.lastJob.jobDir, "prediction.nrrd.args.json")).read())
+    assert predictArgs["annotation"].endswith("label.nrrd")  # few-shot clean-up with the painted labels
+
+
+def test_finetune_detector_then_detect(logic, scene, tmp_path):
+    from MedSSLSegmentLib.logic import MedSSLSegmentLogic
+
+    volume = addVolume(scene, phantom(), name="ct")
+    bundle = logic.finetune(volume, painted(scene, volume), predict=False, detection=True)
+    markups = MedSSLSegmentLogic().detect(volume, bundle)
+    assert [markups.GetNthControlPointLabel(i) for i in range(2)] == ["lesion 0.90", "tissue 0.60"]
 
 
 def test_finetune_without_prediction_adds_no_node(logic, scene, tmp_path):
@@ -78,8 +89,9 @@ def test_suggest_slices_in_ras(logic, scene, tmp_path):
     volume = addVolume(scene, phantom(), name="ct")
     model = tmp_path / "m"
     model.mkdir()
-    slices = logic.suggestSlices(volume, str(model), count=2)
+    slices = logic.suggestSlices(volume, str(model), count=2, segmentationNode=painted(scene, volume))
     assert len(slices) == 2 and all(s["axis"] == 2 for s in slices)
+    assert not {1, 3} & {s["index"] for s in slices}  # painted slices are not suggested again
     for item in slices:
         center = geometry.sliceCenterIndex(phantom().shape, 2, item["index"])
         np.testing.assert_allclose(item["center_ras"], geometry.indexToRas(nodes.ijkToRasArray(volume), center), atol=1e-6)
