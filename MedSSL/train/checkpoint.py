@@ -25,9 +25,11 @@ def save_checkpoint(out_dir: Path, payload: dict) -> Path:
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_FILE
     fd, tmp = tempfile.mkstemp(prefix=".tmp-checkpoint-", dir=out_dir)
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

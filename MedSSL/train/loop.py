@@ -160,7 +160,9 @@ class TrainingLoop:
             self.history.append(record)
             now = time.monotonic()
             if now - last_report > 0.5 or self.step == cfg.steps or "val_loss" in record:
-                self.progress.update(self.step, cfg.steps, **record | {"cubes_per_s": samples * self.ctx.world_size / max(1e-9, now - start)})
+                values = {k: v for k, v in record.items() if k != "step"}
+                values["cubes_per_s"] = samples * self.ctx.world_size / max(1e-9, now - start)
+                self.progress.update(self.step, cfg.steps, **values)
                 last_report = now
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._checkpoint()

@@ -1,0 +1,130 @@
+"""Pretraining end to end on phantoms: bundle contents, progress lines, budgets, resume, locking,
+crash safety (SIGKILL then --resume), torchrun with two CPU processes, and no paths in artifacts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from MedSSL.bundle import load_bundle, read_meta
+from MedSSL.cli import main
+from MedSSL.data.phantom import make_phantom
+from MedSSL.io.volumes import write_volume
+from MedSSL.train.runtime import OutputLock
+from medssl_testing import official_checkpoint
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--width", "4", "--patch", "32", "32", "16", "--batch-size", "2", "--cubes-per-volume", "6"]
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unlabeled")
+    for seed in range(3):
+        write_volume(make_phantom(seed, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0)).image, folder / f"case_{seed}.nii.gz")
+    return folder
+
+
+def pretrain_args(volumes, out, cache, *extra):
+    return ["pretrain", "--data", str(volumes), "--out", str(out), "--cache", str(cache), *TINY, "--seed", "1", *extra]
+
+
+def test_pretrain_writes_a_complete_bundle(volumes, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "12", "--val-every", "4", "--progress", "json")) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    steps = [line for line in lines if line["event"] == "progress" and line["stage"] == "pretrain"]
+    assert steps[-1]["step"] == 12 and steps[-1]["total"] == 12
+    assert {"loss", "lr", "eta_s", "cubes_per_s"} <= set(steps[-1])
+    assert lines[-1] == {"event": "done", "bundle": str(out)}
+    meta, state = load_bundle(out)
+    assert meta["architecture"] == {"name": "unet3d", "width": 4, "in_channels": 1, "out_channels": 1, "spatial_dims": 3}
+    assert meta["method"]["name"] == "genesis" and meta["task"] == "pretrain"
+    assert meta["patch_size"] == [32, 32, 16] and meta["world_size"] == 1
+    assert meta["preprocessing"]["intensity"]["ct_window"] == [-1000.0, 1000.0]
+    assert meta["data_summary"]["volumes"] == 3 and meta["training"]["steps"] == 12
+    assert any("val_loss" in record for record in meta["history"])
+    assert "backbone.down_tr64.ops.0.conv1.weight" in state
+    text = (out / "model.json").read_text()
+    assert str(volumes) not in text and "case_" not in text
+
+
+def test_max_time_stops_early(volumes, tmp_path):
+    out = tmp_path / "timed"
+    assert main(pretrain_args(volumes, out, tmp_path / "cache", "--max-time", "2", "--progress", "none")) == 0
+    training = read_meta(out)["training"]
+    assert training["stopped_by"] == "time" and training["steps"] >= 1
+
+
+def test_resume_continues_and_existing_runs_are_protected(volumes, tmp_path, capsys):
+    out = tmp_path / "run"
+    cache = tmp_path / "cache"
+    assert main(pretrain_args(volumes, out, cache, "--steps", "6", "--checkpoint-every", "3", "--progress", "none")) == 0
+    assert main(pretrain_args(volumes, out, cache, "--steps", "6", "--progress", "none")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(pretrain_args(volumes, out, cache, "--steps", "10", "--resume", "--progress", "json")) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"event": "log", "message": "resumed from step 6"} in lines
+    first_step = next(line["step"] for line in lines if line["event"] == "progress" and line["stage"] == "pretrain")
+    assert first_step == 7
+    assert read_meta(out)["training"]["steps"] == 10
+
+
+def test_a_second_run_on_the_same_output_is_refused(volumes, tmp_path, capsys):
+    out = tmp_path / "busy"
+    with OutputLock(out):
+        assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--progress", "none")) == 2
+    assert "another MedSSL run" in capsys.readouterr().err
+    assert not (out / "model.json").exists()
+
+
+def test_init_from_official_checkpoint(volumes, tmp_path):
+    official_checkpoint(tmp_path / "Genesis_Chest_CT.pt", width=4)
+    out = tmp_path / "from_pt"
+    assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--init", str(tmp_path / "Genesis_Chest_CT.pt"), "--progress", "none")) == 0
+    assert read_meta(out)["training"]["init"] == {"source": "official-pt", "width": 4}
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "MedSSL", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_then_resume_finishes_from_the_last_checkpoint(volumes, tmp_path):
+    out, cache = tmp_path / "killed", tmp_path / "cache"
+    args = pretrain_args(volumes, out, cache, "--steps", "400", "--checkpoint-every", "2", "--progress", "json")
+    child = _run_cli(args)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert (out / "checkpoint.pt").exists() and not (out / "model.json").exists()
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert saved >= 2
+    resumed = _run_cli(pretrain_args(volumes, out, cache, "--steps", str(saved + 4), "--resume", "--progress", "json"))
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert {"event": "log", "message": f"resumed from step {saved}"} in lines
+    assert read_meta(out)["training"]["steps"] == saved + 4
+
+
+def test_torchrun_two_cpu_processes(volumes, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "MedSSL",
+           *pretrain_args(volumes, out, tmp_path / "cache", "--steps", "4", "--device", "cpu", "--progress", "none")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = read_meta(out)
+    assert meta["world_size"] == 2 and meta["training"]["steps"] == 4
