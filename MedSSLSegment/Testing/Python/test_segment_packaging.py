@@ -1,0 +1,137 @@
+"""Extension packaging and process-model rules, checked on the source tree (both modules):
+every Python file is listed in its module's CMakeLists.txt, the root CMakeLists ships the backend, no torch or
+MONAI import on the Slicer side, Qt only in the widget files, .ui widget names match the code, and a CMake
+configure + install with a stand-in Slicer lays the extension out as Slicer expects."""
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from slicer_testing_helpers import ROOT
+
+MODULES = ["MedSSLSegment", "MedSSLTrainer"]
+QT_ALLOWED = {"MedSSLSegment.py", "MedSSLTrainer.py", "gui.py", "install.py"}  # need the Slicer application
+
+
+def pythonFiles(module, includeTests=False):
+    base = os.path.join(ROOT, module)
+    for folder, dirs, files in os.walk(base):
+        dirs[:] = [d for d in dirs if d != "__pycache__" and (includeTests or d != "Testing")]
+        for name in files:
+            if name.endswith(".py"):
+                yield os.path.relpath(os.path.join(folder, name), base).replace(os.sep, "/")
+
+
+def cmakeList(module, variable):
+    text = open(os.path.join(ROOT, module, "CMakeLists.txt")).read()
+    body = re.search(r"set\(%s\s+(.*?)\)" % variable, text, re.S).group(1)
+    return [item.replace("${MODULE_NAME}", module) for item in body.split()]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_python_file_and_resource_is_listed(module):
+    listed = cmakeList(module, "MODULE_PYTHON_SCRIPTS")
+    assert sorted(listed) == sorted(pythonFiles(module))
+    resources = cmakeList(module, "MODULE_PYTHON_RESOURCES")
+    assert f"Resources/UI/{module}.ui" in resources and f"Resources/Icons/{module}.png" in resources
+    for path in resources:
+        assert os.path.isfile(os.path.join(ROOT, module, path)), path
+    text = open(os.path.join(ROOT, module, "CMakeLists.txt")).read()
+    assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert os.path.isfile(os.path.join(ROOT, module, "Testing", "CMakeLists.txt"))
+
+
+def test_root_cmakelists_metadata_and_backend():
+    text = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert re.search(r'set\(EXTENSION_%s "[^"]+"\)' % variable, text), variable
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    assert "add_subdirectory(MedSSLSegment)" in text and "add_subdirectory(MedSSLTrainer)" in text
+    assert "${CMAKE_CURRENT_SOURCE_DIR}/MedSSL/*.py" in text and "Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR" in text
+    assert os.path.isfile(os.path.join(ROOT, "Resources", "Icons", "MedSSL.png"))
+
+
+def imports(path):
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_torch_or_monai_and_qt_only_in_widgets(module):
+    for relative in pythonFiles(module, includeTests=True):
+        names = set(imports(os.path.join(ROOT, module, relative)))
+        assert not names & {"torch", "monai"}, relative
+        if os.path.basename(relative) not in QT_ALLOWED:
+            assert not names & {"qt", "ctk", "slicer.ScriptedLoadableModule"}, relative
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_widgets_used_by_the_code_exist(module):
+    tree = ET.parse(os.path.join(ROOT, module, "Resources", "UI", f"{module}.ui"))
+    names = {w.get("name") for w in tree.iter("widget")}
+    code = open(os.path.join(ROOT, module, f"{module}.py")).read()
+    used = set(re.findall(r"\bui\.([A-Za-z]\w*)", code))
+    assert used and used <= names, used - names
+    for widget in tree.iter("widget"):
+        for prop in widget.iter("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert re.search(r"^\s+%s: " % prop.find("string").text, code, re.M), prop.find("string").text
+
+
+FAKE_SLICER = """
+set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)
+set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+"""
+FAKE_USE = """
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.12/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+function(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(f IN LISTS MY_SCRIPTS MY_RESOURCES)
+    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${f})
+      message(FATAL_ERROR "missing ${f}")
+    endif()
+    get_filename_component(d ${f} DIRECTORY)
+    install(FILES ${f} DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/${d})
+  endforeach()
+endfunction()
+function(slicer_add_python_unittest)
+endfunction()
+"""
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None, reason="needs cmake and a C++ compiler")
+def test_cmake_install_layout(tmp_path):
+    fake = tmp_path / "FakeSlicer"
+    fake.mkdir()
+    (fake / "SlicerConfig.cmake").write_text(FAKE_SLICER)
+    (fake / "UseSlicer.cmake").write_text(FAKE_USE)
+    (fake / "Empty.cmake").write_text("")
+    build, prefix = tmp_path / "build", tmp_path / "install"
+    configure = subprocess.run(["cmake", "-S", ROOT, "-B", str(build), f"-DSlicer_DIR={fake}", "-DBUILD_TESTING=OFF"],
+                               capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    install = subprocess.run(["cmake", "--install", str(build), "--prefix", str(prefix)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stdout + install.stderr
+    modules = prefix / "lib" / "Slicer-5.12" / "qt-scripted-modules"
+    for path in ["MedSSLSegment.py", "MedSSLTrainer.py", "MedSSLSegmentLib/jobs.py", "MedSSLTrainerLib/logic.py",
+                 "Resources/UI/MedSSLTrainer.ui", "Resources/Icons/MedSSLSegment.png", "Resources/requirements.txt",
+                 "MedSSL/__init__.py", "MedSSL/__main__.py"]:
+        assert (modules / path).is_file(), path
+    assert (build / "lib" / "Slicer-5.12" / "qt-scripted-modules" / "MedSSL" / "__main__.py").is_file()
+    # the installed logic finds the installed backend next to it
+    found = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                            "from MedSSLSegmentLib import backend; print(backend.backendRoot())", str(modules)],
+                           capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "MEDSSL_BACKEND_PATH"})
+    assert found.stdout.strip() == str(modules), found.stderr
