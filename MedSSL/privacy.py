@@ -14,7 +14,7 @@ def redact_paths(message: str, sources: list) -> str:
     """Replace every source path (and its file or folder name) in ``message`` with ``volume <n>``."""
     for n, source in sorted(enumerate(sources, start=1), key=lambda item: -len(os.fspath(item[1]))):
         text = os.fspath(source)
-        for variant in {text, str(Path(text).resolve()), Path(text).name}:
+        for variant in sorted({text, str(Path(text).resolve()), Path(text).name}, key=len, reverse=True):
             if variant:
                 message = message.replace(variant, f"volume {n}")
     return message

@@ -16,8 +16,11 @@ files (searched recursively) or a DICOM folder.
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +141,8 @@ def read_volume(path) -> Volume:
         raise MedSSLError(
             f"{_display(path)}: not a supported volume file (expected {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)"
         )
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(p)
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -145,6 +150,40 @@ def read_volume(path) -> Volume:
         hint = next((line for line in reason if "Exception" not in line and line.strip()), "")
         raise MedSSLError(f"{_display(path)}: cannot be read as an image ({hint[:120] or 'unreadable'})") from None
     return _checked(image, path)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file whose voxel data is shorter than its header says (ITK would read it).
+
+    Reads the 348-byte NIfTI-1 header (dim, bitpix, vox_offset) and counts the (decompressed) bytes in a
+    streaming pass; NIfTI-2 and unusual headers are left to ITK.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(348)
+            if len(header) < 348:
+                raise MedSSLError(f"{_display(path)}: truncated NIfTI file (incomplete header)")
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            if struct.unpack(endian + "i", header[:4])[0] != 348:
+                return
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            ndim = dims[0]
+            if not 1 <= ndim <= 7 or bitpix <= 0:
+                return
+            expected = vox_offset + int(np.prod([max(1, d) for d in dims[1:ndim + 1]], dtype=np.int64)) * bitpix // 8
+            size = 348
+            while size < expected:
+                chunk = handle.read(min(1 << 22, expected - size))
+                if not chunk:
+                    break
+                size += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        raise MedSSLError(f"{_display(path)}: damaged or truncated NIfTI file") from None
+    if size < expected:
+        raise MedSSLError(f"{_display(path)}: truncated NIfTI file ({size} of {expected} bytes of data)")
 
 
 def _checked(image: sitk.Image, path, modality: str | None = None) -> Volume:
@@ -206,6 +245,24 @@ def _read_dicom_folder(folder: Path) -> Volume:
     except RuntimeError:
         pass
     return _checked(image, folder, modality)
+
+
+def is_single_slice(source) -> bool:
+    """True when a volume file holds a 2D image or a one-slice volume (reads the header only).
+
+    DICOM folders and unreadable files count as 3D here; reading them later gives the real answer.
+    """
+    p = Path(source)
+    if p.is_dir():
+        return False
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    size = reader.GetSize()
+    return len(size) == 2 or (len(size) >= 3 and size[2] == 1)
 
 
 def find_volumes(paths) -> list[Path]:

@@ -13,7 +13,7 @@ from ..bundle import save_bundle
 from ..data.cubes import CubeSettings, default_cache_dir, prepare_cubes
 from ..data.preprocess import IntensityConfig
 from ..errors import MedSSLError
-from ..io.volumes import find_volumes
+from ..io.volumes import find_volumes, is_single_slice
 from ..privacy import redact_paths
 from ..methods.base import PretrainData, method_class
 from ..models.initial_weights import apply_initial_weights, load_initial_weights
@@ -79,6 +79,7 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         raise MedSSLError(f"{out}: already holds a training run; add --resume to continue it or choose another --out")
     seed_everything(config.seed + ctx.rank)
     sources = find_volumes(config.data)
+    _refuse_mixed_dimensions(sources, config.data)
     settings = CubeSettings(patch=patch, cubes_per_volume=config.cubes_per_volume,
                             intensity=IntensityConfig(modality=config.modality),
                             target_spacing_mm=config.spacing, seed=config.seed)
@@ -142,6 +143,14 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
     }
     save_bundle(out, state, meta)
     return out
+
+
+def _refuse_mixed_dimensions(sources: list, data) -> None:
+    """Refuse a mix of one-slice (2D) images and 3D volumes, judged from the file headers alone."""
+    flat = [is_single_slice(source) for source in sources]
+    if any(flat) and not all(flat):
+        raise MedSSLError(f"{' '.join(map(str, data))}: mixes {sum(flat)} one-slice (2D) image(s) with "
+                          f"{len(flat) - sum(flat)} 3D volume(s); pretrain on them separately")
 
 
 def load_checkpoint_exists(out: Path) -> bool:
