@@ -197,9 +197,12 @@ def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[
 
 
 def bundleInfo(modelDir, python: str | None = None, timeout: float = 120.0) -> dict:
-    """model.json of a bundle: read directly when present (no child process), else ``info DIR --json``.
-    Raises ``ValueError`` with the reason when the folder is not a usable bundle."""
+    """model.json of a bundle folder, read directly (no child process); for a file (an official Models
+    Genesis ``.pt``) the backend's ``info FILE --json``. Raises ``ValueError`` with the reason when it is not
+    a usable model."""
     path = os.path.join(str(modelDir), "model.json")
+    if os.path.isdir(str(modelDir)) and not os.path.isfile(path):
+        raise ValueError(f"{modelDir}: not a MedSSL model folder (no model.json)")
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as handle:
