@@ -147,7 +147,7 @@ class Job:
             self._joinReaders()
             self.returnCode = self._process.returncode
         self._drain()
-        self._log("medssl-slicer: job cancelled\n")
+        self._log(f"[{time.strftime('%H:%M:%S')}] medssl-slicer: job cancelled\n")
         self._removeCleanupPaths()
 
     def readLog(self, maxChars: int = 1_000_000) -> str:
@@ -167,7 +167,7 @@ class Job:
         self.commandIndex += 1
         command = self.commands[self.commandIndex]
         self._stderrTail = []
-        self._log(f"$ {subprocess.list2cmdline(command)}\n")
+        self._log(f"[{time.strftime('%H:%M:%S')}] $ {subprocess.list2cmdline(command)}\n")
         try:
             self._process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -246,7 +246,7 @@ class Job:
     def _fail(self, reason: str) -> None:
         self.status = FAILED
         self.error = reason
-        self._log(f"medssl-slicer: job failed: {reason}\n")
+        self._log(f"[{time.strftime('%H:%M:%S')}] medssl-slicer: job failed: {reason}\n")
 
     def _finish(self) -> None:
         done = [event for event in self.events if event.get("event") == "done"]
@@ -260,7 +260,7 @@ class Job:
                 self._fail(f"importing the results failed: {exc}")
                 return
         self.status = DONE
-        self._log("medssl-slicer: job done\n")
+        self._log(f"[{time.strftime('%H:%M:%S')}] medssl-slicer: job done in {self.elapsed:.1f} s\n")
         self._removeCleanupPaths()
 
     def _removeCleanupPaths(self) -> None:

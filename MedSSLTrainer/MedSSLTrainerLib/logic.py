@@ -163,7 +163,7 @@ def _bundleOf(job, default) -> str:
     """The bundle folder a training job reported in its "done" event (else ``default``)."""
     for event in reversed(job.events):
         if event.get("event") == "done" and event.get("bundle"):
-            return os.path.abspath(event["bundle"])
+            return os.path.abspath(os.path.join(job.cwd, event["bundle"]))  # relative: to the child's folder
     return default
 
 

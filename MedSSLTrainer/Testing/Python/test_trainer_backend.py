@@ -1,0 +1,114 @@
+"""Integration with the real MedSSL backend (torch on the CPU, seconds of training): a tiny few-shot
+fine-tune from painted slices, then segment, detect and suggest through the logic classes in blocking mode.
+Skipped when the backend CLI or torch is not available. The model is far too small to be good: the checks
+are about the Slicer side (files, geometry, names, colors, RAS positions), not accuracy."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+from slicer_testing_helpers import addModulePaths, obliqueMatrix
+
+addModulePaths()
+from MedSSLSegmentLib import backend  # noqa: E402
+
+
+def backendAvailable():
+    if backend.backendRoot() is None:
+        return "MedSSL backend not found"
+    try:
+        help_ = subprocess.run([sys.executable, "-m", "MedSSL", "--help"], capture_output=True, text=True, timeout=120,
+                               env=backend.childEnvironment(), cwd=tempfile.gettempdir()).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"MedSSL CLI does not run: {exc}"
+    missing = [c for c in ("finetune", "predict", "suggest") if c not in help_]
+    if missing:
+        return f"MedSSL CLI lacks {', '.join(missing)}"
+    try:
+        import torch  # noqa: F401  (only the test process; the logic never imports torch)
+    except ImportError:
+        return "torch not installed"
+    return None
+
+
+REASON = backendAvailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+def phantom():
+    """(k, j, i) = (16, 32, 32) CT-like volume: body 60 HU, a 300 HU lesion, air elsewhere."""
+    array = np.full((16, 32, 32), -800, np.int16)
+    array[3:13, 6:26, 6:26] = 60
+    array[6:10, 12:19, 12:19] = 300
+    return array
+
+
+def test_finetune_segment_detect_suggest(scene, work_dir, monkeypatch, tmp_path):
+    from MedSSLSegmentLib import geometry, nodes
+    from MedSSLSegmentLib.logic import MedSSLSegmentLogic
+    from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
+    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    array = phantom()
+    matrix = obliqueMatrix(spacing=(1.1, 0.9, 2.5))
+    volume = nodes.addVolumeFromArray(array, matrix, "ct", scene=scene)
+    painted = np.zeros(array.shape, np.uint8)
+    for k in (7, 9):
+        painted[k][array[k] > 0] = 1
+        painted[k][array[k] > 200] = 2
+    classes = {"1": {"name": "body", "color": [0.9, 0.7, 0.6]}, "2": {"name": "lesion", "color": [1.0, 0.0, 0.0]}}
+    annotation = nodes.segmentationFromLabelmap(painted, matrix, classes, volume, "painted")
+
+    trainer = MedSSLTrainerLogic()
+    trainer.device = "cpu"
+    events = []
+    bundle = trainer.finetune(volume, annotation, initModel="none", steps=2, width=8, detection=True,
+                              onEvent=events.append)
+    meta = json.loads(open(os.path.join(bundle, "model.json")).read())
+    assert [meta["classes"][v]["name"] for v in ("1", "2")] == ["body", "lesion"] and meta.get("detection")
+    assert any(e.get("event") == "progress" and e.get("stage") == "finetune" for e in events)
+
+    # the fine-tune's prediction, cleaned up with the painting: painted voxels come back exactly, on the grid
+    review = trainer.lastOutputs["segmentation"]
+    segments = review.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == ["body", "lesion"]
+    np.testing.assert_allclose(segments.GetNthSegment(1).GetColor(), [1.0, 0.0, 0.0])
+    labels, _info = nodes.segmentsLabelmap(review, volume)
+    assert np.array_equal(labels[painted > 0], painted[painted > 0])
+
+    applier = MedSSLSegmentLogic()
+    applier.device = "cpu"
+    segmentation = applier.segment(volume, bundle)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
+
+    markups = applier.detect(volume, bundle)
+    findings = json.loads(open(os.path.join(applier.lastJob.jobDir, "detections.json")).read())
+    assert markups.GetNumberOfControlPoints() == len(findings) == applier.lastOutputs["table"].GetNumberOfRows()
+    low, high = np.zeros(3) - 0.5, np.array(array.shape[::-1]) - 0.5
+    rasToIjk = np.linalg.inv(nodes.ijkToRasArray(volume))
+    for index, finding in enumerate(findings):
+        position = [0.0, 0.0, 0.0]
+        markups.GetNthControlPointPosition(index, position)
+        np.testing.assert_allclose(position, geometry.lpsToRas(finding["center_mm"]), atol=1e-6)
+        ijk = rasToIjk[:3, :3] @ position + rasToIjk[:3, 3]
+        assert np.all(ijk >= low) and np.all(ijk <= high)  # inside the volume
+        assert markups.GetNthControlPointLabel(index) == f"{finding['name']} {finding['score']:.2f}"
+
+    slices = trainer.suggestSlices(volume, bundle, count=3, segmentationNode=annotation)
+    assert 1 <= len(slices) <= 3 and not {7, 9} & {s["index"] for s in slices if s["axis"] == 2}
+    for item in slices:
+        center = geometry.sliceCenterIndex(array.shape, item["axis"], item["index"])
+        np.testing.assert_allclose(item["center_ras"], geometry.indexToRas(matrix, center), atol=1e-3)
+
+
+def test_environment_probe_runs_in_a_child():
+    environment = backend.probeEnvironment()
+    assert environment["torch"] and environment["MedSSL"] and "torch" not in sys.modules.get("MedSSLSegmentLib.backend").__dict__
