@@ -1,0 +1,181 @@
+"""Semantic Genesis (Haghighi et al., MICCAI 2020): self-discovery, self-classification, self-restoration.
+
+1. Self-discovery (:mod:`._discovery`, run once in :meth:`SemanticGenesis.batch_source` and cached):
+   pattern classes = cubes at the same normalised place in the nearest neighbours (by auto-encoder
+   features) of a reference volume.
+2. Self-classification: a head on the bottleneck (:class:`._restoration.ClassificationHead`) predicts
+   the pattern class; cross-entropy.
+3. Self-restoration: the U-Net restores the pattern cube from a perturbed copy (exactly one of local
+   shuffling, Bezier intensity, in-painting, out-painting; optional in-plane elastic warp first); MSE.
+
+Loss = ``mse_weight`` * MSE + ``ce_weight`` * CE (published 1 and 0.01). TransVW (:mod:`.transvw`) is
+the same method with its own defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MedSSLError
+from ._discovery import PatternSet, discover_patterns
+from ._restoration import ClassificationHead, elastic_inplane, one_of_four, restoration_mse
+from .base import PretrainData, SSLMethod, register
+
+SELF_DISCOVERY_DEFAULTS = {
+    # self-discovery
+    "classes": 44,
+    "instances": "auto",
+    "val_instances": 30,
+    "features": "autoencoder",
+    "feature_grid": [64, 64, 32],
+    "ae_width": 8,
+    "ae_steps": 200,
+    "ae_batch": 4,
+    "ae_lr": 1e-3,
+    "min_class_distance": 0.05,
+    "max_tries": 200,
+    "resolutions": 1,
+    "resolution_size": [50 / 64, 80 / 64],
+    "resolution_shift": 10 / 64,
+    # training
+    "mse_weight": 1.0,
+    "ce_weight": 0.01,
+    "shuffle_blocks": 5,
+    "perturbation_probabilities": [0.25, 0.25, 0.25, 0.25],
+    "paint_fill": "noise",
+    "elastic": False,
+    "elastic_alpha": 991.0,
+    "elastic_sigma": 8.0,
+}
+
+
+class SelfDiscoveryMethod(SSLMethod):
+    """The shared Semantic Genesis / TransVW method; subclasses set name, texts and defaults."""
+
+    defaults = SELF_DISCOVERY_DEFAULTS
+
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
+        super().__init__(width, in_channels, settings)
+        s = self.settings
+        if int(s["classes"]) < 1:
+            raise MedSSLError("classes must be >= 1")
+        if int(s["resolutions"]) < 1:
+            raise MedSSLError("resolutions must be >= 1 (1 = single resolution, 3 = published multi-resolution)")
+        if any(int(g) < 8 or int(g) % 8 for g in s["feature_grid"]) or len(s["feature_grid"]) != 3:
+            raise MedSSLError("feature_grid must be three multiples of 8")
+        if s["features"] not in ("autoencoder", "backbone"):
+            raise MedSSLError('features must be "autoencoder" or "backbone"')
+        if s["instances"] != "auto" and int(s["instances"]) < 1:
+            raise MedSSLError('instances must be "auto" or >= 1')
+        channels = self.backbone.bottleneck_channels
+        self.clc_out = ClassificationHead(channels, 2 * channels, int(s["classes"]))
+        self.patterns: PatternSet | None = None
+        self._log = print
+
+    # ----- data -------------------------------------------------------------------------------------
+    def _backbone_features(self, small: np.ndarray) -> np.ndarray:
+        device = next(self.backbone.parameters()).device
+        was = self.backbone.training
+        self.backbone.eval()
+        feats = []
+        with torch.no_grad():
+            for i in range(0, len(small), 4):
+                x = torch.from_numpy(np.asarray(small[i:i + 4], dtype=np.float32)).unsqueeze(1).to(device)
+                b, _ = self.backbone.encode(x)
+                feats.append(b.float().mean(dim=(2, 3, 4)).cpu().numpy())
+        self.backbone.train(was)
+        return np.concatenate(feats)
+
+    def _backbone_digest(self) -> str:
+        h = hashlib.sha256()
+        for key, value in self.backbone.state_dict().items():
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def ensure_patterns(self, data: PretrainData, device) -> PatternSet:
+        if self.patterns is None:
+            self._log = data.log
+            digest = self._backbone_digest() if self.settings["features"] == "backbone" else None
+            self.patterns = discover_patterns(data, self.settings, device, self._backbone_features, digest)
+            found = self.patterns.info["classes_found"]
+            if found < int(self.settings["classes"]):
+                data.log(f"{self.name}: {found} of {self.settings['classes']} classes found; the other outputs of "
+                         "the classification head stay unused")
+        return self.patterns
+
+    def batch_source(self, data: PretrainData, batch_size: int, rng: np.random.Generator, device):
+        patterns = self.ensure_patterns(data, device)
+        train = patterns.indices(0)
+        train = train[data.shard(len(train))] if hasattr(data, "shard") else train
+
+        def next_batch():
+            cubes, labels = patterns.get(rng.choice(train, size=batch_size, replace=len(train) < batch_size))
+            return (torch.from_numpy(cubes).unsqueeze(1).to(device, non_blocking=True),
+                    torch.from_numpy(labels).to(device))
+
+        return next_batch
+
+    def validation_batches(self, data: PretrainData, batch_size: int, device, limit: int = 8) -> list:
+        patterns = self.ensure_patterns(data, device)
+        idx = patterns.indices(1)
+        if len(idx) == 0:
+            data.log(f"{self.name}: no separate validation volume: validating on training patterns (optimistic)")
+            idx = patterns.indices(0)
+        # a fixed spread over the classes: a seeded permutation, the same every check
+        idx = np.random.default_rng(12345).permutation(idx)[: batch_size * limit]
+        batches = []
+        for i in range(0, len(idx), batch_size):
+            cubes, labels = patterns.get(idx[i:i + batch_size])
+            batches.append((torch.from_numpy(cubes).unsqueeze(1).to(device), torch.from_numpy(labels).to(device)))
+        return batches
+
+    # ----- the loss ---------------------------------------------------------------------------------
+    def perturb(self, cubes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The restoration input: optional elastic warp, then exactly one of the four perturbations."""
+        s = self.settings
+        x = cubes
+        if s["elastic"]:
+            x = elastic_inplane(x, generator, float(s["elastic_alpha"]), float(s["elastic_sigma"]))
+        x, _ = one_of_four(x, generator, int(s["shuffle_blocks"]), s["perturbation_probabilities"], s["paint_fill"])
+        return x
+
+    def training_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """batch = (cubes (N, 1, X, Y, Z), labels (N,)) -> mse_weight * MSE + ce_weight * CE."""
+        cubes, labels = batch
+        inputs = self.perturb(cubes, generator)
+        logits, bottleneck = self.backbone.forward_with_bottleneck(inputs)
+        mse, _ = restoration_mse(logits, cubes)
+        scores = self.clc_out(bottleneck).float()
+        ce = F.cross_entropy(scores, labels)
+        loss = float(self.settings["mse_weight"]) * mse + float(self.settings["ce_weight"]) * ce
+        acc = (scores.argmax(dim=1) == labels).float().mean()
+        return loss, {"mse": float(mse.detach()), "ce": float(ce.detach()), "cls_acc": float(acc)}
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.patterns is not None:
+            info = self.patterns.info
+            out["discovered"] = {k: info[k] for k in ("classes_found", "instances", "val_instances", "resolutions",
+                                                      "train_volumes", "val_volumes", "feature_dim", "train_cubes",
+                                                      "val_cubes")}
+        return out
+
+
+@register
+class SemanticGenesis(SelfDiscoveryMethod):
+    name = "semantic-genesis"
+    description = ("Semantic Genesis: self-discovered anatomical pattern classes, self-classification "
+                   "(0.01 CE) + self-restoration (1 MSE)")
+    published = (
+        "YNet3D (Genesis U-Net + 512->1024 conv head) on LUNA16: 44 classes x 200 neighbour patients from a "
+        "128x128x64 Keras auto-encoder, 3 resolutions, elastic + one of four perturbations, 1 MSE + 0.01 CE, "
+        "Adam 1e-3 batch 64; ours: same losses/head/perturbations, coordinates as fractions of each volume, "
+        "auto-encoder = width-8 Genesis U-Net (skips zeroed) 200 steps on 64x64x32, K = min(200, volumes), "
+        "single resolution and no elastic warp by default (both settings)"
+    )
+    defaults = dict(SELF_DISCOVERY_DEFAULTS)
