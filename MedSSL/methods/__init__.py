@@ -3,7 +3,7 @@
 import importlib
 
 #: modules that register a method when imported; add a new method's module here
-METHOD_MODULES = ("genesis", "semantic_genesis", "transvw")
+METHOD_MODULES = ("genesis", "semantic_genesis", "transvw", "dira", "caid")
 
 
 def load_all() -> None:

@@ -1,0 +1,26 @@
+"""CAiD (Taher et al., MIDL 2022): context-aware instance discrimination.
+
+Instance discrimination (MoCo-v2: a momentum encoder, a queue of negatives, InfoNCE) plus context
+restoration: the online U-Net restores the un-augmented crop behind its own view. Loss = 1 * InfoNCE +
+10 * MSE. The machinery is shared with DiRA (:class:`._contrastive.MoCoRestorationMethod`); CAiD is
+that method with no extra term.
+"""
+
+from __future__ import annotations
+
+from ._contrastive import MoCoRestorationMethod, view_transform_defaults
+from .base import register
+
+
+@register
+class CAiD(MoCoRestorationMethod):
+    name = "caid"
+    description = "CAiD: MoCo-v2 instance discrimination + context restoration of the view (1 NCE + 10 MSE)"
+    published = (
+        "2D ChestX-ray14, ResNet-50 U-Net, MoCo-v2 (queue 65,536, m 0.999, T 0.2, 128-d MLP head), views = random "
+        "resized crops + colour jitter/blur/flip + cut-out/out-paint/patch swaps, 1 NCE + 10 MSE, SGD 0.03 "
+        "batch 256 800 epochs; ours: 3D cubes on the Genesis U-Net, 3D resized crops + Genesis perturbations "
+        "as views, key encoder = EMA of the U-Net encoder + head, queue 4096 (small datasets), shuffle-BN "
+        "emulated by normalising key sub-batches separately"
+    )
+    defaults = {**MoCoRestorationMethod.common_defaults, **view_transform_defaults()}

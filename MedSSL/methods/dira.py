@@ -1,0 +1,145 @@
+"""DiRA (Haghighi et al., CVPR 2022): discriminative, restorative and adversarial learning, in 3D.
+
+* Discriminative: MoCo-v2 between two views of a cube (shared with CAiD, :mod:`._contrastive`).
+* Restorative: the online U-Net restores the un-augmented crop behind view 1 (MSE).
+* Adversarial: a small 3D PatchGAN-like discriminator D tells restorations from originals
+  (least-squares GAN: targets 1 for real, 0 for restored).
+
+Generator loss 1 * InfoNCE + 10 * MSE + 0.001 * MSE(D(restored), 1); discriminator loss
+0.5 * [MSE(D(original), 1) + MSE(D(restored), 0)].
+
+Staged warm-up (published: train "DiR" first, then "DiRA" initialised from it): the adversarial terms
+are off for the first ``adversarial_warmup`` fraction of the steps (the trainer reports the step and
+total through ``after_step``; if it never does, the adversary stays off and the log says so).
+
+One optimiser for everything. The trainer has one optimiser over all parameters, so the game is played
+inside one loss whose gradient gives each player only its own objective:
+
+* the discriminator term sees the restoration *detached*, so it moves D only;
+* the generator's adversarial term runs D with *detached copies of D's parameters*
+  (``torch.func.functional_call``), so it moves the U-Net only and never D.
+
+Summing them, one backward pass gives the U-Net d(L_G)/d(theta) and D d(L_D)/d(phi), exactly the two
+gradients of the published alternating scheme (computed on the same batch); one optimiser step then
+updates both. Differences from the published separate Adam(2e-4, betas 0.5/0.999) for D: D shares the
+trainer's optimiser and learning rate (``discriminator_weight`` scales its loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import MedSSLError
+from ._contrastive import MoCoRestorationMethod, view_transform_defaults
+from .base import PretrainData, register
+
+
+class Discriminator3D(nn.Module):
+    """PatchGAN-like 3D discriminator (published 2D: 64-128-256-512 channels, three stride-2 convs and
+    one stride-1 conv with LeakyReLU 0.2 and InstanceNorm after the first, then a 1-channel conv).
+
+    Kernels 3x3x3. An axis is only strided while it is at least 4 voxels, so small cubes (down to
+    8 voxels) keep at least 2 voxels per axis for the InstanceNorm. Weights N(0, 0.02) as published.
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        chans = [in_channels, width, 2 * width, 4 * width, 8 * width]
+        self.convs = nn.ModuleList(nn.Conv3d(chans[i], chans[i + 1], 3, padding=1) for i in range(4))
+        self.norms = nn.ModuleList(nn.InstanceNorm3d(chans[i + 1]) for i in range(1, 4))
+        self.out = nn.Conv3d(chans[4], 1, 3, padding=1)
+        self.strided = (True, True, True, False)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            stride = tuple(2 if (self.strided[i] and s >= 4) else 1 for s in x.shape[2:])
+            x = F.conv3d(x, conv.weight, conv.bias, stride=stride, padding=1)
+            if i > 0:
+                x = self.norms[i - 1](x)
+            x = F.leaky_relu(x, 0.2)
+        return self.out(x)
+
+
+@register
+class DiRA(MoCoRestorationMethod):
+    name = "dira"
+    description = ("DiRA: MoCo-v2 discrimination + restoration + adversarial (3D PatchGAN), "
+                   "1 NCE + 10 MSE + 0.001 adv, adversary after a warm-up")
+    published = (
+        "2D ChestX-ray14, ResNet-50 U-Net, MoCo-v2 (queue 65,536, m 0.999, T 0.2), 2D PatchGAN, 1 NCE + 10 MSE + "
+        "0.001 adv, DiR stage then DiRA stage (batch 16, 400 epochs) from its checkpoint, D on its own Adam 2e-4; "
+        "ours: 3D cubes on the Genesis U-Net with a 3D PatchGAN, 3D resized crops + Genesis perturbations as "
+        "views, one run with the adversary switched on after a warm-up fraction, D trained by the same "
+        "optimiser (detach tricks, see dira.py), queue 4096"
+    )
+    defaults = {
+        **MoCoRestorationMethod.common_defaults,
+        "adv_weight": 0.001,
+        "discriminator_weight": 1.0,
+        "adversarial_warmup": 0.5,
+        "discriminator_width": None,
+        **view_transform_defaults(),
+    }
+
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
+        super().__init__(width, in_channels, settings)
+        warm = float(self.settings["adversarial_warmup"])
+        if not 0.0 <= warm <= 1.0:
+            raise MedSSLError("adversarial_warmup must be a fraction of the steps in [0, 1]")
+        d_width = self.settings["discriminator_width"] or 2 * width
+        self.discriminator = Discriminator3D(in_channels, int(d_width))
+        self._adversarial_on = warm <= 0.0
+        self._told_total = False
+        self._warned = False
+        self._training_calls = 0
+        self._log = print
+
+    def batch_source(self, data: PretrainData, batch_size: int, rng, device):
+        self._log = data.log
+        return super().batch_source(data, batch_size, rng, device)
+
+    def adversarial_active(self, step: int, total_steps: int) -> bool:
+        """The adversary is on from step ``ceil(adversarial_warmup * total)`` on."""
+        return step >= math.ceil(float(self.settings["adversarial_warmup"]) * total_steps)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        super().after_step(step, total_steps)
+        self._told_total = True
+        was = self._adversarial_on
+        self._adversarial_on = self.adversarial_active(step, total_steps)
+        if self._adversarial_on and not was:
+            self._log(f"dira: adversarial stage from step {step} of {total_steps}")
+
+    def extra_loss(self, restored: torch.Tensor, target: torch.Tensor, training: bool):
+        s = self.settings
+        if training:
+            self._training_calls += 1
+        if not self._adversarial_on:
+            if training and self._training_calls > 1 and not self._told_total and not self._warned:
+                self._log("dira: the trainer reports no step count (after_step), so the adversarial stage cannot "
+                          "start; training DiR (discriminative + restorative) only")
+                self._warned = True
+            return None, {"adv_g": 0.0, "adv_d": 0.0, "adv_on": 0.0}
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        fake_for_g = functional_call(self.discriminator, frozen, (restored,)).float()
+        adv_g = F.mse_loss(fake_for_g, torch.ones_like(fake_for_g))
+        extra = float(s["adv_weight"]) * adv_g
+        parts = {"adv_g": float(adv_g.detach()), "adv_on": 1.0}
+        if training:
+            real = self.discriminator(target).float()
+            fake = self.discriminator(restored.detach()).float()
+            adv_d = 0.5 * (F.mse_loss(real, torch.ones_like(real)) + F.mse_loss(fake, torch.zeros_like(fake)))
+            extra = extra + float(s["discriminator_weight"]) * adv_d
+            parts["adv_d"] = float(adv_d.detach())
+        else:
+            parts["adv_d"] = 0.0
+        return extra, parts
