@@ -3,6 +3,7 @@ fine-tune from painted slices, then segment, detect and suggest through the logi
 Skipped when the backend CLI or torch is not available. The model is far too small to be good: the checks
 are about the Slicer side (files, geometry, names, colors, RAS positions), not accuracy."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,9 +30,7 @@ def backendAvailable():
     missing = [c for c in ("finetune", "predict", "suggest") if c not in help_]
     if missing:
         return f"MedSSL CLI lacks {', '.join(missing)}"
-    try:
-        import torch  # noqa: F401  (only the test process; the logic never imports torch)
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:  # looked up, not imported: no torch on the Slicer side
         return "torch not installed"
     return None
 
