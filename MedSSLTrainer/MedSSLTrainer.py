@@ -300,6 +300,8 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _ended(self, job, onEnded):
         self._runningButton = None
+        if self._lossCurve is not None:
+            self._lossCurve.flush()
         if job.status == jobs.CANCELLED and self._lossCurve is not None:
             self._lossCurve.remove()  # leave the scene as it was
             self._lossCurve = None

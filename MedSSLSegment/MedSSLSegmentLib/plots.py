@@ -5,6 +5,8 @@ Qt-free (the widget shows the chart in the layout); works under slicer-core.
 
 from __future__ import annotations
 
+import time
+
 import vtk
 
 import slicer
@@ -15,12 +17,16 @@ from .nodes import getScene, uniqueName
 class LossCurve:
     """Table + plot series + plot chart holding a training loss against the step.
 
-    ``append(step, loss)`` adds a point; ``remove()`` deletes the three nodes (used when a job is
-    cancelled, so that the scene is left as it was).
+    ``append(step, loss)`` adds a point and redraws at most every ``redrawInterval`` seconds (a fast job
+    can report dozens of steps per second); ``flush()`` redraws now; ``remove()`` deletes the three nodes
+    (used when a job is cancelled, so that the scene is left as it was).
     """
+
+    redrawInterval = 0.5
 
     def __init__(self, title: str, scene=None):
         scene = getScene(scene)
+        self._lastRedraw = 0.0
         self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", uniqueName(scene, f"{title} loss"))
         for name in ("step", "loss"):
             column = vtk.vtkDoubleArray()
@@ -41,13 +47,19 @@ class LossCurve:
         self.chart.SetLegendVisibility(False)
 
     def append(self, step: float, loss: float) -> None:
-        """Add one (step, loss) point and redraw."""
+        """Add one (step, loss) point; redraw if the last redraw is older than ``redrawInterval``."""
         table = self.table.GetTable()
         row = table.InsertNextBlankRow()
         table.SetValue(row, 0, vtk.vtkVariant(float(step)))
         table.SetValue(row, 1, vtk.vtkVariant(float(loss)))
-        table.Modified()
+        if time.monotonic() - self._lastRedraw >= self.redrawInterval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Redraw the chart with every point so far."""
+        self.table.GetTable().Modified()
         self.table.Modified()
+        self._lastRedraw = time.monotonic()
 
     def points(self) -> list[tuple[float, float]]:
         """The (step, loss) points so far."""
