@@ -187,8 +187,8 @@ class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, *_args):
         path = self.ui.modelPathLineEdit.currentPath
         self._modelInfo = None
-        if not path:
-            self.ui.modelInfoLabel.text = _("Choose a model folder.")
+        if not path or not os.path.isdir(path):
+            self.ui.modelInfoLabel.text = _("Choose a model folder (it holds model.json and weights.safetensors).")
         else:
             try:
                 self._modelInfo = self.logic.modelInfo(path)

@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import secrets
+import shutil
 import sys
 
 from . import jobs
@@ -50,15 +51,14 @@ def insideSlicerApplication() -> bool:
 
 def pythonExecutable() -> str:
     """The child's Python: ``MEDSSL_PYTHON``; in Slicer, ``PythonSlicer`` (Slicer's own Python without the
-    application, next to ``sys.executable``); elsewhere ``sys.executable``."""
+    application, found as Slicer's own pip helpers find it); elsewhere ``sys.executable``."""
     if os.environ.get("MEDSSL_PYTHON"):
         return os.environ["MEDSSL_PYTHON"]
-    if insideSlicerApplication():
-        candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer")
-        if os.name == "nt":
-            candidate += ".exe"
-        if os.path.isfile(candidate):
-            return candidate
+    if insideSlicerApplication():  # Slicer puts its bin folder on PATH; else look next to the executable
+        found = shutil.which("PythonSlicer")
+        candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+        if found or os.path.isfile(candidate):
+            return found or candidate
     return sys.executable
 
 

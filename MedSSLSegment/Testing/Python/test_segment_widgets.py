@@ -342,5 +342,7 @@ def test_segment_widget_applies_a_detector(slicer_app, scene, tmp_path):
     assert widget.panel.job.status == "done", widget.panel.job.error
     assert widget.panel.job.result.GetNumberOfControlPoints() == 2
     ui.modelPathLineEdit.currentPath = str(tmp_path)
-    assert "not" in ui.modelInfoLabel.text.lower() and not ui.applyButton.enabled
+    assert "not a MedSSL model folder" in ui.modelInfoLabel.text and not ui.applyButton.enabled
+    ui.modelPathLineEdit.currentPath = str(bundle / "model.json")
+    assert "Choose a model folder" in ui.modelInfoLabel.text and not ui.applyButton.enabled
     widget.cleanup()
