@@ -121,8 +121,8 @@ class MedSSLTrainerLogic(BackendRunner):
 
     @staticmethod
     def jumpToSlice(suggestion, scene=None) -> None:
-        """Centre every slice view on a suggested slice (``center_ras``, mm). Needs slice view nodes, i.e.
-        the Slicer application; meant for the module's widget."""
+        """Centre every slice view on a suggested slice (``center_ras``, mm). Uses only the scene's slice
+        nodes (no ``slicer.app``); without slice views (bare slicer-core scene) it does nothing."""
         scene = nodes.getScene(scene)
         r, a, s = suggestion["center_ras"]
         import slicer

@@ -107,3 +107,14 @@ def test_methods_fallback_without_backend(scene, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDSSL_BACKEND_PATH", str(tmp_path))
     logic = MedSSLTrainerLogic(python=str(tmp_path / "no-python"))
     assert [m["name"] for m in logic.availableMethods()] == ["genesis"]
+
+
+def test_jump_to_slice_centres_slice_views(scene):
+    from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetLayoutName("Red")
+    red.SetOrientationToAxial()
+    MedSSLTrainerLogic.jumpToSlice({"center_ras": [12.5, -30.0, 41.25]})
+    sliceToRas = red.GetSliceToRAS()
+    assert [sliceToRas.GetElement(r, 3) for r in range(3)] == [12.5, -30.0, 41.25]
