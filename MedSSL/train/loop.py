@@ -152,6 +152,8 @@ class TrainingLoop:
                 torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), cfg.grad_clip)
             (scaler.step(self.optimizer), scaler.update()) if scaler else self.optimizer.step()
             self.step += 1
+            if hasattr(self.model, "after_step"):  # momentum teachers, queues, staged losses
+                self.model.after_step(self.step, cfg.steps)
             samples += int(parts.pop("batch", 1))
             record = {"step": self.step, "loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"], **parts}
             if validate_fn is not None and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
