@@ -77,11 +77,9 @@ def test_onfinished_error_fails_the_job(tmp_path):
 
 
 def test_poll_does_not_block(tmp_path):
-    job = jobs.Job([script(tmp_path, "time.sleep(3)\n")], tmp_path / "job")
+    job = jobs.Job([script(tmp_path, "time.sleep(30)\n")], tmp_path / "job")
     job.start()
-    started = time.monotonic()
-    assert job.poll() == [] and job.running
-    assert time.monotonic() - started < 0.5
+    assert job.poll() == [] and job.running  # poll returned while the child still runs: it did not wait
     job.cancel()
 
 
