@@ -16,6 +16,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                         help="bar in a terminal (default), json = one JSON object per line on stdout, none")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # exit when the caller dies
 
 
 def add_training_options(parser: argparse.ArgumentParser, steps: int, batch: int, lr: float, patch) -> None:
@@ -46,9 +47,34 @@ def loop_config(args, default_steps: int) -> LoopConfig:
                       checkpoint_every=args.checkpoint_every, amp=not args.no_amp)
 
 
+def watch_parent(pid: int, interval: float = 2.0) -> None:
+    """Exit this process (status 3) once process ``pid`` is gone.
+
+    The Slicer modules start jobs in their own process group so Cancel can end the whole tree; this
+    watchdog makes sure a job does not outlive a Slicer that crashed or was killed.
+    """
+    import os
+    import threading
+    import time
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+            except PermissionError:
+                pass  # exists, owned by someone else
+
+    threading.Thread(target=watch, name="medssl-parent-watchdog", daemon=True).start()
+
+
 def make_progress(args) -> Progress:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "parent_pid", None):
+        watch_parent(args.parent_pid)
     import sys
 
     mode = args.progress or ("bar" if sys.stderr.isatty() else "none")

@@ -18,7 +18,7 @@ def run(args) -> int:
                 "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.defaults.items()}}
                for m in available_methods()]
     if args.json:
-        print(json.dumps({"methods": methods}, indent=2))
+        print(json.dumps({"methods": methods}))
     else:
         for m in methods:
             print(f"{m['name']:18s} {m['description']}")

@@ -32,7 +32,13 @@ class BackendRunner:
         return nodes.getScene(self._scene)
 
     def command(self, subcommand: str, *args) -> list[str]:
-        """argv of ``python -m MedSSL <subcommand> <args>`` for this logic's Python."""
+        """argv of ``python -m MedSSL <subcommand> <args>`` for this logic's Python.
+
+        Long jobs also get ``--parent-pid``: the child exits when this process dies (it runs in its own
+        process group so Cancel can end the whole tree, which would otherwise let it outlive Slicer).
+        """
+        if subcommand in ("pretrain", "finetune", "predict", "suggest"):
+            args = (*args, "--parent-pid", os.getpid())
         return backend.command(subcommand, *args, python=self.python)
 
     def newJobDirectory(self, kind: str) -> str:

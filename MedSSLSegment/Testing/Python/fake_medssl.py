@@ -165,7 +165,7 @@ def main():
     parser = argparse.ArgumentParser(prog="medssl")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    for flag in ("--progress", "--device", "--seed", "--steps", "--max-time", "--width", "--init"):
+    for flag in ("--progress", "--device", "--seed", "--steps", "--max-time", "--width", "--init", "--parent-pid"):
         common.add_argument(flag)
     p = sub.add_parser("methods", parents=[common])
     p.add_argument("--json", action="store_true")
