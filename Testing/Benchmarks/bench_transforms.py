@@ -23,6 +23,10 @@ What is measured, as the trainer runs it:
 The official numpy generator, for reference, transforms ~13.5 cubes/s on one core (the figure the
 project's performance target of >= 135 cubes/s is based on); it is not re-run here.
 
+On a CPU shared with other busy processes, more than one torch thread can be far slower than one
+(OpenMP threads spin at every barrier while their partner waits for a core; the transformation runs
+~150 small parallel regions per batch). Compare ``--threads 1``, or set ``OMP_WAIT_POLICY=PASSIVE``.
+
 Progress goes to stderr; the LAST line on stdout is one JSON object with all the numbers.
 """
 
@@ -194,6 +198,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "batch": args.batch,
         "patch": list(args.patch),
         "config": config.__dict__,
