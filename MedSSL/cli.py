@@ -11,6 +11,11 @@ import importlib
 import os
 import sys
 
+# OpenMP threads that spin while they wait slow torch's CPU kernels badly when the cores are shared
+# (Slicer's GUI, other jobs): measured 1.8 vs 123 cubes/s for the Genesis transforms on a loaded
+# 2-core machine. Set before torch is imported; an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from . import __version__
 from .errors import MedSSLError
 
