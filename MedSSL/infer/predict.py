@@ -140,7 +140,7 @@ def predict_files(model: LoadedModel, image_path, out, options: PredictOptions, 
             check_output_path(detections, (".json",), "--detections")
         if probabilities:
             check_output_path(probabilities, WRITE_SUFFIXES, "--probabilities")
-    progress.stage("preprocess", f"reading {image_path}")
+    progress.stage("preprocess", "reading the image")
     volume = read_volume(image_path)
     if model.task == "classify":
         result = classify(model, volume, image_path, options.tta)
