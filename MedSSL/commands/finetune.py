@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
                         "predict resamples back")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of the volumes for validation and early stopping (default 0: none)")
+    p.add_argument("--bn-recalibration", type=int, default=16, metavar="N",
+                   help="after training, recompute BatchNorm statistics on N batches of training patches (default 16; 0 = off)")
     p.add_argument("--no-augment", action="store_true", help="no random flips, rotations or intensity jitter")
     add_runtime_options(p)
     p.set_defaults(run=run)
@@ -70,6 +72,7 @@ def config_from_args(args):
         batch_size=args.batch_size, modality=args.modality, spacing=tuple(args.spacing) if args.spacing else None,
         detection=args.detection, augment=not args.no_augment, val_fraction=args.val_fraction, device=args.device,
         seed=args.seed, resume=args.resume, loop=loop_config(args, default_steps=DEFAULT_STEPS),
+        steps_from_time=args.steps is None and args.max_time is not None, recalibrate_bn=max(0, args.bn_recalibration),
     )
 
 

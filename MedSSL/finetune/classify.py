@@ -18,6 +18,7 @@ values, names get values 0..n-1 in sorted order.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from ..train.loop import TrainingLoop
 from ..train.progress import Progress
 from ..train.runtime import OutputLock, device_description, resolve_device, seed_everything
 from .augment import AugmentConfig, augment_batch
-from .common import (FinetuneConfig, LoopProgress, check_patch, common_meta, load_init, majority, normalize,
+from .common import (FinetuneConfig, LoopProgress, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
                      preprocessing_from_init, read_image, resolve_width)
 from .labels import classes_to_json, default_color, parse_classes
 
@@ -163,7 +164,7 @@ def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
         model = ClassifierNet(width, len(class_values)).to(device)
         if init is not None:
             apply_initial_weights(model.backbone, init, what=f"--init {config.init}")
-        result = _train(config, progress, model, images, targets, device, out)
+        result = _train(config, progress, model, images, targets, device, out, majority(modalities))
         meta = common_meta(task="classify", width=width, out_channels=len(class_values), intensity=intensity,
                            modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=config.loop,
                            result=result, batch_size=config.batch_size, seed=config.seed, device=device)
@@ -185,7 +186,7 @@ def _balanced_indices(targets: torch.Tensor, batch: int, rng: np.random.Generato
     return np.array([rng.choice(by_class[c]) for c in classes])
 
 
-def _train(config, progress, model, images, targets, device, out):
+def _train(config, progress, model, images, targets, device, out, modality):
     n = len(targets)
     order = np.random.default_rng(config.seed).permutation(n)
     n_val = int(round(config.val_fraction * n)) if config.val_fraction > 0 and n >= 4 else 0
@@ -196,7 +197,7 @@ def _train(config, progress, model, images, targets, device, out):
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step])
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step)
-    augment = AugmentConfig(p_affine=0.3)
+    augment = replace(AugmentConfig.for_modality(modality), p_affine=0.3)
     progress.log(f"{len(train_idx)} training and {n_val} validation volume(s) on {device_description(device)}")
 
     def step_fn(step):
@@ -208,6 +209,9 @@ def _train(config, progress, model, images, targets, device, out):
         loss = F.cross_entropy(model(x).float(), y)
         return loss, {"ce": float(loss.detach()), "batch": config.batch_size}
 
+    if config.steps_from_time and config.loop.max_time and not loop.step:
+        loop.config = fit_steps_to_time(config.loop, step_fn, model, device)
+        progress.log(f"{loop.config.steps} steps fit in {config.loop.max_time:g} s")
     validate_fn = None
     if n_val:
         val_x, val_y = images[val_idx], targets[val_idx]
@@ -218,7 +222,9 @@ def _train(config, progress, model, images, targets, device, out):
                       for i in range(0, n_val, 8)]
             return sum(losses) / n_val
 
-    return loop.run(step_fn, validate_fn)
+    result = loop.run(step_fn, validate_fn)
+    config.loop = loop.config
+    return result
 
 
 @torch.no_grad()

@@ -3,11 +3,14 @@ imply, reading image volumes, and the bundle fields common to both tasks."""
 
 from __future__ import annotations
 
+import copy
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
 from ..errors import MedSSLError
@@ -45,6 +48,10 @@ class FinetuneConfig:
     seed: int = 0
     resume: bool = False
     loop: LoopConfig = field(default_factory=LoopConfig)
+    #: batches of random patches used to recompute BatchNorm statistics after training (0 = keep them)
+    recalibrate_bn: int = 16
+    #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
+    steps_from_time: bool = False
 
 
 class LoopProgress:
@@ -62,6 +69,29 @@ class LoopProgress:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def fit_steps_to_time(loop: LoopConfig, step_fn, model, device, trials: int = 4) -> LoopConfig:
+    """The loop config with ``steps`` = how many steps fit ``loop.max_time`` seconds.
+
+    The learning-rate schedule (warm-up, cosine decay) is laid out over ``steps``, so a time budget
+    alone ("train for 60 s") needs a step count: a few forward/backward passes are timed (no optimiser
+    step; weights and BatchNorm statistics are restored afterwards) and the median is used.
+    """
+    saved = copy.deepcopy(model.state_dict())
+    model.train()
+    times = []
+    for _ in range(trials):
+        start = time.monotonic()
+        loss, _ = step_fn(0)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        model.zero_grad(set_to_none=True)
+        times.append(time.monotonic() - start)
+    model.load_state_dict(saved)
+    per_step = float(np.median(times[1:] if len(times) > 1 else times))
+    return replace(loop, steps=max(1, int(loop.max_time / max(per_step, 1e-6))))
 
 
 def load_init(spec: str | None) -> InitialWeights | None:

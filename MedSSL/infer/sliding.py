@@ -33,13 +33,15 @@ class Slab:
 
 def plan_slabs(depth: int, patch_z: int, channels: int, plane_voxels: int, memory_mb: float) -> list[Slab]:
     """Cut ``depth`` slices into slabs whose fp16 accumulator (``channels`` + 1 count map) fits
-    ``memory_mb`` where possible; every slab keeps at least ``patch_z`` slices."""
+    ``memory_mb`` where possible. Each slab adds ``patch_z // 2`` slices of context on both sides and
+    keeps at least ``patch_z // 2`` slices (so at most 3x the compute of one pass; below that the
+    budget is exceeded rather than the time)."""
     per_slice = (channels + 1) * plane_voxels * 2
     fit = int(memory_mb * 2**20 // max(1, per_slice))
     if fit >= depth:
         return [Slab(0, depth, 0, depth)]
     margin = patch_z // 2
-    core = max(patch_z, fit - 2 * margin)
+    core = max(max(1, patch_z // 2), fit - 2 * margin)
     slabs = []
     for core_start in range(0, depth, core):
         core_stop = min(depth, core_start + core)

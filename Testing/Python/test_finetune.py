@@ -1,0 +1,228 @@
+"""medssl finetune (segmentation): learning from painted slices, the ignore label, label values, class
+names, initialisation, the time budget and the bundle's model.json."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from MedSSL.bundle import read_meta, save_bundle
+from MedSSL.cli import main
+from MedSSL.data.phantom import make_phantom
+from MedSSL.finetune.labels import IGNORE, LabelMapping, annotation_summary, parse_classes, sidecar_path
+from MedSSL.finetune.losses import MaskedDiceCELoss
+from MedSSL.finetune.sampling import PatchSampler, TrainingVolume, auto_patch
+from MedSSL.infer.model import load_model
+from MedSSL.infer.predict import PredictOptions, segment
+from MedSSL.io.volumes import read_volume, write_volume
+from MedSSL.models.unet3d import UNet3D
+from finetune_helpers import blobs_ct, volume
+from medssl_testing import official_checkpoint
+
+torch.set_num_threads(1)
+TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--progress", "none", "--threads", "1"]
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def finetune(image, label, out, *extra):
+    return main(["finetune", "--image", str(image), "--label", str(label), "--out", str(out), *TINY, *extra])
+
+
+# ----- the loss ignores 255 --------------------------------------------------------------------------
+
+
+def test_ignored_voxels_change_neither_loss_nor_gradient():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8, 8))
+    target[:, 4:] = IGNORE
+    logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+    loss, _ = MaskedDiceCELoss()(logits, target)
+    loss.backward()
+    assert logits.grad[:, :, 4:].abs().max() == 0  # no gradient reaches an ignored voxel
+    assert logits.grad[:, :, :4].abs().max() > 0
+    other = logits.detach().clone()
+    other[:, :, 4:] = torch.randn(2, 3, 4, 8, 8) * 10  # anything at all where nothing is annotated
+    again, _ = MaskedDiceCELoss()(other, target)
+    assert torch.allclose(loss, again)
+    # and it is not the loss of treating 255 as background
+    as_background = torch.where(target == IGNORE, 0, target)
+    assert not torch.allclose(loss, MaskedDiceCELoss()(logits.detach(), as_background)[0])
+
+
+def test_training_on_annotated_ends_does_not_learn_the_unannotated_middle(tmp_path):
+    """Bright blobs everywhere; only both ends of X are annotated (blob = 1, the rest 0), the middle
+    60 % is 255. Were 255 taken as background (or as a class), the blobs in the middle would be
+    learned as not-1."""
+    image, labels = blobs_ct((32, 32, 16), seed=3, n=8, radius=4)
+    sparse = np.full_like(labels, IGNORE)
+    sparse[:7], sparse[-6:] = labels[:7], labels[-6:]
+    hidden = np.s_[7:-6]
+    assert labels[:7].any() and labels[hidden].sum() > 3 * labels[:7].sum()
+    write_volume(volume(image), tmp_path / "img.nii.gz")
+    write_volume(volume(sparse), tmp_path / "lab.nii.gz")
+    assert finetune(tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz", tmp_path / "m", "--steps", "100",
+                    "--patch", "16", "16", "16", "--no-augment") == 0
+    meta = read_meta(tmp_path / "m")
+    assert meta["architecture"]["out_channels"] == 2 and meta["channels"] == [0, 1]
+    pred = segment(load_model(tmp_path / "m", torch.device("cpu")), volume(image), "img", PredictOptions()).labels.array
+    assert dice(pred[hidden] == 1, labels[hidden] == 1) > 0.7
+
+
+# ----- learning from painted slices ----------------------------------------------------------------
+
+
+def test_phantom_painted_slices_generalise_to_unseen_slices(tmp_path):
+    ph = make_phantom(0, shape=(48, 48, 32), spacing=(5.0, 5.0, 6.0))
+    truth = np.zeros(ph.labels.shape, np.uint8)
+    truth[ph.labels.array == 1] = 1  # liver
+    truth[np.isin(ph.labels.array, (5, 6))] = 5  # lungs
+    sparse = np.full_like(truth, IGNORE)
+    sparse[:, :, ::4] = truth[:, :, ::4]  # every 4th axial slice painted
+    write_volume(ph.image, tmp_path / "ct.nii.gz")
+    write_volume(ph.image.with_array(sparse), tmp_path / "painted.nii.gz")
+    assert finetune(tmp_path / "ct.nii.gz", tmp_path / "painted.nii.gz", tmp_path / "m", "--steps", "100",
+                    "--patch", "32", "32", "16", "--classes", "1=liver,5=lungs") == 0
+    meta = read_meta(tmp_path / "m")
+    assert meta["fewshot"]["annotation"] == "slices" and meta["fewshot"]["postprocess"]["connected_to_annotation"]
+    assert meta["data_summary"]["annotations"][0] == {"kind": "slices", "axis": 2, "slices": 8,
+                                                      "fraction": meta["data_summary"]["annotations"][0]["fraction"]}
+    pred = segment(load_model(tmp_path / "m", torch.device("cpu")), ph.image, "ct", PredictOptions()).labels.array
+    unseen = np.ones(truth.shape[2], bool)
+    unseen[::4] = False
+    assert dice(pred[:, :, unseen] == 5, truth[:, :, unseen] == 5) > 0.8
+    assert dice(pred[:, :, unseen] == 1, truth[:, :, unseen] == 1) > 0.5
+
+
+# ----- label values and classes --------------------------------------------------------------------
+
+
+def test_label_values_3_and_117_come_back_as_3_and_117(tmp_path):
+    image, labels = blobs_ct((32, 32, 16), seed=1, n=6, radius=4, values=(3, 117), hu=(400, -500))
+    write_volume(volume(image), tmp_path / "img.nrrd")
+    write_volume(volume(labels), tmp_path / "lab.nrrd")
+    assert finetune(tmp_path / "img.nrrd", tmp_path / "lab.nrrd", tmp_path / "m", "--steps", "100",
+                    "--patch", "16", "16", "16", "--no-augment") == 0
+    meta = read_meta(tmp_path / "m")
+    assert meta["channels"] == [0, 3, 117] and set(meta["classes"]) == {"3", "117"}
+    assert meta["classes"]["117"]["name"] == "label_117"
+    assert main(["predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.nrrd"),
+                 "--out", str(tmp_path / "pred.nrrd"), "--progress", "none"]) == 0
+    pred = read_volume(tmp_path / "pred.nrrd").array
+    assert pred.dtype == np.uint8
+    assert set(np.unique(pred)) <= {0, 3, 117} and {3, 117} <= set(np.unique(pred))
+    assert dice(pred == 117, labels == 117) > 0.6 and dice(pred == 3, labels == 3) > 0.6
+
+
+def test_class_names_from_list_json_and_sidecar(tmp_path):
+    assert parse_classes("1=spleen, 2=liver") == {1: {"name": "spleen", "color": parse_classes("1=spleen")[1]["color"]},
+                                                  2: {"name": "liver", "color": parse_classes("2=x")[2]["color"]}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"7": {"name": "aorta", "color": [1, 0, 0]}, "9": "vein"}))
+    classes = parse_classes(str(path))
+    assert classes[7] == {"name": "aorta", "color": [1.0, 0.0, 0.0]} and classes[9]["name"] == "vein"
+    assert sidecar_path(tmp_path / "label.nii.gz") == tmp_path / "label.classes.json"
+    assert sidecar_path(tmp_path / "seg.nrrd") == tmp_path / "seg.classes.json"
+    # the sidecar names the classes of a fine-tuned bundle
+    image, labels = blobs_ct((16, 16, 16), seed=2, n=2, radius=3, values=(4,))
+    write_volume(volume(image), tmp_path / "img.nii.gz")
+    write_volume(volume(labels), tmp_path / "seg.nii.gz")
+    (tmp_path / "seg.classes.json").write_text(json.dumps({"4": {"name": "kidney", "color": [0, 0.5, 1]}}))
+    assert finetune(tmp_path / "img.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "m", "--steps", "2",
+                    "--patch", "16", "16", "16") == 0
+    assert read_meta(tmp_path / "m")["classes"] == {"4": {"name": "kidney", "color": [0.0, 0.5, 1.0]}}
+
+
+def test_mapping_annotation_summary_and_patch_choice():
+    mapping = LabelMapping([3, 117])
+    labels = np.array([0, 3, 117, 255, 3], np.uint8)
+    assert mapping.to_channels(labels).tolist() == [0, 1, 2, 255, 1]
+    assert mapping.channel_values()[mapping.to_channels(labels)[:3]].tolist() == [0, 3, 117]
+    painted = np.full((10, 10, 20), IGNORE, np.uint8)
+    painted[:, :, [3, 9, 15]] = 0
+    assert annotation_summary(painted)["kind"] == "slices" and annotation_summary(painted)["slices"] == 3
+    assert annotation_summary(np.zeros((10, 10, 20), np.uint8))["kind"] == "dense"
+    assert auto_patch([[0.8, 0.8, 5.0]], [[164, 166, 26]]) == (64, 64, 16)
+    assert auto_patch([[1.0, 1.0, 1.0]], [[200, 200, 200]]) == (64, 64, 32)
+    assert auto_patch([[1.0, 1.0, 1.0]], [[20, 40, 12]]) == (24, 40, 16)
+
+
+def test_sampler_balances_classes_and_keeps_painted_planes_inside():
+    target = np.full((40, 40, 20), IGNORE, np.uint8)
+    target[:, :, 10] = 0
+    target[18:22, 18:22, 10] = 1  # 16 voxels of class 1 against 1584 of background
+    image = np.random.default_rng(0).random((40, 40, 20)).astype(np.float32)
+    sampler = PatchSampler([TrainingVolume(image, target)], (16, 16, 8), 2, np.random.default_rng(0))
+    _, targets = sampler.sample(200)
+    with_class = np.mean([(t == 1).any() for t in targets])
+    assert 0.45 < with_class < 0.75
+    assert all((t != IGNORE).any() for t in targets)  # every patch holds part of the painted plane
+
+
+# ----- initialisation, budget, bundle --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("case")
+    image, labels = blobs_ct((24, 24, 16), seed=5, n=3, radius=3)
+    write_volume(volume(image, spacing=(1.5, 1.5, 3.0)), folder / "img.nii.gz")
+    write_volume(volume(labels, spacing=(1.5, 1.5, 3.0)), folder / "lab.nii.gz")
+    return folder
+
+
+def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
+    torch.manual_seed(0)
+    backbone = UNet3D(1, 1, 4)
+    save_bundle(tmp_path / "pre", {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                {"architecture": {"name": "unet3d", "width": 4, "in_channels": 1, "out_channels": 1}, "task": "pretrain",
+                 "method": {"name": "genesis"}, "patch_size": [16, 16, 16],
+                 "preprocessing": {"intensity": {"modality": "CT", "ct_window": [-500, 500], "mr_percentiles": [1, 99]},
+                                   "target_spacing_mm": None, "modality": "CT"}})
+    args = ["--steps", "1", "--patch", "16", "16", "16", "--bn-recalibration", "0", "--lr", "1e-12"]
+    base = ["finetune", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
+            "--batch-size", "2", "--progress", "none"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--init", str(tmp_path / "pre"), *args]) == 0
+    meta = read_meta(tmp_path / "a")
+    assert meta["init"] == {"source": "bundle", "width": 4, "method": "genesis", "task": "pretrain"}
+    assert meta["architecture"]["width"] == 4  # taken from the init
+    assert meta["preprocessing"]["intensity"]["ct_window"] == [-500.0, 500.0]  # pretraining's preprocessing
+    from MedSSL.bundle import load_bundle
+
+    _, state = load_bundle(tmp_path / "a")
+    key = "down_tr64.ops.0.conv1.weight"
+    assert torch.allclose(state[key], backbone.state_dict()[key], atol=1e-6)
+    official_checkpoint(tmp_path / "g.pt", width=4)
+    assert main([*base, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "g.pt"), *args]) == 0
+    assert read_meta(tmp_path / "b")["init"]["source"] == "official-pt"
+    assert main([*base, "--out", str(tmp_path / "c"), "--init", "none", "--width", "4", *args]) == 0
+    assert read_meta(tmp_path / "c")["init"] == {"source": "scratch"}
+
+
+def test_max_time_alone_spreads_the_schedule_over_the_budget(small_case, tmp_path):
+    assert finetune(small_case / "img.nii.gz", small_case / "lab.nii.gz", tmp_path / "m", "--max-time", "3",
+                    "--patch", "16", "16", "16") == 0
+    meta = read_meta(tmp_path / "m")
+    steps = meta["training"]["steps"]
+    assert 3 <= steps < 10**6
+    assert meta["history"][len(meta["history"]) // 2]["lr"] > 1e-4  # not a warm-up stretched over 10^9 steps
+    text = json.dumps(meta)
+    assert str(small_case) not in text and "img.nii.gz" not in text  # no input paths in the bundle
+
+
+def test_progress_json_and_bundle_fields(small_case, tmp_path, capsys):
+    assert main(["finetune", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
+                 "--out", str(tmp_path / "m"), "--width", "4", "--steps", "3", "--patch", "16", "16", "16",
+                 "--detection", "--progress", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-1] == {"event": "done", "bundle": str(tmp_path / "m")}
+    assert any(line["event"] == "progress" and line["stage"] == "finetune" for line in lines)
+    meta = read_meta(tmp_path / "m")
+    assert meta["task"] == "segment" and meta["detection"] is True
+    for key in ("classes", "architecture", "preprocessing", "patch_size", "history", "init", "versions", "data_summary",
+                "training", "fewshot"):
+        assert key in meta
+    assert meta["data_summary"]["spacings_mm"] == [[1.5, 1.5, 3.0]]
