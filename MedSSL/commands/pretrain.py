@@ -12,8 +12,14 @@ from .common import add_runtime_options, add_training_options, loop_config, make
 def add_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a 3D U-Net on unlabeled CT/MR volumes",
                        description="Self-supervised pretraining. PATHs are volume files (NIfTI, NRRD, MHA/MHD), "
-                                   "DICOM series folders, or folders searched recursively for them.")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="volumes, folders or DICOM folders")
+                                   "DICOM series folders, or folders searched recursively for them. Methods that "
+                                   "learn from several labelled datasets (ark) take --datasets SPEC.json instead: "
+                                   '{"datasets": [{"name": ..., "classes": {"1": "liver"}, "cases": [{"image": PATH, '
+                                   '"label": PATH}, ...]}, ...]} (relative paths from the spec\'s folder).')
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", metavar="PATH", help="volumes, folders or DICOM folders")
+    source.add_argument("--datasets", type=Path, metavar="SPEC.json",
+                        help="labelled datasets for methods that learn from them (ark)")
     p.add_argument("--method", default="genesis", help="self-supervised method (see `medssl methods`; default genesis)")
     p.add_argument("--method-settings", default=None, metavar="JSON", help="method settings as a JSON object (see `medssl methods --json`)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
@@ -46,7 +52,7 @@ def run(args) -> int:
         raise MedSSLError(f"--method-settings: unknown setting(s) for {args.method}: {', '.join(sorted(unknown))}")
     progress = make_progress(args)
     config = PretrainConfig(
-        data=args.data, out=args.out, method=args.method, method_settings=settings, init=args.init,
+        data=args.data, datasets=args.datasets, out=args.out, method=args.method, method_settings=settings, init=args.init,
         width=args.width, patch=tuple(args.patch), batch_size=args.batch_size, cubes_per_volume=args.cubes_per_volume,
         modality=args.modality, spacing=tuple(args.spacing) if args.spacing else None, cache_dir=args.cache,
         device=args.device, seed=args.seed, resume=args.resume, loop=loop_config(args, default_steps=1000),

@@ -9,6 +9,7 @@ on batches of cubes, :meth:`SSLMethod.after_step` after each optimiser step, and
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -20,6 +21,9 @@ from torch import nn
 from ..models.unet3d import UNet3D
 
 _REGISTRY: dict[str, type["SSLMethod"]] = {}
+
+#: spatial dimensions of the backbone a method builds (3 unless :func:`build_method` asks for 2)
+_BUILD_SPATIAL_DIMS: contextvars.ContextVar[int] = contextvars.ContextVar("medssl_spatial_dims", default=3)
 
 
 @dataclass
@@ -54,6 +58,10 @@ class SSLMethod(nn.Module):
 
     Batches are (N, 1, X, Y, Z) float tensors in [0, 1] on the training device (X, Y, Z = the patch,
     slice axis last). ``settings`` overrides ``defaults``; the merged dict is recorded in the bundle.
+
+    2D: a method with ``supports_2d = True`` built through :func:`build_method` with ``spatial_dims=2``
+    gets a 2D backbone (``UNet3D(spatial_dims=2)``, same keys, 2D kernels) and (N, 1, X, Y) batches
+    cut from one-slice images (``self.spatial_dims`` says which).
     """
 
     name: ClassVar[str] = ""
@@ -68,30 +76,49 @@ class SSLMethod(nn.Module):
         if unknown:
             raise ValueError(f"unknown setting(s) for method {self.name}: {', '.join(sorted(unknown))}")
         self.settings = {**self.defaults, **(settings or {})}
-        self.backbone = UNet3D(in_channels=in_channels, out_channels=in_channels, width=width)
+        self.spatial_dims = _BUILD_SPATIAL_DIMS.get()
+        self.backbone = UNet3D(in_channels=in_channels, out_channels=in_channels, width=width,
+                               spatial_dims=self.spatial_dims)
 
     #: "cubes" (unlabeled cubes from --data) or "labelled-datasets" (from --datasets SPEC.json)
     data_kind: ClassVar[str] = "cubes"
+    #: True when the method also runs on one-slice images with a 2D backbone and (N, 1, X, Y) batches
+    supports_2d: ClassVar[bool] = False
+
+    def setup(self, data: PretrainData) -> None:
+        """Called by the trainer once the data is known, before the optimiser is built and before a
+        checkpoint is resumed: build modules whose shapes depend on the data here (Ark's per-dataset
+        heads). Default: nothing."""
 
     def batch_source(self, data: PretrainData, batch_size: int, rng: np.random.Generator,
                      device: torch.device) -> Callable[[], Any]:
         """A function returning one training batch per call. Default: ``batch_size`` random cubes as a
-        (N, 1, X, Y, Z) float tensor on ``device``. Methods needing pseudo-labels or views override."""
+        (N, 1, X, Y, Z) float tensor on ``device`` ((N, 1, X, Y) for a 2D method). Methods needing
+        pseudo-labels or views override."""
 
         own = data.shard(len(data.train))
 
         def next_batch() -> torch.Tensor:
             idx = np.sort(rng.choice(own, size=batch_size))
-            return torch.from_numpy(data.train.get(idx)).unsqueeze(1).to(device, non_blocking=True)
+            return self.as_batch(data.train.get(idx)).to(device, non_blocking=True)
 
         return next_batch
+
+    def as_batch(self, cubes: np.ndarray) -> torch.Tensor:
+        """(n, X, Y, Z) cubes -> (n, 1, X, Y, Z) tensor; (n, 1, X, Y) for a 2D method (Z must be 1)."""
+        x = torch.from_numpy(np.ascontiguousarray(cubes)).unsqueeze(1)
+        if self.spatial_dims == 2:
+            if x.shape[-1] != 1:
+                raise ValueError(f"a 2D method needs one-slice cubes, got {tuple(cubes.shape[1:])}")
+            x = x[..., 0]
+        return x
 
     def validation_batches(self, data: PretrainData, batch_size: int, device: torch.device, limit: int = 8) -> list:
         """Fixed validation batches (the same every check). Default: the first cubes of ``data.val``."""
         if data.val is None or len(data.val) == 0:
             return []
         n = min(len(data.val), batch_size * limit)
-        return [torch.from_numpy(data.val.get(np.arange(i, min(i + batch_size, n)))).unsqueeze(1).to(device)
+        return [self.as_batch(data.val.get(np.arange(i, min(i + batch_size, n)))).to(device)
                 for i in range(0, n, batch_size)]
 
     def training_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -122,6 +149,13 @@ class SSLMethod(nn.Module):
         """The bundle's ``method`` entry: name plus settings."""
         return {"name": self.name, **self.settings}
 
+    def bundle_meta(self) -> dict:
+        """model.json fields that replace the trainer's (default: none). A method whose bundle is not a
+        plain pretraining bundle returns e.g. ``task``, ``classes``, ``channels`` and an
+        ``architecture`` dict (merged key by key into the trainer's). Called after
+        :meth:`transferable_state_dict`, whose tensors must match what it declares."""
+        return {}
+
 
 def register(cls: type[SSLMethod]) -> type[SSLMethod]:
     """Class decorator adding a method to the registry under ``cls.name``."""
@@ -129,6 +163,21 @@ def register(cls: type[SSLMethod]) -> type[SSLMethod]:
         raise ValueError(f"method name {cls.name!r} is empty or already registered")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def build_method(cls: type[SSLMethod], width: int = 32, settings: dict | None = None,
+                 spatial_dims: int = 3) -> SSLMethod:
+    """``cls(width=width, settings=settings)`` with a backbone of ``spatial_dims`` (2 only for methods
+    with ``supports_2d``; ValueError otherwise)."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if spatial_dims == 2 and not cls.supports_2d:
+        raise ValueError(f"method {cls.name} has no 2D variant")
+    token = _BUILD_SPATIAL_DIMS.set(spatial_dims)
+    try:
+        return cls(width=width, settings=settings)
+    finally:
+        _BUILD_SPATIAL_DIMS.reset(token)
 
 
 def method_class(name: str) -> type[SSLMethod]:

@@ -1,0 +1,330 @@
+"""Labelled datasets for methods that accrue knowledge from several annotated collections (Ark).
+
+``medssl pretrain --datasets SPEC.json`` takes a spec::
+
+    {"datasets": [
+        {"name": "liver-set", "classes": {"1": "liver"},
+         "cases": [{"image": "ct/001.nii.gz", "label": "seg/001.nii.gz"}, ...]},
+        {"name": "spleen-set", "classes": {"1": {"name": "spleen", "color": [0.6, 0.4, 0.6]}}, "cases": [...]}]}
+
+Relative paths resolve against the spec's folder. Each dataset has its own label values (0 background,
+255 not annotated, the listed classes); datasets need not agree on values or on what they annotate.
+
+:func:`read_spec` checks the structure (keys, names, classes, files present) without reading any image;
+:func:`load_datasets` then reads every (image, label) pair once, checks it (label on its image's grid,
+only listed values, every listed class annotated somewhere in its dataset), normalises the image with
+:mod:`MedSSL.data.preprocess` (optionally resampled) and caches both arrays as ``.npy`` files keyed by the
+files' bytes and the settings, so later runs (and resumed ones) memory-map them without reading the
+images again. Every error is one line naming the spec and the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import MedSSLError
+from ..finetune.labels import IGNORE, classes_from_json, default_color, label_array, present_values
+from ..io.volumes import read_volume
+from .cubes import _update_with_file, source_files
+from .preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
+
+CACHE_FORMAT = 1
+SPEC_KEYS = {"datasets"}
+DATASET_KEYS = {"name", "classes", "cases"}
+CASE_KEYS = {"image", "label"}
+
+
+@dataclass
+class LabelledCase:
+    """One preprocessed pair: ``image`` float16 (X, Y, Z) in [0, 1] and ``label`` uint8 (X, Y, Z) of the
+    dataset's own values (255 = not annotated), both memory-mapped from the cache."""
+
+    image: np.ndarray
+    label: np.ndarray
+    info: dict
+
+
+@dataclass
+class LabelledDataset:
+    """A dataset of the spec: its name, its classes {value: {"name", "color"}} and its cases (training
+    and held-out validation)."""
+
+    name: str
+    classes: dict
+    cases: list = field(default_factory=list)
+    val_cases: list = field(default_factory=list)
+
+    @property
+    def values(self) -> list[int]:
+        return sorted(self.classes)
+
+
+def _entry(spec: Path, i: int, name=None, j: int | None = None) -> str:
+    where = f"{spec}: datasets[{i}]" + (f" ({name})" if name else "")
+    return where + (f" case {j}" if j is not None else "")
+
+
+def _unknown_keys(obj: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise MedSSLError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (expected {', '.join(sorted(allowed))})")
+
+
+def read_spec(path) -> dict:
+    """Parse and check ``SPEC.json`` (structure and file existence only).
+
+    Returns ``{"spec": Path, "datasets": [{"name", "classes": {value: {"name", "color"}},
+    "cases": [{"image": Path, "label": Path}]}]}``. Raises one-line MedSSLErrors naming the spec and entry.
+    """
+    spec = Path(path)
+    if not spec.is_file():
+        raise MedSSLError(f"--datasets {spec}: no such file")
+    try:
+        data = json.loads(spec.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MedSSLError(f"{spec}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MedSSLError(f"{spec}: not valid JSON ({getattr(exc, 'msg', exc.__class__.__name__)})") from None
+    if not isinstance(data, dict):
+        raise MedSSLError(f'{spec}: expected a JSON object {{"datasets": [...]}}')
+    _unknown_keys(data, SPEC_KEYS, str(spec))
+    entries = data.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise MedSSLError(f'{spec}: "datasets" must be a non-empty list of datasets')
+    base = spec.resolve().parent
+    out, names = [], {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise MedSSLError(f"{_entry(spec, i)}: expected an object with name, classes and cases")
+        _unknown_keys(entry, DATASET_KEYS, _entry(spec, i))
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise MedSSLError(f"{_entry(spec, i)}: needs a non-empty \"name\"")
+        name = name.strip()
+        if name.casefold() in names:
+            raise MedSSLError(f"{_entry(spec, i, name)}: the same name as datasets[{names[name.casefold()]}]")
+        names[name.casefold()] = i
+        if "classes" not in entry:
+            raise MedSSLError(f"{_entry(spec, i, name)}: needs \"classes\", e.g. {{\"1\": \"liver\"}}")
+        classes = classes_from_json(entry["classes"], f"{_entry(spec, i, name)}: classes")
+        for key, raw in entry["classes"].items():  # colours the spec gives explicitly
+            if isinstance(raw, dict) and "color" in raw:
+                classes[int(str(key).strip())]["color_given"] = True
+        cases = entry.get("cases")
+        if not isinstance(cases, list) or not cases:
+            raise MedSSLError(f"{_entry(spec, i, name)}: \"cases\" must be a non-empty list of {{\"image\", \"label\"}}")
+        pairs = []
+        for j, case in enumerate(cases):
+            where = _entry(spec, i, name, j)
+            if not isinstance(case, dict):
+                raise MedSSLError(f"{where}: expected an object {{\"image\": PATH, \"label\": PATH}}")
+            _unknown_keys(case, CASE_KEYS, where)
+            pair = {}
+            for key in ("image", "label"):
+                value = case.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    raise MedSSLError(f"{where}: needs \"{key}\": a path")
+                p = Path(value).expanduser()
+                p = p if p.is_absolute() else base / p
+                if not p.exists():
+                    raise MedSSLError(f"{where}: {key} {value}: no such file or folder")
+                pair[key] = p
+            pairs.append(pair)
+        out.append({"name": name, "classes": classes, "cases": pairs})
+    return {"spec": spec, "datasets": out}
+
+
+def union_classes(datasets: list) -> tuple[dict, list[dict]]:
+    """The union of the datasets' classes by name (case-insensitive), numbered 1, 2, ... in spec order.
+
+    ``datasets``: dicts with "classes" or :class:`LabelledDataset`. Returns ({global value: {"name",
+    "color"}}, [per dataset {own value: global value}]). A class takes the colour the spec gives it
+    (the first dataset that gives one), else the palette colour of its global value.
+    """
+    union: dict[int, dict] = {}
+    by_name: dict[str, int] = {}
+    mappings = []
+    for dataset in datasets:
+        classes = dataset["classes"] if isinstance(dataset, dict) else dataset.classes
+        mapping = {}
+        for value in sorted(classes):
+            entry = classes[value]
+            key = entry["name"].casefold()
+            if key not in by_name:
+                g = len(union) + 1
+                by_name[key] = g
+                union[g] = {"name": entry["name"], "color": default_color(g), "given": False}
+            g = by_name[key]
+            if entry.get("color_given", False) and not union[g]["given"]:
+                union[g].update(color=[float(c) for c in entry["color"]], given=True)
+            mapping[value] = g
+        mappings.append(mapping)
+    return {g: {"name": e["name"], "color": e["color"]} for g, e in union.items()}, mappings
+
+
+# --------------------------------------------------------------------------------------------------
+# reading, checking, caching
+# --------------------------------------------------------------------------------------------------
+
+
+def _settings_json(intensity: IntensityConfig, spacing) -> str:
+    return json.dumps({"format": CACHE_FORMAT, "intensity": intensity.to_dict(),
+                       "spacing": None if spacing is None else [float(s) for s in spacing]}, sort_keys=True)
+
+
+def pair_key(image: Path, label: Path, intensity: IntensityConfig, spacing) -> str:
+    """sha256 over the image's and the label's bytes and the preprocessing settings."""
+    h = hashlib.sha256()
+    for part in (image, label):
+        files = source_files(part)
+        for f in files:
+            _update_with_file(h, f)
+        h.update(b"|")
+    h.update(_settings_json(intensity, spacing).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _atomic_save(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _resample_label(label_volume, values: np.ndarray, spacing):
+    """Nearest-neighbour resampling of label ``values``; voxels from outside the grid become 255."""
+    shifted = label_volume.with_array(values.astype(np.uint16) + 1)
+    out = resample_to_spacing(shifted, spacing, nearest=True).array.astype(np.int32) - 1
+    return np.where(out < 0, IGNORE, out).astype(np.uint8)
+
+
+def _prepare_pair(image_path: Path, label_path: Path, where: str, intensity, spacing) -> tuple[np.ndarray, np.ndarray, dict]:
+    try:
+        image = read_volume(image_path)
+        label = read_volume(label_path)
+        values = label_array(label, image, label_path, image_path)
+    except MedSSLError as exc:
+        raise MedSSLError(f"{where}: {exc}") from None
+    if min(image.shape) < 2:
+        raise MedSSLError(f"{where}: image {image_path} is a one-slice (2D) image; labelled datasets need 3D volumes")
+    if spacing is not None:
+        values = _resample_label(label, values, spacing)
+        image = resample_to_spacing(image, spacing)
+    array, modality = normalize_intensity(image, intensity)
+    info = {"shape": list(image.shape), "spacing_mm": [round(float(s), 4) for s in image.spacing],
+            "modality": modality, "values": present_values(values),
+            "annotated_fraction": round(float(np.count_nonzero(values != IGNORE)) / max(1, values.size), 5)}
+    return array.astype(np.float16), values, info
+
+
+def _load_cached(cache_dir: Path, key: str) -> LabelledCase | None:
+    meta = cache_dir / f"{key}.json"
+    if not meta.is_file():
+        return None
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        if info.get("format") != CACHE_FORMAT:
+            return None
+        image = np.load(cache_dir / f"{key}.image.npy", mmap_mode="r")
+        label = np.load(cache_dir / f"{key}.label.npy", mmap_mode="r")
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if image.shape != label.shape or list(image.shape) != info.get("shape"):
+        return None
+    return LabelledCase(image, label, info)
+
+
+def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
+                  progress: Callable[[int, int, bool], None] | None = None,
+                  val_fraction: float = 0.0, seed: int = 0) -> list[LabelledDataset]:
+    """Read, check, preprocess and cache every case of a :func:`read_spec` result.
+
+    Checks per case: the label lies on its image's grid, holds integers 0..255 and only the values of
+    its dataset's classes (plus 0 and 255); per dataset: every listed class is annotated in some case.
+    With ``val_fraction`` > 0 a dataset keeps ``round(val_fraction * cases)`` cases (when >= 1, and at
+    least one for training) for validation, chosen with ``seed``.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedSSLError(f"{cache_dir}: cannot create the cache folder ({exc.strerror})") from None
+    path = spec["spec"]
+    total = sum(len(d["cases"]) for d in spec["datasets"])
+    done = 0
+    out = []
+    for i, entry in enumerate(spec["datasets"]):
+        name, classes = entry["name"], entry["classes"]
+        cases, found = [], set()
+        for j, pair in enumerate(entry["cases"]):
+            where = _entry(path, i, name, j)
+            try:
+                key = pair_key(pair["image"], pair["label"], intensity, spacing)
+            except OSError as exc:
+                raise MedSSLError(f"{where}: cannot read ({exc.strerror})") from None
+            case = _load_cached(cache_dir, key)
+            cached = case is not None
+            if case is None:
+                image, label, info = _prepare_pair(pair["image"], pair["label"], where, intensity, spacing)
+                info = {"format": CACHE_FORMAT, "id": key[:12], **info}
+                try:
+                    _atomic_save(cache_dir / f"{key}.image.npy", lambda fh: np.save(fh, image, allow_pickle=False))
+                    _atomic_save(cache_dir / f"{key}.label.npy", lambda fh: np.save(fh, label, allow_pickle=False))
+                    text = json.dumps(info).encode("utf-8")
+                    _atomic_save(cache_dir / f"{key}.json", lambda fh: fh.write(text))
+                except OSError as exc:
+                    raise MedSSLError(f"{cache_dir}: cannot write the cache ({exc.strerror})") from None
+                case = _load_cached(cache_dir, key)
+                if case is None:
+                    raise MedSSLError(f"{cache_dir}: the cache entry just written cannot be read back")
+            unlisted = [v for v in case.info["values"] if v not in classes]
+            if unlisted:
+                raise MedSSLError(
+                    f"{where}: label {pair['label']} holds value(s) {', '.join(map(str, unlisted))} not listed in the "
+                    "dataset's classes (list them, or set them to 0 = background or 255 = not annotated)")
+            found.update(case.info["values"])
+            cases.append(case)
+            done += 1
+            if progress is not None:
+                progress(done, total, cached)
+        absent = [v for v in sorted(classes) if v not in found]
+        if absent:
+            names = ", ".join(f"{v} ({classes[v]['name']})" for v in absent)
+            raise MedSSLError(f"{_entry(path, i, name)}: class(es) {names} annotated in none of its labels")
+        dataset = LabelledDataset(name, dict(classes), cases)
+        n_val = int(round(val_fraction * len(cases))) if val_fraction > 0 else 0
+        if n_val >= 1 and len(cases) >= 2:
+            n_val = min(n_val, len(cases) - 1)
+            order = np.random.default_rng([seed, i]).permutation(len(cases))
+            held = set(order[:n_val].tolist())
+            dataset.cases = [c for k, c in enumerate(cases) if k not in held]
+            dataset.val_cases = [c for k, c in enumerate(cases) if k in held]
+        out.append(dataset)
+    return out
+
+
+def summary(datasets: list[LabelledDataset]) -> dict:
+    """What a bundle records about the data: counts, shapes, spacings, modalities (no paths)."""
+    rows = []
+    modalities: dict[str, int] = {}
+    for d in datasets:
+        every = d.cases + d.val_cases
+        for c in every:
+            modalities[c.info["modality"]] = modalities.get(c.info["modality"], 0) + 1
+        rows.append({"name": d.name, "cases": len(every), "validation_cases": len(d.val_cases),
+                     "classes": {str(v): e["name"] for v, e in sorted(d.classes.items())},
+                     "shapes": [c.info["shape"] for c in every], "spacings_mm": [c.info["spacing_mm"] for c in every]})
+    return {"volumes": sum(r["cases"] for r in rows), "datasets": rows, "modalities": modalities}
