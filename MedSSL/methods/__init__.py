@@ -3,7 +3,7 @@
 import importlib
 
 #: modules that register a method when imported; add a new method's module here
-METHOD_MODULES = ("genesis", "semantic_genesis", "transvw", "dira", "caid")
+METHOD_MODULES = ("genesis", "semantic_genesis", "transvw", "dira", "caid", "adam", "ark")
 
 
 def load_all() -> None:

@@ -1,0 +1,339 @@
+"""Ark (Ma et al., MICCAI 2023, "Foundation Ark: Accruing and Reusing Knowledge"), for segmentation in 3D.
+
+One model learns from several labelled datasets whose label sets differ (a liver set, a spleen set, an
+aorta set...), without unifying their labels:
+
+* shared encoder-decoder: the Genesis U-Net up to its last decoder features F (2w channels);
+* one head per dataset: a 1x1x1 convolution from F to that dataset's background + classes;
+* a teacher: an exponential moving average of the whole multi-head model (momentum on a cosine
+  ``teacher_momentum`` -> 1.0 over the run), updated after every optimiser step;
+* loss on a batch of dataset i: ``(1 - c) * task + c * MSE(F_student, F_teacher)``, where task is
+  Dice + cross-entropy of head i on dataset i's own classes with 255 (not annotated) ignored, and c
+  follows a cosine from 0 to ``consistency_max`` (0.5) over the run. The student sees the patch with a
+  grey-level jitter (brightness/contrast or gamma, probability ``student_jitter_prob``), the teacher
+  the plain patch; both share the geometric augmentation of fine-tuning.
+* datasets in turn: step k draws its batch from dataset ``k mod D`` (round robin), class-balanced
+  patches as fine-tuning samples them (:class:`~MedSSL.finetune.sampling.PatchSampler`).
+
+The bundle is a segmentation bundle. Classes are the union of the datasets' classes by name, numbered
+1, 2, ... in spec order (the mapping of each dataset's values is recorded in ``method.datasets``). The
+per-dataset heads are folded into one output layer (``out_tr``) over [background + union]:
+
+    fused logit of class g = mean over the heads h that have g of (logit_h(g) - logit_h(background))
+    fused logit of background = 0
+
+i.e. each class scores its log-odds against its own head's background. Subtracting a head's background
+logit from all of its logits keeps its arg-max, so: a voxel is background when every head calls it
+background; a class that only one dataset has wins wherever its head claims it and no other head claims
+anything; a class several datasets share (by name) wins wherever all of their heads claim it and no other
+head claims anything (its score is the mean of their margins, so where they disagree the mean decides);
+where heads claim different classes the largest margin wins. Being linear in F, the rule is
+one 1x1x1 convolution, so ``medssl predict`` writes one labelmap with all classes, and ``medssl finetune
+--init`` takes the encoder-decoder like any bundle's. The exported network is the teacher's (the
+published release is the teacher), ``export`` "student" keeps the student's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.labelled import union_classes
+from ..errors import MedSSLError
+from ..finetune.augment import AugmentConfig, augment_batch
+from ..finetune.labels import IGNORE, LabelMapping, classes_to_json
+from ..finetune.losses import MaskedDiceCELoss
+from ..finetune.sampling import PatchSampler, TrainingVolume
+from .base import PretrainData, SSLMethod, register
+
+#: the geometric part of fine-tuning's augmentation (intensities untouched), shared by both views
+GEOMETRIC = AugmentConfig(contrast=(1.0, 1.0), brightness=0.0, gamma=(1.0, 1.0), noise_std=0.0)
+
+FUSION_RULE = ("fused logit of a class = mean over the heads having it of (class logit - that head's background "
+               "logit); fused background logit = 0")
+
+
+def cosine_ramp(start: float, end: float, step: int, total: int) -> float:
+    """``start`` at step 0 to ``end`` at ``total`` along a half cosine."""
+    f = min(max(step, 0), max(total, 1)) / max(total, 1)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * f))
+
+
+def fold_heads(heads, mappings: list[dict], n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dataset 1x1x1 heads -> (weight (1 + n_classes, C), bias (1 + n_classes,)) of one output layer.
+
+    ``mappings[h]`` maps head h's output channel (1..) to a global class (1..n_classes); see the module
+    docstring for the rule. A class no head has keeps a zero row.
+    """
+    first = heads[0].weight
+    c = first.shape[1]
+    weight = torch.zeros(1 + n_classes, c, dtype=torch.float32, device=first.device)
+    bias = torch.zeros(1 + n_classes, dtype=torch.float32, device=first.device)
+    count = torch.zeros(1 + n_classes, dtype=torch.float32, device=first.device)
+    for head, mapping in zip(heads, mappings):
+        w = head.weight.detach().float().reshape(head.weight.shape[0], c)
+        b = head.bias.detach().float()
+        for channel, g in mapping.items():
+            weight[g] += w[channel] - w[0]
+            bias[g] += b[channel] - b[0]
+            count[g] += 1
+    scale = 1.0 / count.clamp_min(1.0)
+    return weight * scale.unsqueeze(1), bias * scale
+
+
+def student_jitter(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Per sample with probability ``p``, one of (half and half): brightness/contrast
+    ``x * (1 + U(-0.2, 0.2)) + U(-0.2, 0.2)`` or gamma ``x ** U(0.8, 1.2)``; clipped to [0, 1]
+    (albumentations' RandomBrightnessContrast / RandomGamma defaults, as published)."""
+    n = x.shape[0]
+    shape = (n,) + (1,) * (x.dim() - 1)
+    dev = generator.device
+    u = torch.rand(4, n, generator=generator, device=dev).to(x.device)
+    on = (u[0] < p).view(shape)
+    use_gamma = (u[1] < 0.5).view(shape)
+    alpha, beta = (0.4 * u[2] - 0.2).view(shape), (0.4 * u[3] - 0.2).view(shape)
+    gamma = (0.8 + 0.4 * torch.rand(n, generator=generator, device=dev).to(x.device)).view(shape)
+    xc = x.clamp(0.0, 1.0)
+    jittered = torch.where(use_gamma, xc ** gamma, xc * (1 + alpha) + beta).clamp(0.0, 1.0)
+    return torch.where(on, jittered, x)
+
+
+@register
+class Ark(SSLMethod):
+    name = "ark"
+    description = ("Ark: one U-Net accrued from several labelled datasets with different label sets "
+                   "(a head per dataset, EMA teacher, consistency); the bundle segments the union of their classes")
+    published = (
+        "2D chest X-rays (6 public datasets), Swin-B + projector 1376 + one linear head per dataset, multi-label "
+        "BCE, L = (1 - c) BCE + c MSE(student, teacher projector features), c cosine 0 -> 0.5, EMA teacher momentum "
+        "cosine 0.9 -> 1.0 updated after each dataset pass, datasets one full pass each in turn, SGD 0.3, 200 epochs. "
+        "Ours: 3D segmentation on the Genesis U-Net, one 1x1x1 head per dataset on the last decoder features, Dice + "
+        "cross-entropy on each dataset's own classes (255 = not annotated ignored), consistency on the decoder "
+        "features (no projector), teacher updated every step, datasets in turn one batch each (round robin), "
+        "class-balanced patches, the heads folded into one output layer so the bundle segments the union of classes"
+    )
+    data_kind = "labelled-datasets"
+    defaults = {
+        "consistency_max": 0.5,
+        "teacher_momentum": 0.9,
+        "dice_weight": 1.0,
+        "ce_weight": 1.0,
+        "augment": True,
+        "student_jitter_prob": 0.3,
+        "export": "teacher",
+    }
+
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
+        super().__init__(width, in_channels, settings)
+        s = self.settings
+        if not 0.0 <= float(s["consistency_max"]) <= 1.0:
+            raise MedSSLError("consistency_max must be in [0, 1]")
+        if not 0.0 <= float(s["teacher_momentum"]) <= 1.0:
+            raise MedSSLError("teacher_momentum must be in [0, 1]")
+        if s["export"] not in ("teacher", "student"):
+            raise MedSSLError("export must be teacher or student")
+        self.loss_fn = MaskedDiceCELoss(float(s["dice_weight"]), float(s["ce_weight"]))
+        self.heads = nn.ModuleList()
+        self.teacher = None
+        self.dataset_names: list[str] = []
+        self.dataset_values: list[list[int]] = []
+        self.union: dict[int, dict] = {}
+        self.mappings: list[dict[int, int]] = []
+        self.register_buffer("teacher_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("batches_drawn", torch.zeros((), dtype=torch.long))
+        self._update_pending = False
+
+    # ----- the data -------------------------------------------------------------------------------
+    def setup(self, data: PretrainData) -> None:
+        """One head per dataset (background + its classes) and the teacher (a copy of everything)."""
+        datasets = (data.datasets or {}).get("datasets") if isinstance(data.datasets, dict) else data.datasets
+        if not datasets:
+            raise MedSSLError("ark learns from labelled datasets: give them with --datasets SPEC.json")
+        self.configure([d.name for d in datasets], [d.classes for d in datasets])
+        self.to(next(self.backbone.parameters()).device)
+
+    def configure(self, names: list[str], classes: list[dict]) -> None:
+        """Build the heads for datasets ``names`` with ``classes`` ({value: {"name", "color"}} each)."""
+        self.dataset_names = list(names)
+        self.dataset_values = [sorted(int(v) for v in c) for c in classes]
+        self.union, own = union_classes([{"classes": c} for c in classes])
+        # head channel (1..) -> global value
+        self.mappings = [{k + 1: own[i][v] for k, v in enumerate(values)} for i, values in enumerate(self.dataset_values)]
+        features = self.backbone.out_tr.final_conv.in_channels
+        conv = nn.Conv3d if self.spatial_dims == 3 else nn.Conv2d
+        self.heads = nn.ModuleList(conv(features, 1 + len(values), kernel_size=1) for values in self.dataset_values)
+        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "heads": copy.deepcopy(self.heads)})
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def _samplers(self, datasets, which: str, patch, rng, shard=None) -> list[PatchSampler | None]:
+        samplers = []
+        for d, values in zip(datasets, self.dataset_values):
+            cases = getattr(d, which)
+            if shard is not None and cases:
+                cases = [cases[k] for k in shard(len(cases))]
+            if not cases:
+                samplers.append(None)
+                continue
+            lut = LabelMapping(values).lut()
+            volumes = [TrainingVolume(c.image, lut[np.asarray(c.label)]) for c in cases]
+            samplers.append(PatchSampler(volumes, patch, 1 + len(values), rng))
+        return samplers
+
+    @staticmethod
+    def _batch(sampler: PatchSampler, index: int, batch_size: int, device) -> dict:
+        images, targets = sampler.sample(batch_size)
+        return {"dataset": index, "image": torch.from_numpy(images.astype(np.float32)).to(device),
+                "target": torch.from_numpy(targets.astype(np.int64)).to(device)}
+
+    def batch_source(self, data: PretrainData, batch_size: int, rng: np.random.Generator, device):
+        """Round robin: the k-th batch (counted over the run, resumes included) comes from dataset
+        ``k mod D``: ``{"dataset": i, "image": (N, 1, X, Y, Z), "target": (N, X, Y, Z) long}``."""
+        datasets = data.datasets["datasets"]
+        samplers = self._samplers(datasets, "cases", data.settings.patch, rng, data.shard)
+
+        def next_batch() -> dict:
+            index = int(self.batches_drawn) % len(samplers)
+            self.batches_drawn += 1
+            return self._batch(samplers[index], index, batch_size, device)
+
+        return next_batch
+
+    def validation_batches(self, data: PretrainData, batch_size: int, device, limit: int = 8) -> list:
+        """Fixed batches of the held-out cases (``--val-fraction``), spread over the datasets."""
+        datasets = data.datasets["datasets"]
+        samplers = self._samplers(datasets, "val_cases", data.settings.patch, np.random.default_rng(data.seed + 1))
+        having = [(i, s) for i, s in enumerate(samplers) if s is not None]
+        if not having:
+            return []
+        per = max(1, limit // len(having))
+        return [self._batch(s, i, batch_size, device) for i, s in having for _ in range(per)]
+
+    # ----- schedules and the teacher --------------------------------------------------------------
+    def consistency_at(self, step: int, total: int) -> float:
+        """c of step ``step`` (0-based) of ``total``: cosine from 0 to ``consistency_max``."""
+        return cosine_ramp(0.0, float(self.settings["consistency_max"]), step, total) if total > 0 else 0.0
+
+    def teacher_momentum_at(self, step: int, total: int) -> float:
+        """Momentum of the teacher update after step ``step`` (0-based): cosine from the setting to 1."""
+        m0 = float(self.settings["teacher_momentum"])
+        return cosine_ramp(m0, 1.0, step, total) if total > 0 else m0
+
+    def _student_parts(self):
+        return list(self.backbone.parameters()) + list(self.heads.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """teacher <- m * teacher + (1 - m) * student, every parameter of the multi-head model."""
+        teacher = list(self.teacher["backbone"].parameters()) + list(self.teacher["heads"].parameters())
+        student = self._student_parts()
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def copy_teacher(self) -> None:
+        self.teacher["backbone"].load_state_dict(self.backbone.state_dict())
+        self.teacher["heads"].load_state_dict(self.heads.state_dict())
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.steps_done.fill_(int(step))
+        self.total_steps.fill_(int(total_steps))
+        if self._update_pending:
+            self.momentum_update(self.teacher_momentum_at(int(step) - 1, int(total_steps)))
+            self._update_pending = False
+
+    def _prepare_teacher(self) -> None:
+        if not bool(self.teacher_ready):
+            self.copy_teacher()
+            self.teacher_ready.fill_(True)
+        elif self._update_pending:  # the trainer did not call after_step
+            self.momentum_update(self.teacher_momentum_at(int(self.steps_done), int(self.total_steps)))
+        self._update_pending = False
+
+    # ----- the loss -------------------------------------------------------------------------------
+    @staticmethod
+    def features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder features (N, 2w, X, Y, Z)."""
+        bottleneck, skips = backbone.encode(x)
+        return backbone.decode(bottleneck, skips)
+
+    def training_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        if self.teacher is None:
+            raise RuntimeError("ark: setup() was not called with the datasets")
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self._prepare_teacher()
+        index, x, y = int(batch["dataset"]), batch["image"], batch["target"]
+        if self.settings["augment"] and x.dim() == 5:
+            x, y = augment_batch(x, y, GEOMETRIC, generator)
+        student_in = student_jitter(x, float(self.settings["student_jitter_prob"]), generator)
+        feats = self.features(self.backbone, student_in)
+        task, task_parts = self.loss_fn(self.heads[index](feats), y)
+        with torch.no_grad():
+            target_feats = self.features(self.teacher["backbone"], x)
+        consistency = F.mse_loss(feats.float(), target_feats.float())
+        c = self.consistency_at(int(self.steps_done), int(self.total_steps))
+        loss = (1.0 - c) * task + c * consistency
+        if training:
+            self._update_pending = True
+        return loss, {"task": float(task.detach()), "consistency": float(consistency.detach()), "c": c,
+                      "dataset": float(index), **task_parts}
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict, generator: torch.Generator) -> float:
+        """Task loss (Dice + CE) of the model the bundle exports, on its dataset's head."""
+        backbone, heads = self.exported()
+        logits = heads[int(batch["dataset"])](self.features(backbone, batch["image"]))
+        return float(self.loss_fn(logits, batch["target"])[0])
+
+    # ----- the bundle -----------------------------------------------------------------------------
+    def exported(self) -> tuple[nn.Module, nn.ModuleList]:
+        """(backbone, heads) that go into the bundle: the teacher's once it exists, unless ``export``
+        is "student"."""
+        if self.settings["export"] == "teacher" and self.teacher is not None and bool(self.teacher_ready):
+            return self.teacher["backbone"], self.teacher["heads"]
+        return self.backbone, self.heads
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (1 + U, 2w), bias) of the fused output layer of the exported heads."""
+        _, heads = self.exported()
+        return fold_heads(list(heads), self.mappings, len(self.union))
+
+    def transferable_state_dict(self) -> dict:
+        """A plain UNet3D state dict (no prefix): the exported encoder-decoder with ``out_tr`` = the
+        folded heads, so the bundle loads strictly as a segmentation network of 1 + U outputs."""
+        backbone, _ = self.exported()
+        state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("out_tr.")}
+        weight, bias = self.folded()
+        shape = (weight.shape[0], weight.shape[1]) + (1,) * self.spatial_dims
+        state["out_tr.final_conv.weight"] = weight.view(shape).to(backbone.out_tr.final_conv.weight.dtype)
+        state["out_tr.final_conv.bias"] = bias.to(backbone.out_tr.final_conv.bias.dtype)
+        return state
+
+    def bundle_meta(self) -> dict:
+        n = len(self.union)
+        return {
+            "task": "segment",
+            "architecture": {"out_channels": 1 + n},
+            "classes": classes_to_json(self.union),
+            "channels": list(range(1 + n)),
+            "detection": False,
+            "inference": {"overlap": 0.5, "blend": "gaussian"},
+        }
+
+    def describe(self) -> dict:
+        datasets = []
+        for name, values, mapping in zip(self.dataset_names, self.dataset_values, self.mappings):
+            datasets.append({"name": name,
+                             "classes": {str(v): self.union[mapping[k + 1]]["name"] for k, v in enumerate(values)},
+                             "global_values": {str(v): mapping[k + 1] for k, v in enumerate(values)}})
+        exported = "teacher" if self.exported()[0] is not self.backbone else "student"
+        return {**super().describe(), "datasets": datasets, "fusion": FUSION_RULE, "exported": exported,
+                "ignore_value": IGNORE}
