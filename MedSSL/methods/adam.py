@@ -44,6 +44,7 @@ final weights, as published.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -242,7 +243,9 @@ class Adam(SSLMethod):
         "images) on the Genesis U-Net encoder (GAP of the bottleneck, 16w channels), 4,096 prototypes by default, "
         "parts 2x2x1, local crops at half the patch (multiples of 8), anchors are sub-boxes of the cube (no 50 px "
         "margin), no DINO-only warm-up stage, one run with the curriculum by step fraction, grey-level jitter and "
-        "blur as published, in-plane rotation of the student's crops only, the trainer's optimiser and schedule"
+        "blur as published, in-plane rotation of the student's crops only, the center starts at the first batch's "
+        "mean, no validation (final weights kept), the trainer's optimiser and schedule (self-distillation wants a "
+        "small --lr, e.g. 5e-4 or less; the published peak is 5e-4 x batch / 256)"
     )
     defaults = {
         "loc_weight": 1.0,
@@ -478,6 +481,15 @@ class Adam(SSLMethod):
             entropy = float(-(p * p.clamp_min(1e-12).log()).sum(dim=-1).mean() / math.log(p.shape[-1]))
         return loss, {"loc": float(loc.detach()), "comp": float(comp.detach()), "decomp": float(decomp.detach()),
                       "granularity": float(views["level"]), "teacher_entropy": entropy}
+
+    def batch_source(self, data: PretrainData, batch_size: int, rng: np.random.Generator, device):
+        """Random cubes of the training *and* validation sets (there is no validation, see
+        :meth:`validation_batches`, so the held-out cubes would otherwise go unused)."""
+        if data.val is not None and len(data.val):
+            train, val = data.train, data.val
+            merged = type(train)(train.files + val.files, train.infos + val.infos, train.selections + val.selections)
+            data = dataclasses.replace(data, train=merged, val=None)
+        return super().batch_source(data, batch_size, rng, device)
 
     def validation_batches(self, data: PretrainData, batch_size: int, device, limit: int = 8) -> list:
         """None: see the module docstring (the final weights are kept)."""

@@ -212,6 +212,8 @@ def _cube_data(config, cls, patch, ctx, device, progress, cache_dir):
 def _labelled_data(config, cls, patch, ctx, device, progress, cache_dir):
     """(PretrainData with the labelled datasets, data summary, modality, 3) for ``--datasets``."""
     spec = labelled.read_spec(config.datasets)
+    if patch[2] == 1:
+        raise MedSSLError(f"--patch {' '.join(map(str, patch))}: labelled datasets are 3D volumes; Z must be a multiple of 8")
     sources = [p for d in spec["datasets"] for case in d["cases"] for p in (case["image"], case["label"])]
     intensity = IntensityConfig(modality=config.modality)
     settings = CubeSettings(patch=patch, cubes_per_volume=config.cubes_per_volume, intensity=intensity,
