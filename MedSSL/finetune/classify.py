@@ -35,7 +35,7 @@ from ..train.loop import TrainingLoop
 from ..train.progress import Progress
 from ..train.runtime import OutputLock, device_description, resolve_device, seed_everything
 from .augment import AugmentConfig, augment_batch
-from .common import (FinetuneConfig, LoopProgress, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
+from .common import (FinetuneConfig, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
                      preprocessing_from_init, read_image, resolve_width)
 from .labels import classes_to_json, default_color, parse_classes
 
@@ -154,7 +154,7 @@ def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
     config.spacing = spacing
     patch = check_patch(config.patch) if config.patch else DEFAULT_PATCH
     device = resolve_device(config.device)
-    progress.stage("preprocess", f"reading the volumes listed in {config.csv}")
+    progress.stage("preprocess", "reading the volumes listed in the CSV")
     images, targets, classes, class_values, summary, modalities = load_classification_data(config, intensity, patch)
     out = Path(config.out)
     with OutputLock(out):
@@ -192,7 +192,7 @@ def _train(config, progress, model, images, targets, device, out, modality):
     n_val = int(round(config.val_fraction * n)) if config.val_fraction > 0 and n >= 4 else 0
     val_idx, train_idx = order[:n_val], order[n_val:]
     train_x, train_y = images[train_idx], targets[train_idx]
-    loop = TrainingLoop(model, config.loop, device, LoopProgress(progress), out, "finetune")
+    loop = TrainingLoop(model, config.loop, device, progress, out, "finetune")
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step])

@@ -54,23 +54,6 @@ class FinetuneConfig:
     steps_from_time: bool = False
 
 
-class LoopProgress:
-    """The :class:`Progress` handed to :class:`TrainingLoop`: tolerates ``update(step, total, step=...)``
-    (the loop's record repeats ``step``) by letting the positional values win."""
-
-    def __init__(self, progress):
-        self.inner = progress
-
-    def update(self, *args, **values) -> None:
-        step, total = args
-        values.pop("step", None)
-        values.pop("total", None)
-        self.inner.update(step, total, **values)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def fit_steps_to_time(loop: LoopConfig, step_fn, model, device, trials: int = 4) -> LoopConfig:
     """The loop config with ``steps`` = how many steps fit ``loop.max_time`` seconds.
 

@@ -28,7 +28,7 @@ from ..train.loop import TrainingLoop
 from ..train.progress import Progress
 from ..train.runtime import OutputLock, device_description, resolve_device, seed_everything
 from .augment import AugmentConfig, augment_batch
-from .common import (FinetuneConfig, LoopProgress, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
+from .common import (FinetuneConfig, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
                      preprocessing_from_init, resolve_width)
 from .labels import (IGNORE, LabelMapping, annotation_summary, classes_to_json, label_array, parse_classes,
                      present_values, read_classes_file, resolve_classes, sidecar_path)
@@ -169,7 +169,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     if init is not None:
         apply_initial_weights(model, init, what=f"--init {config.init}")
     train_volumes, val_volumes = _split(volumes, config.val_fraction, config.seed)
-    loop = TrainingLoop(model, config.loop, device, LoopProgress(progress), out, "finetune")
+    loop = TrainingLoop(model, config.loop, device, progress, out, "finetune")
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step])

@@ -108,7 +108,7 @@ def prepare(model: LoadedModel, volume: Volume, path, log=None) -> tuple[np.ndar
     if model.intensity.modality != "auto" and volume.modality is None and log is not None:
         detected = detect_modality(volume)
         if detected != model.intensity.modality:
-            log(f"warning: {path} looks like {detected} but the model was trained on {model.intensity.modality}")
+            log(f"warning: the image looks like {detected} but the model was trained on {model.intensity.modality}")
     work = resample_to_spacing(volume, model.spacing) if model.spacing else volume
     array, _ = normalize_intensity(work, model.intensity)
     return array, work

@@ -155,7 +155,7 @@ def predict_files(model: LoadedModel, image_path, out, options: PredictOptions, 
         names = {v: model.name_of(v) for v in model.classes}
         prob = np.where(seg.labels.array > 0, seg.max_prob, 0).astype(np.float16)
         found = find_detections(seg.labels.array, prob, volume, names, options.min_volume_mm3)
-    progress.stage("write", f"writing {out}")
+    progress.stage("write", "writing the outputs")
     outputs = {"labels": os.fspath(out)}
     write_volume(seg.labels, out)
     if probabilities:
