@@ -226,3 +226,25 @@ def test_progress_json_and_bundle_fields(small_case, tmp_path, capsys):
                 "training", "fewshot"):
         assert key in meta
     assert meta["data_summary"]["spacings_mm"] == [[1.5, 1.5, 3.0]]
+
+
+def test_resume_several_images_validation_and_spacing(small_case, tmp_path):
+    image, labels = blobs_ct((24, 24, 16), seed=6, n=3, radius=3)
+    write_volume(volume(image, spacing=(1.5, 1.5, 3.0)), tmp_path / "img2.nii.gz")
+    write_volume(volume(labels, spacing=(1.5, 1.5, 3.0)), tmp_path / "lab2.nii.gz")
+    pairs = ["--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
+             "--image", str(tmp_path / "img2.nii.gz"), "--label", str(tmp_path / "lab2.nii.gz")]
+    base = ["finetune", *pairs, "--out", str(tmp_path / "m"), "--width", "4", "--patch", "16", "16", "8",
+            "--val-fraction", "0.5", "--val-every", "2", "--checkpoint-every", "2", "--spacing", "2", "2", "3",
+            "--progress", "none"]
+    assert main([*base, "--steps", "4"]) == 0
+    assert main([*base, "--steps", "6"]) == 2  # the folder holds a run: --resume or another --out
+    assert main([*base, "--steps", "6", "--resume"]) == 0
+    meta = read_meta(tmp_path / "m")
+    assert meta["training"]["steps"] == 6 and meta["training"]["best_val_loss"] is not None
+    assert any("val_loss" in r for r in meta["history"])
+    assert meta["preprocessing"]["target_spacing_mm"] == [2.0, 2.0, 3.0]
+    assert meta["data_summary"]["volumes"] == 2 and meta["data_summary"]["spacings_mm"][0] == [2.0, 2.0, 3.0]
+    assert main(["predict", "--model", str(tmp_path / "m"), "--image", str(small_case / "img.nii.gz"), "--out",
+                 str(tmp_path / "p.nii.gz"), "--progress", "none"]) == 0
+    assert read_volume(tmp_path / "p.nii.gz").shape == (24, 24, 16)  # back on the input grid
