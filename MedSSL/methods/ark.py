@@ -10,8 +10,9 @@ aorta set...), without unifying their labels:
 * loss on a batch of dataset i: ``(1 - c) * task + c * MSE(F_student, F_teacher)``, where task is
   Dice + cross-entropy of head i on dataset i's own classes with 255 (not annotated) ignored, and c
   follows a cosine from 0 to ``consistency_max`` (0.5) over the run. The student sees the patch with a
-  grey-level jitter (brightness/contrast or gamma, probability ``student_jitter_prob``), the teacher
-  the plain patch; both share the geometric augmentation of fine-tuning.
+  grey-level jitter (brightness/contrast or gamma, probability ``student_jitter_prob``; the published
+  limits, or much smaller ones on CT, see :data:`JITTER_RANGES`), the teacher the plain patch; both
+  share the geometric augmentation of fine-tuning.
 * datasets in turn: step k draws its batch from dataset ``k mod D`` (round robin), class-balanced
   patches as fine-tuning samples them (:class:`~MedSSL.finetune.sampling.PatchSampler`).
 
@@ -86,18 +87,26 @@ def fold_heads(heads, mappings: list[dict], n_classes: int) -> tuple[torch.Tenso
     return weight * scale.unsqueeze(1), bias * scale
 
 
-def student_jitter(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+#: the student's grey-level jitter: (contrast, brightness, gamma) limits. "published": albumentations'
+#: RandomBrightnessContrast / RandomGamma defaults on 8-bit radiographs; "ct": Hounsfield units are
+#: absolute and soft tissues differ by 10-50 HU, so +-0.2 of the [-1000, 1000] window (+-400 HU) would
+#: turn the liver into fat or bone: the fine-tuning CT limits (10-20 HU), no gamma
+JITTER_RANGES = {"published": (0.2, 0.2, 0.2), "ct": (0.03, 0.01, 0.0)}
+
+
+def student_jitter(x: torch.Tensor, p: float, generator: torch.Generator, limits=JITTER_RANGES["published"]) -> torch.Tensor:
     """Per sample with probability ``p``, one of (half and half): brightness/contrast
-    ``x * (1 + U(-0.2, 0.2)) + U(-0.2, 0.2)`` or gamma ``x ** U(0.8, 1.2)``; clipped to [0, 1]
-    (albumentations' RandomBrightnessContrast / RandomGamma defaults, as published)."""
+    ``x * (1 + U(-c, c)) + U(-b, b)`` or gamma ``x ** U(1 - g, 1 + g)``; clipped to [0, 1]. ``limits``
+    (c, b, g): see :data:`JITTER_RANGES` (published: 0.2 each)."""
+    c, b, g = (float(v) for v in limits)
     n = x.shape[0]
     shape = (n,) + (1,) * (x.dim() - 1)
     dev = generator.device
-    u = torch.rand(4, n, generator=generator, device=dev).to(x.device)
+    u = torch.rand(5, n, generator=generator, device=dev).to(x.device)
     on = (u[0] < p).view(shape)
-    use_gamma = (u[1] < 0.5).view(shape)
-    alpha, beta = (0.4 * u[2] - 0.2).view(shape), (0.4 * u[3] - 0.2).view(shape)
-    gamma = (0.8 + 0.4 * torch.rand(n, generator=generator, device=dev).to(x.device)).view(shape)
+    use_gamma = (u[1] < 0.5).view(shape) if g > 0 else torch.zeros(shape, dtype=torch.bool, device=x.device)
+    alpha, beta = (c * (2 * u[2] - 1)).view(shape), (b * (2 * u[3] - 1)).view(shape)
+    gamma = (1.0 + g * (2 * u[4] - 1)).view(shape)
     xc = x.clamp(0.0, 1.0)
     jittered = torch.where(use_gamma, xc ** gamma, xc * (1 + alpha) + beta).clamp(0.0, 1.0)
     return torch.where(on, jittered, x)
@@ -115,6 +124,7 @@ class Ark(SSLMethod):
         "Ours: 3D segmentation on the Genesis U-Net, one 1x1x1 head per dataset on the last decoder features, Dice + "
         "cross-entropy on each dataset's own classes (255 = not annotated ignored), consistency on the decoder "
         "features (no projector), teacher updated every step, datasets in turn one batch each (round robin), "
+        "the student's grey-level jitter limited to 10-20 HU on CT (the published +-0.2 would be +-400 HU), "
         "class-balanced patches, the heads folded into one output layer so the bundle segments the union of classes"
     )
     data_kind = "labelled-datasets"
@@ -125,6 +135,7 @@ class Ark(SSLMethod):
         "ce_weight": 1.0,
         "augment": True,
         "student_jitter_prob": 0.3,
+        "student_jitter": "auto",
         "export": "teacher",
     }
 
@@ -137,6 +148,9 @@ class Ark(SSLMethod):
             raise MedSSLError("teacher_momentum must be in [0, 1]")
         if s["export"] not in ("teacher", "student"):
             raise MedSSLError("export must be teacher or student")
+        if s["student_jitter"] not in ("auto", *JITTER_RANGES):
+            raise MedSSLError(f"student_jitter must be auto, {' or '.join(JITTER_RANGES)}")
+        self.jitter = "published" if s["student_jitter"] == "auto" else s["student_jitter"]
         self.loss_fn = MaskedDiceCELoss(float(s["dice_weight"]), float(s["ce_weight"]))
         self.heads = nn.ModuleList()
         self.teacher = None
@@ -158,6 +172,9 @@ class Ark(SSLMethod):
             raise MedSSLError("ark learns from labelled datasets: give them with --datasets SPEC.json")
         self.configure([d.name for d in datasets], [d.classes for d in datasets])
         self.to(next(self.backbone.parameters()).device)
+        if self.settings["student_jitter"] == "auto":  # CT limits when most cases are CT
+            modalities = ((data.datasets or {}).get("summary") or {}).get("modalities") or {}
+            self.jitter = "ct" if modalities and max(modalities, key=modalities.get) == "CT" else "published"
 
     def configure(self, names: list[str], classes: list[dict]) -> None:
         """Build the heads for datasets ``names`` with ``classes`` ({value: {"name", "color"}} each)."""
@@ -273,7 +290,7 @@ class Ark(SSLMethod):
         index, x, y = int(batch["dataset"]), batch["image"], batch["target"]
         if self.settings["augment"] and x.dim() == 5:
             x, y = augment_batch(x, y, GEOMETRIC, generator)
-        student_in = student_jitter(x, float(self.settings["student_jitter_prob"]), generator)
+        student_in = student_jitter(x, float(self.settings["student_jitter_prob"]), generator, JITTER_RANGES[self.jitter])
         feats = self.features(self.backbone, student_in)
         task, task_parts = self.loss_fn(self.heads[index](feats), y)
         with torch.no_grad():
@@ -336,4 +353,4 @@ class Ark(SSLMethod):
                              "global_values": {str(v): mapping[k + 1] for k, v in enumerate(values)}})
         exported = "teacher" if self.exported()[0] is not self.backbone else "student"
         return {**super().describe(), "datasets": datasets, "fusion": FUSION_RULE, "exported": exported,
-                "ignore_value": IGNORE}
+                "student_jitter_used": self.jitter, "ignore_value": IGNORE}

@@ -373,6 +373,17 @@ def test_ark_ignores_not_annotated_voxels(ark_data, tmp_path):
     assert float(logits.grad[:, :, :8].abs().max()) == 0.0 and float(logits.grad[:, :, 8:].abs().max()) > 0
 
 
+def test_ark_student_jitter_limits():
+    from MedSSL.methods.ark import JITTER_RANGES, student_jitter
+
+    x = torch.rand(64, 1, 4, 4, 4)
+    ct = student_jitter(x, 1.0, torch.Generator().manual_seed(0), JITTER_RANGES["ct"])
+    assert float((ct - x).abs().max()) <= 0.03 + 0.01 + 1e-6  # at most 40 HU of the [-1000, 1000] window
+    wide = student_jitter(x, 1.0, torch.Generator().manual_seed(0), JITTER_RANGES["published"])
+    assert float((wide - x).abs().max()) > 0.1
+    assert torch.equal(student_jitter(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
 def test_union_of_classes_in_spec_order():
     union, mappings = union_classes([
         {"classes": {1: {"name": "liver", "color": [0.1, 0.2, 0.3]}}},
@@ -493,6 +504,7 @@ def test_ark_short_run_predicts_both_classes_and_initialises_finetuning(ark_data
     assert [d["name"] for d in datasets] == ["liver-set", "lung-set"]
     assert datasets[0]["global_values"] == {"1": 1} and datasets[1]["global_values"] == {"1": 2}
     assert meta["method"]["exported"] == "teacher" and "fusion" in meta["method"]
+    assert meta["method"]["student_jitter_used"] == "ct"  # the phantoms are CT
     assert not any(k.startswith(("backbone.", "heads.", "teacher.")) for k in state)
     history = meta["history"]
     assert [r["dataset"] for r in history[:4]] == [0.0, 1.0, 0.0, 1.0]
