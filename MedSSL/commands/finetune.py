@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     add_training_options(p, steps=DEFAULT_STEPS, batch=2, lr=1e-3, patch=(64, 64, 32))
     _set_default(p, "patch", None, "patch size in voxels, multiples of 8 (default: segment 64 64 Z with Z about the "
                                    "in-plane extent, 8..32, e.g. 16 for 5 mm slices; classify 64 64 32, the volume is resized to it)")
+    _set_default(p, "steps", None, f"optimiser steps (default {DEFAULT_STEPS}; with --max-time alone: as many as fit in "
+                                   "that time, measured on a few steps, so the learning-rate schedule spans the budget)")
     _set_default(p, "width", None, "base channels of the U-Net (default: the --init model's width, else 32)")
     p.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto",
                    help="intensity normalisation (default: the --init bundle's, else detected per image)")

@@ -9,7 +9,7 @@ in from outside the patch become 255 (not annotated), so no invented background 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,16 @@ class AugmentConfig:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def for_task(cls, task: str, modality: str | None) -> "AugmentConfig":
+        """Segmentation: no flips (anatomy is lateral: a left-right flip turns the spleen's side into
+        the liver's and teaches the network that liver-like tissue there is spleen), full in-plane
+        warps. Classification: flips on, fewer warps. Intensities per :meth:`for_modality`."""
+        base = cls.for_modality(modality)
+        if task == "segment":
+            return replace(base, flip_axes=())
+        return replace(base, p_affine=0.3)
 
     @classmethod
     def for_modality(cls, modality: str | None) -> "AugmentConfig":

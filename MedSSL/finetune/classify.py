@@ -18,7 +18,6 @@ values, names get values 0..n-1 in sorted order.
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +196,7 @@ def _train(config, progress, model, images, targets, device, out, modality):
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step])
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step)
-    augment = replace(AugmentConfig.for_modality(modality), p_affine=0.3)
+    augment = AugmentConfig.for_task("classify", modality)
     progress.log(f"{len(train_idx)} training and {n_val} validation volume(s) on {device_description(device)}")
 
     def step_fn(step):

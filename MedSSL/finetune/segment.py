@@ -6,7 +6,8 @@ Few-shot design (a user painted a few slices of this very volume):
   up to 40 % of the patch, so the painted plane lies at any depth of the 3D window (see
   :mod:`.sampling`); the automatic patch is thin along thick slices (64 x 64 x 16 at 0.8 x 0.8 x 5 mm);
 * Dice + cross-entropy ignore the unpainted voxels (:mod:`.losses`);
-* augmentation warps only in-plane (rotation, scaling) and flips, so painted planes stay exact;
+* augmentation warps only in-plane (rotation, scaling), so painted planes stay exact, and does not flip
+  (anatomy is lateral); CT intensities are jittered by at most about 20 HU;
 * the bundle records how the labels were annotated and, for painted slices, recommends keeping at
   prediction only the components connected to the painted structure (``predict --annotation``).
 """
@@ -175,7 +176,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     rng = np.random.default_rng([config.seed, loop.step])
     sampler = _Float32Sampler(train_volumes, patch, mapping.n_channels, rng)
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step)
-    augment = AugmentConfig.for_modality(majority(modalities))
+    augment = AugmentConfig.for_task("segment", majority(modalities))
     loss_fn = MaskedDiceCELoss()
     progress.log(f"{len(train_volumes)} training volume(s), {mapping.n_channels - 1} class(es), patch {patch}, "
                  f"width {width}, init {init.source if init else 'scratch'}, on {device_description(device)}")
