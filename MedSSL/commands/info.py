@@ -59,6 +59,7 @@ def _print_summary(meta: dict) -> None:
               f"{training.get('best_val_loss')}, {training.get('seconds')} s on {training.get('device')}")
     data = meta.get("data_summary") or {}
     if data:
-        print(f"data         : {data.get('volumes')} volume(s), {data.get('cubes')} cubes")
+        counts = [f"{data[k]} {k}" for k in ("volumes", "cubes", "datasets", "cases") if data.get(k) is not None]
+        print(f"data         : {', '.join(counts) or 'not recorded'}")
     versions = meta.get("versions") or {}
     print(f"versions     : {', '.join(f'{k} {v}' for k, v in versions.items())}")

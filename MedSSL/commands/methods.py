@@ -15,6 +15,8 @@ def run(args) -> int:
     from ..methods.base import available_methods
 
     methods = [{"name": m.name, "description": m.description, "published": m.published,
+                "data": "--datasets SPEC.json" if m.data_kind == "labelled-datasets" else "--data PATH...",
+                "supports_2d": m.supports_2d,
                 "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.defaults.items()}}
                for m in available_methods()]
     if args.json:

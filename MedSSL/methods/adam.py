@@ -276,8 +276,9 @@ class Adam(SSLMethod):
     }
     supports_2d = True
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
-        super().__init__(width, in_channels, settings)
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
+                 spatial_dims: int = 3):
+        super().__init__(width, in_channels, settings, spatial_dims)
         s = self.settings
         self._check_settings()
         d = self.backbone.bottleneck_channels

@@ -139,8 +139,9 @@ class Ark(SSLMethod):
         "export": "teacher",
     }
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
-        super().__init__(width, in_channels, settings)
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
+                 spatial_dims: int = 3):
+        super().__init__(width, in_channels, settings, spatial_dims)
         s = self.settings
         if not 0.0 <= float(s["consistency_max"]) <= 1.0:
             raise MedSSLError("consistency_max must be in [0, 1]")

@@ -9,7 +9,6 @@ on batches of cubes, :meth:`SSLMethod.after_step` after each optimiser step, and
 
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -22,8 +21,6 @@ from ..models.unet3d import UNet3D
 
 _REGISTRY: dict[str, type["SSLMethod"]] = {}
 
-#: spatial dimensions of the backbone a method builds (3 unless :func:`build_method` asks for 2)
-_BUILD_SPATIAL_DIMS: contextvars.ContextVar[int] = contextvars.ContextVar("medssl_spatial_dims", default=3)
 
 
 @dataclass
@@ -70,13 +67,18 @@ class SSLMethod(nn.Module):
     #: what the method was published with and how we differ (for ``medssl methods`` and the README)
     published: ClassVar[str] = ""
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
+                 spatial_dims: int = 3):
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if spatial_dims == 2 and not self.supports_2d:
+            raise ValueError(f"method {self.name} has no 2D variant")
         unknown = set(settings or {}) - set(self.defaults)
         if unknown:
             raise ValueError(f"unknown setting(s) for method {self.name}: {', '.join(sorted(unknown))}")
         self.settings = {**self.defaults, **(settings or {})}
-        self.spatial_dims = _BUILD_SPATIAL_DIMS.get()
+        self.spatial_dims = spatial_dims
         self.backbone = UNet3D(in_channels=in_channels, out_channels=in_channels, width=width,
                                spatial_dims=self.spatial_dims)
 
@@ -169,15 +171,7 @@ def build_method(cls: type[SSLMethod], width: int = 32, settings: dict | None = 
                  spatial_dims: int = 3) -> SSLMethod:
     """``cls(width=width, settings=settings)`` with a backbone of ``spatial_dims`` (2 only for methods
     with ``supports_2d``; ValueError otherwise)."""
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if spatial_dims == 2 and not cls.supports_2d:
-        raise ValueError(f"method {cls.name} has no 2D variant")
-    token = _BUILD_SPATIAL_DIMS.set(spatial_dims)
-    try:
-        return cls(width=width, settings=settings)
-    finally:
-        _BUILD_SPATIAL_DIMS.reset(token)
+    return cls(width=width, settings=settings, spatial_dims=spatial_dims)
 
 
 def method_class(name: str) -> type[SSLMethod]:

@@ -90,8 +90,9 @@ class DiRA(MoCoRestorationMethod):
         **view_transform_defaults(),
     }
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
-        super().__init__(width, in_channels, settings)
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
+                 spatial_dims: int = 3):
+        super().__init__(width, in_channels, settings, spatial_dims)
         warm = float(self.settings["adversarial_warmup"])
         if not 0.0 <= warm <= 1.0:
             raise MedSSLError("adversarial_warmup must be a fraction of the steps in [0, 1]")

@@ -22,15 +22,20 @@ class ModelsGenesis(SSLMethod):
         "ours: same transforms and probabilities, Adam lr 1e-3 with cosine decay by default (SGD lr 1.0 "
         "collapses to a constant output for some users), standard BatchNorm"
     )
+    supports_2d = True
     defaults = {field: value for field, value in GenesisTransformConfig().__dict__.items()}
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
-        super().__init__(width, in_channels, settings)
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
+                 spatial_dims: int = 3):
+        super().__init__(width, in_channels, settings, spatial_dims)
         self.transform_config = GenesisTransformConfig(**self.settings)
 
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """batch (N, 1, X, Y, Z) in [0, 1] -> MSE of the restoration."""
-        inputs, targets = genesis_transform(batch, self.transform_config, generator)
+        """batch (N, 1, X, Y, Z) in [0, 1] (or (N, 1, X, Y) in 2D) -> MSE of the restoration."""
+        flat = batch.dim() == 4  # 2D: the transforms see one-slice cubes (N, 1, X, Y, 1)
+        inputs, targets = genesis_transform(batch.unsqueeze(-1) if flat else batch, self.transform_config, generator)
+        if flat:
+            inputs, targets = inputs.squeeze(-1), targets.squeeze(-1)
         restored = torch.sigmoid(self.backbone(inputs).float())
         loss = F.mse_loss(restored, targets)
         return loss, {"mse": float(loss.detach())}

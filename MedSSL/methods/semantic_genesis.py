@@ -58,8 +58,9 @@ class SelfDiscoveryMethod(SSLMethod):
 
     defaults = SELF_DISCOVERY_DEFAULTS
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None):
-        super().__init__(width, in_channels, settings)
+    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
+                 spatial_dims: int = 3):
+        super().__init__(width, in_channels, settings, spatial_dims)
         s = self.settings
         if int(s["classes"]) < 1:
             raise MedSSLError("classes must be >= 1")

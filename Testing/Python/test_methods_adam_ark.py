@@ -201,7 +201,7 @@ def test_adam_2d_batches():
     loss.backward()
     assert math.isfinite(float(loss.detach())) and parts["comp"] > 0
     with pytest.raises(ValueError):
-        build_method(method_class("genesis"), width=4, spatial_dims=2)  # no 2D variant declared
+        build_method(method_class("caid"), width=4, spatial_dims=2)  # no 2D variant declared
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,7 +527,7 @@ def test_ark_short_run_predicts_both_classes_and_initialises_finetuning(ark_data
     assert finetuned["init"] == {"source": "bundle", "width": 4, "method": "ark", "task": "segment"}
 
 
-def test_one_slice_images_give_a_2d_adam_and_a_padded_3d_genesis(tmp_path):
+def test_one_slice_images_give_2d_adam_and_genesis(tmp_path):
     from MedSSL.io.volumes import Volume
 
     folder = tmp_path / "radiographs"
@@ -545,5 +545,7 @@ def test_one_slice_images_give_a_2d_adam_and_a_padded_3d_genesis(tmp_path):
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     UNet3D(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)  # 2D kernels, the usual keys
     assert main(["pretrain", "--method", "genesis", "--out", str(tmp_path / "g"), *common]) == 0
-    meta = load_bundle(tmp_path / "g")[0]  # no 2D variant declared: one-slice images padded into 3D cubes
-    assert meta["architecture"]["spatial_dims"] == 3 and meta["patch_size"] == [32, 32, 8]
+    meta, state = load_bundle(tmp_path / "g")
+    assert meta["architecture"]["spatial_dims"] == 2 and meta["patch_size"] == [32, 32, 1]
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    UNet3D(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)
