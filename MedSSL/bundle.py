@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import MedSSLError
+from .io.atomic import atomic_write_text  # noqa: F401  (re-exported for callers)
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "model.json"
@@ -48,20 +49,6 @@ def versions() -> dict:
     except ImportError:  # pragma: no cover - monai is a dependency
         pass
     return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_bundle(out_dir, state_dict: dict, meta: dict) -> Path:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 
 from ..errors import MedSSLError
 from ..io import volumes as _volumes
+from ..io.atomic import atomic_write
 from .preprocess import IntensityConfig, body_mask, normalize_intensity, resample_to_spacing
 
 CACHE_FORMAT = 1  # bump when the cube-making algorithm changes: it is part of every key
@@ -384,16 +384,6 @@ class CubeSet:
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _load_cached(cache_dir: Path, key: str) -> dict | None:
@@ -478,9 +468,9 @@ def prepare_cubes(
             half = cubes.astype(np.float16)
             del cubes
             try:
-                _atomic_write(cache_dir / f"{key}.npy", lambda fh: np.save(fh, half, allow_pickle=False))
+                atomic_write(cache_dir / f"{key}.npy", lambda fh: np.save(fh, half, allow_pickle=False))
                 data = json.dumps(info, indent=1).encode("utf-8")
-                _atomic_write(cache_dir / f"{key}.json", lambda fh: fh.write(data))
+                atomic_write(cache_dir / f"{key}.json", lambda fh: fh.write(data))
             except OSError as exc:
                 raise MedSSLError(f"{cache_dir}: cannot write the cube cache ({exc.strerror})") from None
             del half

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MedSSLError
+from ..io.atomic import atomic_write
 from ..finetune.labels import IGNORE, classes_from_json, default_color, label_array, present_values
 from ..io.volumes import read_volume
 from .cubes import _update_with_file, source_files
@@ -192,16 +191,6 @@ def pair_key(image: Path, label: Path, intensity: IntensityConfig, spacing) -> s
     return h.hexdigest()
 
 
-def _atomic_save(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _resample_label(label_volume, values: np.ndarray, spacing):
@@ -281,10 +270,10 @@ def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
                 image, label, info = _prepare_pair(pair["image"], pair["label"], where, intensity, spacing)
                 info = {"format": CACHE_FORMAT, "id": key[:12], **info}
                 try:
-                    _atomic_save(cache_dir / f"{key}.image.npy", lambda fh: np.save(fh, image, allow_pickle=False))
-                    _atomic_save(cache_dir / f"{key}.label.npy", lambda fh: np.save(fh, label, allow_pickle=False))
+                    atomic_write(cache_dir / f"{key}.image.npy", lambda fh: np.save(fh, image, allow_pickle=False))
+                    atomic_write(cache_dir / f"{key}.label.npy", lambda fh: np.save(fh, label, allow_pickle=False))
                     text = json.dumps(info).encode("utf-8")
-                    _atomic_save(cache_dir / f"{key}.json", lambda fh: fh.write(text))
+                    atomic_write(cache_dir / f"{key}.json", lambda fh: fh.write(text))
                 except OSError as exc:
                     raise MedSSLError(f"{cache_dir}: cannot write the cache ({exc.strerror})") from None
                 case = _load_cached(cache_dir, key)

@@ -22,8 +22,6 @@ surrounded by air, so a content filter has air to reject.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import MedSSLError
+from ..io.atomic import atomic_write_text
 from ..io.volumes import Volume, write_volume
 
 CLASSES: dict[int, str] = {
@@ -347,14 +346,9 @@ def _place_nodules(rng, g: _Grid, lab: np.ndarray, hu: np.ndarray) -> list[dict]
 
 
 def _write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=1))
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise MedSSLError(f"{path}: cannot write ({exc.strerror})") from None
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MedSSLError
+from ..io.atomic import atomic_write
 
 
 def clean_for_json(value):
@@ -39,20 +38,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, creating the
     folder; MedSSLError naming ``path`` on failure (nothing is left behind)."""
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix, dir=parent)
+        (p.parent if str(p.parent) else Path(".")).mkdir(parents=True, exist_ok=True)
+        atomic_write(p, lambda handle: handle.write(data))
     except OSError as exc:
-        raise MedSSLError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise MedSSLError(f"{path}: cannot write ({exc.strerror})") from None
 
 

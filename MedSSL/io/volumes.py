@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import MedSSLError
+from .atomic import atomic_path
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
@@ -307,14 +307,10 @@ def write_volume(volume: Volume, path, compress: bool = True) -> None:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MedSSLError(f"{_display(parent)}: cannot create the output folder ({exc.strerror})") from None
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=parent)
-    os.close(fd)
     try:
-        sitk.WriteImage(to_sitk(volume), tmp, compress)
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            sitk.WriteImage(to_sitk(volume), tmp, compress)
     except (RuntimeError, OSError) as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise MedSSLError(f"{_display(path)}: cannot write ({str(exc).strip().splitlines()[-1][:120]})") from None
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MedSSLError
+from ..io.atomic import atomic_path
 from ..models.unet3d import UNet3D
 
 DISCOVERY_FORMAT = 1  # bump when the algorithm changes: part of the cache key
@@ -296,16 +296,11 @@ class PatternSet:
         return cubes, self.labels[idx].astype(np.int64)
 
 
-def _atomic(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+
+
+def _write_via_path(path: Path, write: Callable[[str], object]) -> None:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def digest(obj) -> str:
@@ -324,14 +319,14 @@ def save_patterns(path_stem: Path, cubes_writer: Callable[[np.ndarray], None], n
         mm.flush()
         del mm
 
-    _atomic(npy, write_npy)
+    _write_via_path(npy, write_npy)
 
     def write_npz(tmp):
         with open(tmp, "wb") as fh:
             np.savez(fh, **meta)
 
-    _atomic(npz, write_npz)
-    _atomic(js, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1), encoding="utf-8"))
+    _write_via_path(npz, write_npz)
+    _write_via_path(js, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1), encoding="utf-8"))
 
 
 def load_patterns(path_stem: Path) -> PatternSet | None:

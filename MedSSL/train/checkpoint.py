@@ -7,15 +7,14 @@ renamed, and loaded with ``torch.load(weights_only=True)``: a file carrying othe
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import MedSSLError
+from ..io.atomic import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -24,16 +23,7 @@ def save_checkpoint(out_dir: Path, payload: dict) -> Path:
     """Atomically write ``payload`` to ``<out_dir>/checkpoint.pt``."""
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-checkpoint-", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda handle: torch.save(payload, handle), prefix=".tmp-checkpoint-")
     return path
 
 

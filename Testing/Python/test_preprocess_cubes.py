@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSSL.data import cubes as cubes_mod
 from MedSSL.data.cubes import (
     CubeSet,
     CubeSettings,
