@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 

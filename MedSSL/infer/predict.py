@@ -132,7 +132,7 @@ def predict_files(model: LoadedModel, image_path, out, options: PredictOptions, 
     if model.task == "classify":
         check_output_path(out, (".json",), "--out")
         if detections or probabilities or options.annotation:
-            raise MedSSLError(f"--model: a classification bundle gives one label per volume; "
+            raise MedSSLError("--model: a classification bundle gives one label per volume; "
                               "--detections, --probabilities and --annotation apply to segmentation bundles")
     else:
         check_output_path(out, WRITE_SUFFIXES, "--out")
