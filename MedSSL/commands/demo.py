@@ -17,13 +17,18 @@ from pathlib import Path
 import numpy as np
 
 
+#: phantoms of 64 x 64 x 40 voxels at 3 x 3 x 4.5 mm and 32 x 32 x 16 patches: minutes on a laptop CPU
+PHANTOM = {"shape": (64, 64, 40), "spacing": (3.0, 3.0, 4.5)}
+PATCH = ["32", "32", "16"]
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="pretrain, fine-tune on a few painted slices, predict and evaluate on phantoms")
     p.add_argument("--out", type=Path, default=Path("medssl-demo"), help="output folder (default ./medssl-demo)")
     p.add_argument("--volumes", type=int, default=4, help="unlabeled phantoms to pretrain on (default 4)")
     p.add_argument("--pretrain-time", type=float, default=60.0, metavar="SECONDS", help="pretraining budget (default 60 s)")
     p.add_argument("--finetune-time", type=float, default=60.0, metavar="SECONDS", help="fine-tuning budget (default 60 s)")
-    p.add_argument("--slices", type=int, default=3, help="painted axial slices (default 3)")
+    p.add_argument("--slices", type=int, default=5, help="painted axial slices (default 5)")
     p.add_argument("--width", type=int, default=8, help="U-Net base width (default 8: fast on a CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -72,14 +77,14 @@ def run(args) -> int:
     unlabeled = data / "unlabeled"
     unlabeled.mkdir(parents=True, exist_ok=True)
     for i in range(args.volumes):
-        write_volume(make_phantom(seed=100 + i).image, unlabeled / f"phantom_{i:02d}.nii.gz")
-    target = make_phantom(seed=args.seed)
+        write_volume(make_phantom(seed=100 + i, **PHANTOM).image, unlabeled / f"phantom_{i:02d}.nii.gz")
+    target = make_phantom(seed=args.seed, **PHANTOM)
     image_path, truth_path, _ = write_phantom(target, data, name="target")
     _say(args, f"[1/4] wrote {args.volumes} unlabeled phantoms and a target phantom under {data}")
 
     pretrained = out / "pretrained"
     _sub(args, ["pretrain", "--data", str(unlabeled), "--out", str(pretrained), "--width", str(args.width),
-                "--patch", "64", "64", "32", "--batch-size", "4", "--max-time", str(args.pretrain_time),
+                "--patch", *PATCH, "--batch-size", "4", "--max-time", str(args.pretrain_time),
                 "--val-every", "20", "--cache", str(out / "cache"), "--resume"])
     _say(args, f"[2/4] pretrained Models Genesis for {args.pretrain_time:g} s -> {pretrained}")
 
@@ -92,12 +97,13 @@ def run(args) -> int:
     classes_path.write_text(json.dumps({str(k): {"name": v, "color": colors[k]} for k, v in classes.items()}))
     finetuned = out / "finetuned"
     _sub(args, ["finetune", "--image", str(image_path), "--label", str(sparse_path), "--classes", str(classes_path),
-                "--init", str(pretrained), "--out", str(finetuned), "--width", str(args.width),
+                "--init", str(pretrained), "--out", str(finetuned), "--width", str(args.width), "--patch", *PATCH,
                 "--max-time", str(args.finetune_time), "--resume"])
     _say(args, f"[3/4] fine-tuned on {len(picks)} painted axial slices {picks} for {args.finetune_time:g} s -> {finetuned}")
 
     prediction = out / "prediction.nii.gz"
-    _sub(args, ["predict", "--model", str(finetuned), "--image", str(image_path), "--out", str(prediction)])
+    _sub(args, ["predict", "--model", str(finetuned), "--image", str(image_path), "--out", str(prediction),
+                "--annotation", str(sparse_path)])
     truth = read_volume(truth_path).array
     truth = np.where(np.isin(truth, list(classes)), truth, 0).astype(np.uint8)
     truth[:, :, picks] = 255  # score only the slices nobody painted

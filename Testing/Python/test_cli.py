@@ -48,3 +48,16 @@ def test_python_dash_m_and_the_parent_watchdog(tmp_path):
     assert time.monotonic() - started < 30
     done = subprocess.run([sys.executable, "-m", "MedSSL", "--version"], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("medssl ")
+
+
+def test_demo_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
+    """The whole demo chain (phantoms, pretrain, finetune, predict with clean-up, evaluate) on small budgets."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--volumes", "2", "--pretrain-time", "3", "--finetune-time", "4",
+                 "--width", "4", "--progress", "none"]) == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    assert set(report["dice_on_unpainted_slices"]) == {"liver", "spleen"}
+    assert all(0.0 <= d <= 1.0 for d in report["dice_on_unpainted_slices"].values())
+    assert len(report["painted_slices"]) == 5
+    assert (out / "finetuned" / "model.json").is_file() and (out / "prediction.nii.gz").is_file()
+    assert "Dice on the slices that were not painted" in capsys.readouterr().out
