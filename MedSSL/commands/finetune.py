@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--init", default=None, metavar="BUNDLE_OR_PT|none",
                    help="initial weights: a MedSSL bundle (any method or task) or an official Models Genesis .pt; "
                         "default (or 'none'): from scratch")
+    p.add_argument("--transfer", choices=("all", "encoder"), default="all",
+                   help="which --init weights to copy: all (encoder and decoder, as Models Genesis; default) or encoder")
     p.add_argument("--classes", default=None, metavar="JSON_OR_LIST",
                    help='class names and colours: a JSON file {"1": {"name": "spleen", "color": [r, g, b]}} (0..1) or '
                         "1=spleen,2=liver; default: <label>.classes.json next to the first label "
@@ -74,7 +76,8 @@ def config_from_args(args):
         batch_size=args.batch_size, modality=args.modality, spacing=tuple(args.spacing) if args.spacing else None,
         detection=args.detection, augment=not args.no_augment, val_fraction=args.val_fraction, device=args.device,
         seed=args.seed, resume=args.resume, loop=loop_config(args, default_steps=DEFAULT_STEPS),
-        steps_from_time=args.steps is None and args.max_time is not None, recalibrate_bn=max(0, args.bn_recalibration),
+        transfer=args.transfer, recalibrate_bn=max(0, args.bn_recalibration),
+        steps_from_time=args.steps is None and args.max_time is not None,
     )
 
 

@@ -48,6 +48,8 @@ class FinetuneConfig:
     seed: int = 0
     resume: bool = False
     loop: LoopConfig = field(default_factory=LoopConfig)
+    #: which initial weights to copy: "all" (encoder and decoder, as Models Genesis) or "encoder"
+    transfer: str = "all"
     #: batches of random patches used to recompute BatchNorm statistics after training (0 = keep them)
     recalibrate_bn: int = 16
     #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
@@ -75,6 +77,12 @@ def fit_steps_to_time(loop: LoopConfig, step_fn, model, device, trials: int = 4)
     model.load_state_dict(saved)
     per_step = float(np.median(times[1:] if len(times) > 1 else times))
     return replace(loop, steps=max(1, int(loop.max_time / max(per_step, 1e-6))))
+
+
+def encoder_only(init: InitialWeights) -> InitialWeights:
+    """``init`` restricted to the encoder (``down_tr*``): the decoder then starts from scratch."""
+    state = {k: v for k, v in init.state_dict.items() if k.startswith("down_tr")}
+    return replace(init, state_dict=state)
 
 
 def load_init(spec: str | None) -> InitialWeights | None:

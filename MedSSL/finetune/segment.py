@@ -29,7 +29,7 @@ from ..train.loop import TrainingLoop
 from ..train.progress import Progress
 from ..train.runtime import OutputLock, device_description, resolve_device, seed_everything
 from .augment import AugmentConfig, augment_batch
-from .common import (FinetuneConfig, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
+from .common import (FinetuneConfig, encoder_only, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
                      preprocessing_from_init, resolve_width)
 from .labels import (IGNORE, LabelMapping, annotation_summary, classes_to_json, label_array, parse_classes,
                      present_values, read_classes_file, resolve_classes, sidecar_path)
@@ -168,7 +168,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     seed_everything(config.seed)
     model = UNet3D(in_channels=1, out_channels=mapping.n_channels, width=width).to(device)
     if init is not None:
-        apply_initial_weights(model, init, what=f"--init {config.init}")
+        apply_initial_weights(model, init if config.transfer == "all" else encoder_only(init), what=f"--init {config.init}")
     train_volumes, val_volumes = _split(volumes, config.val_fraction, config.seed)
     loop = TrainingLoop(model, config.loop, device, progress, out, "finetune")
     if config.resume and loop.resume():
@@ -220,6 +220,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         "channels": [int(v) for v in mapping.channel_values()],
         "detection": bool(config.detection),
         "inference": {"overlap": 0.5, "blend": "gaussian"},
+        "transfer": config.transfer if init is not None else None,
         "batchnorm": (f"statistics recomputed on {config.recalibrate_bn} batches of training patches after training"
                       if config.recalibrate_bn else "running statistics from training"),
         "fewshot": {

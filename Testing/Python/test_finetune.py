@@ -175,7 +175,7 @@ def small_case(tmp_path_factory):
 
 
 def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
-    torch.manual_seed(0)
+    torch.manual_seed(123)  # not finetune's seed: a fresh network must differ from these weights
     backbone = UNet3D(1, 1, 4)
     save_bundle(tmp_path / "pre", {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
                 {"architecture": {"name": "unet3d", "width": 4, "in_channels": 1, "out_channels": 1}, "task": "pretrain",
@@ -195,6 +195,13 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
     _, state = load_bundle(tmp_path / "a")
     key = "down_tr64.ops.0.conv1.weight"
     assert torch.allclose(state[key], backbone.state_dict()[key], atol=1e-6)
+    dec = "up_tr64.ops.0.conv1.weight"
+    assert torch.allclose(state[dec], backbone.state_dict()[dec], atol=1e-6)  # decoder copied too (default)
+    assert main([*base, "--out", str(tmp_path / "e"), "--init", str(tmp_path / "pre"), "--transfer", "encoder", *args]) == 0
+    _, enc_only = load_bundle(tmp_path / "e")
+    assert torch.allclose(enc_only[key], backbone.state_dict()[key], atol=1e-6)
+    assert not torch.allclose(enc_only[dec], backbone.state_dict()[dec], atol=1e-3)
+    assert read_meta(tmp_path / "e")["transfer"] == "encoder"
     official_checkpoint(tmp_path / "g.pt", width=4)
     assert main([*base, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "g.pt"), *args]) == 0
     assert read_meta(tmp_path / "b")["init"]["source"] == "official-pt"
