@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ..train.loop import LoopConfig
+from ..train.loop import UNBOUNDED_STEPS, LoopConfig
 from ..train.progress import Progress
 
 
@@ -35,7 +35,7 @@ def add_training_options(parser: argparse.ArgumentParser, steps: int, batch: int
 
 
 def loop_config(args, default_steps: int) -> LoopConfig:
-    steps = args.steps if args.steps is not None else (10**9 if args.max_time else default_steps)
+    steps = args.steps if args.steps is not None else (UNBOUNDED_STEPS if args.max_time else default_steps)
     for name in ("steps", "batch_size", "width", "val_every", "checkpoint_every"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

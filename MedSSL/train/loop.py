@@ -63,12 +63,29 @@ def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {config.optimizer!r} (adam, adamw, sgd)")
 
 
-def lr_factor(step: int, config: LoopConfig) -> float:
-    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine down to ``min_lr_ratio``."""
-    warm = max(1, int(config.warmup * config.steps))
-    if step < warm:
-        return (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, config.steps - warm))
+#: ``steps`` given when only ``max_time`` bounds a run: the schedule then follows the elapsed time
+UNBOUNDED_STEPS = 10**9
+
+
+def scheduled_by_time(config: LoopConfig) -> bool:
+    return config.max_time is not None and config.steps >= UNBOUNDED_STEPS
+
+
+def lr_factor(step: int, config: LoopConfig, fraction: float | None = None) -> float:
+    """Multiplier of the peak lr: linear warm-up, then cosine down to ``min_lr_ratio``.
+
+    By step (``step`` of ``config.steps``), or, when ``fraction`` (elapsed / max_time, 0..1) is given,
+    by time, so a run bounded only by ``--max-time`` still warms up and decays within its budget.
+    """
+    if fraction is not None:
+        if fraction < config.warmup:
+            return max(fraction / config.warmup, 1.0 / 1000)
+        progress = min(1.0, (fraction - config.warmup) / max(1e-9, 1 - config.warmup))
+    else:
+        warm = max(1, int(config.warmup * config.steps))
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, config.steps - warm))
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -130,7 +147,10 @@ class TrainingLoop:
         cfg = self.config
         autocast, scaler = _autocast(self.device, cfg.amp)
         start = time.monotonic()
-        self.progress.stage(self.stage, f"{self.stage}: {cfg.steps} steps" + (f", at most {cfg.max_time:g} s" if cfg.max_time else ""), total=cfg.steps)
+        by_time = scheduled_by_time(cfg)
+        budget = f"{cfg.max_time:g} s" if by_time else f"{cfg.steps} steps" + (f", at most {cfg.max_time:g} s" if cfg.max_time else "")
+        self.progress.stage(self.stage, f"{self.stage}: {budget}", total=None if by_time else cfg.steps)
+        total, fraction = cfg.steps, None
         stopped_by, samples, last_report = "steps", 0, 0.0
         self.trainable.train()
         while self.step < cfg.steps:
@@ -138,8 +158,11 @@ class TrainingLoop:
             if self.ctx.any(out_of_time, self.device):
                 stopped_by = "time"
                 break
+            if by_time:  # the same fraction on every torchrun rank, so their learning rates agree
+                fraction = self.ctx.mean(min(1.0, (time.monotonic() - start) / cfg.max_time), self.device)
+                total = max(self.step + 1, int(round((self.step + 1) / max(fraction, 1e-6))))  # estimate
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(self.step, cfg)
+                group["lr"] = cfg.lr * lr_factor(self.step, cfg, fraction)
             with autocast:
                 loss, parts = step_fn(self.step)
             if not torch.isfinite(loss):
@@ -153,18 +176,18 @@ class TrainingLoop:
             (scaler.step(self.optimizer), scaler.update()) if scaler else self.optimizer.step()
             self.step += 1
             if hasattr(self.model, "after_step"):  # momentum teachers, queues, staged losses
-                self.model.after_step(self.step, cfg.steps)
+                self.model.after_step(self.step, total)
             samples += int(parts.pop("batch", 1))
             record = {"step": self.step, "loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"], **parts}
-            if validate_fn is not None and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+            if validate_fn is not None and (self.step % cfg.val_every == 0 or self.step == total):
                 record["val_loss"] = self._validate(validate_fn)
                 self.trainable.train()
             self.history.append(record)
             now = time.monotonic()
-            if now - last_report > 0.5 or self.step == cfg.steps or "val_loss" in record:
+            if now - last_report > 0.5 or self.step == total or "val_loss" in record:
                 values = {k: v for k, v in record.items() if k != "step"}
                 values["cubes_per_s"] = samples * self.ctx.world_size / max(1e-9, now - start)
-                self.progress.update(self.step, cfg.steps, **values)
+                self.progress.update(self.step, total, **values)
                 last_report = now
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._checkpoint()

@@ -62,7 +62,11 @@ class Progress:
         eta = elapsed / step * (total - step) if step > 0 else None
         if self.mode == "json":
             self._emit({"event": "progress", "stage": self._stage, "step": step, "total": total, "eta_s": eta, **values})
-        elif self.mode == "bar" and self._bar is not None:
+        elif self.mode == "bar":
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=self._stage, unit="step", file=sys.stderr, dynamic_ncols=True)
             self._bar.total = total
             self._bar.n = step
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items() if v is not None}

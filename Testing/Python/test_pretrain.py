@@ -128,3 +128,23 @@ def test_torchrun_two_cpu_processes(volumes, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     meta = read_meta(out)
     assert meta["world_size"] == 2 and meta["training"]["steps"] == 4
+
+
+def test_a_time_only_budget_warms_up_and_decays_within_the_time(volumes, tmp_path):
+    """--max-time without --steps: the schedule follows the clock (not 10**9 steps of warm-up)."""
+    out = tmp_path / "clock"
+    assert main(pretrain_args(volumes, out, tmp_path / "cache", "--max-time", "4", "--progress", "none")) == 0
+    history = read_meta(out)["history"]
+    lrs = [record["lr"] for record in history]
+    assert max(lrs) > 0.5e-3  # reached the peak (1e-3) after the warm-up
+    assert lrs[-1] < 0.5 * max(lrs)  # and decayed towards the end of the budget
+
+
+def test_lr_schedule_by_step_and_by_time():
+    from MedSSL.train.loop import LoopConfig, lr_factor
+
+    config = LoopConfig(steps=100, warmup=0.1)
+    assert lr_factor(0, config) == pytest.approx(0.1) and lr_factor(10, config) == pytest.approx(1.0)
+    assert lr_factor(100, config) == pytest.approx(config.min_lr_ratio)
+    assert lr_factor(0, config, fraction=0.05) == pytest.approx(0.5)
+    assert lr_factor(0, config, fraction=1.0) == pytest.approx(config.min_lr_ratio)
