@@ -31,6 +31,7 @@ from ..io.volumes import find_volumes, is_single_slice
 from ..privacy import redact_paths
 from ..methods.base import PretrainData, build_method, method_class
 from ..models.initial_weights import apply_initial_weights, load_initial_weights
+from .acceleration import compile_with_fallback, prepare_batch, use_channels_last
 from .loop import LoopConfig, TrainingLoop, thin_history
 from .progress import Progress
 from .runtime import OutputLock, device_description, init_distributed, seed_everything
@@ -58,6 +59,8 @@ class PretrainConfig:
     device: str = "auto"
     seed: int = 0
     resume: bool = False
+    compile: bool = False
+    channels_last: bool = False
     loop: LoopConfig = field(default_factory=LoopConfig)
     datasets: Path | None = None
 
@@ -127,6 +130,9 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         apply_initial_weights(method.backbone, init, what=f"--init {config.init}")
         init_info = init.describe()
     method.setup(data)
+    channels_last = config.channels_last and spatial_dims == 3 and use_channels_last(method.backbone, progress.log)
+    if config.compile:
+        compile_with_fallback(method.backbone, progress.log)
     wrapped = DistributedDataParallel(method, find_unused_parameters=True) if ctx.enabled else method
     loop = TrainingLoop(method, config.loop, device, progress, out, "pretrain", ctx)
     if config.resume and loop.resume():
@@ -137,7 +143,7 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
     val_batches = method.validation_batches(data, config.batch_size, device)
 
     def step_fn(step):
-        loss, parts = wrapped(next_batch(), generator)
+        loss, parts = wrapped(prepare_batch(next_batch(), channels_last), generator)
         return loss, {**parts, "batch": config.batch_size}
 
     def validate_fn():
