@@ -14,10 +14,12 @@ Few-shot design (a user painted a few slices of this very volume):
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ..bundle import save_bundle
 from ..data.preprocess import resample_to_spacing
@@ -27,7 +29,7 @@ from ..models.unet3d import UNet3D
 from ..train.checkpoint import load_checkpoint
 from ..train.loop import TrainingLoop
 from ..train.progress import Progress
-from ..train.runtime import OutputLock, device_description, resolve_device, seed_everything
+from ..train.runtime import DistributedContext, OutputLock, device_description, init_distributed, seed_everything
 from .augment import AugmentConfig, augment_batch
 from .common import (FinetuneConfig, encoder_only, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
                      preprocessing_from_init, resolve_width)
@@ -147,7 +149,14 @@ def finetune_segmentation(config: FinetuneConfig, progress: Progress) -> Path:
     init = load_init(config.init)
     width = resolve_width(config.width, init)
     intensity, spacing = preprocessing_from_init(init, config.modality, config.spacing)
-    device = resolve_device(config.device)
+    ctx, device = init_distributed(config.device)
+    try:
+        return _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device)
+    finally:
+        ctx.close()
+
+
+def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device) -> Path:
     progress.stage("preprocess", f"reading {len(config.images)} image/label pair(s)")
     volumes, summary, modalities = load_segmentation_data(config, intensity, spacing)
     mapping, classes = _mapping_and_classes(volumes, config)
@@ -155,27 +164,30 @@ def finetune_segmentation(config: FinetuneConfig, progress: Progress) -> Path:
         v.target = mapping.to_channels(v.target)
     patch = check_patch(config.patch) if config.patch else auto_patch(summary["spacings_mm"], summary["shapes"])
     out = Path(config.out)
-    with OutputLock(out):
+    with OutputLock(out) if ctx.is_main else contextlib.nullcontext():
         if not config.resume and load_checkpoint(out) is not None:
             raise MedSSLError(f"{out}: already holds a training run; add --resume to continue it or choose another --out")
         return _train(config, progress, init, width, intensity, spacing, device, volumes, summary, modalities,
-                      mapping, classes, patch)
+                      mapping, classes, patch, ctx)
 
 
 def _train(config, progress, init, width, intensity, spacing, device, volumes, summary, modalities, mapping,
-           classes, patch) -> Path:
+           classes, patch, ctx: DistributedContext) -> Path:
+    """Under torchrun every rank samples its own patches (seeded by rank); gradients are averaged by
+    DistributedDataParallel; only rank 0 writes checkpoints and the bundle."""
     out = Path(config.out)
-    seed_everything(config.seed)
+    seed_everything(config.seed + ctx.rank)
     model = UNet3D(in_channels=1, out_channels=mapping.n_channels, width=width).to(device)
     if init is not None:
         apply_initial_weights(model, init if config.transfer == "all" else encoder_only(init), what=f"--init {config.init}")
     train_volumes, val_volumes = _split(volumes, config.val_fraction, config.seed)
-    loop = TrainingLoop(model, config.loop, device, progress, out, "finetune")
+    wrapped = DistributedDataParallel(model) if ctx.enabled else model
+    loop = TrainingLoop(model, config.loop, device, progress, out, "finetune", ctx)
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
-    rng = np.random.default_rng([config.seed, loop.step])
+    rng = np.random.default_rng([config.seed, loop.step, ctx.rank])
     sampler = _Float32Sampler(train_volumes, patch, mapping.n_channels, rng)
-    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step)
+    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step + 7919 * ctx.rank)
     augment = AugmentConfig.for_task("segment", majority(modalities))
     loss_fn = MaskedDiceCELoss()
     progress.log(f"{len(train_volumes)} training volume(s), {mapping.n_channels - 1} class(es), patch {patch}, "
@@ -187,11 +199,13 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         y = torch.from_numpy(targets).to(device).long()
         if config.augment:
             x, y = augment_batch(x, y, augment, generator)
-        loss, parts = loss_fn(model(x), y)
+        loss, parts = loss_fn(wrapped(x), y)
         return loss, {**parts, "batch": config.batch_size}
 
     if config.steps_from_time and config.loop.max_time and not loop.step:
         loop.config = fit_steps_to_time(config.loop, step_fn, model, device)
+        if ctx.enabled:  # every rank must run the same number of steps
+            loop.config.steps = max(1, int(round(ctx.mean(float(loop.config.steps), device))))
         progress.log(f"{loop.config.steps} steps fit in {config.loop.max_time:g} s")
     validate_fn = None
     if val_volumes:
@@ -205,6 +219,8 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
             return float(np.mean(losses))
 
     result = loop.run(step_fn, validate_fn)
+    if not ctx.is_main:
+        return out
     if result.best_state:
         model.load_state_dict(result.best_state)
     if config.recalibrate_bn:
@@ -220,6 +236,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         "channels": [int(v) for v in mapping.channel_values()],
         "detection": bool(config.detection),
         "inference": {"overlap": 0.5, "blend": "gaussian"},
+        "world_size": ctx.world_size,
         "transfer": config.transfer if init is not None else None,
         "batchnorm": (f"statistics recomputed on {config.recalibrate_bn} batches of training patches after training"
                       if config.recalibrate_bn else "running statistics from training"),

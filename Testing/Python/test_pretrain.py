@@ -148,3 +148,22 @@ def test_lr_schedule_by_step_and_by_time():
     assert lr_factor(100, config) == pytest.approx(config.min_lr_ratio)
     assert lr_factor(0, config, fraction=0.05) == pytest.approx(0.5)
     assert lr_factor(0, config, fraction=1.0) == pytest.approx(config.min_lr_ratio)
+
+
+def test_torchrun_finetune_two_cpu_processes(tmp_path):
+    phantom = make_phantom(0, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0))
+    write_volume(phantom.image, tmp_path / "ct.nii.gz")
+    painted = phantom.labels.array.copy()
+    painted[painted > 1] = 0
+    painted[:, :, 1::3] = 255
+    write_volume(phantom.labels.with_array(painted), tmp_path / "painted.nii.gz")
+    out = tmp_path / "ddp_ft"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "MedSSL",
+           "finetune", "--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "painted.nii.gz"),
+           "--out", str(out), "--width", "4", "--patch", "32", "32", "16", "--steps", "4", "--device", "cpu",
+           "--progress", "none"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = read_meta(out)
+    assert meta["world_size"] == 2 and meta["task"] == "segment"
