@@ -92,5 +92,5 @@ def run(args) -> int:
         from ..finetune.segment import finetune_segmentation
 
         bundle = finetune_segmentation(config, progress)
-    progress.done(bundle=str(bundle))
+    progress.done(bundle=str(Path(bundle).resolve()))
     return 0

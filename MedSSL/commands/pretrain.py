@@ -61,5 +61,5 @@ def run(args) -> int:
         channels_last=args.channels_last, loop=loop_config(args, default_steps=1000),
     )
     bundle = pretrain(config, progress)
-    progress.done(bundle=str(bundle))
+    progress.done(bundle=str(Path(bundle).resolve()))
     return 0
