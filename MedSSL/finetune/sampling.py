@@ -1,11 +1,13 @@
 """Class-balanced patch sampling around annotated voxels.
 
-Every patch is centred near an annotated voxel of one channel (background or a class), the channels
-taken in turn (a random permutation per round), so a class painted on three slices is seen as often as
-the background of a whole volume. The centre is then shifted by up to ``jitter`` of the patch along each
-axis, so the annotated voxel (and, for painted slices, the painted plane) lies at varying depths inside
-the patch and the network learns to predict at every position of its window, not only at the centre.
-Parts of a patch outside the volume are padded with 0 (image) and 255 (not annotated).
+Every patch holds an annotated voxel of one channel (background or a class), the channels taken in
+turn (a random permutation per round), so a class painted on three slices is seen as often as the
+background of a whole volume. That voxel lies at a uniformly random position of the patch (``jitter``
+= 1: anywhere, borders included), so for painted slices the painted plane falls at every depth of the
+3D window and the network is supervised at every position of its window. With the plane kept near the
+centre (an earlier 0.4 jitter), the outermost slices of a window were never supervised and a sliding
+window predicted whole end slices of the spleen volume as spleen. Parts of a patch outside the volume
+are padded with 0 (image) and 255 (not annotated).
 """
 
 from __future__ import annotations
@@ -46,14 +48,19 @@ class PatchSampler:
     """Draws (image, target) patches balanced over channels.
 
     volumes: the training volumes; patch: (X, Y, Z) voxels; n_channels: background + classes;
-    jitter: the largest centre shift as a fraction of the patch (0.4 keeps the centre voxel inside).
+    jitter: where the chosen voxel may lie in the patch, as a fraction of the patch around its centre
+    (1 = anywhere, 0 = at the centre).
     """
 
     def __init__(self, volumes: list[TrainingVolume], patch, n_channels: int, rng: np.random.Generator,
-                 jitter: float = 0.4):
+                 jitter: float = 1.0):
         self.volumes, self.patch, self.rng = volumes, np.asarray(patch, dtype=int), rng
         self.n_channels = n_channels
-        self.max_shift = np.floor(self.patch * jitter).astype(int)
+        centre = self.patch // 2
+        half = np.floor(jitter * self.patch / 2).astype(int)
+        #: inclusive range of the chosen voxel's position inside the patch, per axis
+        self.depth_lo = np.clip(centre - half, 0, self.patch - 1)
+        self.depth_hi = np.clip(centre + half, 0, self.patch - 1)
         # candidates[c] = [(volume index, flat indices), ...] for every volume holding channel c
         self.candidates: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n_channels)]
         for i, vol in enumerate(volumes):
@@ -80,9 +87,8 @@ class PatchSampler:
         choices = self.candidates[channel]
         vol_index, idx = choices[int(self.rng.integers(len(choices)))]
         vol = self.volumes[vol_index]
-        centre = np.array(np.unravel_index(int(idx[self.rng.integers(idx.size)]), vol.target.shape))
-        centre = centre + self.rng.integers(-self.max_shift, self.max_shift + 1)
-        start = centre - self.patch // 2
+        voxel = np.array(np.unravel_index(int(idx[self.rng.integers(idx.size)]), vol.target.shape))
+        start = voxel - self.rng.integers(self.depth_lo, self.depth_hi + 1)
         return crop(vol.image, start, self.patch, 0.0), crop(vol.target, start, self.patch, IGNORE)
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -84,6 +84,37 @@ def load_model(bundle_dir, device: torch.device, allowed=TASKS, what: str = "--m
     return model
 
 
+#: memory one batch of windows may take in the automatic choice (MB): activations and class maps
+WINDOW_MEMORY_MB = 512
+
+
+def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: int = 2) -> tuple[int, int, int]:
+    """The sliding window for an image of ``shape`` (X, Y, Z) voxels on the model's grid.
+
+    ``requested`` (``--window``) wins. Otherwise the window covers the whole plane (X, Y rounded up to
+    multiples of 8) when a batch of such windows fits :data:`WINDOW_MEMORY_MB` (estimated as voxels x
+    (6 x width + output channels) x 4 bytes x batch), else the training patch grown in-plane as far as
+    that allows; Z is the training patch's. The network is fully convolutional, and fewer window
+    borders inside the body mattered: on the few-shot spleen (164 x 166 x 26) a 168 x 168 x 16 window
+    raised Dice from 0.89 to 0.95 over the 64 x 64 x 16 training patch (96 or 128 did not help:
+    window borders remained inside the body).
+    """
+    if requested:
+        window = tuple(int(w) for w in requested)
+        if len(window) != 3 or any(w < 8 or w % 8 for w in window):
+            raise MedSSLError(f"--window {' '.join(map(str, window))}: each size must be a multiple of 8")
+        return window
+    px, py, pz = model.patch
+    arch = model.meta.get("architecture") or {}
+    per_voxel = 4 * (6 * int(arch.get("width", 32)) + int(arch.get("out_channels", 2))) * max(1, sw_batch_size)
+    limit = WINDOW_MEMORY_MB * 2**20 / per_voxel / pz  # in-plane voxels
+    full = [max(p, 8 * -(-int(s) // 8)) for p, s in zip((px, py), shape[:2])]
+    if full[0] * full[1] <= limit:
+        return full[0], full[1], pz
+    side = 8 * int(np.sqrt(limit) // 8)
+    return min(full[0], max(px, side)), min(full[1], max(py, side)), pz
+
+
 def check_image(model: LoadedModel, volume: Volume, path) -> None:
     """The image must suit the network: one channel (scalar), and 3D for a 3D network."""
     arch = model.meta.get("architecture") or {}

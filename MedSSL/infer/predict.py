@@ -21,7 +21,7 @@ from ..finetune.labels import label_array
 from ..io.volumes import WRITE_SUFFIXES, Volume, read_volume, resample_to_grid, write_volume
 from ..train.progress import Progress
 from .detect import find_detections
-from .model import LoadedModel, prepare
+from .model import LoadedModel, inference_window, prepare
 from .postprocess import keep_connected_to_annotation, largest_component_per_class
 from .sliding import SegmentationReducer, make_predictor, run_slabs
 
@@ -31,7 +31,8 @@ class PredictOptions:
     """tta: average flipped predictions; largest_component: keep each class's largest component;
     annotation: path of the painted label map of this image (few-shot clean-up, see
     :func:`~.postprocess.keep_connected_to_annotation`); overlap: sliding-window overlap (0..1);
-    memory_mb: target size of the sliding-window accumulator; min_volume_mm3: smallest detection."""
+    memory_mb: target size of the sliding-window accumulator; min_volume_mm3: smallest detection;
+    window: sliding-window size (X, Y, Z) voxels, None = :func:`~.model.inference_window`."""
 
     tta: bool = False
     largest_component: bool = False
@@ -40,6 +41,7 @@ class PredictOptions:
     memory_mb: float = 1024.0
     sw_batch_size: int = 2
     min_volume_mm3: float = 0.0
+    window: tuple | None = None
 
 
 @dataclass
@@ -94,7 +96,8 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
     reducer = SegmentationReducer(work.shape, n)
     if progress:
         progress.stage("predict", f"sliding window over {'x'.join(map(str, work.shape))} voxels", total=1)
-    run_slabs(array, make_predictor(model.network, options.tta), model.patch, n, reducer, overlap=options.overlap,
+    window = inference_window(model, work.shape, options.window, options.sw_batch_size)
+    run_slabs(array, make_predictor(model.network, options.tta), window, n, reducer, overlap=options.overlap,
               sw_batch_size=options.sw_batch_size, memory_mb=options.memory_mb, device=model.device,
               on_slab=(lambda i, k: progress.update(i, k)) if progress else None)
     del array

@@ -15,7 +15,7 @@ from ..errors import MedSSLError
 from ..finetune.labels import IGNORE
 from ..io.volumes import Volume
 from ..train.progress import Progress
-from .model import LoadedModel, prepare
+from .model import LoadedModel, inference_window, prepare
 from .predict import to_input_grid
 from .sliding import SegmentationReducer, make_predictor, run_slabs
 
@@ -28,7 +28,8 @@ def slice_entropy(model: LoadedModel, volume: Volume, image_path, tta: bool = Tr
     reducer = SegmentationReducer(work.shape, n, entropy=True)
     if progress:
         progress.stage("predict", "uncertainty with test-time flips", total=1)
-    run_slabs(array, make_predictor(model.network, tta=tta, entropy=True), model.patch, n + 1, reducer,
+    window = inference_window(model, work.shape)
+    run_slabs(array, make_predictor(model.network, tta=tta, entropy=True), window, n + 1, reducer,
               overlap=overlap, memory_mb=memory_mb, device=model.device,
               on_slab=(lambda i, k: progress.update(i, k)) if progress else None)
     return to_input_grid(reducer.entropy, work, volume, nearest=False)
