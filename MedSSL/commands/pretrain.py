@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto", help="intensity normalisation: CT window [-1000, 1000] HU or MR percentiles (default: from the data)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="resample to this spacing in mm first (default: keep the voxel grid, as Models Genesis)")
     p.add_argument("--cache", type=Path, default=None, help="cube cache folder (default $MEDSSL_CACHE or ~/.cache/medssl/cubes)")
+    p.add_argument("--workers", type=int, default=1, help="loader threads preparing batches while the GPU trains (default 1; 0 = none)")
     p.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format (often faster on GPUs with AMP)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (falls back to eager mode if compilation fails)")
     add_runtime_options(p)
@@ -57,7 +58,7 @@ def run(args) -> int:
         data=args.data, datasets=args.datasets, out=args.out, method=args.method, method_settings=settings, init=args.init,
         width=args.width, patch=tuple(args.patch), batch_size=args.batch_size, cubes_per_volume=args.cubes_per_volume,
         modality=args.modality, spacing=tuple(args.spacing) if args.spacing else None, cache_dir=args.cache,
-        device=args.device, seed=args.seed, resume=args.resume, compile=args.compile,
+        device=args.device, seed=args.seed, resume=args.resume, compile=args.compile, workers=args.workers,
         channels_last=args.channels_last, loop=loop_config(args, default_steps=1000),
     )
     bundle = pretrain(config, progress)

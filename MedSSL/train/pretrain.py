@@ -32,6 +32,7 @@ from ..privacy import redact_paths
 from ..methods.base import PretrainData, build_method, method_class
 from ..models.initial_weights import apply_initial_weights, load_initial_weights
 from .acceleration import compile_with_fallback, prepare_batch, use_channels_last
+from .prefetch import Prefetcher
 from .loop import LoopConfig, TrainingLoop, thin_history
 from .progress import Progress
 from .runtime import OutputLock, device_description, init_distributed, seed_everything
@@ -60,6 +61,7 @@ class PretrainConfig:
     seed: int = 0
     resume: bool = False
     compile: bool = False
+    workers: int = 1
     channels_last: bool = False
     loop: LoopConfig = field(default_factory=LoopConfig)
     datasets: Path | None = None
@@ -140,6 +142,8 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
     rng = np.random.default_rng([config.seed, ctx.rank, loop.step])
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + ctx.rank * 7919 + loop.step)
     next_batch = method.batch_source(data, config.batch_size, rng, device)
+    if config.workers > 0:
+        next_batch = Prefetcher(next_batch, workers=config.workers)
     val_batches = method.validation_batches(data, config.batch_size, device)
 
     def step_fn(step):
@@ -150,7 +154,11 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         fixed = torch.Generator(device=device).manual_seed(config.seed + 12345)
         return float(np.mean([method.validation_loss(b, fixed) for b in val_batches]))
 
-    result = loop.run(step_fn, validate_fn if val_batches else None)
+    try:
+        result = loop.run(step_fn, validate_fn if val_batches else None)
+    finally:
+        if isinstance(next_batch, Prefetcher):
+            next_batch.close()
     if not ctx.is_main:
         return out
     if result.best_state is not None:

@@ -89,11 +89,22 @@ def main() -> None:
         voxels = int(np.prod(args.shape))
         print(json.dumps({
             "benchmark": "predict_memory", "peak_rss_mb": round(peak_kb / 1024, 1), "seconds": round(seconds, 1),
-            "voxels": voxels, "shape": args.shape, "classes": args.classes, "width": args.width, "patch": args.patch,
+            "seconds_per_megavoxel": round(seconds / (voxels / 1e6), 2), "device": "cpu",
+            "cpu_model": _cpu_model(), "voxels": voxels, "shape": args.shape, "classes": args.classes, "width": args.width, "patch": args.patch,
             "overlap": args.overlap, "memory_mb_target": args.memory_mb, "threads": args.threads,
             "full_volume_float32_accumulator_mb": round((args.classes + 1) * voxels * 4 / 2**20, 1),
             "detections": len(json.loads((tmp / "det.json").read_text())) if args.detections else None,
         }))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 if __name__ == "__main__":

@@ -39,3 +39,22 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert torch.equal(module(x), F.linear(x, module.weight, module.bias))
     assert torch.equal(module(x), F.linear(x, module.weight, module.bias))
     assert len(logs) == 1 and "running eagerly" in logs[0]
+
+
+def test_prefetcher_keeps_the_order_and_passes_errors_on():
+    import pytest
+
+    from MedSSL.train.prefetch import Prefetcher
+
+    counter = iter(range(100))
+    prefetch = Prefetcher(lambda: next(counter), workers=1, depth=3)
+    assert [prefetch() for _ in range(10)] == list(range(10))
+    prefetch.close()
+
+    def broken():
+        raise ValueError("unreadable cube")
+
+    failing = Prefetcher(broken)
+    with pytest.raises(ValueError, match="unreadable cube"):
+        failing()
+    failing.close()
