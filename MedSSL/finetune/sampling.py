@@ -2,12 +2,14 @@
 
 Every patch holds an annotated voxel of one channel (background or a class), the channels taken in
 turn (a random permutation per round), so a class painted on three slices is seen as often as the
-background of a whole volume. That voxel lies at a uniformly random position of the patch (``jitter``
-= 1: anywhere, borders included), so for painted slices the painted plane falls at every depth of the
-3D window and the network is supervised at every position of its window. With the plane kept near the
-centre (an earlier 0.4 jitter), the outermost slices of a window were never supervised and a sliding
-window predicted whole end slices of the spleen volume as spleen. Parts of a patch outside the volume
-are padded with 0 (image) and 255 (not annotated).
+background of a whole volume. That voxel lies within ``jitter`` (0.4) of the patch around its centre, so
+the patch stays about the class; along the axis of painted slices (``full_axes``) it lies anywhere,
+borders included, so the painted plane falls at every depth of the 3D window and the network is
+supervised at every position of its window. With the plane kept near the centre, the outermost slices
+of a window were never supervised, and a sliding window predicted the whole end slices of the spleen
+volume as spleen; with the voxel anywhere along all axes, small dense classes were no longer centred
+and a 100-step run missed one of two blob classes entirely. Parts of a patch outside the volume are
+padded with 0 (image) and 255 (not annotated).
 """
 
 from __future__ import annotations
@@ -48,16 +50,17 @@ class PatchSampler:
     """Draws (image, target) patches balanced over channels.
 
     volumes: the training volumes; patch: (X, Y, Z) voxels; n_channels: background + classes;
-    jitter: where the chosen voxel may lie in the patch, as a fraction of the patch around its centre
-    (1 = anywhere, 0 = at the centre).
+    jitter: where the chosen voxel may lie, as a fraction of the patch around its centre (1 = anywhere,
+    0 = at the centre); full_axes: axes along which it may lie anywhere (the axis of painted slices).
     """
 
     def __init__(self, volumes: list[TrainingVolume], patch, n_channels: int, rng: np.random.Generator,
-                 jitter: float = 1.0):
+                 jitter: float = 0.4, full_axes=()):
         self.volumes, self.patch, self.rng = volumes, np.asarray(patch, dtype=int), rng
         self.n_channels = n_channels
         centre = self.patch // 2
-        half = np.floor(jitter * self.patch / 2).astype(int)
+        fraction = np.array([1.0 if a in tuple(full_axes) else jitter for a in range(3)])
+        half = np.floor(fraction * self.patch / 2).astype(int)
         #: inclusive range of the chosen voxel's position inside the patch, per axis
         self.depth_lo = np.clip(centre - half, 0, self.patch - 1)
         self.depth_hi = np.clip(centre + half, 0, self.patch - 1)

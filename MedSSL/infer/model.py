@@ -91,15 +91,20 @@ WINDOW_MEMORY_MB = 512
 def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: int = 2) -> tuple[int, int, int]:
     """The sliding window for an image of ``shape`` (X, Y, Z) voxels on the model's grid.
 
-    ``requested`` (``--window``) wins. Otherwise the window covers the whole plane (X, Y rounded up to
-    multiples of 8) when a batch of such windows fits :data:`WINDOW_MEMORY_MB` (estimated as voxels x
-    (6 x width + output channels) x 4 bytes x batch), else the training patch grown in-plane as far as
-    that allows; Z is the training patch's. The network is fully convolutional, and fewer window
-    borders inside the body mattered: on the few-shot spleen (164 x 166 x 26) a 168 x 168 x 16 window
-    raised Dice from 0.89 to 0.95 over the 64 x 64 x 16 training patch (96 or 128 did not help:
-    window borders remained inside the body).
+    ``requested`` (``--window X Y Z`` or ``--window plane``) wins; None takes the bundle's
+    ``inference.window`` (few-shot bundles say "plane"), else the training patch. ``"plane"`` makes the
+    window cover the whole plane (X, Y rounded up to multiples of 8) when a batch of such windows fits
+    :data:`WINDOW_MEMORY_MB` (estimated as voxels x (6 x width + output channels) x 4 bytes x batch),
+    else the training patch grown in-plane as far as that allows; Z is the training patch's. The
+    network is fully convolutional, and fewer window borders inside the body mattered: on the few-shot
+    spleen (164 x 166 x 26) a 168 x 168 x 16 window raised Dice from 0.89 to 0.95 over the 64 x 64 x 16
+    training patch (96 or 128 did not help: window borders remained inside the body).
     """
-    if requested:
+    if requested is None:
+        requested = (model.meta.get("inference") or {}).get("window")
+    if requested is None:
+        return tuple(model.patch)
+    if requested != "plane":
         window = tuple(int(w) for w in requested)
         if len(window) != 3 or any(w < 8 or w % 8 for w in window):
             raise MedSSLError(f"--window {' '.join(map(str, window))}: each size must be a multiple of 8")
