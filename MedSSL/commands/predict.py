@@ -28,14 +28,29 @@ def add_parser(sub) -> None:
     p.add_argument("--tta", action="store_true", help="average the predictions of flipped copies (4x slower)")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each class")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap 0..0.95 (default: the bundle's, 0.5)")
-    p.add_argument("--window", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="sliding-window size in voxels, multiples of 8 (default: the whole plane when it fits a memory "
-                        "budget, else the training patch grown in-plane; Z = the training patch's)")
+    p.add_argument("--window", nargs="+", default=None, metavar="X Y Z | plane",
+                   help="sliding-window size in voxels (multiples of 8), or 'plane': the whole plane when it fits a "
+                        "memory budget (default: the bundle's choice, 'plane' for few-shot bundles, else the training patch)")
     p.add_argument("--min-volume", type=float, default=0.0, metavar="MM3", help="smallest detection to report (default 0)")
     p.add_argument("--memory-mb", type=float, default=1024.0,
                    help="target size of the sliding-window accumulator; larger volumes are processed in slabs (default 1024)")
     add_runtime_options(p)
     p.set_defaults(run=run)
+
+
+def parse_window(values):
+    """``--window``: None, ["plane"] or three integers."""
+    if not values:
+        return None
+    if values == ["plane"]:
+        return "plane"
+    try:
+        window = tuple(int(v) for v in values)
+    except ValueError:
+        window = ()
+    if len(window) != 3:
+        raise MedSSLError(f"--window {' '.join(values)}: give three sizes X Y Z or 'plane'")
+    return window
 
 
 def run(args) -> int:
@@ -53,7 +68,7 @@ def run(args) -> int:
         raise MedSSLError(f"--memory-mb {args.memory_mb}: must be positive")
     options = PredictOptions(tta=args.tta, largest_component=args.largest_component, annotation=args.annotation,
                              overlap=overlap, memory_mb=args.memory_mb, min_volume_mm3=args.min_volume,
-                             window=tuple(args.window) if args.window else None)
+                             window=parse_window(args.window))
     progress = make_progress(args)
     outputs = predict_files(model, args.image, args.out, options, progress, detections=args.detections,
                             probabilities=args.probabilities)

@@ -237,21 +237,31 @@ def classes_from_bundle(meta: dict) -> dict[int, dict]:
     return {int(k): (v if isinstance(v, dict) else {"name": str(v)}) for k, v in (meta.get("classes") or {}).items()}
 
 
+def _longest_run(flags: np.ndarray) -> int:
+    best = run = 0
+    for flag in flags:
+        run = run + 1 if flag else 0
+        best = max(best, run)
+    return best
+
+
 def annotation_summary(labels: np.ndarray) -> dict:
     """How a label map was annotated (counts only, no positions).
 
-    ``kind``: "slices" when the annotated voxels fill at most half of the slices along some axis and
-    that axis is the one with the fewest annotated slices (``axis`` = array axis, ``slices`` = how
-    many), else "dense". ``fraction``: annotated voxels / all voxels.
+    ``kind``: "slices" when, along the axis with the smallest fraction of annotated slices, at most
+    half of the slices hold annotated voxels and they come as isolated slices (runs of at most 2
+    neighbours: painted slices, not slabs); ``axis`` = that array axis, ``slices`` = how many. Else
+    "dense". ``fraction``: annotated voxels / all voxels.
     """
     annotated = labels != IGNORE
     total = annotated.size
     per_axis = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
-        per_axis.append(int(np.count_nonzero(annotated.any(axis=other))))
-    axis = int(np.argmin([n / labels.shape[a] for a, n in enumerate(per_axis)]))
+        per_axis.append(annotated.any(axis=other))
+    axis = int(np.argmin([flags.mean() for flags in per_axis]))
+    flags = per_axis[axis]
     fraction = float(np.count_nonzero(annotated)) / max(1, total)
-    if per_axis[axis] <= labels.shape[axis] / 2 and fraction < 0.5:
-        return {"kind": "slices", "axis": axis, "slices": per_axis[axis], "fraction": round(fraction, 5)}
+    if flags.sum() <= labels.shape[axis] / 2 and _longest_run(flags) <= 2 and fraction < 0.5:
+        return {"kind": "slices", "axis": axis, "slices": int(flags.sum()), "fraction": round(fraction, 5)}
     return {"kind": "dense", "fraction": round(fraction, 5)}

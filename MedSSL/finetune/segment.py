@@ -2,9 +2,12 @@
 
 Few-shot design (a user painted a few slices of this very volume):
 
-* patches are centred on annotated voxels of each channel in turn (background included) and shifted by
-  up to 40 % of the patch, so the painted plane lies at any depth of the 3D window (see
-  :mod:`.sampling`); the automatic patch is thin along thick slices (64 x 64 x 16 at 0.8 x 0.8 x 5 mm);
+* patches hold annotated voxels of each channel in turn (background included) near their centre, and
+  anywhere along the painted axis, so the painted plane lies at every depth of the 3D window, borders
+  included (see :mod:`.sampling`); the automatic patch is thin along thick slices (64 x 64 x 16 at
+  0.8 x 0.8 x 5 mm);
+* prediction uses a sliding window covering the whole plane (model.json ``inference.window: "plane"``;
+  see :func:`MedSSL.infer.model.inference_window`);
 * Dice + cross-entropy ignore the unpainted voxels (:mod:`.losses`);
 * augmentation warps only in-plane (rotation, scaling), so painted planes stay exact, and does not flip
   (anatomy is lateral); CT intensities are jittered by at most about 20 HU;
@@ -102,6 +105,14 @@ def _mapping_and_classes(volumes, config: FinetuneConfig) -> tuple[LabelMapping,
     return LabelMapping(values), resolve_classes(values, given, where)
 
 
+def slice_axes(annotations: list[dict]) -> tuple:
+    """The axis of painted slices when every label was annotated as slices along the same axis."""
+    axes = {a.get("axis") for a in annotations if a["kind"] == "slices"}
+    if len(axes) == 1 and all(a["kind"] == "slices" for a in annotations):
+        return (axes.pop(),)
+    return ()
+
+
 def _split(volumes: list, fraction: float, seed: int) -> tuple[list, list]:
     if fraction <= 0 or len(volumes) < 2:
         return volumes, []
@@ -186,7 +197,8 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step, ctx.rank])
-    sampler = _Float32Sampler(train_volumes, patch, mapping.n_channels, rng)
+    painted_axes = slice_axes(summary["annotations"])
+    sampler = _Float32Sampler(train_volumes, patch, mapping.n_channels, rng, full_axes=painted_axes)
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step + 7919 * ctx.rank)
     augment = AugmentConfig.for_task("segment", majority(modalities))
     loss_fn = MaskedDiceCELoss()
@@ -235,14 +247,16 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         "classes": classes_to_json(classes),
         "channels": [int(v) for v in mapping.channel_values()],
         "detection": bool(config.detection),
-        "inference": {"overlap": 0.5, "blend": "gaussian"},
+        "inference": {"overlap": 0.5, "blend": "gaussian", **({"window": "plane"} if sparse else {})},
         "world_size": ctx.world_size,
         "transfer": config.transfer if init is not None else None,
         "batchnorm": (f"statistics recomputed on {config.recalibrate_bn} batches of training patches after training"
                       if config.recalibrate_bn else "running statistics from training"),
         "fewshot": {
             "annotation": "slices" if sparse else "dense",
-            "sampling": "class-balanced centres on annotated voxels, shifted up to 40% of the patch",
+            "sampling": "class-balanced: an annotated voxel of each channel in turn, within 40% of the patch "
+                        "around its centre, anywhere along the painted axis",
+            "painted_axis": painted_axes[0] if painted_axes else None,
             "augmentation": augment.to_dict() if config.augment else None,
             "loss": "dice+ce, not-annotated (255) voxels masked",
             "postprocess": {"connected_to_annotation": sparse},
