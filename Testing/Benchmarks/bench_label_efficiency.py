@@ -129,6 +129,8 @@ def parse_args(argv=None):
     p.add_argument("--ks", type=int, nargs="+", default=None, help="painted slice counts (default 1 3 5; quick 3)")
     p.add_argument("--no-full", action="store_true", help="skip the fine-tuning on the full label")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0 1 2; quick 0)")
+    p.add_argument("--full-seeds", type=int, nargs="+", default=None,
+                   help="seeds of the full-label row (default: all of --seeds)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which initialisations (default all three)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per command (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda/auto")
@@ -152,6 +154,8 @@ def parse_args(argv=None):
         args.no_full = True
     if args.official_seeds is None:
         args.official_seeds = args.seeds[:1]
+    if args.full_seeds is None:
+        args.full_seeds = list(args.seeds)
     if args.out is None:
         args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "_quick") if quick else DEFAULT_OUT
     if any(k < 1 for k in args.ks):
@@ -597,18 +601,25 @@ def main(argv=None) -> int:
     jsonl = out / "runs.jsonl"
     jsonl.write_text("")
     skipped = []
-    for seed in args.seeds:  # seed by seed: a deadline cut loses whole seeds, not whole arms
-        for target in targets.values():
-            for arm in args.arms:
-                if arm == "official" and seed not in args.official_seeds:
-                    continue
-                if args.deadline is not None and time.monotonic() - started > args.deadline * 60:
-                    skipped.append(f"{arm}_k{target['k']}_s{seed}")
-                    continue
-                rec = run_one(args, out, arm, target, seed, image_path, truth, spacing, classes, inits[arm], extent)
-                records.append(rec)
-                with open(jsonl, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+    # order: scratch and pretrained seed by seed, then the costly official-format (width 32) runs, so a
+    # --deadline cut loses whole seeds or official runs first, never one arm of the main comparison
+    plan = []
+    for seed in args.seeds:
+        for key, target in targets.items():
+            if key == "full" and seed not in args.full_seeds:
+                continue
+            plan += [(arm, target, seed) for arm in args.arms if arm != "official"]
+    if "official" in args.arms:
+        plan += [("official", target, seed) for seed in args.official_seeds for key, target in targets.items()
+                 if key != "full" or seed in args.full_seeds]
+    for arm, target, seed in plan:
+        if args.deadline is not None and time.monotonic() - started > args.deadline * 60:
+            skipped.append(f"{arm}_k{target['k']}_s{seed}")
+            continue
+        rec = run_one(args, out, arm, target, seed, image_path, truth, spacing, classes, inits[arm], extent)
+        records.append(rec)
+        with open(jsonl, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
     if skipped:
         log(f"deadline reached: {len(skipped)} run(s) not started: {', '.join(skipped)}")
     rows, columns, table = summarise(records, args)
@@ -632,7 +643,7 @@ def main(argv=None) -> int:
                     "pretrain_steps": pre.get("steps"), "pretrain_seconds_wall": pre.get("seconds_wall"),
                     "finetune_time_s": args.finetune_time, "official_finetune_time_s": args.official_finetune_time,
                     "scratch_width": args.pretrain_width, "official_width": args.official_width,
-                    "threads": args.threads, "seeds": args.seeds, "official_seeds": args.official_seeds, "ks": args.ks, "full": not args.no_full,
+                    "threads": args.threads, "seeds": args.seeds, "official_seeds": args.official_seeds, "full_seeds": args.full_seeds, "ks": args.ks, "full": not args.no_full,
                     "finetune_steps_per_arm": {a: {"min": min(v), "max": max(v), "mean": round(float(np.mean(v)), 1)}
                                                for a, v in per_run_steps.items()}},
         "official_init_note": "synthetic random weights in the official Genesis_Chest_CT.pt layout (no real official "
