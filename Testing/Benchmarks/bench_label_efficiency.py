@@ -111,8 +111,7 @@ def parse_args(argv=None):
                    help="pretraining cube (default 64 64 32, as Models Genesis)")
     p.add_argument("--pretrain-batch", type=int, default=4, help="pretraining cubes per step (default 4)")
     p.add_argument("--pretrain-steps", type=int, default=None,
-                   help="pretraining steps (default: as many as fit --pretrain-time, measured by a 4-step timing run; "
-                        "`medssl pretrain --max-time` alone would lay the warm-up over 10**9 steps)")
+                   help="pretraining steps (default: as many as fit --pretrain-time, measured by a 4-step timing run)")
     p.add_argument("--cache", type=Path, default=DEFAULT_OUT.parent / "cube_cache",
                    help="pretraining cube cache (default Testing/Benchmarks/results/cube_cache, shared by runs)")
     p.add_argument("--pretrained-bundle", type=Path, default=None,
@@ -281,8 +280,8 @@ def pretrain(args, out: Path, hw_log) -> dict:
     timing = None
     steps = args.pretrain_steps
     if steps is None:
-        # `medssl pretrain --max-time S` without --steps sets steps = 10**9, so the 2 % linear warm-up
-        # never ends (lr about 1e-10 throughout). Time a few steps, then give --steps explicitly.
+        # Time a few steps, then give --steps explicitly: the budget becomes a step count, the same
+        # schedule for every run (`--max-time` alone schedules by elapsed time, which depends on load).
         timing_dir = out / "pretrain_timing"
         if timing_dir.exists():
             shutil.rmtree(timing_dir)
