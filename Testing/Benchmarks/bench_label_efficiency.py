@@ -414,14 +414,17 @@ def run_one(args, out: Path, arm: str, target: dict, seed: int, image_path: Path
     run_dir.mkdir(parents=True)
     bundle, logfile = run_dir / "model", run_dir / "log.txt"
     budget = args.official_finetune_time if arm == "official" else args.finetune_time
+    steps = getattr(args, "finetune_steps", None)  # bench_methods: a step budget instead of wall time
+    limit = ["--steps", str(steps)] if steps else ["--max-time", str(budget)]
     argv = ["finetune", "--image", str(image_path), "--label", str(target["label"]), "--classes", str(classes),
-            "--out", str(bundle), "--init", init, "--max-time", str(budget), "--seed", str(seed),
+            "--out", str(bundle), "--init", init, *limit, "--seed", str(seed),
             "--device", args.device, "--progress", "none", "--threads", str(args.threads)]
     if arm == "scratch":
         argv += ["--width", str(args.pretrain_width)]
     rec = {"arm": arm, "k": target["k"], "seed": seed, "painted_slices": target["painted"], "init": Path(init).name if init != "none" else "none",
-           "finetune_budget_s": budget, "load_average_before": load_average()}
-    log(f"{name}: fine-tuning for {budget:g} s")
+           "finetune_budget_s": None if steps else budget, "finetune_steps_budget": steps,
+           "load_average_before": load_average()}
+    log(f"{name}: fine-tuning for " + (f"{steps} steps" if steps else f"{budget:g} s"))
     status, seconds = medssl(argv, logfile)
     rec["seconds_finetune_wall"] = round(seconds, 1)
     if status != 0 or not (bundle / "model.json").is_file():
