@@ -1,4 +1,5 @@
-"""Shared parts of the instance-discrimination methods (DiRA, CAiD): MoCo-v2 in 3D on the Genesis U-Net.
+"""Shared parts of the instance-discrimination methods (DiRA, CAiD): MoCo-v2 in 3D on the Genesis U-Net
+(or in 2D on its 2D variant, for one-slice images: every part below takes (N, C, X, Y) as well).
 
 * :class:`ProjectionHead`: global average pooling of the bottleneck, then the MoCo-v2 MLP
   (published 2048 -> 2048 -> 128 on a ResNet-50; here ``16w -> 16w -> dim``).
@@ -7,7 +8,8 @@
 * :class:`FeatureQueue`: the FIFO queue of negative keys (a ring buffer with a write pointer).
 * :func:`info_nce`: the MoCo InfoNCE loss (positive logit first, cross-entropy with target 0).
 * :func:`random_resized_crop3d`: the 3D analogue of RandomResizedCrop (a random sub-box resampled
-  to the cube size), done for the whole batch at once with ``affine_grid``/``grid_sample``.
+  to the cube size; a sub-rectangle of a 2D image), done for the whole batch at once with
+  ``affine_grid``/``grid_sample``.
 * :class:`MoCoRestorationMethod`: the common method of DiRA and CAiD (two views, InfoNCE on the keys of
   the momentum encoder, restoration of the first view's crop); DiRA adds its adversary on top.
 
@@ -35,7 +37,8 @@ from .base import SSLMethod
 
 
 class ProjectionHead(nn.Module):
-    """GAP of a bottleneck (N, C, x, y, z) -> (N, dim) (not normalised). ``mlp`` False: one Linear."""
+    """GAP of a bottleneck (N, C, x, y, z) or, in 2D, (N, C, x, y) -> (N, dim) (not normalised).
+    ``mlp`` False: one Linear."""
 
     def __init__(self, in_channels: int, dim: int = 128, hidden: int | None = None, mlp: bool = True):
         super().__init__()
@@ -157,30 +160,37 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
 
 def random_resized_crop3d(x: torch.Tensor, scale: tuple, generator: torch.Generator,
                           aspect: float = 4.0 / 3.0) -> torch.Tensor:
-    """Random sub-box of each (N, C, X, Y, Z) cube resampled (trilinear) to the cube's size.
+    """Random sub-box of each (N, C, X, Y, Z) cube resampled (trilinear) to the cube's size; in 2D the
+    same for (N, C, X, Y) images (a sub-rectangle, bilinear): published RandomResizedCrop.
 
-    The box holds a fraction ``U(scale)`` of the cube's volume; each side is that fraction's cube root
-    times a log-uniform aspect factor in [1/aspect, aspect] per axis (clipped to the cube), and the box
-    lies at a uniform random position inside the cube. 3D analogue of RandomResizedCrop (published
-    2D: scale 0.2-1 of the area, aspect 3/4-4/3).
+    The box holds a fraction ``U(scale)`` of the cube's volume (of the image's area in 2D); each side is
+    that fraction's d-th root (d = 3 or 2 axes) times a log-uniform aspect factor in [1/aspect, aspect]
+    per axis (clipped to the cube), and the box lies at a uniform random position inside the cube.
+    3D analogue of RandomResizedCrop (published 2D: scale 0.2-1 of the area, aspect 3/4-4/3).
     """
-    n = x.shape[0]
+    n, d = x.shape[0], x.dim() - 2
+    if d not in (2, 3):
+        raise ValueError(f"expected (N, C, X, Y, Z) or (N, C, X, Y), got shape {tuple(x.shape)}")
     device = x.device
     volume = _uniform(n, float(scale[0]), float(scale[1]), generator).to(device)
     log_a = math.log(aspect)
     sides = []
-    for _ in range(3):
+    for _ in range(d):
         jitter = torch.exp(_uniform(n, -log_a, log_a, generator)).to(device)
-        sides.append((volume.pow(1.0 / 3.0) * jitter).clamp(max=1.0))
-    # sides[a] is the fraction of axis a (X, Y, Z); grid coords are ordered (W, H, D) = (Z, Y, X)
-    theta = torch.zeros(n, 3, 4, device=device, dtype=torch.float32)
-    for row, axis in enumerate((2, 1, 0)):
+        sides.append((volume.pow(1.0 / d) * jitter).clamp(max=1.0))
+    # sides[a] is the fraction of axis a (X, Y[, Z]); grid coords are ordered last axis first
+    theta = torch.zeros(n, d, d + 1, device=device, dtype=torch.float32)
+    for row, axis in enumerate(reversed(range(d))):
         f = sides[axis]
         centre = (1.0 - f) * (2.0 * _uniform(n, 0.0, 1.0, generator).to(device) - 1.0)
         theta[:, row, row] = f
-        theta[:, row, 3] = centre
+        theta[:, row, d] = centre
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+#: the same function under a name that does not say 3D (it takes 2D images too)
+random_resized_crop = random_resized_crop3d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,9 +224,10 @@ def view_transform_defaults() -> dict:
 class MoCoRestorationMethod(SSLMethod):
     """Instance discrimination (MoCo-v2) + restoration of the first view's crop, on the Genesis U-Net.
 
-    Per cube x: two random resized crops c1, c2 of x; each goes through the Genesis perturbations
-    (``view_*`` settings) giving views v1, v2 and, for v1, the restoration target t1 (c1 with v1's
-    flips, nothing else). The online U-Net sees v1: its output restores t1 (MSE of the sigmoid) and
+    Per cube x ((1, X, Y, Z); in 2D an image (1, X, Y) and everything below 2D): two random resized
+    crops c1, c2 of x; each goes through the Genesis perturbations (``view_*`` settings) giving views
+    v1, v2 and, for v1, the restoration target t1 (c1 with v1's flips, nothing else; in 2D the Genesis
+    transform sees one-slice cubes, as Models Genesis does in 2D). The online U-Net sees v1: its output restores t1 (MSE of the sigmoid) and
     its bottleneck, pooled and projected, is the query q. The momentum encoder sees v2 and gives the
     key k. Loss = ``nce_weight`` * InfoNCE(q, k, queue) + ``mse_weight`` * MSE. Then k is enqueued.
     Subclasses add terms through :meth:`extra_loss`.
@@ -294,12 +305,18 @@ class MoCoRestorationMethod(SSLMethod):
 
     # ----- views ----------------------------------------------------------------------------------
     def make_views(self, batch: torch.Tensor, generator: torch.Generator):
-        """(view1, target1, view2): two augmented views of each cube and view 1's restoration target."""
+        """(view1, target1, view2): two augmented views of each cube and view 1's restoration target,
+        each the batch's shape ((N, 1, X, Y, Z), or (N, 1, X, Y) in 2D)."""
         scale = tuple(float(v) for v in self.settings["crop_scale"])
         crop1 = random_resized_crop3d(batch, scale, generator)
         crop2 = random_resized_crop3d(batch, scale, generator)
+        flat = crop1.dim() == 4  # 2D: the Genesis transform sees one-slice cubes (N, 1, X, Y, 1)
+        if flat:
+            crop1, crop2 = crop1.unsqueeze(-1), crop2.unsqueeze(-1)
         view1, target1 = genesis_transform(crop1, self.view_config, generator)
         view2, _ = genesis_transform(crop2, self.view_config, generator)
+        if flat:
+            view1, target1, view2 = view1.squeeze(-1), target1.squeeze(-1), view2.squeeze(-1)
         return view1, target1, view2
 
     # ----- the loss -------------------------------------------------------------------------------

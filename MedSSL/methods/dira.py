@@ -1,9 +1,10 @@
-"""DiRA (Haghighi et al., CVPR 2022): discriminative, restorative and adversarial learning, in 3D.
+"""DiRA (Haghighi et al., CVPR 2022): discriminative, restorative and adversarial learning, in 3D
+(and in 2D on one-slice images such as radiographs: 2D U-Net, 2D views, 2D PatchGAN).
 
 * Discriminative: MoCo-v2 between two views of a cube (shared with CAiD, :mod:`._contrastive`).
 * Restorative: the online U-Net restores the un-augmented crop behind view 1 (MSE).
-* Adversarial: a small 3D PatchGAN-like discriminator D tells restorations from originals
-  (least-squares GAN: targets 1 for real, 0 for restored).
+* Adversarial: a small 3D PatchGAN-like discriminator D (2D convolutions for a 2D method) tells
+  restorations from originals (least-squares GAN: targets 1 for real, 0 for restored).
 
 Generator loss 1 * InfoNCE + 10 * MSE + 0.001 * MSE(D(restored), 1); discriminator loss
 0.5 * [MSE(D(original), 1) + MSE(D(restored), 0)].
@@ -40,29 +41,40 @@ from .base import PretrainData, register
 
 
 class Discriminator3D(nn.Module):
-    """PatchGAN-like 3D discriminator (published 2D: 64-128-256-512 channels, three stride-2 convs and
-    one stride-1 conv with LeakyReLU 0.2 and InstanceNorm after the first, then a 1-channel conv).
+    """PatchGAN-like discriminator, 3D or (``spatial_dims=2``) 2D as published (published 2D:
+    64-128-256-512 channels, three stride-2 convs and one stride-1 conv with LeakyReLU 0.2 and
+    InstanceNorm after the first, then a 1-channel conv).
 
-    Kernels 3x3x3. An axis is only strided while it is at least 4 voxels, so small cubes (down to
-    8 voxels) keep at least 2 voxels per axis for the InstanceNorm. Weights N(0, 0.02) as published.
+    Kernels 3x3x3 (3x3 in 2D). Input (N, C, X, Y, Z) (or (N, C, X, Y)), output a one-channel patch
+    map of the same number of dimensions. An axis is only strided while it is at least 4 voxels, so
+    small cubes (down to 8 voxels) keep at least 2 voxels per axis for the InstanceNorm. Weights
+    N(0, 0.02) as published. The 2D and 3D state dicts have the same keys.
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 16):
+    def __init__(self, in_channels: int = 1, width: int = 16, spatial_dims: int = 3):
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
+        conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if spatial_dims == 3 else (nn.Conv2d, nn.InstanceNorm2d)
         chans = [in_channels, width, 2 * width, 4 * width, 8 * width]
-        self.convs = nn.ModuleList(nn.Conv3d(chans[i], chans[i + 1], 3, padding=1) for i in range(4))
-        self.norms = nn.ModuleList(nn.InstanceNorm3d(chans[i + 1]) for i in range(1, 4))
-        self.out = nn.Conv3d(chans[4], 1, 3, padding=1)
+        self.convs = nn.ModuleList(conv(chans[i], chans[i + 1], 3, padding=1) for i in range(4))
+        self.norms = nn.ModuleList(norm(chans[i + 1]) for i in range(1, 4))
+        self.out = conv(chans[4], 1, 3, padding=1)
         self.strided = (True, True, True, False)
         for m in self.modules():
-            if isinstance(m, nn.Conv3d):
+            if isinstance(m, conv):
                 nn.init.normal_(m.weight, 0.0, 0.02)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"a {self.spatial_dims}D discriminator takes (N, C, {'X, Y, Z' if self.spatial_dims == 3 else 'X, Y'}), "
+                             f"got shape {tuple(x.shape)}")
+        conv_nd = F.conv3d if self.spatial_dims == 3 else F.conv2d
         for i, conv in enumerate(self.convs):
             stride = tuple(2 if (self.strided[i] and s >= 4) else 1 for s in x.shape[2:])
-            x = F.conv3d(x, conv.weight, conv.bias, stride=stride, padding=1)
+            x = conv_nd(x, conv.weight, conv.bias, stride=stride, padding=1)
             if i > 0:
                 x = self.norms[i - 1](x)
             x = F.leaky_relu(x, 0.2)
@@ -72,15 +84,16 @@ class Discriminator3D(nn.Module):
 @register
 class DiRA(MoCoRestorationMethod):
     name = "dira"
-    description = ("DiRA: MoCo-v2 discrimination + restoration + adversarial (3D PatchGAN), "
+    description = ("DiRA: MoCo-v2 discrimination + restoration + adversarial (3D PatchGAN; 2D on one-slice images), "
                    "1 NCE + 10 MSE + 0.001 adv, adversary after a warm-up")
     published = (
         "2D ChestX-ray14, ResNet-50 U-Net, MoCo-v2 (queue 65,536, m 0.999, T 0.2), 2D PatchGAN, 1 NCE + 10 MSE + "
         "0.001 adv, DiR stage then DiRA stage (batch 16, 400 epochs) from its checkpoint, D on its own Adam 2e-4; "
         "ours: 3D cubes on the Genesis U-Net with a 3D PatchGAN, 3D resized crops + Genesis perturbations as "
-        "views, one run with the adversary switched on after a warm-up fraction, D trained by the same "
+        "views (on one-slice images: the 2D U-Net, 2D crops and a 2D PatchGAN as published), one run with the adversary switched on after a warm-up fraction, D trained by the same "
         "optimiser (detach tricks, see dira.py), queue 4096"
     )
+    supports_2d = True
     defaults = {
         **MoCoRestorationMethod.common_defaults,
         "adv_weight": 0.001,
@@ -97,7 +110,7 @@ class DiRA(MoCoRestorationMethod):
         if not 0.0 <= warm <= 1.0:
             raise MedSSLError("adversarial_warmup must be a fraction of the steps in [0, 1]")
         d_width = self.settings["discriminator_width"] or 2 * width
-        self.discriminator = Discriminator3D(in_channels, int(d_width))
+        self.discriminator = Discriminator3D(in_channels, int(d_width), self.spatial_dims)
         self._adversarial_on = warm <= 0.0
         self._told_total = False
         self._warned = False

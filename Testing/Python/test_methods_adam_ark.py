@@ -201,7 +201,7 @@ def test_adam_2d_batches():
     loss.backward()
     assert math.isfinite(float(loss.detach())) and parts["comp"] > 0
     with pytest.raises(ValueError):
-        build_method(method_class("caid"), width=4, spatial_dims=2)  # no 2D variant declared
+        build_method(method_class("transvw"), width=4, spatial_dims=2)  # no 2D variant declared
 
 
 # --------------------------------------------------------------------------------------------------
