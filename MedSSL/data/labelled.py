@@ -16,6 +16,10 @@ only listed values, every listed class annotated somewhere in its dataset), norm
 :mod:`MedSSL.data.preprocess` (optionally resampled) and caches both arrays as ``.npy`` files keyed by the
 files' bytes and the settings, so later runs (and resumed ones) memory-map them without reading the
 images again. Every error is one line naming the spec and the entry.
+
+2D: with ``spatial_dims=2`` every case must be a one-slice image (X, Y, 1) with a one-slice label map
+(radiographs: Ark in 2D); with 3 (the default) every case must be a 3D volume. :func:`case_dimensions`
+tells which from the files' headers, before anything is read.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ CASE_KEYS = {"image", "label"}
 @dataclass
 class LabelledCase:
     """One preprocessed pair: ``image`` float16 (X, Y, Z) in [0, 1] and ``label`` uint8 (X, Y, Z) of the
-    dataset's own values (255 = not annotated), both memory-mapped from the cache."""
+    dataset's own values (255 = not annotated), both memory-mapped from the cache (Z = 1 in 2D)."""
 
     image: np.ndarray
     label: np.ndarray
@@ -200,15 +204,45 @@ def _resample_label(label_volume, values: np.ndarray, spacing):
     return np.where(out < 0, IGNORE, out).astype(np.uint8)
 
 
-def _prepare_pair(image_path: Path, label_path: Path, where: str, intensity, spacing) -> tuple[np.ndarray, np.ndarray, dict]:
+def case_dimensions(spec: dict) -> tuple[int, str | None]:
+    """From the headers of a :func:`read_spec` result: (2 when every case's image is a one-slice image,
+    else 3; ``None``, or a one-line description of a mix of one-slice and 3D cases naming the spec and
+    the first case of each kind)."""
+    from ..io.volumes import is_single_slice
+
+    flat, deep = [], []
+    for i, entry in enumerate(spec["datasets"]):
+        for j, pair in enumerate(entry["cases"]):
+            (flat if is_single_slice(pair["image"]) else deep).append((i, entry["name"], j, pair["image"]))
+    if flat and deep:
+        (fi, fname, fj, fimage), (di, dname, dj, dimage) = flat[0], deep[0]
+        return 3, (f"{spec['spec']}: mixes {len(flat)} one-slice (2D) case(s) with {len(deep)} 3D case(s) "
+                   f"(e.g. datasets[{fi}] ({fname}) case {fj}: {fimage.name} is one slice, datasets[{di}] ({dname}) "
+                   f"case {dj}: {dimage.name} is 3D); pretrain on them separately")
+    return (2 if flat else 3), None
+
+
+def _check_dimensions(shape, spatial_dims: int, where: str, image_path) -> None:
+    if spatial_dims == 2:
+        if len(shape) != 3 or shape[2] != 1 or min(shape[:2]) < 2:
+            raise MedSSLError(f"{where}: image {image_path} is not a one-slice (2D) image ({'x'.join(map(str, shape))}); "
+                              "a 2D run needs one-slice images and labels in every case")
+    elif min(shape) < 2:
+        raise MedSSLError(f"{where}: image {image_path} is a one-slice (2D) image; labelled datasets need 3D volumes "
+                          "(or one-slice images in every case, for a 2D run)")
+
+
+def _prepare_pair(image_path: Path, label_path: Path, where: str, intensity, spacing,
+                  spatial_dims: int = 3) -> tuple[np.ndarray, np.ndarray, dict]:
     try:
         image = read_volume(image_path)
         label = read_volume(label_path)
         values = label_array(label, image, label_path, image_path)
     except MedSSLError as exc:
         raise MedSSLError(f"{where}: {exc}") from None
-    if min(image.shape) < 2:
-        raise MedSSLError(f"{where}: image {image_path} is a one-slice (2D) image; labelled datasets need 3D volumes")
+    _check_dimensions(image.shape, spatial_dims, where, image_path)
+    if spacing is not None and spatial_dims == 2:  # one slice: resample in the plane only
+        spacing = [*np.broadcast_to(np.asarray(spacing, dtype=np.float64).reshape(-1), (3,))[:2], image.spacing[2]]
     if spacing is not None:
         values = _resample_label(label, values, spacing)
         image = resample_to_spacing(image, spacing)
@@ -238,11 +272,12 @@ def _load_cached(cache_dir: Path, key: str) -> LabelledCase | None:
 
 def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
                   progress: Callable[[int, int, bool], None] | None = None,
-                  val_fraction: float = 0.0, seed: int = 0) -> list[LabelledDataset]:
+                  val_fraction: float = 0.0, seed: int = 0, spatial_dims: int = 3) -> list[LabelledDataset]:
     """Read, check, preprocess and cache every case of a :func:`read_spec` result.
 
     Checks per case: the label lies on its image's grid, holds integers 0..255 and only the values of
-    its dataset's classes (plus 0 and 255); per dataset: every listed class is annotated in some case.
+    its dataset's classes (plus 0 and 255), the image is 3D (``spatial_dims`` 3) or one slice (2, where
+    ``spacing`` resamples the plane only); per dataset: every listed class is annotated in some case.
     With ``val_fraction`` > 0 a dataset keeps ``round(val_fraction * cases)`` cases (when >= 1, and at
     least one for training) for validation, chosen with ``seed``.
     """
@@ -267,7 +302,7 @@ def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
             case = _load_cached(cache_dir, key)
             cached = case is not None
             if case is None:
-                image, label, info = _prepare_pair(pair["image"], pair["label"], where, intensity, spacing)
+                image, label, info = _prepare_pair(pair["image"], pair["label"], where, intensity, spacing, spatial_dims)
                 info = {"format": CACHE_FORMAT, "id": key[:12], **info}
                 try:
                     atomic_write(cache_dir / f"{key}.image.npy", lambda fh: np.save(fh, image, allow_pickle=False))
@@ -279,6 +314,8 @@ def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
                 case = _load_cached(cache_dir, key)
                 if case is None:
                     raise MedSSLError(f"{cache_dir}: the cache entry just written cannot be read back")
+            else:  # the same files may have been cached by a run of the other dimensionality
+                _check_dimensions(case.image.shape, spatial_dims, where, pair["image"])
             unlisted = [v for v in case.info["values"] if v not in classes]
             if unlisted:
                 raise MedSSLError(

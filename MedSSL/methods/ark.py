@@ -1,10 +1,11 @@
-"""Ark (Ma et al., MICCAI 2023, "Foundation Ark: Accruing and Reusing Knowledge"), for segmentation in 3D.
+"""Ark (Ma et al., MICCAI 2023, "Foundation Ark: Accruing and Reusing Knowledge"), for segmentation in 3D,
+or in 2D when every case of the spec is a one-slice image with a one-slice label map (radiographs).
 
 One model learns from several labelled datasets whose label sets differ (a liver set, a spleen set, an
 aorta set...), without unifying their labels:
 
 * shared encoder-decoder: the Genesis U-Net up to its last decoder features F (2w channels);
-* one head per dataset: a 1x1x1 convolution from F to that dataset's background + classes;
+* one head per dataset: a 1x1x1 convolution (1x1 in 2D) from F to that dataset's background + classes;
 * a teacher: an exponential moving average of the whole multi-head model (momentum on a cosine
   ``teacher_momentum`` -> 1.0 over the run), updated after every optimiser step;
 * loss on a batch of dataset i: ``(1 - c) * task + c * MSE(F_student, F_teacher)``, where task is
@@ -15,6 +16,10 @@ aorta set...), without unifying their labels:
   share the geometric augmentation of fine-tuning.
 * datasets in turn: step k draws its batch from dataset ``k mod D`` (round robin), class-balanced
   patches as fine-tuning samples them (:class:`~MedSSL.finetune.sampling.PatchSampler`).
+* 2D (``spatial_dims=2``): the same on one-slice cases with the 2D U-Net: patches (X, Y, 1) are cut
+  as in 3D and given to the network as (N, 1, X, Y) images with (N, X, Y) targets; the geometric
+  augmentation (in-plane rotation and scaling, flips) is the 3D one applied to one-slice patches,
+  which only ever moves voxels within the plane.
 
 The bundle is a segmentation bundle. Classes are the union of the datasets' classes by name, numbered
 1, 2, ... in spec order (the mapping of each dataset's values is recorded in ``method.datasets``). The
@@ -125,9 +130,11 @@ class Ark(SSLMethod):
         "cross-entropy on each dataset's own classes (255 = not annotated ignored), consistency on the decoder "
         "features (no projector), teacher updated every step, datasets in turn one batch each (round robin), "
         "the student's grey-level jitter limited to 10-20 HU on CT (the published +-0.2 would be +-400 HU), "
-        "class-balanced patches, the heads folded into one output layer so the bundle segments the union of classes"
+        "class-balanced patches, the heads folded into one output layer so the bundle segments the union of classes; "
+        "one-slice cases (radiographs, as published) train the 2D U-Net with 1x1 heads"
     )
     data_kind = "labelled-datasets"
+    supports_2d = True
     defaults = {
         "consistency_max": 0.5,
         "teacher_momentum": 0.9,
@@ -205,15 +212,19 @@ class Ark(SSLMethod):
             samplers.append(PatchSampler(volumes, patch, 1 + len(values), rng))
         return samplers
 
-    @staticmethod
-    def _batch(sampler: PatchSampler, index: int, batch_size: int, device) -> dict:
+    def _batch(self, sampler: PatchSampler, index: int, batch_size: int, device) -> dict:
         images, targets = sampler.sample(batch_size)
+        if self.spatial_dims == 2:  # one-slice patches (N, 1, X, Y, 1) -> 2D images (N, 1, X, Y)
+            if images.shape[-1] != 1:
+                raise ValueError(f"a 2D method needs one-slice patches, got {tuple(images.shape[2:])}")
+            images, targets = images[..., 0], targets[..., 0]
         return {"dataset": index, "image": torch.from_numpy(images.astype(np.float32)).to(device),
                 "target": torch.from_numpy(targets.astype(np.int64)).to(device)}
 
     def batch_source(self, data: PretrainData, batch_size: int, rng: np.random.Generator, device):
         """Round robin: the k-th batch (counted over the run, resumes included) comes from dataset
-        ``k mod D``: ``{"dataset": i, "image": (N, 1, X, Y, Z), "target": (N, X, Y, Z) long}``."""
+        ``k mod D``: ``{"dataset": i, "image": (N, 1, X, Y, Z), "target": (N, X, Y, Z) long}``
+        (in 2D ``(N, 1, X, Y)`` and ``(N, X, Y)``)."""
         datasets = data.datasets["datasets"]
         samplers = self._samplers(datasets, "cases", data.settings.patch, rng, data.shard)
 
@@ -278,19 +289,28 @@ class Ark(SSLMethod):
     # ----- the loss -------------------------------------------------------------------------------
     @staticmethod
     def features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The last decoder features (N, 2w, X, Y, Z)."""
+        """The last decoder features (N, 2w, X, Y, Z) ((N, 2w, X, Y) for a 2D backbone)."""
         bottleneck, skips = backbone.encode(x)
         return backbone.decode(bottleneck, skips)
 
+    def augment(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The geometric augmentation shared by student and teacher: (N, 1, X, Y, Z) images and
+        (N, X, Y, Z) targets, or in 2D (N, 1, X, Y) and (N, X, Y) (augmented as one-slice patches)."""
+        if x.dim() == 5:
+            return augment_batch(x, y, GEOMETRIC, generator)
+        x, y = augment_batch(x.unsqueeze(-1), y.unsqueeze(-1), GEOMETRIC, generator)
+        return x.squeeze(-1), y.squeeze(-1)
+
     def training_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Loss on one batch of :meth:`batch_source` (one dataset's patches, 3D or 2D)."""
         if self.teacher is None:
             raise RuntimeError("ark: setup() was not called with the datasets")
         training = self.training and torch.is_grad_enabled()
         if training:
             self._prepare_teacher()
         index, x, y = int(batch["dataset"]), batch["image"], batch["target"]
-        if self.settings["augment"] and x.dim() == 5:
-            x, y = augment_batch(x, y, GEOMETRIC, generator)
+        if self.settings["augment"]:
+            x, y = self.augment(x, y, generator)
         student_in = student_jitter(x, float(self.settings["student_jitter_prob"]), generator, JITTER_RANGES[self.jitter])
         feats = self.features(self.backbone, student_in)
         task, task_parts = self.loss_fn(self.heads[index](feats), y)
@@ -320,13 +340,14 @@ class Ark(SSLMethod):
         return self.backbone, self.heads
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight (1 + U, 2w), bias) of the fused output layer of the exported heads."""
+        """(weight (1 + U, 2w), bias) of the fused output layer of the exported heads (2D or 3D alike)."""
         _, heads = self.exported()
         return fold_heads(list(heads), self.mappings, len(self.union))
 
     def transferable_state_dict(self) -> dict:
         """A plain UNet3D state dict (no prefix): the exported encoder-decoder with ``out_tr`` = the
-        folded heads, so the bundle loads strictly as a segmentation network of 1 + U outputs."""
+        folded heads, so the bundle loads strictly as a segmentation network of 1 + U outputs (a 2D
+        one, ``UNet3D(spatial_dims=2)``, for a 2D method)."""
         backbone, _ = self.exported()
         state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("out_tr.")}
         weight, bias = self.folded()

@@ -7,7 +7,9 @@ Two kinds of input, chosen by the method's ``data_kind``:
   (``supports_2d``), the method is built with a 2D backbone and the cubes are (X, Y, 1) patches;
   other methods pad one-slice images into 3D cubes as before.
 * ``"labelled-datasets"`` (``--datasets SPEC.json``): several labelled datasets
-  (:mod:`MedSSL.data.labelled`), read, checked and cached once.
+  (:mod:`MedSSL.data.labelled`), read, checked and cached once. When every case is a one-slice image
+  and the method has a 2D variant, it runs in 2D on (X, Y, 1) patches; a spec mixing one-slice and
+  3D cases is refused.
 
 The method may replace model.json fields through :meth:`~MedSSL.methods.base.SSLMethod.bundle_meta`
 (Ark writes a segmentation bundle).
@@ -224,10 +226,20 @@ def _cube_data(config, cls, patch, ctx, device, progress, cache_dir):
 
 
 def _labelled_data(config, cls, patch, ctx, device, progress, cache_dir):
-    """(PretrainData with the labelled datasets, data summary, modality, 3) for ``--datasets``."""
+    """(PretrainData with the labelled datasets, data summary, modality, spatial dims) for ``--datasets``."""
     spec = labelled.read_spec(config.datasets)
-    if patch[2] == 1:
-        raise MedSSLError(f"--patch {' '.join(map(str, patch))}: labelled datasets are 3D volumes; Z must be a multiple of 8")
+    spatial_dims, mixed = labelled.case_dimensions(spec)
+    if mixed:
+        raise MedSSLError(mixed)
+    if spatial_dims == 2 and not cls.supports_2d:
+        raise MedSSLError(f"--datasets {spec['spec']}: one-slice (2D) cases, and {cls.name} has no 2D variant")
+    if spatial_dims == 2:
+        if patch[2] != 1:
+            progress.log(f"one-slice cases: {cls.name} runs in 2D on {patch[0]}x{patch[1]} patches")
+        patch = (patch[0], patch[1], 1)
+    elif patch[2] == 1:
+        raise MedSSLError(f"--patch {' '.join(map(str, patch))}: labelled datasets of 3D volumes need Z a multiple of 8 "
+                          "(Z = 1 is for one-slice cases)")
     sources = [p for d in spec["datasets"] for case in d["cases"] for p in (case["image"], case["label"])]
     intensity = IntensityConfig(modality=config.modality)
     settings = CubeSettings(patch=patch, cubes_per_volume=config.cubes_per_volume, intensity=intensity,
@@ -238,7 +250,7 @@ def _labelled_data(config, cls, patch, ctx, device, progress, cache_dir):
         ctx.barrier()
     datasets = labelled.load_datasets(spec, intensity, settings.target_spacing_mm, cache_dir / "labelled",
                                       progress=lambda done, n, cached: progress.update(done, n, cached=cached),
-                                      val_fraction=config.val_fraction, seed=config.seed)
+                                      val_fraction=config.val_fraction, seed=config.seed, spatial_dims=spatial_dims)
     if ctx.is_main:
         ctx.barrier()
     summary = labelled.summary(datasets)
@@ -248,7 +260,7 @@ def _labelled_data(config, cls, patch, ctx, device, progress, cache_dir):
                         cache_dir=cache_dir, seed=config.seed, log=progress.log, rank=ctx.rank,
                         world_size=ctx.world_size)
     modalities = summary["modalities"]
-    return data, summary, (max(modalities, key=modalities.get) if modalities else None), 3
+    return data, summary, (max(modalities, key=modalities.get) if modalities else None), spatial_dims
 
 
 def _refuse_mixed_dimensions(sources: list, data) -> bool:
