@@ -1,4 +1,6 @@
-"""``medssl finetune``: supervised fine-tuning (segmentation or volume classification) into a bundle."""
+"""``medssl finetune``: supervised fine-tuning (segmentation or volume classification) into a bundle.
+
+One-slice images (X, Y, 1: radiographs) get a 2D network; see :mod:`MedSSL.finetune.segment`."""
 
 from __future__ import annotations
 
@@ -16,12 +18,20 @@ def _set_default(parser, dest: str, default, help_text: str) -> None:
             action.default, action.help = default, help_text
 
 
+def _set_nargs(parser, dest: str, nargs, metavar) -> None:
+    for action in parser._actions:
+        if action.dest == dest:
+            action.nargs, action.metavar = nargs, metavar
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a (pretrained) 3D U-Net on labelled volumes: segmentation or classification",
         description="Fine-tune on label maps (0 background, 1..254 classes, 255 = not annotated, e.g. the "
                     "unpainted slices of a few-shot annotation) or on volume-level labels (--task classify --csv). "
-                    "Writes a model bundle (weights.safetensors + model.json) to --out.")
+                    "One-slice images (X x Y x 1, e.g. radiographs) get a 2D U-Net and 2D patches; all images of a "
+                    "run must then be one-slice, and --init must be a 2D model (e.g. `medssl pretrain` on one-slice "
+                    "images). Writes a model bundle (weights.safetensors + model.json) to --out.")
     p.add_argument("--task", choices=("segment", "classify"), default="segment", help="default segment")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image volume (repeat, paired with --label)")
     p.add_argument("--label", action="append", default=[], metavar="PATH",
@@ -40,8 +50,11 @@ def add_parser(sub) -> None:
                         "(label.nii.gz -> label.classes.json), else label_<value>")
     p.add_argument("--detection", action="store_true", help="mark the bundle as a detector (model.json detection: true)")
     add_training_options(p, steps=DEFAULT_STEPS, batch=2, lr=1e-3, patch=(64, 64, 32))
-    _set_default(p, "patch", None, "patch size in voxels, multiples of 8 (default: segment 64 64 Z with Z about the "
-                                   "in-plane extent, 8..32, e.g. 16 for 5 mm slices; classify 64 64 32, the volume is resized to it)")
+    _set_default(p, "patch", None, "patch size in voxels, multiples of 8: X Y Z for volumes (default: segment 64 64 Z "
+                                   "with Z about the in-plane extent, 8..32, e.g. 16 for 5 mm slices; classify 64 64 32, "
+                                   "the volume is resized to it); X Y or X Y 1 for one-slice images (default: segment "
+                                   "128 128, at most the image size; classify 64 64)")
+    _set_nargs(p, "patch", "+", "N")
     _set_default(p, "steps", None, f"optimiser steps (default {DEFAULT_STEPS}; with --max-time alone: as many as fit in "
                                    "that time, measured on a few steps, so the learning-rate schedule spans the budget)")
     _set_default(p, "width", None, "base channels of the U-Net (default: the --init model's width, else 32)")

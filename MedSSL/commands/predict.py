@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "predict", help="segment, detect or classify an image with a fine-tuned bundle",
         description="Segmentation bundles write a uint8 label map of the original label values on the input's grid; "
-                    "classification bundles write JSON {probabilities, label, name}.")
+                    "classification bundles write JSON {probabilities, label, name}. A 2D bundle (fine-tuned on "
+                    "one-slice images) takes a one-slice image and writes a one-slice label map.")
     p.add_argument("--model", required=True, type=Path, metavar="DIR", help="bundle folder from `medssl finetune`")
     p.add_argument("--image", required=True, metavar="PATH", help="image volume or DICOM folder")
     p.add_argument("--out", required=True, type=Path, metavar="PATH",
@@ -29,8 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each class")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap 0..0.95 (default: the bundle's, 0.5)")
     p.add_argument("--window", nargs="+", default=None, metavar="X Y Z | plane",
-                   help="sliding-window size in voxels (multiples of 8), or 'plane': the whole plane when it fits a "
-                        "memory budget (default: the bundle's choice, 'plane' for few-shot bundles, else the training patch)")
+                   help="sliding-window size in voxels (multiples of 8; X Y or X Y 1 for a 2D model), or 'plane': the "
+                        "whole plane when it fits a memory budget (default: the bundle's choice, 'plane' for few-shot "
+                        "and 2D bundles, else the training patch)")
     p.add_argument("--min-volume", type=float, default=0.0, metavar="MM3", help="smallest detection to report (default 0)")
     p.add_argument("--memory-mb", type=float, default=1024.0,
                    help="target size of the sliding-window accumulator; larger volumes are processed in slabs (default 1024)")
@@ -39,7 +41,8 @@ def add_parser(sub) -> None:
 
 
 def parse_window(values):
-    """``--window``: None, ["plane"] or three integers."""
+    """``--window``: None, ["plane"], or two or three integers (checked against the model by
+    :func:`MedSSL.infer.model.inference_window`)."""
     if not values:
         return None
     if values == ["plane"]:
@@ -48,8 +51,8 @@ def parse_window(values):
         window = tuple(int(v) for v in values)
     except ValueError:
         window = ()
-    if len(window) != 3:
-        raise MedSSLError(f"--window {' '.join(values)}: give three sizes X Y Z or 'plane'")
+    if len(window) not in (2, 3):
+        raise MedSSLError(f"--window {' '.join(values)}: give three sizes X Y Z (X Y for a 2D model) or 'plane'")
     return window
 
 

@@ -40,6 +40,9 @@ def run(args) -> int:
     if args.min_gap < 1:
         raise MedSSLError(f"--min-gap {args.min_gap}: must be at least 1")
     model = load_model(args.model, resolve_device(args.device), allowed=("segment",))
+    if model.spatial_dims == 2:
+        raise MedSSLError(f"--model {args.model}: a 2D model (one-slice images); suggest ranks the slices of 3D volumes, "
+                          "and a one-slice image has no other slice to annotate")
     progress = make_progress(args)
     volume = read_volume(args.image)
     annotation = read_annotation(args.label, volume, args.image) if args.label else None

@@ -4,6 +4,10 @@ Per sample: an affine warp (in-plane rotation about the Z axis and in-plane scal
 ``p_affine``, flips along ``flip_axes``, then intensity jitter (contrast scale, brightness shift, gamma,
 Gaussian noise) on the image only. Labels are warped with nearest-neighbour sampling and voxels brought
 in from outside the patch become 255 (not annotated), so no invented background enters the loss.
+
+2D batches (one-slice images: (N, 1, X, Y) images, (N, X, Y) targets) are augmented as one-slice 3D
+patches: the warp never resamples across Z, so on a slice of depth 1 it is exactly the 2D rotation and
+scaling of the (X, Y) plane (checked in the tests against the 3D path).
 """
 
 from __future__ import annotations
@@ -109,7 +113,11 @@ def _intensity(image: torch.Tensor, config: AugmentConfig, generator) -> torch.T
 def augment_batch(image: torch.Tensor, target: torch.Tensor, config: AugmentConfig,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """image (N, 1, X, Y, Z) float in [0, 1], target (N, X, Y, Z) long channels (255 = ignored)
-    -> the same shapes, randomly augmented (the target only geometrically)."""
+    -> the same shapes, randomly augmented (the target only geometrically). 2D: image (N, 1, X, Y),
+    target (N, X, Y) -> the same shapes (see the module docstring)."""
+    if image.dim() == 4:
+        image, target = augment_batch(image.unsqueeze(-1), target.unsqueeze(-1), config, generator)
+        return image.squeeze(-1), target.squeeze(-1)
     if config.p_affine > 0:
         image, target = _affine(image, target, config, generator)
     image, target = _flip(image, target, config.flip_axes, generator)

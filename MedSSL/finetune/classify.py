@@ -13,6 +13,11 @@ CSV: ``image,label`` per row (a first row ``image,label`` is a header and skippe
 class value (integer) or a class name; relative image paths resolve against the CSV's folder. Classes
 come from ``--classes`` (value -> name, 0 allowed) or, without it, from the labels: integers keep their
 values, names get values 0..n-1 in sorted order.
+
+One-slice images (X, Y, 1), e.g. radiographs: when every image of the CSV is one, the network is 2D
+(``UNet3D(spatial_dims=2)`` encoder, model.json ``architecture.spatial_dims: 2``), each image is resized
+(bilinear) to the 2D patch (X, Y) (default 64 x 64; ``--patch X Y`` or ``X Y 1``), and ``--init`` must
+be a 2D model. A CSV mixing one-slice images and volumes is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import nn
 
 from ..bundle import save_bundle
 from ..errors import MedSSLError
-from ..models.initial_weights import apply_initial_weights
+from ..models.initial_weights import apply_initial_weights, check_initial_dims
 from ..models.unet3d import UNet3D
 from ..train.checkpoint import load_checkpoint
 from ..train.loop import TrainingLoop
@@ -39,30 +44,38 @@ from .common import (FinetuneConfig, fit_steps_to_time, check_patch, common_meta
 from .labels import classes_to_json, default_color, parse_classes
 
 DEFAULT_PATCH = (64, 64, 32)
+#: one-slice (2D) images: resized to 64 x 64 (kept as (X, Y, 1) like every 2D patch)
+DEFAULT_PATCH_2D = (64, 64, 1)
 
 
 class ClassifierNet(nn.Module):
-    """UNet3D encoder + head. forward: (N, C_in, X, Y, Z) -> logits (N, n_classes).
+    """UNet3D encoder + head. forward: (N, C_in, X, Y, Z) -> logits (N, n_classes); with
+    ``spatial_dims=2`` (one-slice images): (N, C_in, X, Y) -> logits (N, n_classes).
 
     Keys: ``backbone.*`` (a whole UNet3D, so the bundle also serves as ``--init``) and ``head.*``.
     """
 
-    def __init__(self, width: int, n_classes: int, in_channels: int = 1):
+    def __init__(self, width: int, n_classes: int, in_channels: int = 1, spatial_dims: int = 3):
         super().__init__()
-        self.backbone = UNet3D(in_channels=in_channels, out_channels=1, width=width)
+        self.backbone = UNet3D(in_channels=in_channels, out_channels=1, width=width, spatial_dims=spatial_dims)
         channels = self.backbone.bottleneck_channels
         self.head = nn.Sequential(nn.Linear(channels, 1024), nn.ReLU(inplace=True), nn.Linear(1024, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bottleneck, _ = self.backbone.encode(x)
-        return self.head(bottleneck.mean(dim=(2, 3, 4)))
+        return self.head(bottleneck.flatten(2).mean(dim=2))
 
 
 def fit_to_patch(array: np.ndarray, patch) -> torch.Tensor:
-    """float32 (X, Y, Z) -> (1, X', Y', Z') = ``patch``, trilinear resize."""
+    """float32 (X, Y, Z) -> (1, X', Y', Z') = ``patch``, trilinear resize. A 2D patch (X', Y', 1) (or
+    (X', Y')) takes a one-slice image (X, Y, 1) to (1, X', Y'), bilinear."""
     t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    if tuple(t.shape[2:]) != tuple(patch):
-        t = F.interpolate(t, size=tuple(int(p) for p in patch), mode="trilinear", align_corners=False)
+    patch = tuple(int(p) for p in patch)
+    mode = "trilinear"
+    if len(patch) == 2 or patch[2] == 1 and array.shape[2] == 1:
+        t, patch, mode = t[..., 0], patch[:2], "bilinear"
+    if tuple(t.shape[2:]) != patch:
+        t = F.interpolate(t, size=patch, mode=mode, align_corners=False)
     return t[0]
 
 
@@ -122,16 +135,22 @@ def resolve_volume_classes(labels: list[str], rows, spec: str | None, csv_path) 
     return given, row_values
 
 
-def load_classification_data(config: FinetuneConfig, intensity, patch):
+def load_classification_data(config: FinetuneConfig, intensity, patch, log=None):
     """Read the CSV and every image: (tensor (N, 1, X, Y, Z), class indices (N,), classes, class_values,
-    summary, modalities)."""
+    summary, modalities, patch, spatial dims). One-slice images (all of them, or MedSSLError naming the
+    first that differs): (N, 1, X, Y), spatial dims 2. ``patch``: ``--patch`` or None (the default for
+    the images' dimensions); the checked patch is returned."""
     rows = read_csv_rows(config.csv)
     classes, values = resolve_volume_classes([r[1] for r in rows], rows, config.classes, config.csv)
     class_values = sorted(classes)
     index_of = {v: i for i, v in enumerate(class_values)}
     images, modalities, summary = [], [], {"volumes": 0, "shapes": [], "spacings_mm": []}
+    first = None
     for image_path, _, _ in rows:
-        volume = read_image(image_path, config.spacing)
+        volume, dims = read_image(image_path, config.spacing, first)
+        if first is None:
+            first = (dims, image_path)
+            patch = check_patch(patch, dims, log) if patch else (DEFAULT_PATCH_2D if dims == 2 else DEFAULT_PATCH)
         array, modality = normalize(volume, intensity)
         images.append(fit_to_patch(array, patch))
         modalities.append(modality)
@@ -140,7 +159,7 @@ def load_classification_data(config: FinetuneConfig, intensity, patch):
         summary["spacings_mm"].append([round(float(s), 4) for s in volume.spacing])
     targets = torch.tensor([index_of[v] for v in values], dtype=torch.long)
     summary["class_counts"] = {str(v): int((targets == index_of[v]).sum()) for v in class_values}
-    return torch.stack(images), targets, classes, class_values, summary, modalities
+    return torch.stack(images), targets, classes, class_values, summary, modalities, patch, first[0]
 
 
 def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
@@ -151,22 +170,25 @@ def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
     width = resolve_width(config.width, init)
     intensity, spacing = preprocessing_from_init(init, config.modality, config.spacing)
     config.spacing = spacing
-    patch = check_patch(config.patch) if config.patch else DEFAULT_PATCH
     device = resolve_device(config.device)
     progress.stage("preprocess", "reading the volumes listed in the CSV")
-    images, targets, classes, class_values, summary, modalities = load_classification_data(config, intensity, patch)
+    images, targets, classes, class_values, summary, modalities, patch, spatial_dims = load_classification_data(
+        config, intensity, config.patch, progress.log)
+    if init is not None:
+        check_initial_dims(init, spatial_dims, f"--init {config.init}", f"the images of --csv {config.csv}")
     out = Path(config.out)
     with OutputLock(out):
         if not config.resume and load_checkpoint(out) is not None:
             raise MedSSLError(f"{out}: already holds a training run; add --resume to continue it or choose another --out")
         seed_everything(config.seed)
-        model = ClassifierNet(width, len(class_values)).to(device)
+        model = ClassifierNet(width, len(class_values), spatial_dims=spatial_dims).to(device)
         if init is not None:
             apply_initial_weights(model.backbone, init, what=f"--init {config.init}")
         result = _train(config, progress, model, images, targets, device, out, majority(modalities))
         meta = common_meta(task="classify", width=width, out_channels=len(class_values), intensity=intensity,
                            modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=config.loop,
-                           result=result, batch_size=config.batch_size, seed=config.seed, device=device)
+                           result=result, batch_size=config.batch_size, seed=config.seed, device=device,
+                           spatial_dims=spatial_dims)
         meta.update({
             "classes": classes_to_json(classes),
             "class_values": class_values,
@@ -228,8 +250,9 @@ def _train(config, progress, model, images, targets, device, out, modality):
 
 @torch.no_grad()
 def predict_classification(network: nn.Module, array: np.ndarray, patch, device, tta: bool = False) -> np.ndarray:
-    """float32 (X, Y, Z) in [0, 1] -> (n_classes,) softmax probabilities (flip-averaged with ``tta``)."""
+    """float32 (X, Y, Z) in [0, 1] -> (n_classes,) softmax probabilities (flip-averaged with ``tta``).
+    A 2D network takes a one-slice image (X, Y, 1) resized to its 2D patch."""
     x = fit_to_patch(array, patch)[None].to(device)
-    flips = ((), (2,), (3,), (4,)) if tta else ((),)
+    flips = tuple(((),) + tuple((d,) for d in range(2, x.dim()))) if tta else ((),)
     probs = sum(torch.softmax(network(x.flip(d) if d else x).float(), dim=1) for d in flips) / len(flips)
     return probs[0].cpu().numpy()

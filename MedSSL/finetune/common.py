@@ -26,7 +26,9 @@ class FinetuneConfig:
 
     images/labels: paired paths (segment); csv: the ``image,label`` table (classify). init: bundle or
     official ``.pt`` (None = from scratch). width: None = the init's width, else 32. patch: (X, Y, Z)
-    voxels, multiples of 8 (None = automatic). spacing: mm (None = the init bundle's, else the grid).
+    voxels, multiples of 8 (None = automatic); for one-slice images (X, Y) or (X, Y, 1), kept as
+    (X, Y, 1). spacing: mm (None = the init bundle's, else the grid; one-slice images keep their own
+    slice thickness: only X and Y are resampled).
     """
 
     out: Path
@@ -122,27 +124,69 @@ def preprocessing_from_init(init: InitialWeights | None, modality: str, spacing)
     return intensity, target
 
 
-def check_patch(patch) -> tuple:
+def check_patch(patch, spatial_dims: int = 3, log=None) -> tuple:
+    """``--patch`` as (X, Y, Z): multiples of 8. For one-slice images (``spatial_dims`` 2): ``X Y`` or
+    ``X Y 1`` (a Z other than 1 is ignored, with a note through ``log``, as pretraining does); the
+    result is (X, Y, 1)."""
     patch = tuple(int(p) for p in patch)
-    if len(patch) != 3 or any(p < 8 or p % 8 for p in patch):
-        raise MedSSLError(f"--patch {' '.join(map(str, patch))}: each size must be a multiple of 8 (the network pools 3 times)")
+    text = " ".join(map(str, patch))
+    if spatial_dims == 2:
+        if len(patch) not in (2, 3) or any(p < 8 or p % 8 for p in patch[:2]) or (len(patch) == 3 and patch[2] < 1):
+            raise MedSSLError(f"--patch {text}: one-slice (2D) images take X Y or X Y 1, X and Y multiples of 8 "
+                              "(the network pools 3 times)")
+        if len(patch) == 3 and patch[2] != 1 and log is not None:
+            log(f"one-slice images: 2D patches of {patch[0]}x{patch[1]} (Z {patch[2]} ignored)")
+        return patch[0], patch[1], 1
+    if len(patch) == 3 and patch[2] == 1:
+        raise MedSSLError(f"--patch {text}: Z = 1 is for one-slice (2D) images; 3D volumes need Z a multiple of 8")
+    if len(patch) != 3:
+        raise MedSSLError(f"--patch {text}: 3D volumes take three sizes X Y Z (multiples of 8)")
+    if any(p < 8 or p % 8 for p in patch):
+        raise MedSSLError(f"--patch {text}: each size must be a multiple of 8 (the network pools 3 times)")
     return patch
 
 
-def check_3d(volume: Volume, path) -> None:
-    if min(volume.shape) < 2:
-        raise MedSSLError(f"{path}: a single-slice image ({'x'.join(map(str, volume.shape))}); fine-tuning needs a 3D volume")
+def is_one_slice(volume: Volume) -> bool:
+    """A one-slice image (a radiograph, a single DICOM frame): shape (X, Y, 1), fine-tuned in 2D."""
+    return volume.shape[2] == 1
 
 
-def read_image(path, spacing) -> Volume:
-    """Read an image volume and resample it to ``spacing`` (mm, linear) when given."""
+def spatial_dims_of(volume: Volume, path, first=None) -> int:
+    """2 for a one-slice image (X, Y, 1), 3 for a volume; MedSSLError naming ``path`` for an image thin
+    along X or Y (a single slice along another axis), or when it differs from ``first`` = (dims, path)
+    of the first image (one-slice images and 3D volumes are not fine-tuned together)."""
+    shape = "x".join(map(str, volume.shape))
+    if min(volume.shape[:2]) < 2:
+        raise MedSSLError(f"{path}: a single-slice image ({shape}) along X or Y; fine-tuning takes 3D volumes or "
+                          "one-slice images of shape X x Y x 1")
+    dims = 2 if is_one_slice(volume) else 3
+    if first is not None and dims != first[0]:
+        kind = "a one-slice (2D) image" if dims == 2 else "a 3D volume"
+        other = "one-slice (2D) image" if first[0] == 2 else "3D volume"
+        raise MedSSLError(f"{path}: {kind} ({shape}) among {other}s (first: {first[1]}); fine-tune one-slice images "
+                          "and 3D volumes separately")
+    return dims
+
+
+def plane_spacing(spacing, volume: Volume):
+    """The spacing to resample ``volume`` to: ``spacing`` for a volume; for a one-slice image only X and
+    Y of it (the one slice keeps its thickness, so resampling never adds or drops slices)."""
+    if spacing is None or not is_one_slice(volume):
+        return spacing
+    return float(spacing[0]), float(spacing[1]), float(volume.spacing[2])
+
+
+def read_image(path, spacing, first=None) -> tuple[Volume, int]:
+    """Read an image volume and resample it to ``spacing`` (mm, linear) when given (one-slice images:
+    in-plane only). Returns (volume, spatial dims), see :func:`spatial_dims_of` for ``first``."""
     volume = read_volume(path)
-    check_3d(volume, path)
-    return resample_to_spacing(volume, spacing) if spacing is not None else volume
+    dims = spatial_dims_of(volume, path, first)
+    spacing = plane_spacing(spacing, volume)
+    return (resample_to_spacing(volume, spacing) if spacing is not None else volume), dims
 
 
 def normalize(volume: Volume, intensity: IntensityConfig) -> tuple[np.ndarray, str]:
-    """float32 (X, Y, Z) in [0, 1] and the modality used."""
+    """float32 (X, Y, Z) in [0, 1] (Z = 1 for one-slice images) and the modality used."""
     return normalize_intensity(volume, intensity)
 
 
@@ -153,14 +197,16 @@ def majority(values) -> str | None:
 
 def common_meta(*, task: str, width: int, out_channels: int, intensity: IntensityConfig, modality: str | None,
                 spacing, patch, init: InitialWeights | None, loop: LoopConfig, result, batch_size: int,
-                seed: int, device) -> dict:
-    """The model.json fields every fine-tuned bundle has (no paths, no identifiers)."""
+                seed: int, device, spatial_dims: int = 3) -> dict:
+    """The model.json fields every fine-tuned bundle has (no paths, no identifiers). ``spatial_dims``
+    2: a 2D network for one-slice images (``patch_size`` [X, Y, 1], as 2D pretraining bundles)."""
     from ..train.loop import thin_history
 
     resolved = IntensityConfig(modality=modality or intensity.modality, ct_window=intensity.ct_window,
                                mr_percentiles=intensity.mr_percentiles)
     return {
-        "architecture": {"name": "unet3d", "width": width, "in_channels": 1, "out_channels": out_channels, "spatial_dims": 3},
+        "architecture": {"name": "unet3d", "width": width, "in_channels": 1, "out_channels": out_channels,
+                         "spatial_dims": spatial_dims},
         "task": task,
         "method": {"name": "finetune", "init_method": (init.describe().get("method") if init else None)},
         "init": init.describe() if init is not None else {"source": "scratch"},

@@ -147,7 +147,8 @@ def parse_classes(spec: str | None, allow_zero: bool = False) -> dict[int, dict]
 
 
 def label_array(label: Volume, image: Volume, label_path, image_path) -> np.ndarray:
-    """Check ``label`` against ``image`` and return its values as uint8 (X, Y, Z).
+    """Check ``label`` against ``image`` and return its values as uint8 (X, Y, Z) (Z = 1 for a
+    one-slice image).
 
     Raises MedSSLError naming ``label_path`` when it is not on the image's grid, holds non-integer,
     negative or >= 255 values (255 itself means "not annotated"), or has nothing annotated.
@@ -251,10 +252,14 @@ def annotation_summary(labels: np.ndarray) -> dict:
     ``kind``: "slices" when, along the axis with the smallest fraction of annotated slices, at most
     half of the slices hold annotated voxels and they come as isolated slices (runs of at most 2
     neighbours: painted slices, not slabs); ``axis`` = that array axis, ``slices`` = how many. Else
-    "dense". ``fraction``: annotated voxels / all voxels.
+    "dense". ``fraction``: annotated voxels / all voxels. A one-slice label map (X, Y, 1) is always
+    "dense": the rows of a 2D image are not painted slices (strokes on a radiograph are partial
+    annotation, which ``fraction`` tells).
     """
     annotated = labels != IGNORE
     total = annotated.size
+    if labels.shape[2] == 1:
+        return {"kind": "dense", "fraction": round(float(np.count_nonzero(annotated)) / max(1, total), 5)}
     per_axis = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)

@@ -10,6 +10,9 @@ of a window were never supervised, and a sliding window predicted the whole end 
 volume as spleen; with the voxel anywhere along all axes, small dense classes were no longer centred
 and a 100-step run missed one of two blob classes entirely. Parts of a patch outside the volume are
 padded with 0 (image) and 255 (not annotated).
+
+One-slice (2D) images are sampled the same way as (X, Y, 1) volumes with (X, Y, 1) patches (the
+caller drops the last axis for a 2D network); :func:`auto_patch_2d` chooses their patch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ MAX_CANDIDATES = 200_000
 
 @dataclass
 class TrainingVolume:
-    """image: float32 (X, Y, Z) in [0, 1]; target: uint8 (X, Y, Z) channels, 255 = not annotated."""
+    """image: float32 (X, Y, Z) in [0, 1]; target: uint8 (X, Y, Z) channels, 255 = not annotated
+    (Z = 1 for a one-slice image)."""
 
     image: np.ndarray
     target: np.ndarray
@@ -117,3 +121,13 @@ def auto_patch(spacings: list, shapes: list, base: int = 64, max_z: int = 32) ->
     patch = np.array([base, base, z])
     cap = 8 * np.ceil(largest / 8).astype(int)
     return tuple(int(p) for p in np.maximum(8, np.minimum(patch, cap)))
+
+
+def auto_patch_2d(shapes: list, base: int = 128) -> tuple[int, int, int]:
+    """The patch for one-slice (2D) images when ``--patch`` is not given: ``base`` x ``base`` x 1,
+    each side at most the largest image's rounded up to a multiple of 8 (at least 8). 128 x 128 pixels
+    cost about what a 64 x 64 x 4 cube does, and give more in-plane context than 64 x 64 on a radiograph."""
+    largest = np.max(np.asarray(shapes), axis=0)
+    cap = 8 * np.ceil(largest[:2] / 8).astype(int)
+    x, y = (int(max(8, min(base, c))) for c in cap)
+    return x, y, 1

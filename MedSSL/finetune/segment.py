@@ -13,6 +13,13 @@ Few-shot design (a user painted a few slices of this very volume):
   (anatomy is lateral); CT intensities are jittered by at most about 20 HU;
 * the bundle records how the labels were annotated and, for painted slices, recommends keeping at
   prediction only the components connected to the painted structure (``predict --annotation``).
+
+One-slice images (X, Y, 1), e.g. radiographs loaded in Slicer, get a 2D U-Net (``UNet3D(spatial_dims=2)``,
+model.json ``architecture.spatial_dims: 2``): patches (X, Y, 1) are sampled as above around annotated
+pixels and fed to the network as (N, 1, X, Y) with (N, X, Y) targets, augmented by in-plane warps,
+trained with the same masked loss; ``--init`` must then be a 2D model (e.g. ``medssl pretrain --method
+genesis`` on one-slice images), and prediction slides a 2D window over the image (whole image when it
+fits, ``inference.window: "plane"``). All images of a run are one-slice or all are volumes.
 """
 
 from __future__ import annotations
@@ -27,19 +34,19 @@ from torch.nn.parallel import DistributedDataParallel
 from ..bundle import save_bundle
 from ..data.preprocess import resample_to_spacing
 from ..errors import MedSSLError
-from ..models.initial_weights import apply_initial_weights
+from ..models.initial_weights import apply_initial_weights, check_initial_dims
 from ..models.unet3d import UNet3D
 from ..train.checkpoint import load_checkpoint
 from ..train.loop import TrainingLoop
 from ..train.progress import Progress
 from ..train.runtime import DistributedContext, OutputLock, device_description, init_distributed, seed_everything
 from .augment import AugmentConfig, augment_batch
-from .common import (FinetuneConfig, encoder_only, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
-                     preprocessing_from_init, resolve_width)
+from .common import (FinetuneConfig, check_patch, common_meta, encoder_only, fit_steps_to_time, load_init, majority,
+                     normalize, plane_spacing, preprocessing_from_init, resolve_width, spatial_dims_of)
 from .labels import (IGNORE, LabelMapping, annotation_summary, classes_to_json, label_array, parse_classes,
                      present_values, read_classes_file, resolve_classes, sidecar_path)
 from .losses import MaskedDiceCELoss
-from .sampling import PatchSampler, TrainingVolume, auto_patch
+from .sampling import PatchSampler, TrainingVolume, auto_patch, auto_patch_2d
 
 
 def _resample_label(label, spacing):
@@ -65,7 +72,8 @@ def load_segmentation_data(config: FinetuneConfig, intensity, spacing):
     """Read, check and preprocess every (image, label) pair.
 
     Returns (volumes as :class:`TrainingVolume` with label values still original, summary dict,
-    modalities list). Raises MedSSLError naming the offending file.
+    modalities list, spatial dims: 2 when every image is one-slice (X, Y, 1), 3 when every image is a
+    volume). Raises MedSSLError naming the offending file (a mix of both included).
     """
     from ..io.volumes import read_volume
 
@@ -74,24 +82,26 @@ def load_segmentation_data(config: FinetuneConfig, intensity, spacing):
     if len(config.images) != len(config.labels):
         raise MedSSLError(f"--image/--label: {len(config.images)} image(s) but {len(config.labels)} label(s); give them in pairs")
     volumes, summary, modalities = [], {"volumes": 0, "shapes": [], "spacings_mm": [], "annotations": []}, []
+    first = None
     for image_path, label_path in zip(config.images, config.labels):
         raw_image = read_volume(image_path)
+        dims = spatial_dims_of(raw_image, image_path, first)
+        first = first or (dims, image_path)
         raw_label = read_volume(label_path)
         labels = label_array(raw_label, raw_image, label_path, image_path)
-        if min(raw_image.shape) < 2:
-            raise MedSSLError(f"{image_path}: a single-slice image; fine-tuning needs a 3D volume")
         summary["annotations"].append(annotation_summary(labels))
         image = raw_image
-        if spacing is not None:
-            image = resample_to_spacing(raw_image, spacing)
-            labels = _resample_label(raw_label.with_array(labels), spacing).array
+        target = plane_spacing(spacing, raw_image)
+        if target is not None:
+            image = resample_to_spacing(raw_image, target)
+            labels = _resample_label(raw_label.with_array(labels), target).array
         array, modality = normalize(image, intensity)
         modalities.append(modality)
         volumes.append(TrainingVolume(array.astype(np.float16), labels))
         summary["volumes"] += 1
         summary["shapes"].append(list(image.shape))
         summary["spacings_mm"].append([round(float(s), 4) for s in image.spacing])
-    return volumes, summary, modalities
+    return volumes, summary, modalities, first[0]
 
 
 def _mapping_and_classes(volumes, config: FinetuneConfig) -> tuple[LabelMapping, dict]:
@@ -123,17 +133,24 @@ def _split(volumes: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 class _Float32Sampler(PatchSampler):
-    """Patches of float16-stored volumes returned as float32."""
+    """Patches of float16-stored volumes returned as float32: (N, 1, X, Y, Z) images and (N, X, Y, Z)
+    targets, or for a 2D network (``spatial_dims`` 2, patches (X, Y, 1)) (N, 1, X, Y) and (N, X, Y)."""
+
+    def __init__(self, *args, spatial_dims: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spatial_dims = spatial_dims
 
     def sample(self, batch: int):
         images, targets = super().sample(batch)
-        return images.astype(np.float32), targets
+        if self.spatial_dims == 2:
+            images, targets = images[..., 0], targets[..., 0]
+        return np.ascontiguousarray(images, dtype=np.float32), np.ascontiguousarray(targets)
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, batches, device: torch.device) -> None:
     """Replace every BatchNorm's running mean/variance by the plain average over ``batches`` of
-    (N, 1, X, Y, Z) float32 images.
+    (N, 1, X, Y, Z) float32 images ((N, 1, X, Y) for a 2D network).
 
     After a short fine-tuning the running statistics (momentum 0.1) are dominated by the weights of
     earlier steps, so ``eval()`` predictions differ from what training optimised (on a tiny U-Net
@@ -169,26 +186,35 @@ def finetune_segmentation(config: FinetuneConfig, progress: Progress) -> Path:
 
 def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device) -> Path:
     progress.stage("preprocess", f"reading {len(config.images)} image/label pair(s)")
-    volumes, summary, modalities = load_segmentation_data(config, intensity, spacing)
+    volumes, summary, modalities, spatial_dims = load_segmentation_data(config, intensity, spacing)
+    if init is not None:
+        check_initial_dims(init, spatial_dims, f"--init {config.init}",
+                           "the --image inputs" if len(config.images) > 1 else f"--image {config.images[0]}")
     mapping, classes = _mapping_and_classes(volumes, config)
     for v in volumes:
         v.target = mapping.to_channels(v.target)
-    patch = check_patch(config.patch) if config.patch else auto_patch(summary["spacings_mm"], summary["shapes"])
+    if config.patch:
+        patch = check_patch(config.patch, spatial_dims, progress.log)
+    elif spatial_dims == 2:
+        patch = auto_patch_2d(summary["shapes"])
+    else:
+        patch = auto_patch(summary["spacings_mm"], summary["shapes"])
     out = Path(config.out)
     with OutputLock(out) if ctx.is_main else contextlib.nullcontext():
         if not config.resume and load_checkpoint(out) is not None:
             raise MedSSLError(f"{out}: already holds a training run; add --resume to continue it or choose another --out")
         return _train(config, progress, init, width, intensity, spacing, device, volumes, summary, modalities,
-                      mapping, classes, patch, ctx)
+                      mapping, classes, patch, ctx, spatial_dims)
 
 
 def _train(config, progress, init, width, intensity, spacing, device, volumes, summary, modalities, mapping,
-           classes, patch, ctx: DistributedContext) -> Path:
+           classes, patch, ctx: DistributedContext, spatial_dims: int = 3) -> Path:
     """Under torchrun every rank samples its own patches (seeded by rank); gradients are averaged by
-    DistributedDataParallel; only rank 0 writes checkpoints and the bundle."""
+    DistributedDataParallel; only rank 0 writes checkpoints and the bundle. ``spatial_dims`` 2: a 2D
+    network on the (X, Y) plane of one-slice images."""
     out = Path(config.out)
     seed_everything(config.seed + ctx.rank)
-    model = UNet3D(in_channels=1, out_channels=mapping.n_channels, width=width).to(device)
+    model = UNet3D(in_channels=1, out_channels=mapping.n_channels, width=width, spatial_dims=spatial_dims).to(device)
     if init is not None:
         apply_initial_weights(model, init if config.transfer == "all" else encoder_only(init), what=f"--init {config.init}")
     train_volumes, val_volumes = _split(volumes, config.val_fraction, config.seed)
@@ -198,11 +224,13 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step, ctx.rank])
     painted_axes = slice_axes(summary["annotations"])
-    sampler = _Float32Sampler(train_volumes, patch, mapping.n_channels, rng, full_axes=painted_axes)
+    sampler = _Float32Sampler(train_volumes, patch, mapping.n_channels, rng, full_axes=painted_axes,
+                              spatial_dims=spatial_dims)
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step + 7919 * ctx.rank)
     augment = AugmentConfig.for_task("segment", majority(modalities))
     loss_fn = MaskedDiceCELoss()
-    progress.log(f"{len(train_volumes)} training volume(s), {mapping.n_channels - 1} class(es), patch {patch}, "
+    progress.log(f"{len(train_volumes)} training {'image' if spatial_dims == 2 else 'volume'}(s), "
+                 f"{mapping.n_channels - 1} class(es), {'2D ' if spatial_dims == 2 else ''}patch {patch}, "
                  f"width {width}, init {init.source if init else 'scratch'}, on {device_description(device)}")
 
     def step_fn(step):
@@ -221,7 +249,8 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         progress.log(f"{loop.config.steps} steps fit in {config.loop.max_time:g} s")
     validate_fn = None
     if val_volumes:
-        val_sampler = _Float32Sampler(val_volumes, patch, mapping.n_channels, np.random.default_rng(config.seed + 1))
+        val_sampler = _Float32Sampler(val_volumes, patch, mapping.n_channels, np.random.default_rng(config.seed + 1),
+                                      spatial_dims=spatial_dims)
         val_batches = [val_sampler.sample(config.batch_size) for _ in range(8)]
 
         @torch.no_grad()
@@ -241,13 +270,15 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     state = model.state_dict()
     meta = common_meta(task="segment", width=width, out_channels=mapping.n_channels, intensity=intensity,
                        modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=loop.config,
-                       result=result, batch_size=config.batch_size, seed=config.seed, device=device)
+                       result=result, batch_size=config.batch_size, seed=config.seed, device=device,
+                       spatial_dims=spatial_dims)
     sparse = all(a["kind"] == "slices" for a in summary["annotations"])
     meta.update({
         "classes": classes_to_json(classes),
         "channels": [int(v) for v in mapping.channel_values()],
         "detection": bool(config.detection),
-        "inference": {"overlap": 0.5, "blend": "gaussian", **({"window": "plane"} if sparse else {})},
+        "inference": {"overlap": 0.5, "blend": "gaussian",
+                      **({"window": "plane"} if sparse or spatial_dims == 2 else {})},
         "world_size": ctx.world_size,
         "transfer": config.transfer if init is not None else None,
         "batchnorm": (f"statistics recomputed on {config.recalibrate_bn} batches of training patches after training"

@@ -2,6 +2,10 @@
 
 Positions are physical LPS millimetres as ITK/SimpleITK gives them (``origin + direction @ (spacing *
 index)``), so they land on the same spot in Slicer (which shows RAS: negate x and y) as in any ITK tool.
+
+On a one-slice map (X, Y, 1) (a 2D model's prediction) components are 4-connected in the plane;
+``volume_mm3`` then uses the slice thickness of the image header, and ``area_mm2`` gives the in-plane
+area.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ def find_detections(labels: np.ndarray, prob: np.ndarray, grid: Volume, names: d
     each voxel; grid: the geometry; names: {value: name}.
 
     Returns a list of ``{"label", "name", "center_mm", "score", "max_score", "volume_mm3", "voxels",
-    "bbox_mm"}`` sorted by ``score`` (mean probability inside the component) descending. ``center_mm``:
+    "bbox_mm"}`` (and ``"area_mm2"`` on a one-slice grid) sorted by ``score`` (mean probability inside
+    the component) descending. ``center_mm``:
     LPS centroid of the voxel centres; ``bbox_mm``: [[min x, y, z], [max x, y, z]] in LPS over the
     corners of the component's voxels (on an oblique grid: the LPS-aligned box around them).
     """
     voxel_mm3 = float(np.prod(grid.spacing))
+    pixel_mm2 = float(grid.spacing[0] * grid.spacing[1]) if grid.shape[2] == 1 else None
     found = []
     class_boxes = ndimage.find_objects(labels)  # bounding box of each value, so work happens on crops
     for value, class_box in enumerate(class_boxes, start=1):
@@ -58,6 +64,7 @@ def find_detections(labels: np.ndarray, prob: np.ndarray, grid: Volume, names: d
                 "score": round(float(means[k]), 4),
                 "max_score": round(float(maxima[k]), 4),
                 "volume_mm3": round(volume, 3),
+                **({"area_mm2": round(float(counts[k]) * pixel_mm2, 3)} if pixel_mm2 is not None else {}),
                 "voxels": int(counts[k]),
                 "bbox_mm": [[round(float(c), 3) for c in corners.min(axis=0)],
                             [round(float(c), 3) for c in corners.max(axis=0)]],

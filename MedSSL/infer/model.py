@@ -1,4 +1,9 @@
-"""Loading a fine-tuned bundle for inference and preparing an image the way it was trained."""
+"""Loading a fine-tuned bundle for inference and preparing an image the way it was trained.
+
+A bundle with ``architecture.spatial_dims: 2`` holds a 2D network for one-slice images (X, Y, 1): its
+``patch`` is (X, Y, 1) and it takes (N, 1, X, Y) inputs; 3D bundles take volumes only, 2D bundles
+one-slice images only (:func:`check_image`).
+"""
 
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ class LoadedModel:
 
     network: eval-mode module on ``device`` (UNet3D for segment, :class:`ClassifierNet` for classify).
     channel_values: (C,) uint8, channel -> original label value (segment). class_values: ordered class
-    values (classify). classes: {value: {"name", "color"}}. patch: (X, Y, Z) voxels. spacing: target mm
-    or None. intensity: the training intensity settings (modality fixed to the one trained on).
+    values (classify). classes: {value: {"name", "color"}}. patch: (X, Y, Z) voxels ((X, Y, 1) for a 2D
+    network). spacing: target mm or None. intensity: the training intensity settings (modality fixed to
+    the one trained on). spatial_dims: 3, or 2 for a network on one-slice images.
     """
 
     meta: dict
@@ -37,6 +43,7 @@ class LoadedModel:
     device: torch.device
     channel_values: np.ndarray | None = None
     class_values: list | None = None
+    spatial_dims: int = 3
 
     def name_of(self, value: int) -> str:
         entry = self.classes.get(int(value))
@@ -55,13 +62,15 @@ def load_model(bundle_dir, device: torch.device, allowed=TASKS, what: str = "--m
     if arch.get("name") != "unet3d":
         raise MedSSLError(f"{what} {bundle_dir}: unknown architecture {arch.get('name')!r}")
     classes = {int(k): (v if isinstance(v, dict) else {"name": str(v)}) for k, v in (meta.get("classes") or {}).items()}
+    dims = int(arch.get("spatial_dims", 3))
+    if dims not in (2, 3):
+        raise MedSSLError(f"{what} {bundle_dir}: spatial_dims {dims} in model.json; expected 2 or 3")
     if task == "segment":
-        network = UNet3D(int(arch.get("in_channels", 1)), int(arch["out_channels"]), int(arch["width"]),
-                         spatial_dims=int(arch.get("spatial_dims", 3)))
+        network = UNet3D(int(arch.get("in_channels", 1)), int(arch["out_channels"]), int(arch["width"]), spatial_dims=dims)
     else:
         from ..finetune.classify import ClassifierNet
 
-        network = ClassifierNet(int(arch["width"]), int(arch["out_channels"]), int(arch.get("in_channels", 1)))
+        network = ClassifierNet(int(arch["width"]), int(arch["out_channels"]), int(arch.get("in_channels", 1)), dims)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -72,8 +81,11 @@ def load_model(bundle_dir, device: torch.device, allowed=TASKS, what: str = "--m
     if prep.get("modality") in ("CT", "MR"):
         intensity = IntensityConfig(prep["modality"], intensity.ct_window, intensity.mr_percentiles)
     spacing = prep.get("target_spacing_mm")
-    model = LoadedModel(meta, network, task, classes, tuple(int(p) for p in meta.get("patch_size") or (64, 64, 32)),
-                        tuple(float(s) for s in spacing) if spacing else None, intensity, device)
+    patch = tuple(int(p) for p in meta.get("patch_size") or ((64, 64, 1) if dims == 2 else (64, 64, 32)))
+    if dims == 2:
+        patch = (*patch[:2], 1)
+    model = LoadedModel(meta, network, task, classes, patch, tuple(float(s) for s in spacing) if spacing else None,
+                        intensity, device, spatial_dims=dims)
     if task == "segment":
         values = meta.get("channels") or [0, *sorted(classes)]
         if len(values) != int(arch["out_channels"]):
@@ -91,7 +103,8 @@ WINDOW_MEMORY_MB = 512
 def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: int = 2) -> tuple[int, int, int]:
     """The sliding window for an image of ``shape`` (X, Y, Z) voxels on the model's grid.
 
-    ``requested`` (``--window X Y Z`` or ``--window plane``) wins; None takes the bundle's
+    A 2D model's window is (X, Y, 1) (``--window X Y`` or ``X Y 1``); "plane" is then the whole image
+    when it fits the memory budget. ``requested`` (``--window X Y Z`` or ``--window plane``) wins; None takes the bundle's
     ``inference.window`` (few-shot bundles say "plane"), else the training patch. ``"plane"`` makes the
     window cover the whole plane (X, Y rounded up to multiples of 8) when a batch of such windows fits
     :data:`WINDOW_MEMORY_MB` (estimated as voxels x (6 x width + output channels) x 4 bytes x batch),
@@ -106,8 +119,14 @@ def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: i
         return tuple(model.patch)
     if requested != "plane":
         window = tuple(int(w) for w in requested)
+        text = " ".join(map(str, window))
+        if model.spatial_dims == 2:
+            if len(window) not in (2, 3) or any(w < 8 or w % 8 for w in window[:2]) or window[2:] not in ((), (1,)):
+                raise MedSSLError(f"--window {text}: a 2D model takes X Y (or X Y 1), multiples of 8")
+            return window[0], window[1], 1
         if len(window) != 3 or any(w < 8 or w % 8 for w in window):
-            raise MedSSLError(f"--window {' '.join(map(str, window))}: each size must be a multiple of 8")
+            raise MedSSLError(f"--window {text}: each size must be a multiple of 8" +
+                              (" (X Y Z for a 3D model)" if len(window) == 2 else ""))
         return window
     px, py, pz = model.patch
     arch = model.meta.get("architecture") or {}
@@ -121,29 +140,37 @@ def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: i
 
 
 def check_image(model: LoadedModel, volume: Volume, path) -> None:
-    """The image must suit the network: one channel (scalar), and 3D for a 3D network."""
+    """The image must suit the network: one channel (scalar); a 3D volume for a 3D network, a one-slice
+    image (X, Y, 1) for a 2D one."""
     arch = model.meta.get("architecture") or {}
     in_channels = int(arch.get("in_channels", 1))
     if in_channels != 1:
         raise MedSSLError(f"{path}: the model expects {in_channels} input channels; the image has 1 (a scalar volume)")
     dims = int(arch.get("spatial_dims", 3))
+    shape = "x".join(map(str, volume.shape))
     single = min(volume.shape) < 2
     if dims == 3 and single:
-        raise MedSSLError(f"{path}: a single-slice image ({'x'.join(map(str, volume.shape))}) but the model is 3D")
+        raise MedSSLError(f"{path}: a single-slice image ({shape}) but the model is 3D; give a 3D volume or a 2D model")
     if dims == 2 and not single:
-        raise MedSSLError(f"{path}: a 3D image but the model is 2D (one-slice images only)")
+        raise MedSSLError(f"{path}: a 3D image ({shape}) but the model is 2D (one-slice images only)")
+    if dims == 2 and (volume.shape[2] != 1 or min(volume.shape[:2]) < 2):
+        raise MedSSLError(f"{path}: a single-slice image ({shape}) along X or Y; a 2D model takes images of shape X x Y x 1")
 
 
 def prepare(model: LoadedModel, volume: Volume, path, log=None) -> tuple[np.ndarray, Volume]:
     """Image -> (float32 (X, Y, Z) in [0, 1] on the model's grid, the volume on that grid).
 
-    The grid is the input's, or the bundle's target spacing (linear resampling) when it has one.
+    The grid is the input's, or the bundle's target spacing (linear resampling) when it has one; a
+    one-slice image (X, Y, 1) is resampled in-plane only (it keeps its one slice).
     """
     check_image(model, volume, path)
     if model.intensity.modality != "auto" and volume.modality is None and log is not None:
         detected = detect_modality(volume)
         if detected != model.intensity.modality:
             log(f"warning: the image looks like {detected} but the model was trained on {model.intensity.modality}")
-    work = resample_to_spacing(volume, model.spacing) if model.spacing else volume
+    spacing = model.spacing
+    if spacing is not None and model.spatial_dims == 2:
+        spacing = (spacing[0], spacing[1], float(volume.spacing[2]))
+    work = resample_to_spacing(volume, spacing) if spacing else volume
     array, _ = normalize_intensity(work, model.intensity)
     return array, work

@@ -4,6 +4,10 @@ Segmentation output: a uint8 label map of the original label values on the input
 with nearest neighbour when the model works at another spacing). Optional outputs: the foreground
 probability ``1 - p(background)`` as float32 in [0, 1] (for a one-class model, the probability of that
 class), and detections (:mod:`.detect`). Memory is bounded: see :mod:`.sliding`.
+
+A 2D bundle (``architecture.spatial_dims: 2``) takes a one-slice image (X, Y, 1) and writes a one-slice
+label map (and probabilities) on its grid; ``--annotation``, ``--largest-component`` and detections work
+on it as on a volume of one slice (connectivity: the 4 in-plane neighbours).
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ class PredictOptions:
 @dataclass
 class SegmentationResult:
     """labels: uint8 volume on the input grid; max_prob: float16 (X, Y, Z) probability of the predicted
-    channel; fg_prob: float16 (X, Y, Z) foreground probability (both on the input grid)."""
+    channel; fg_prob: float16 (X, Y, Z) foreground probability (both on the input grid; Z = 1 for a
+    one-slice image)."""
 
     labels: Volume
     max_prob: np.ndarray
@@ -99,7 +104,7 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
     window = inference_window(model, work.shape, options.window, options.sw_batch_size)
     run_slabs(array, make_predictor(model.network, options.tta), window, n, reducer, overlap=options.overlap,
               sw_batch_size=options.sw_batch_size, memory_mb=options.memory_mb, device=model.device,
-              on_slab=(lambda i, k: progress.update(i, k)) if progress else None)
+              on_slab=(lambda i, k: progress.update(i, k)) if progress else None, spatial_dims=model.spatial_dims)
     del array
     labels = model.channel_values[reducer.channel]
     labels = to_input_grid(labels, work, volume, nearest=True)

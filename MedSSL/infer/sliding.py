@@ -6,6 +6,10 @@ slab is padded with ``patch_z // 2`` slices of context on both sides (recomputed
 through MONAI with Gaussian blending and an fp16 accumulator (MONAI accumulates in the input's dtype),
 and reduced at once to what the caller keeps (e.g. argmax and the winning probability) by ``reduce``.
 Few classes or small volumes give a single slab: exactly MONAI's result.
+
+One-slice images with a 2D network (``spatial_dims=2``): the (X, Y, 1) array goes through MONAI as a
+2D image (1, 1, X, Y) with a 2D window (X, Y) in one pass (no slabs: the accumulator is the image's
+pixels times the channels), and ``reduce`` gets (channels, X, Y, 1) as for a one-slice volume.
 """
 
 from __future__ import annotations
@@ -17,8 +21,14 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-#: flips used by test-time augmentation: identity and one flip per axis (dims of (N, C, X, Y, Z))
+#: flips used by test-time augmentation: identity and one flip per axis (dims of (N, C, X, Y, Z));
+#: 2D inputs (N, C, X, Y) use the first three (see :func:`tta_flips`)
 TTA_FLIPS = ((), (2,), (3,), (4,))
+
+
+def tta_flips(ndim: int) -> tuple:
+    """Test-time flips for an input of ``ndim`` dims: identity and one flip per spatial axis."""
+    return TTA_FLIPS[: ndim - 1]
 
 
 @dataclass
@@ -51,9 +61,11 @@ def plan_slabs(depth: int, patch_z: int, channels: int, plane_voxels: int, memor
 
 
 def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = False) -> Callable:
-    """Window function for MONAI: (B, 1, X, Y, Z) -> (B, C [+1], X, Y, Z) float16 probabilities.
+    """Window function for MONAI: (B, 1, X, Y, Z) -> (B, C [+1], X, Y, Z) float16 probabilities; for a 2D
+    network (B, 1, X, Y) -> (B, C [+1], X, Y).
 
-    Softmax of the network's logits, averaged over :data:`TTA_FLIPS` when ``tta``; with ``entropy`` a
+    Softmax of the network's logits, averaged over :data:`TTA_FLIPS` when ``tta`` (2D: the X and Y
+    flips); with ``entropy`` a
     last channel holds the predictive entropy of those (averaged) probabilities divided by log(C), in
     [0, 1].
     """
@@ -61,7 +73,7 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
     @torch.no_grad()
     def predict(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        flips = TTA_FLIPS if tta else ((),)
+        flips = tta_flips(x.dim()) if tta else ((),)
         total = None
         for dims in flips:
             xi = x.flip(dims) if dims else x
@@ -97,13 +109,25 @@ def _autocast(device: torch.device):
 def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
               reduce: Callable[[torch.Tensor, int, int], None], *, overlap: float = 0.5, sw_batch_size: int = 2,
               memory_mb: float = 1024.0, device: torch.device = torch.device("cpu"),
-              on_slab: Callable[[int, int], None] | None = None) -> None:
+              on_slab: Callable[[int, int], None] | None = None, spatial_dims: int = 3) -> None:
     """Slide ``predictor`` over ``array`` (float32 (X, Y, Z)) slab by slab.
 
     ``reduce(block, z0, z1)`` receives each slab's kept part: float16 (channels, X, Y, z1 - z0) for
     slices ``[z0, z1)`` of the volume. ``channels`` is what the predictor returns. ``on_slab(i, n)`` is
-    called after each slab (progress).
+    called after each slab (progress). ``spatial_dims`` 2: ``array`` is a one-slice image (X, Y, 1),
+    ``patch`` (X, Y, 1) or (X, Y), and ``predictor`` takes (B, 1, X, Y) windows (see the module doc).
     """
+    if spatial_dims == 2:
+        if array.shape[2] != 1:
+            raise ValueError(f"a 2D sliding window needs a one-slice image (X, Y, 1), got {array.shape}")
+        inputs = torch.from_numpy(np.ascontiguousarray(array[:, :, 0])).to(device).half()[None, None]
+        out = sliding_window_inference(inputs, roi_size=tuple(int(p) for p in patch[:2]), sw_batch_size=sw_batch_size,
+                                       predictor=predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
+                                       cval=0.0)
+        reduce(out[0, ..., None], 0, 1)
+        if on_slab is not None:
+            on_slab(1, 1)
+        return
     x_size, y_size, depth = array.shape
     slabs = plan_slabs(depth, int(patch[2]), channels, x_size * y_size, memory_mb)
     for i, slab in enumerate(slabs):

@@ -5,6 +5,8 @@ identity and three flips), divided by log(C) so it lies in [0, 1]. A slice's sco
 voxels. Already annotated slices can be left out (``annotation``): with 255 present in the label map a
 slice counts as annotated when it holds any voxel other than 255; a label map without 255 (exported
 segmentations) counts slices holding any non-zero voxel.
+
+2D bundles (one-slice images) are refused: an image of one slice has no other slice to suggest.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def slice_entropy(model: LoadedModel, volume: Volume, image_path, tta: bool = Tr
     window = inference_window(model, work.shape)
     run_slabs(array, make_predictor(model.network, tta=tta, entropy=True), window, n + 1, reducer,
               overlap=overlap, memory_mb=memory_mb, device=model.device,
-              on_slab=(lambda i, k: progress.update(i, k)) if progress else None)
+              on_slab=(lambda i, k: progress.update(i, k)) if progress else None, spatial_dims=model.spatial_dims)
     return to_input_grid(reducer.entropy, work, volume, nearest=False)
 
 
@@ -78,6 +80,9 @@ def suggest(model: LoadedModel, volume: Volume, image_path, count: int = 5, axis
     """``{"slices": [...]}`` (see :func:`rank_slices`)."""
     if model.task != "segment":
         raise MedSSLError(f"--model: a {model.task} bundle; suggest needs a segmentation bundle")
+    if model.spatial_dims == 2:
+        raise MedSSLError(f"{image_path}: suggest ranks the slices of a 3D volume; the --model is 2D (one-slice "
+                          "images have no other slice to annotate): use `medssl predict` and correct its label map")
     if count < 1:
         raise MedSSLError(f"--count {count}: must be at least 1")
     if axis not in (0, 1, 2):

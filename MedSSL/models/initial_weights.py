@@ -18,7 +18,7 @@ from torch import nn
 
 from ..bundle import is_bundle, load_bundle
 from ..errors import MedSSLError
-from .unet3d import width_from_state_dict
+from .unet3d import spatial_dims_from_state_dict, width_from_state_dict
 
 _PREFIXES = ("module.", "classficationNet.", "backbone.", "encoder_q.")
 
@@ -28,17 +28,21 @@ class InitialWeights:
     """UNet3D weights to start from.
 
     state_dict: UNet3D key -> tensor (prefixes stripped). width: base channels. source: "bundle" or
-    "official-pt". meta: the bundle's model.json (empty for .pt files).
+    "official-pt". meta: the bundle's model.json (empty for .pt files). spatial_dims: 3, or 2 for a
+    network of 2D kernels (pretrained or fine-tuned on one-slice images), read from the kernels.
     """
 
     state_dict: dict
     width: int
     source: str
     meta: dict
+    spatial_dims: int = 3
 
     def describe(self) -> dict:
         """What to record in a bundle about the initialisation (no paths)."""
         info = {"source": self.source, "width": self.width}
+        if self.spatial_dims != 3:
+            info["spatial_dims"] = self.spatial_dims
         if self.meta:
             info["method"] = (self.meta.get("method") or {}).get("name")
             info["task"] = self.meta.get("task")
@@ -92,13 +96,30 @@ def load_initial_weights(path) -> InitialWeights:
         width = width_from_state_dict(state)
     except KeyError:
         raise MedSSLError(f"{path}: not a Models Genesis UNet3D (no down_tr64.ops.0.conv1.weight)") from None
-    return InitialWeights(state, width, source, meta)
+    spatial_dims = spatial_dims_from_state_dict(state)
+    if spatial_dims not in (2, 3):
+        raise MedSSLError(f"{path}: not a Models Genesis UNet3D (its first kernel has {spatial_dims} spatial dimensions)")
+    return InitialWeights(state, width, source, meta, spatial_dims)
+
+
+def check_initial_dims(init: InitialWeights, spatial_dims: int, what: str, images: str = "the images") -> None:
+    """Refuse weights of another dimensionality than the network: MedSSLError naming ``what``.
+
+    There is no transfer between 3D and 2D kernels here (summing or slicing kernels would be a method
+    of its own, untested): a 3D model initialises 3D networks, a 2D one (from one-slice images) 2D ones.
+    """
+    if init.spatial_dims == spatial_dims:
+        return
+    have = "a 2D model (from one-slice images)" if init.spatial_dims == 2 else "a 3D model"
+    need = "one-slice (2D) images" if spatial_dims == 2 else "3D volumes"
+    raise MedSSLError(f"{what}: {have}, but {images} are {need}; give a {spatial_dims}D model or none (--init none)")
 
 
 def apply_initial_weights(model: nn.Module, init: InitialWeights, what: str = "model") -> dict:
     """Copy every tensor of ``init`` whose key and shape match ``model``'s UNet3D.
 
-    The encoder must match completely (else MedSSLError: wrong width or input channels); decoder and
+    The encoder must match completely (else MedSSLError: wrong width, input channels or spatial
+    dimensions: see :func:`check_initial_dims` for a clearer message on the latter); decoder and
     output layers that differ (e.g. 1 restoration channel vs N classes) are left as initialised.
     Returns {"loaded": n, "skipped": [keys]}.
     """
