@@ -319,3 +319,27 @@ def test_ark_2d_spec_mixing_a_3d_case_is_refused(ark_2d, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("medssl: error: ") and str(path) in err[0], err
     assert "one-slice" in err[0] and "3D" in err[0] and "vol_img.nii.gz" in err[0], err[0]
     assert not (out / "model.json").exists()
+
+
+def test_ark_2d_cases_resample_in_plane_validate_and_are_refused_by_a_3d_load(ark_2d, tmp_path):
+    from MedSSL.data import labelled
+    from MedSSL.data.cubes import CubeSettings
+    from MedSSL.data.preprocess import IntensityConfig
+    from MedSSL.errors import MedSSLError
+    from MedSSL.methods.base import PretrainData
+
+    folder, _ = ark_2d
+    spec = labelled.read_spec(folder / "spec.json")
+    datasets = labelled.load_datasets(spec, IntensityConfig(), (3.0, 3.0, 3.0), tmp_path / "cache", spatial_dims=2,
+                                      val_fraction=0.5)
+    case = datasets[0].cases[0]
+    assert case.image.shape == case.label.shape == (64, 64, 1) and case.info["spacing_mm"] == [3.0, 3.0, 6.0]
+    assert all(len(d.cases) == 1 and len(d.val_cases) == 1 for d in datasets)
+    data = PretrainData(settings=CubeSettings(patch=(*SIZE, 1)), datasets={"datasets": datasets})
+    method = _method("ark")
+    method.setup(data)
+    batches = method.validation_batches(data, 2, torch.device("cpu"), limit=2)
+    assert [b["dataset"] for b in batches] == [0, 1] and batches[0]["image"].shape == (2, 1, *SIZE)
+    assert math.isfinite(method.validation_loss(batches[0], torch.Generator().manual_seed(0)))
+    with pytest.raises(MedSSLError, match="one-slice"):  # cached by the 2D load, still refused in 3D
+        labelled.load_datasets(spec, IntensityConfig(), (3.0, 3.0, 3.0), tmp_path / "cache", spatial_dims=3)
