@@ -22,6 +22,7 @@ from slicer.util import VTKObservationMixin
 from MedSSLSegmentLib import backend, gui, install, jobs, nodes
 from MedSSLSegmentLib.plots import LossCurve
 from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sparseLabels
+from MedSSLTrainerLib.datasets import methodTakesDatasets
 from MedSSLTrainerLib.logic import MedSSLTrainerLogic
 
 try:
@@ -77,6 +78,7 @@ if parameterNodeWrapper is not None:
         device: str = "auto"
         useDataFolder: bool = False
         dataFolder: str = ""
+        datasetsSpec: str = ""
         method: str = "genesis"
         pretrainSteps: int = 2000
         pretrainMinutes: float = 0.0
@@ -135,7 +137,8 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget, name in ((self.ui.deviceComboBox, "device"), (self.ui.methodComboBox, "method"),
                              (self.ui.initComboBox, "initChoice")):
             self.strings.combo(widget, name)
-        for widget, name in ((self.ui.dataFolderPathLineEdit, "dataFolder"), (self.ui.pretrainOutputPathLineEdit,
+        for widget, name in ((self.ui.dataFolderPathLineEdit, "dataFolder"),
+                             (self.ui.datasetsSpecPathLineEdit, "datasetsSpec"), (self.ui.pretrainOutputPathLineEdit,
                              "pretrainOutput"), (self.ui.initModelPathLineEdit, "initModel"),
                              (self.ui.modelPathLineEdit, "model")):
             self.strings.path(widget, name)
@@ -151,6 +154,9 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.pretrainOutputPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         ui.dataFolderPathLineEdit.settingKey = "MedSSL/PretrainDataFolder"
+        ui.datasetsSpecPathLineEdit.filters = ctk.ctkPathLineEdit.Files
+        ui.datasetsSpecPathLineEdit.nameFilters = ["Labelled dataset specs (*.json)"]
+        ui.datasetsSpecPathLineEdit.settingKey = "MedSSL/PretrainDatasetsSpec"
         ui.initModelPathLineEdit.settingKey = "MedSSL/InitModelPath"
         gui.fillDeviceComboBox(ui.deviceComboBox, None)
         self._fillMethods(list(backend.DEFAULT_METHODS))
@@ -170,8 +176,10 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.deviceComboBox.connect("currentIndexChanged(int)", self._updateDeviceWarning)
         ui.initComboBox.connect("currentIndexChanged(int)", self._updateInitWidgets)
         ui.useDataFolderCheckBox.connect("toggled(bool)", self._updateButtons)
+        ui.methodComboBox.connect("currentIndexChanged(int)", self._updateButtons)
         ui.pretrainVolumesSelector.connect("checkedNodesChanged()", self._updateButtons)
-        for widget in (ui.dataFolderPathLineEdit, ui.initModelPathLineEdit, ui.modelPathLineEdit):
+        for widget in (ui.dataFolderPathLineEdit, ui.datasetsSpecPathLineEdit, ui.initModelPathLineEdit,
+                       ui.modelPathLineEdit):
             widget.connect("currentPathChanged(QString)", self._updateButtons)
         for selector in (ui.fewShotVolumeSelector, ui.fewShotSegmentationSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
@@ -240,6 +248,7 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = combo.currentData or (self._parameterNode.method if self._parameterNode else "genesis")
         combo.blockSignals(True)
         combo.clear()
+        self._datasetMethods = {m["name"] for m in methods if methodTakesDatasets(m)}
         for method in methods:
             combo.addItem(method["name"], method["name"])
             combo.setItemData(combo.count - 1, method.get("description", ""), qt.Qt.ToolTipRole)
@@ -280,9 +289,17 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui = self.ui
         busy = self.panel.busy
         useFolder = ui.useDataFolderCheckBox.checked
+        labelled = self._methodTakesDatasets()
+        for widget in (ui.pretrainVolumesLabel, ui.pretrainVolumesSelector, ui.useDataFolderCheckBox,
+                       ui.dataFolderLabel, ui.dataFolderPathLineEdit):
+            widget.visible = not labelled
+        ui.datasetsSpecLabel.visible = ui.datasetsSpecPathLineEdit.visible = labelled
         ui.pretrainVolumesSelector.enabled = not useFolder
         ui.dataFolderPathLineEdit.enabled = useFolder
-        hasData = bool(ui.dataFolderPathLineEdit.currentPath) if useFolder else bool(ui.pretrainVolumesSelector.checkedNodes())
+        if labelled:
+            hasData = bool(ui.datasetsSpecPathLineEdit.currentPath)
+        else:
+            hasData = bool(ui.dataFolderPathLineEdit.currentPath) if useFolder else bool(ui.pretrainVolumesSelector.checkedNodes())
         hasInit = ui.initComboBox.currentData == "none" or bool(ui.initModelPathLineEdit.currentPath)
         canFineTune = bool(ui.fewShotVolumeSelector.currentNode() and ui.fewShotSegmentationSelector.currentNode() and hasInit)
         canSuggest = bool(ui.fewShotVolumeSelector.currentNode() and ui.modelPathLineEdit.currentPath)
@@ -292,6 +309,11 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.showChartButton.enabled = self._lossCurve is not None
 
     _runningButton = None
+    _datasetMethods = frozenset()
+
+    def _methodTakesDatasets(self) -> bool:
+        """Whether the chosen method learns from labelled datasets (SPEC.json) instead of volumes."""
+        return (self.ui.methodComboBox.currentData or "") in self._datasetMethods
 
     def _start(self, job, button, title, onEnded):
         self._runningButton = button
@@ -337,16 +359,22 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return
                 self._cpuConfirmed = True
             ui = self.ui
-            if ui.useDataFolderCheckBox.checked:
-                data = [ui.dataFolderPathLineEdit.currentPath]
-                ui.dataFolderPathLineEdit.addCurrentPathToHistory()
-            else:
-                data = list(ui.pretrainVolumesSelector.checkedNodes())
+            method = ui.methodComboBox.currentData or "genesis"
             steps, maxTime = budget(ui.pretrainStepsSpinBox, ui.pretrainMinutesSpinBox)
-            self._newLossCurve(_("Pretraining"))
-            job = self.logic.pretrain(data, method=ui.methodComboBox.currentData or "genesis",
-                                      outputDir=ui.pretrainOutputPathLineEdit.currentPath or None, steps=steps,
-                                      maxTime=maxTime, blocking=False, onEvent=self._onEvent)
+            options = dict(method=method, outputDir=ui.pretrainOutputPathLineEdit.currentPath or None, steps=steps,
+                           maxTime=maxTime, blocking=False, onEvent=self._onEvent)
+            if self._methodTakesDatasets():
+                ui.datasetsSpecPathLineEdit.addCurrentPathToHistory()
+                self._newLossCurve(_("Pretraining"))
+                job = self.logic.pretrainOnDatasets(ui.datasetsSpecPathLineEdit.currentPath, **options)
+            else:
+                if ui.useDataFolderCheckBox.checked:
+                    data = [ui.dataFolderPathLineEdit.currentPath]
+                    ui.dataFolderPathLineEdit.addCurrentPathToHistory()
+                else:
+                    data = list(ui.pretrainVolumesSelector.checkedNodes())
+                self._newLossCurve(_("Pretraining"))
+                job = self.logic.pretrain(data, **options)
             self._start(job, ui.pretrainButton, _("Pretraining"), self.onPretrainEnded)
 
     def onPretrainEnded(self, job):

@@ -184,7 +184,8 @@ def deviceChoices(probe: dict) -> list[tuple[str, str]]:
 
 
 def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[dict]:
-    """The backend's pretraining methods (``methods --json``): [{"name", "description"}]. Falls back to
+    """The backend's pretraining methods (``methods --json``): [{"name", "description", "data"}] (data:
+    ``"--data PATH..."`` or ``"--datasets SPEC.json"``, what the method learns from). Falls back to
     :data:`DEFAULT_METHODS` when the backend cannot be run or answers nothing usable."""
     try:
         code, out, _err = jobs.runQuick(command("methods", "--json", python=python), childEnvironment(), timeout)
@@ -193,7 +194,8 @@ def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[
         methods = None
     if not methods or not all(isinstance(m, dict) and m.get("name") for m in methods):
         return [dict(m) for m in DEFAULT_METHODS]
-    return [{"name": str(m["name"]), "description": str(m.get("description", ""))} for m in methods]
+    return [{"name": str(m["name"]), "description": str(m.get("description", "")),
+             "data": str(m.get("data", "--data PATH..."))} for m in methods]
 
 
 def bundleInfo(modelDir, python: str | None = None, timeout: float = 120.0) -> dict:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from MedSSLSegmentLib import backend, geometry, nodes
 from MedSSLSegmentLib.runner import BackendRunner
 
 from .annotation import SLICE_AXIS_K, sparseLabels
+from .datasets import writeDatasetsSpec
 
 
 class MedSSLTrainerLogic(BackendRunner):
@@ -24,6 +26,8 @@ class MedSSLTrainerLogic(BackendRunner):
         from MedSSLTrainerLib.logic import MedSSLTrainerLogic
         logic = MedSSLTrainerLogic()
         bundle = logic.pretrain(["/data/unlabeled_ct"], steps=2000)
+        ark = logic.pretrainOnDatasets([{"name": "livers", "cases": [(getNode("CT1"), getNode("Liver1"))]},
+                                        {"name": "spleens", "cases": [(getNode("CT2"), getNode("Spleen2"))]}])
         model = logic.finetune(getNode("CT"), getNode("Segmentation"), initModel=bundle, steps=300)
         logic.lastOutputs["segmentation"]   # the whole volume segmented, for review
 
@@ -53,6 +57,35 @@ class MedSSLTrainerLogic(BackendRunner):
         data = [self._dataPath(item, inputs, index) for index, item in enumerate(items)]
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "pretrain"))
         args = ["--data", *data, "--method", method, "--out", outputDir]
+        args += ["--init", self.checkModel(initModel)] if initModel else []
+        args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
+        return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
+                        blocking, onEvent, [inputs])
+
+    def pretrainOnDatasets(self, datasets, method="ark", outputDir=None, steps=None, maxTime=None, width=None,
+                           blocking=True, initModel=None, onEvent=None):
+        """Pretraining on several labelled datasets whose label sets differ (Ark: a head per dataset, an
+        EMA teacher; the bundle segments the union of their classes).
+
+        datasets: a SPEC.json path in the backend's format, or ``[{"name": str, "cases": [(volumeNode,
+        segmentationNode), ...]}, ...]`` from the scene (see :func:`MedSSLTrainerLib.datasets.writeDatasetsSpec`:
+        each dataset's segments are its classes, matched by name; the images and labels are written to the
+        job folder and deleted when the job ends). Returns the bundle folder.
+        """
+        if isinstance(datasets, (str, os.PathLike)) and not os.path.isfile(datasets):
+            raise ValueError(f"not found: {datasets}")
+        jobDir = self.newJobDirectory("pretrain")
+        inputs = os.path.join(jobDir, "inputs")
+        if isinstance(datasets, (str, os.PathLike)):
+            spec = os.path.abspath(datasets)
+        else:
+            try:
+                spec = writeDatasetsSpec(datasets, inputs)
+            except Exception:
+                shutil.rmtree(jobDir, ignore_errors=True)  # nothing half-written is left behind
+                raise
+        outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "pretrain"))
+        args = ["--datasets", spec, "--method", method, "--out", outputDir]
         args += ["--init", self.checkModel(initModel)] if initModel else []
         args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
         return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),

@@ -54,17 +54,32 @@ def save_bundle(out, meta):
 
 def cmd_methods(args):
     print(json.dumps({"methods": [{"name": "genesis", "description": "Models Genesis"},
-                                  {"name": "fake", "description": "test method"}]}))
+                                  {"name": "fake", "description": "test method"},
+                                  {"name": "ark", "description": "labelled datasets", "data": "--datasets SPEC.json"}]}))
 
 
 def cmd_pretrain(args):
-    for path in args.data:
-        if not os.path.exists(path):
-            fail(f"{path}: no such file or folder")
-    emit(event="stage", stage="pretrain", message=f"{len(args.data)} inputs")
+    if args.datasets:
+        with open(args.datasets, encoding="utf-8") as handle:
+            spec = json.load(handle)
+        inputs = [p for d in spec["datasets"] for c in d["cases"] for p in (c["image"], c["label"])]
+        for path in inputs:
+            if not os.path.exists(path):
+                fail(f"{args.datasets}: {path}: no such file")
+        seen = [{"name": d["name"], "classes": d["classes"],
+                 "cases": [{"label_values": sorted(int(v) for v in np.unique(sitk.GetArrayFromImage(read(c["label"])))),
+                            "same_grid": read(c["label"]).GetSize() == read(c["image"]).GetSize()}
+                           for c in d["cases"]]} for d in spec["datasets"]]
+    else:
+        inputs = args.data
+        for path in inputs:
+            if not os.path.exists(path):
+                fail(f"{path}: no such file or folder")
+    emit(event="stage", stage="pretrain", message=f"{len(inputs)} inputs")
     train_loop("pretrain")
     save_bundle(args.out, {"task": "pretrain", "method": {"name": args.method},
-                           "data": [os.path.basename(p) for p in args.data]})
+                           "data": [os.path.basename(p) for p in inputs],
+                           **({"datasets_seen": seen} if args.datasets else {})})
     emit(event="done", bundle=args.out)
 
 
@@ -170,7 +185,9 @@ def main():
     p = sub.add_parser("methods", parents=[common])
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("pretrain", parents=[common])
-    p.add_argument("--data", nargs="+", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+")
+    source.add_argument("--datasets")
     p.add_argument("--method", default="genesis")
     p.add_argument("--out", required=True)
     p = sub.add_parser("finetune", parents=[common])

@@ -326,6 +326,35 @@ def test_trainer_widget_cancel_removes_loss_chart(slicer_app, scene, monkeypatch
     assert ui.pretrainButton.text == "Start pretraining" or ui.pretrainButton.text != "Cancel"
 
 
+def test_trainer_widget_labelled_datasets_method_takes_a_spec(slicer_app, scene, tmp_path):
+    """Choosing a method that learns from labelled datasets (Ark) swaps the volume/folder inputs for a
+    SPEC.json picker, and the pretraining job gets --datasets."""
+    import json
+
+    import SimpleITK as sitk
+
+    slicer = slicer_app
+    _module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
+    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("ark"))
+    assert not ui.pretrainVolumesSelector.visible and not ui.dataFolderPathLineEdit.visible
+    assert ui.datasetsSpecPathLineEdit.visible and not ui.pretrainButton.enabled
+    image = sitk.GetImageFromArray(phantom())
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(sitk.Cast(image > 0, sitk.sitkUInt8), str(tmp_path / "liver.nrrd"))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"datasets": [{"name": "livers", "classes": {"1": "liver"},
+                                              "cases": [{"image": str(tmp_path / "ct.nrrd"), "label": str(tmp_path / "liver.nrrd")}]}]}))
+    ui.datasetsSpecPathLineEdit.currentPath = str(spec)
+    assert ui.pretrainButton.enabled
+    widget.onPretrainButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    meta = json.loads((tmp_path / "work").joinpath(widget.panel.job.result, "model.json").read_text())
+    assert meta["method"] == {"name": "ark"} and meta["datasets_seen"][0]["cases"][0]["label_values"] == [0, 1]
+    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("genesis"))
+    assert ui.pretrainVolumesSelector.visible and not ui.datasetsSpecPathLineEdit.visible
+
+
 def test_segment_widget_applies_a_detector(slicer_app, scene, tmp_path):
     slicer = slicer_app
     module, widget, ui = makeWidget(slicer, "MedSSLSegment")

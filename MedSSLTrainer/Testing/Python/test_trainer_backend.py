@@ -111,3 +111,28 @@ def test_finetune_segment_detect_suggest(scene, work_dir, monkeypatch, tmp_path)
 def test_environment_probe_runs_in_a_child():
     environment = backend.probeEnvironment()
     assert environment["torch"] and environment["MedSSL"] and "torch" not in sys.modules.get("MedSSLSegmentLib.backend").__dict__
+
+
+def test_ark_pretraining_on_datasets_from_the_scene(scene, work_dir, monkeypatch, tmp_path):
+    """Two datasets with different label sets, built from volume and segmentation nodes, pretrain one
+    real Ark bundle whose classes are the union of theirs."""
+    from MedSSLSegmentLib import nodes
+    from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
+    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    array = phantom()
+    datasets = []
+    for name, organ, value in (("bodies", "body", 60), ("lesions", "lesion", 300)):
+        volume = nodes.addVolumeFromArray(array, obliqueMatrix(spacing=(1.0, 1.0, 2.0)), f"ct {name}", scene=scene)
+        labels = (array >= value).astype(np.uint8)
+        segmentation = nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume),
+                                                      {"1": {"name": organ, "color": [0.9, 0.2, 0.2]}}, volume, organ)
+        datasets.append({"name": name, "cases": [(volume, segmentation)]})
+    trainer = MedSSLTrainerLogic(python=sys.executable)
+    bundle = trainer.pretrainOnDatasets(datasets, steps=2, width=4, outputDir=str(tmp_path / "ark"))
+    meta = json.loads(open(os.path.join(bundle, "model.json")).read())
+    assert meta["method"]["name"] == "ark"
+    assert sorted(c["name"] for c in meta["classes"].values()) == ["body", "lesion"]
+    assert os.path.isfile(os.path.join(bundle, "weights.safetensors"))

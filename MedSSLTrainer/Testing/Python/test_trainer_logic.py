@@ -98,7 +98,7 @@ def test_suggest_slices_in_ras(logic, scene, tmp_path):
 
 
 def test_methods_from_backend(logic):
-    assert [m["name"] for m in logic.availableMethods()] == ["genesis", "fake"]
+    assert [m["name"] for m in logic.availableMethods()] == ["genesis", "fake", "ark"]
 
 
 def test_methods_fallback_without_backend(scene, monkeypatch, tmp_path):
@@ -118,3 +118,48 @@ def test_jump_to_slice_centres_slice_views(scene):
     MedSSLTrainerLogic.jumpToSlice({"center_ras": [12.5, -30.0, 41.25]})
     sliceToRas = red.GetSliceToRAS()
     assert [sliceToRas.GetElement(r, 3) for r in range(3)] == [12.5, -30.0, 41.25]
+
+
+def _segmentation(scene, volume, labels, names, name):
+    from MedSSLSegmentLib import nodes
+
+    classes = {str(i): {"name": n, "color": [0.2 * i, 0.5, 0.5]} for i, n in enumerate(names, start=1)}
+    return nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), classes, volume, name)
+
+
+def test_pretrain_on_datasets_from_scene(logic, scene, tmp_path):
+    """Ark's datasets from the scene: segments become each dataset's classes, matched by name across
+    cases (numbered as first met), labels on each volume's grid, empty segments left out."""
+    a1, a2, b1 = (addVolume(scene, phantom(), name=n) for n in ("a1", "a2", "b1"))
+    block, core = np.zeros(phantom().shape, np.uint8), np.zeros(phantom().shape, np.uint8)
+    block[1:5, 2:8, 3:10] = 1
+    core[1:5, 2:8, 3:10] = 1
+    core[2:4, 4:6, 5:7] = 2
+    liverFirst = _segmentation(scene, a1, block, ["liver"], "s1")
+    swapped = _segmentation(scene, a2, np.where(core == 2, 1, np.where(core == 1, 2, 0)).astype(np.uint8),
+                            ["tumour", "liver"], "s2")  # same names, other order: values follow the names
+    withEmpty = _segmentation(scene, b1, block, ["spleen", "unused"], "s3")
+    datasets = [{"name": "livers", "cases": [(a1, liverFirst), (a2, swapped)]},
+                {"name": "spleens", "cases": [(b1, withEmpty)]}]
+    bundle = logic.pretrainOnDatasets(datasets, steps=2)
+    meta = json.loads(open(os.path.join(bundle, "model.json")).read())
+    assert meta["method"] == {"name": "ark"}
+    livers, spleens = meta["datasets_seen"]
+    assert [c["name"] for c in livers["classes"].values()] == ["liver", "tumour"]
+    assert [c["label_values"] for c in livers["cases"]] == [[0, 1], [0, 1, 2]] and all(c["same_grid"] for c in livers["cases"])
+    assert spleens["classes"] == {"1": {"name": "spleen", "color": [0.2, 0.5, 0.5]}}
+    assert not os.path.exists(os.path.join(logic.lastJob.jobDir, "inputs"))  # copies of the scans are gone
+
+
+def test_pretrain_on_datasets_refuses_bad_input(logic, scene, tmp_path):
+    volume = addVolume(scene, phantom(), name="ct")
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    jobs = tmp_path / "work" / "jobs"
+    before = set(os.listdir(jobs)) if jobs.is_dir() else set()
+    for datasets, message in (([], "at least one"), ([{"name": "x", "cases": []}], "no cases"),
+                              ([{"name": "x", "cases": [(volume, empty)]}], "has no segments"),
+                              ([{"name": "", "cases": [(volume, empty)]}], "non-empty name"),
+                              (str(tmp_path / "missing.json"), "not found")):
+        with pytest.raises(ValueError, match=message):
+            logic.pretrainOnDatasets(datasets)
+    assert (set(os.listdir(jobs)) if jobs.is_dir() else set()) == before  # no job folder left behind
