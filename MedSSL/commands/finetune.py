@@ -61,8 +61,8 @@ def add_parser(sub) -> None:
     p.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto",
                    help="intensity normalisation (default: the --init bundle's, else detected per image)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="resample to this spacing in mm first (default: the --init bundle's, else the image grid); "
-                        "predict resamples back")
+                   help="resample to this spacing in mm first (default: the --init bundle's, else the image grid; "
+                        "one-slice images: X and Y only); predict resamples back")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of the volumes for validation and early stopping (default 0: none)")
     p.add_argument("--bn-recalibration", type=int, default=16, metavar="N",

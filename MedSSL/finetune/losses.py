@@ -16,7 +16,8 @@ from .labels import IGNORE
 
 
 class MaskedDiceCELoss(torch.nn.Module):
-    """loss(logits (N, C, X, Y, Z), target (N, X, Y, Z) long in 0..C-1 or 255) -> (scalar, parts).
+    """loss(logits (N, C, X, Y, Z), target (N, X, Y, Z) long in 0..C-1 or 255) -> (scalar, parts); the
+    same in 2D: logits (N, C, X, Y), target (N, X, Y).
 
     Dice is computed over the whole batch (``batch=True``), including background, so a class absent
     from one patch does not produce a spurious 0/0 term. With no annotated voxel at all the loss is 0

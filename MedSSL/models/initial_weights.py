@@ -111,18 +111,21 @@ def check_initial_dims(init: InitialWeights, spatial_dims: int, what: str, image
     if init.spatial_dims == spatial_dims:
         return
     have = "a 2D model (from one-slice images)" if init.spatial_dims == 2 else "a 3D model"
-    need = "one-slice (2D) images" if spatial_dims == 2 else "3D volumes"
-    raise MedSSLError(f"{what}: {have}, but {images} are {need}; give a {spatial_dims}D model or none (--init none)")
+    need = "one-slice images" if spatial_dims == 2 else "3D volumes"
+    raise MedSSLError(f"{what}: {have} cannot initialise the {spatial_dims}D network for {images} ({need}); "
+                      f"give a {spatial_dims}D model or none (--init none)")
 
 
 def apply_initial_weights(model: nn.Module, init: InitialWeights, what: str = "model") -> dict:
     """Copy every tensor of ``init`` whose key and shape match ``model``'s UNet3D.
 
-    The encoder must match completely (else MedSSLError: wrong width, input channels or spatial
-    dimensions: see :func:`check_initial_dims` for a clearer message on the latter); decoder and
+    The encoder must match completely (else MedSSLError: wrong width, input channels, or 2D weights
+    for a 3D network and vice versa, see :func:`check_initial_dims`); decoder and
     output layers that differ (e.g. 1 restoration channel vs N classes) are left as initialised.
     Returns {"loaded": n, "skipped": [keys]}.
     """
+    if isinstance(getattr(model, "spatial_dims", None), int):
+        check_initial_dims(init, model.spatial_dims, what)
     target = model.state_dict()
     loaded, skipped = {}, []
     for key, value in init.state_dict.items():

@@ -17,7 +17,7 @@ from MedSSL.io.volumes import write_volume
 from finetune_helpers import OBLIQUE, blobs_ct, segment_bundle, volume
 
 torch.set_num_threads(1)
-TINY = ["--width", "4", "--lr", "3e-3", "--batch-size", "2", "--progress", "none", "--threads", "1"]
+TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--progress", "none", "--threads", "1"]
 SPACING, ORIGIN = (0.6, 0.8, 2.5), (10.0, -20.0, 30.0)
 
 
@@ -91,7 +91,7 @@ def trained(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("seg") / "m"
     assert main(["finetune", "--image", str(files / "img0.nii.gz"), "--label", str(files / "lab0.nii.gz"),
                  "--image", str(files / "img1.nii.gz"), "--label", str(files / "lab1.nii.gz"), "--out", str(out),
-                 "--steps", "60", "--modality", "CT", *TINY]) == 0
+                 "--steps", "80", "--modality", "CT", *TINY]) == 0
     return out
 
 
@@ -102,7 +102,7 @@ def test_finetune_on_one_slice_images_writes_a_2d_bundle(trained):
     assert meta["inference"]["window"] == "plane"
     assert meta["init"] == {"source": "scratch"}
     assert meta["fewshot"]["annotation"] == "dense" and meta["fewshot"]["painted_axis"] is None
-    assert state["down_tr64.ops.0.conv1.weight"].shape == (4, 1, 3, 3)  # 2D kernels
+    assert state["down_tr64.ops.0.conv1.weight"].shape == (8, 1, 3, 3)  # 2D kernels
 
 
 def test_predict_writes_a_one_slice_label_map_on_the_input_grid(files, trained, tmp_path):
@@ -117,7 +117,7 @@ def test_predict_writes_a_one_slice_label_map_on_the_input_grid(files, trained, 
     assert sitk.ReadImage(str(prob)).GetSize() == (48, 48, 1)
     _, truth = disc(3)
     labels = sitk.GetArrayFromImage(pred)[0].T
-    assert dice(labels == 1, truth == 1) > 0.8  # measured 0.97-0.99 over seeds 0-3
+    assert dice(labels == 1, truth == 1) > 0.8  # width 8, 80 steps: 0.976-1.0 over --seed 0-9 (width 4, 60 steps failed once)
     found = json.loads(det.read_text())
     assert found and found[0]["label"] == 1 and found[0]["area_mm2"] == pytest.approx(found[0]["voxels"] * 0.6 * 0.8, rel=1e-3)
     # --annotation: the painted pixels are copied, components away from the painting dropped
