@@ -13,7 +13,8 @@ Conventions (also what ``medssl evaluate --pred`` writes):
 * HD95 = max of the two directed 95th percentiles of surface-voxel distances; ASD = mean of the
   distances in both directions pooled (MONAI ``compute_hausdorff_distance(percentile=95)`` and
   ``compute_average_surface_distance(symmetric=True)``, surface voxels = the object minus its
-  6-connected erosion, the volume border counting as outside), in mm through ``spacing``.
+  6-connected erosion, the volume border counting as outside), in mm through ``spacing``. A one-slice
+  image (X, Y, 1) is scored as 2D: surfaces are its in-plane contours (4-connected erosion).
 * A class absent from both volumes (possible only when it is asked for in ``labels``): Dice and IoU 1.0
   but ``"scored": false`` and left out of the means; distances ``None``.
   Absent from one volume only: Dice 0, IoU 0, distances ``None`` (infinite; no surface to compare),
@@ -141,6 +142,21 @@ def _distances_masked(p: np.ndarray, t: np.ndarray, unscored: np.ndarray, spacin
     return hd95, asd
 
 
+def _drop_single_slice_axes(pred, truth, pred_mask, truth_mask, spacing):
+    """A one-slice image (X, Y, 1) is a 2D image: its axes of length 1 are dropped (with their spacing)
+    so that surfaces are the in-plane contours, not every pixel (a neighbour off a one-voxel-thick
+    volume would make every pixel a surface pixel). Volumes are returned unchanged."""
+    flat = tuple(a for a in range(truth.ndim) if truth.shape[a] == 1)
+    if not flat or truth.ndim - len(flat) < 2:
+        return pred, truth, pred_mask, truth_mask, spacing
+    keep = [a for a in range(truth.ndim) if a not in flat]
+
+    def squeeze(a):
+        return None if a is None else np.squeeze(a, axis=flat)
+
+    return squeeze(pred), squeeze(truth), squeeze(pred_mask), squeeze(truth_mask), spacing[keep]
+
+
 def _class_name(classes, label):
     if not classes:
         return None
@@ -173,6 +189,8 @@ def segmentation_metrics(pred, truth, spacing=None, labels=None, ignore_value=25
     spacing = np.ones(truth.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64).reshape(-1)
     if spacing.size != truth.ndim or not np.all(spacing > 0):
         raise MedSSLError(f"spacing {spacing.tolist()}: expected {truth.ndim} positive values")
+    reported_spacing = [float(s) for s in spacing]
+    pred, truth, pred_mask, truth_mask, spacing = _drop_single_slice_axes(pred, truth, pred_mask, truth_mask, spacing)
 
     unscored = None
     if ignore_value is not None:
@@ -233,7 +251,7 @@ def segmentation_metrics(pred, truth, spacing=None, labels=None, ignore_value=25
         "classes_scored": sum(1 for e in per_class.values() if e["scored"]),
         "scored_voxels": int(truth.size - n_unscored),
         "ignored_voxels": n_unscored,
-        "spacing_mm": [float(s) for s in spacing],
+        "spacing_mm": reported_spacing,
     }
 
 

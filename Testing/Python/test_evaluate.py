@@ -86,6 +86,23 @@ def test_hd95_asd_of_shifted_cubes_with_anisotropic_spacing_match_brute_force():
     assert _distances_masked(pred, truth, np.zeros_like(truth), spacing) == pytest.approx(_distances_monai(pred, truth, spacing), rel=1e-5)
 
 
+def test_one_slice_images_are_scored_in_2d():
+    """A radiograph is (X, Y, 1): its surfaces are in-plane contours, so a disc shifted by 3 pixels of
+    0.5 mm has HD95 1.5 mm, exactly MONAI's 2D value, and spacing_mm still reports all three axes."""
+    yy, xx = np.mgrid[:40, :40]
+    truth = ((xx - 20) ** 2 + (yy - 20) ** 2 <= 64).astype(np.uint8)
+    pred = np.roll(truth, 3, axis=0)
+    m = segmentation_metrics(pred[:, :, None], truth[:, :, None], spacing=(0.5, 0.5, 2.0))
+    hd95, asd = _distances_monai(pred.astype(bool), truth.astype(bool), (0.5, 0.5))
+    entry = m["per_class"]["1"]
+    assert entry["hd95_mm"] == pytest.approx(hd95, abs=1e-5) and entry["asd_mm"] == pytest.approx(asd, abs=1e-5)
+    assert entry["hd95_mm"] == pytest.approx(1.5, abs=1e-5) and m["spacing_mm"] == [0.5, 0.5, 2.0]
+    ignored = truth[:, :, None].copy()
+    ignored[:10] = 255  # unannotated rows: still 2D, no artificial contour along the cut
+    masked = segmentation_metrics(pred[:, :, None], ignored, spacing=(0.5, 0.5, 2.0))["per_class"]["1"]
+    assert masked["hd95_mm"] == pytest.approx(1.5, abs=1e-5)
+
+
 def test_unannotated_truth_voxels_are_not_scored():
     truth = np.zeros((16, 16, 16), np.uint8)
     truth[4:12, 4:12, 4:12] = 1
