@@ -136,3 +136,31 @@ def test_ark_pretraining_on_datasets_from_the_scene(scene, work_dir, monkeypatch
     assert meta["method"]["name"] == "ark"
     assert sorted(c["name"] for c in meta["classes"].values()) == ["body", "lesion"]
     assert os.path.isfile(os.path.join(bundle, "weights.safetensors"))
+
+
+def test_one_slice_volume_gets_a_2d_model(scene, work_dir, monkeypatch, tmp_path):
+    """A radiograph is a one-slice volume: painting it fine-tunes a 2D network, whose prediction comes
+    back as a segmentation on the same one-slice geometry."""
+    from MedSSLSegmentLib import nodes
+    from MedSSLSegmentLib.logic import MedSSLSegmentLogic
+    from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
+    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    jj, ii = np.mgrid[:48, :48]
+    disc = ((jj - 24) ** 2 + (ii - 20) ** 2 <= 100)
+    array = np.where(disc, 400, -600).astype(np.int16)[None]  # (k, j, i) = (1, 48, 48)
+    volume = nodes.addVolumeFromArray(array, obliqueMatrix(spacing=(0.7, 0.7, 1.0)), "radiograph", scene=scene)
+    painted = nodes.segmentationFromLabelmap(disc.astype(np.uint8)[None], nodes.ijkToRasArray(volume),
+                                             {"1": {"name": "lung", "color": [0.2, 0.6, 0.9]}}, volume, "painted")
+    trainer = MedSSLTrainerLogic(python=sys.executable)
+    bundle = trainer.finetune(volume, painted, initModel="none", steps=80, width=8)
+    meta = json.loads(open(os.path.join(bundle, "model.json")).read())
+    assert meta["architecture"]["spatial_dims"] == 2
+    labels, info = nodes.segmentsLabelmap(trainer.lastOutputs["segmentation"], volume)
+    assert labels.shape == (1, 48, 48) and [s["name"] for s in info] == ["lung"]
+    raw = MedSSLSegmentLogic(python=sys.executable).segment(volume, bundle)  # no few-shot clean-up
+    labels, _info = nodes.segmentsLabelmap(raw, volume)
+    dice = 2 * np.sum((labels[0] == 1) & disc) / (np.sum(labels[0] == 1) + disc.sum())
+    assert dice > 0.8, dice
