@@ -14,3 +14,33 @@ def official_checkpoint(path: Path, width: int = 32, seed: int = 0) -> dict:
     state = {f"module.{k}": v for k, v in UNet3D(width=width).state_dict().items()}
     torch.save({"epoch": 7, "state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []}}, path)
     return state
+
+
+def check_ark_teacher_update(method, first_batch, second_batch) -> None:
+    """Ark's teacher (the whole multi-head model) is a copy of the student at the first step and then an
+    EMA of it (momentum 0.9 at step 1 of 4); the loss is (1 - c) task + c consistency with c(0) = 0 and
+    c = 0.25 at step 2 of 4. Shared by the 3D and the 2D Ark tests."""
+    import pytest
+
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    loss, parts = method.training_loss(first_batch, torch.Generator().manual_seed(0))
+    assert parts["c"] == 0.0 and float(loss.detach()) == pytest.approx(parts["task"], rel=1e-6)
+
+    def teacher():
+        return [p.detach().clone() for p in method.teacher.parameters()]
+
+    def student():
+        return [p.detach().clone() for p in (*method.backbone.parameters(), *method.heads.parameters())]
+
+    assert all(torch.equal(a, b) for a, b in zip(teacher(), student()))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    t0, s1 = teacher(), student()
+    method.after_step(1, 4)
+    for a, b, s in zip(teacher(), t0, s1):
+        assert torch.allclose(a, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
+    method.after_step(2, 4)
+    loss, parts = method.training_loss(second_batch, torch.Generator().manual_seed(0))
+    assert parts["c"] == pytest.approx(0.25)
+    assert float(loss.detach()) == pytest.approx(0.75 * parts["task"] + 0.25 * parts["consistency"], rel=1e-5)

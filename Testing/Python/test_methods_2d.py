@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from medssl_testing import check_ark_teacher_update
 
 from MedSSL.bundle import load_bundle
 from MedSSL.cli import main
@@ -242,28 +243,7 @@ def test_ark_2d_batches_heads_teacher_and_bundle(ark_2d, tmp_path):
         assert set(torch.unique(b["target"]).tolist()) <= {0, 1, 255}
     image, target = method.augment(batches[0]["image"], batches[0]["target"], torch.Generator().manual_seed(0))
     assert image.shape == (3, 1, *SIZE) and target.shape == (3, *SIZE)
-    # the teacher: a copy of the whole multi-head model at the first step, then an EMA of the student
-    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
-    loss, parts = method.training_loss(batches[0], torch.Generator().manual_seed(0))
-    assert parts["c"] == 0.0 and math.isfinite(float(loss.detach()))
-
-    def teacher():
-        return [p.detach().clone() for p in method.teacher.parameters()]
-
-    def student():
-        return [p.detach().clone() for p in (*method.backbone.parameters(), *method.heads.parameters())]
-
-    assert all(torch.equal(a, b) for a, b in zip(teacher(), student()))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    t0, s1 = teacher(), student()
-    method.after_step(1, 4)
-    for a, b, s in zip(teacher(), t0, s1):
-        assert torch.allclose(a, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
-    method.after_step(2, 4)  # step 2 of 4: c = 0.25
-    loss, parts = method.training_loss(batches[1], torch.Generator().manual_seed(0))
-    assert float(loss.detach()) == pytest.approx(0.75 * parts["task"] + 0.25 * parts["consistency"], rel=1e-5)
+    check_ark_teacher_update(method, batches[0], batches[1])  # copy at step 0, then an EMA; c schedule
     # the bundle: a plain 2D U-Net of 1 + 2 outputs whose output layer is the folded teacher heads
     net = UNet3D(1, 3, 4, spatial_dims=2)
     net.load_state_dict(method.transferable_state_dict(), strict=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from medssl_testing import check_ark_teacher_update
 
 from MedSSL.bundle import load_bundle
 from MedSSL.cli import main
@@ -100,8 +101,8 @@ def test_adam_teacher_is_copied_then_updated_exactly():
     with torch.no_grad():  # as if --init loaded weights after construction: the teacher must copy them
         for p in method.backbone.parameters():
             p.add_(0.01)
-    student = lambda: [p.detach().clone() for m in (*method.teacher.stages, method.teacher.head) for p in m.parameters()]  # noqa: E731,E501
-    source = lambda: [p.detach().clone() for m in (method.backbone.down_tr64, method.backbone.down_tr128,  # noqa: E731
+    student = lambda: [p.detach().clone() for m in (*method.teacher.stages, method.teacher.head) for p in m.parameters()]
+    source = lambda: [p.detach().clone() for m in (method.backbone.down_tr64, method.backbone.down_tr128,
                                                    method.backbone.down_tr256, method.backbone.down_tr512, method.head)
                       for p in m.parameters()]
     opt = torch.optim.SGD(method.parameters(), lr=0.5)
@@ -337,23 +338,7 @@ def test_ark_schedules_and_teacher_update(ark_data, tmp_path):
     m = [method.teacher_momentum_at(s, 100) for s in range(101)]
     assert m[0] == pytest.approx(0.9) and m[100] == pytest.approx(1.0) and all(b >= a for a, b in zip(m, m[1:]))
     batch = method.batch_source(data, 2, np.random.default_rng(0), torch.device("cpu"))()
-    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
-    loss, parts = method.training_loss(batch, torch.Generator().manual_seed(0))
-    assert parts["c"] == 0.0 and float(loss.detach()) == pytest.approx(parts["task"], rel=1e-6)  # c(0) = 0
-    teacher = lambda: [p.detach().clone() for p in method.teacher.parameters()]  # noqa: E731
-    student = lambda: [p.detach().clone() for p in (*method.backbone.parameters(), *method.heads.parameters())]  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(teacher(), student()))  # the whole multi-head model
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    t0, s1 = teacher(), student()
-    method.after_step(1, 4)
-    for a, b, s in zip(teacher(), t0, s1):
-        assert torch.allclose(a, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
-    method.after_step(2, 4)  # reported step 2 of 4: c = 0.25
-    loss, parts = method.training_loss(batch, torch.Generator().manual_seed(0))
-    assert parts["c"] == pytest.approx(0.25)
-    assert float(loss.detach()) == pytest.approx(0.75 * parts["task"] + 0.25 * parts["consistency"], rel=1e-5)
+    check_ark_teacher_update(method, batch, batch)  # copy at step 0, then an EMA; c schedule
 
 
 def test_ark_ignores_not_annotated_voxels(ark_data, tmp_path):
