@@ -179,7 +179,9 @@ def finetune_segmentation(config: FinetuneConfig, progress: Progress) -> Path:
     intensity, spacing = preprocessing_from_init(init, config.modality, config.spacing)
     ctx, device = init_distributed(config.device)
     try:
-        return _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device)
+        bundle = _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device)
+        ctx.barrier()  # every rank done (rank 0 has written the bundle) before the process group goes away
+        return bundle
     finally:
         ctx.close()
 

@@ -102,7 +102,9 @@ def pretrain(config: PretrainConfig, progress: Progress) -> Path:
     out = Path(config.out)
     try:
         with OutputLock(out) if ctx.is_main else _nullcontext():
-            return _pretrain_locked(config, cls, patch, ctx, device, progress)
+            bundle = _pretrain_locked(config, cls, patch, ctx, device, progress)
+        ctx.barrier()  # every rank done (rank 0 has written the bundle) before the process group goes away
+        return bundle
     finally:
         ctx.close()
 

@@ -125,7 +125,7 @@ def test_torchrun_two_cpu_processes(volumes, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "MedSSL",
            *pretrain_args(volumes, out, tmp_path / "cache", "--steps", "4", "--device", "cpu", "--progress", "none")]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-8000:]  # the rank's own message comes before torchrun's summary
     meta = read_meta(out)
     assert meta["world_size"] == 2 and meta["training"]["steps"] == 4
 
@@ -164,6 +164,6 @@ def test_torchrun_finetune_two_cpu_processes(tmp_path):
            "--out", str(out), "--width", "4", "--patch", "32", "32", "16", "--steps", "4", "--device", "cpu",
            "--progress", "none"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-8000:]
     meta = read_meta(out)
     assert meta["world_size"] == 2 and meta["task"] == "segment"
