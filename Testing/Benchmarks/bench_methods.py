@@ -100,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--deadline", type=float, default=None, metavar="MIN", help="start no fine-tuning run after MIN minutes")
     p.add_argument("--keep-models", action="store_true", help="keep the fine-tuned weights")
     p.add_argument("--resume", action="store_true", help="re-use pretraining bundles and runs found in --out")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rebuild table.md, the plot and summary.json from the results in --out")
     args = p.parse_args(argv)
     q = args.quick
     args.methods = args.methods or (["genesis", "caid"] if q else list(METHODS))
@@ -178,14 +180,22 @@ def pretrain_one(args, out: Path, method: str, volumes: list[Path], spec: Path |
     training, history = meta.get("training", {}), meta.get("history") or [{}]
     rec = {"method": method, "status": "ok", "bundle": str(bundle), "seconds_wall": round(seconds, 1),
            "training_seconds": training.get("seconds"), "steps": training.get("steps"),
-           "stopped_by": training.get("stopped_by"), "first_loss": history[0].get("loss"),
-           "last_loss": history[-1].get("loss"), "settings": meta.get("method", {}).get("settings"),
+           "stopped_by": training.get("stopped_by"), **loss_summary(history),
+           "settings": meta.get("method", {}).get("settings"),
            "data": "SPEC.json: " + "; ".join(d[0] for d in ARK_DATASETS) if method == "ark"
            else [str(p.relative_to(args.data_root)) for p in volumes],
            "load_average_before": load_before, "load_average_after": le.load_average()}
     result_file.write_text(json.dumps(rec, indent=2))
     log(f"{method}: {rec['steps']} steps in {seconds:.0f} s, loss {rec['first_loss']} -> {rec['last_loss']}")
     return rec
+
+
+def loss_summary(history: list[dict]) -> dict:
+    """First and last total loss and, where the method has one, restoration MSE (the contrastive losses
+    of DiRA and CAiD rise while their queue of negatives fills, so their total says little)."""
+    first, last = (history or [{}])[0], (history or [{}])[-1]
+    return {"first_loss": first.get("loss"), "last_loss": last.get("loss"),
+            "first_mse": first.get("mse"), "last_mse": last.get("mse")}
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -214,19 +224,21 @@ def markdown(tab, args, arms, pre) -> str:
             return "n/a"
         return f"{c['mean']:.3f}" if c["n"] <= 1 else f"{c['mean']:.3f} ± {c['std']:.3f}"
 
-    lines = ["| method | pretraining wall s | loss first → last | "
+    lines = ["| method | pretraining wall s | loss first → last | restoration MSE first → last | "
              + " | ".join(f"k={k} raw | k={k} clean" for k in args.ks) + " |",
-             "|---|---|---|" + "---|---|" * len(args.ks)]
+             "|---|---|---|---|" + "---|---|" * len(args.ks)]
     for arm in [*arms, "interpolation"]:
         p = pre.get(arm, {})
         wall = f"{p['seconds_wall']:.0f}" if p.get("seconds_wall") is not None and p.get("status") == "ok" else "—"
         loss = (f"{p['first_loss']:.3g} → {p['last_loss']:.3g}"
                 if p.get("first_loss") is not None and p.get("last_loss") is not None else "—")
+        mse = (f"{p['first_mse']:.3g} → {p['last_mse']:.3g}"
+               if p.get("first_mse") is not None and p.get("last_mse") is not None else "—")
         cells = []
         for k in args.ks:
             raw, clean = tab["raw"][str(k)][arm], tab["clean"][str(k)][arm]
             cells += [cell(raw), "—" if arm == "interpolation" else cell(clean)]
-        lines.append(f"| {arm} | {wall} | {loss} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | {wall} | {loss} | {mse} | " + " | ".join(cells) + " |")
     lines += ["", (f"Spleen Dice on the unpainted axial slices of the MSD spleen2 crop, mean ± sample std over seeds "
               f"{args.seeds}. Every method: width {args.width}, {args.pretrain_steps} steps x {args.batch} cubes "
               f"{'x'.join(map(str, args.patch))}; every fine-tuning run {args.finetune_steps} steps. 'clean' = "
@@ -267,10 +279,36 @@ def plot(tab, args, arms, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- main
 
+def report_only(args, out: Path) -> int:
+    """Rebuild the table, plot and summary from ``pretraining.json``, ``interpolation.json`` and
+    ``runs.jsonl`` in ``out`` (loss summaries re-read from the bundles' histories)."""
+    pre = json.loads((out / "pretraining.json").read_text())
+    for rec in pre.values():
+        model = Path(rec.get("bundle", "")) / "model.json"
+        if rec.get("status") == "ok" and model.is_file():
+            rec.update(loss_summary(json.loads(model.read_text()).get("history") or []))
+    records = json.loads((out / "interpolation.json").read_text())
+    records += [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line.strip()]
+    arms = ([] if args.no_scratch else ["scratch"]) + [m for m in args.methods if pre.get(m, {}).get("status") == "ok"]
+    tab = table(records, args, arms)
+    md = markdown(tab, args, arms, pre)
+    (out / "table.md").write_text(md)
+    plot(tab, args, arms, out / "dice_by_method.png")
+    summary_file = out / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary.update(pretraining=pre, dice=tab, report_rebuilt=True)
+    summary_file.write_text(json.dumps(summary, indent=2))
+    print(md, file=sys.stderr)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     out = args.out.resolve()
+    if args.report:
+        return report_only(args, out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"output folder {out}")
     hw, git = le.hardware(), le.git_state()
