@@ -4,14 +4,14 @@
 Run from the repository root (no installation needed)::
 
     python Testing/Benchmarks/bench_methods.py --quick      # smoke run: 2 methods, tiny budgets, a few minutes
-    python Testing/Benchmarks/bench_methods.py              # the study (about 90 min on 2 CPU cores)
+    python Testing/Benchmarks/bench_methods.py              # the study (about 110 min on 2 CPU cores)
     python Testing/Benchmarks/bench_methods.py --methods genesis dira --pretrain-steps 100 --seeds 0 1 2
 
 The study:
 
 1. **Pretraining**, every method in ``--methods`` (default all seven) with the SAME budget: the same
    U-Net width (``--width``, default 8), cube (``--patch``, 64 64 32), cubes per step (``--batch``, 4)
-   and number of optimiser steps (``--pretrain-steps``, default 40), so every method draws the same
+   and number of optimiser steps (``--pretrain-steps``, default 60), so every method draws the same
    number of training cubes; seed 0. The self-supervised methods read the five unlabelled CTs of the
    Models Genesis benchmark (:data:`bench_label_efficiency.PRETRAIN_DATA`, the evaluation scan's folder
    refused). Ark needs labelled datasets: three partially labelled sets built from the same shared
@@ -26,7 +26,7 @@ The study:
 3. **Fine-tuning**: ``medssl finetune --init <bundle>`` for every method, plus ``scratch`` (``--init
    none``, same width), each for the same number of steps (``--finetune-steps``, default 80; a step
    budget, not a wall-clock one, so the comparison does not depend on the machine's load) and each
-   seed in ``--seeds`` (default 0 1).
+   seed in ``--seeds`` (default 0 1 2 3 4).
 4. **Prediction and scoring** as :mod:`bench_label_efficiency`: Dice of the spleen on the slices not
    painted, of the raw prediction and with the ``--annotation`` clean-up; the signed-distance
    interpolation baseline alongside.
@@ -86,12 +86,12 @@ def parse_args(argv=None):
     p.add_argument("--patch", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"),
                    help="pretraining cube (default 64 64 32)")
     p.add_argument("--batch", type=int, default=4, help="pretraining cubes per step (default 4)")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps of every method (default 40; quick 4)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps of every method (default 60; quick 4)")
     p.add_argument("--pretrain-guard", type=float, default=1800.0, metavar="S",
                    help="stop a pretraining after this many seconds whatever its steps (default 1800; recorded)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per run (default 80; quick 10)")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="painted slice counts (default 1 3 5; quick 3)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0 1; quick 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0 1 2 3 4; quick 0)")
     p.add_argument("--no-scratch", action="store_true", help="skip the scratch arm")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per command (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda/auto")
@@ -105,10 +105,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     q = args.quick
     args.methods = args.methods or (["genesis", "caid"] if q else list(METHODS))
-    args.pretrain_steps = args.pretrain_steps or (4 if q else 40)
+    args.pretrain_steps = args.pretrain_steps or (4 if q else 60)
     args.finetune_steps = args.finetune_steps or (10 if q else 80)
     args.ks = args.ks or ([3] if q else [1, 3, 5])
-    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1])
+    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2, 3, 4])
     args.out = args.out or (DEFAULT_OUT.with_name(DEFAULT_OUT.name + "_quick") if q else DEFAULT_OUT)
     if any(k < 1 for k in args.ks):
         p.error("--ks: slice counts must be at least 1")
