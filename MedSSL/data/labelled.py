@@ -241,9 +241,7 @@ def _prepare_pair(image_path: Path, label_path: Path, where: str, intensity, spa
     except MedSSLError as exc:
         raise MedSSLError(f"{where}: {exc}") from None
     _check_dimensions(image.shape, spatial_dims, where, image_path)
-    if spacing is not None and spatial_dims == 2:  # one slice: resample in the plane only
-        spacing = [*np.broadcast_to(np.asarray(spacing, dtype=np.float64).reshape(-1), (3,))[:2], image.spacing[2]]
-    if spacing is not None:
+    if spacing is not None:  # a one-slice image is resampled in the plane only (resample_to_spacing)
         values = _resample_label(label, values, spacing)
         image = resample_to_spacing(image, spacing)
     array, modality = normalize_intensity(image, intensity)

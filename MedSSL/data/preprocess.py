@@ -165,7 +165,8 @@ def resample_to_spacing(volume: Volume, spacing_mm, nearest: bool = False) -> Vo
     """Resample ``volume`` to ``spacing_mm`` (one number or three, mm) keeping origin and direction.
 
     The new size is ``round(size * old_spacing / new_spacing)`` (at least 1) so the physical extent is
-    preserved. Linear interpolation gives float32 (outside the old grid: the image minimum); ``nearest``
+    preserved. A one-slice image (X, Y, 1), e.g. a radiograph, is resampled in-plane only: its slice
+    keeps its thickness, so resampling never adds slices extrapolated from nothing or drops the one. Linear interpolation gives float32 (outside the old grid: the image minimum); ``nearest``
     keeps the dtype (outside: 0), for label maps. ``None`` returns ``volume`` unchanged.
     """
     if spacing_mm is None:
@@ -176,6 +177,8 @@ def resample_to_spacing(volume: Volume, spacing_mm, nearest: bool = False) -> Vo
     if new.size != 3 or not np.all(np.isfinite(new)) or not np.all(new > 0):
         raise MedSSLError(f"target spacing {np.asarray(spacing_mm).tolist()}: expected one or three positive numbers (mm)")
     old = np.asarray(volume.spacing, dtype=np.float64)
+    if volume.shape[2] == 1:
+        new[2] = old[2]
     if np.allclose(new, old, rtol=1e-6, atol=1e-9):
         return volume
     size = np.maximum(1, np.rint(np.asarray(volume.shape) * old / new)).astype(int)

@@ -168,20 +168,11 @@ def spatial_dims_of(volume: Volume, path, first=None) -> int:
     return dims
 
 
-def plane_spacing(spacing, volume: Volume):
-    """The spacing to resample ``volume`` to: ``spacing`` for a volume; for a one-slice image only X and
-    Y of it (the one slice keeps its thickness, so resampling never adds or drops slices)."""
-    if spacing is None or not is_one_slice(volume):
-        return spacing
-    return float(spacing[0]), float(spacing[1]), float(volume.spacing[2])
-
-
 def read_image(path, spacing, first=None) -> tuple[Volume, int]:
     """Read an image volume and resample it to ``spacing`` (mm, linear) when given (one-slice images:
     in-plane only). Returns (volume, spatial dims), see :func:`spatial_dims_of` for ``first``."""
     volume = read_volume(path)
     dims = spatial_dims_of(volume, path, first)
-    spacing = plane_spacing(spacing, volume)
     return (resample_to_spacing(volume, spacing) if spacing is not None else volume), dims
 
 

@@ -42,7 +42,7 @@ from ..train.progress import Progress
 from ..train.runtime import DistributedContext, OutputLock, device_description, init_distributed, seed_everything
 from .augment import AugmentConfig, augment_batch
 from .common import (FinetuneConfig, check_patch, common_meta, encoder_only, fit_steps_to_time, load_init, majority,
-                     normalize, plane_spacing, preprocessing_from_init, resolve_width, spatial_dims_of)
+                     normalize, preprocessing_from_init, resolve_width, spatial_dims_of)
 from .labels import (IGNORE, LabelMapping, annotation_summary, classes_to_json, label_array, parse_classes,
                      present_values, read_classes_file, resolve_classes, sidecar_path)
 from .losses import MaskedDiceCELoss
@@ -91,10 +91,9 @@ def load_segmentation_data(config: FinetuneConfig, intensity, spacing):
         labels = label_array(raw_label, raw_image, label_path, image_path)
         summary["annotations"].append(annotation_summary(labels))
         image = raw_image
-        target = plane_spacing(spacing, raw_image)
-        if target is not None:
-            image = resample_to_spacing(raw_image, target)
-            labels = _resample_label(raw_label.with_array(labels), target).array
+        if spacing is not None:  # one-slice images: in-plane only (resample_to_spacing)
+            image = resample_to_spacing(raw_image, spacing)
+            labels = _resample_label(raw_label.with_array(labels), spacing).array
         array, modality = normalize(image, intensity)
         modalities.append(modality)
         volumes.append(TrainingVolume(array.astype(np.float16), labels))

@@ -168,9 +168,6 @@ def prepare(model: LoadedModel, volume: Volume, path, log=None) -> tuple[np.ndar
         detected = detect_modality(volume)
         if detected != model.intensity.modality:
             log(f"warning: the image looks like {detected} but the model was trained on {model.intensity.modality}")
-    spacing = model.spacing
-    if spacing is not None and model.spatial_dims == 2:
-        spacing = (spacing[0], spacing[1], float(volume.spacing[2]))
-    work = resample_to_spacing(volume, spacing) if spacing else volume
+    work = resample_to_spacing(volume, model.spacing) if model.spacing else volume
     array, _ = normalize_intensity(work, model.intensity)
     return array, work

@@ -188,6 +188,15 @@ def test_2d_short_run_lowers_the_loss_and_writes_a_2d_bundle(name, settings, rad
     assert late < 0.9 * early, (early, late)
 
 
+def test_2d_pretraining_with_spacing_resamples_in_plane_only(radiographs, tmp_path):
+    out = tmp_path / "bundle"
+    assert main(["pretrain", "--data", str(radiographs), "--method", "genesis", "--out", str(out), "--width", "4",
+                 "--patch", "16", "16", "1", "--steps", "1", "--batch-size", "2", "--spacing", "8", "8", "2",
+                 "--progress", "none", "--cache", str(tmp_path / "cache")]) == 0
+    summary = load_bundle(out)[0]["data_summary"]
+    assert summary["shapes"] == [[24, 24, 1]] * 3 and summary["spacings_mm"] == [[8.0, 8.0, 6.0]] * 3
+
+
 # --------------------------------------------------------------------------------------------------
 # Ark in 2D
 # --------------------------------------------------------------------------------------------------

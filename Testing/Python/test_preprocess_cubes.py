@@ -139,6 +139,16 @@ def test_resample_keeps_extent_and_geometry():
         resample_to_spacing(p.image, (0, 1, 1))
 
 
+def test_resample_keeps_a_one_slice_image_one_slice():
+    """A radiograph (X, Y, 1) is resampled in-plane only: no slices extrapolated from nothing."""
+    image = _geometry(np.arange(40 * 30, dtype=np.float32).reshape(40, 30, 1), spacing=(0.5, 0.5, 5.0))
+    out = resample_to_spacing(image, (1.0, 1.0, 1.0))
+    assert out.shape == (20, 15, 1) and np.allclose(out.spacing, (1.0, 1.0, 5.0))
+    assert resample_to_spacing(image, (0.5, 0.5, 2.0)) is image  # only Z differs: nothing to do
+    labels = resample_to_spacing(_geometry(np.ones((40, 30, 1), np.uint8), spacing=(0.5, 0.5, 5.0)), 1.0, nearest=True)
+    assert labels.shape == (20, 15, 1) and labels.array.min() == 1
+
+
 # ---------------------------------------------------------------------------------- body mask
 
 
