@@ -242,6 +242,13 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray, spacing, painted: list[int]
     return out
 
 
+def emit(out: Path, md: str, summary: dict) -> None:
+    """Write ``summary.json`` in ``out``, the table to stderr, and the summary as the LAST stdout line."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(md, file=sys.stderr)
+    print(json.dumps(summary), flush=True)
+
+
 def mean_std(values):
     vals = [float(v) for v in values if v is not None]
     if not vals:
@@ -658,9 +665,7 @@ def main(argv=None) -> int:
                   "runs": str(jsonl), "summary": str(out / "summary.json")},
         "seconds_total": round(time.monotonic() - started, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(md, file=sys.stderr)
-    print(json.dumps(summary), flush=True)
+    emit(out, md, summary)
     return 0 if not failed else 1
 
 

@@ -297,9 +297,7 @@ def report_only(args, out: Path) -> int:
     summary_file = out / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     summary.update(pretraining=pre, dice=tab, report_rebuilt=True)
-    summary_file.write_text(json.dumps(summary, indent=2))
-    print(md, file=sys.stderr)
-    print(json.dumps(summary), flush=True)
+    le.emit(out, md, summary)
     return 0
 
 
@@ -360,9 +358,7 @@ def main(argv=None) -> int:
                   "runs": str(jsonl)},
         "seconds_total": round(time.monotonic() - started, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(md, file=sys.stderr)
-    print(json.dumps(summary), flush=True)
+    le.emit(out, md, summary)
     return 0 if not failed else 1
 
 
