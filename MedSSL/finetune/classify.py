@@ -252,7 +252,9 @@ def _train(config, progress, model, images, targets, device, out, modality):
 def predict_classification(network: nn.Module, array: np.ndarray, patch, device, tta: bool = False) -> np.ndarray:
     """float32 (X, Y, Z) in [0, 1] -> (n_classes,) softmax probabilities (flip-averaged with ``tta``).
     A 2D network takes a one-slice image (X, Y, 1) resized to its 2D patch."""
+    from ..infer.sliding import tta_flips
+
     x = fit_to_patch(array, patch)[None].to(device)
-    flips = tuple(((),) + tuple((d,) for d in range(2, x.dim()))) if tta else ((),)
+    flips = tta_flips(x.dim()) if tta else ((),)
     probs = sum(torch.softmax(network(x.flip(d) if d else x).float(), dim=1) for d in flips) / len(flips)
     return probs[0].cpu().numpy()
