@@ -189,10 +189,6 @@ def random_resized_crop3d(x: torch.Tensor, scale: tuple, generator: torch.Genera
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-#: the same function under a name that does not say 3D (it takes 2D images too)
-random_resized_crop = random_resized_crop3d
-
-
 # --------------------------------------------------------------------------------------------------
 # the common DiRA / CAiD method
 # --------------------------------------------------------------------------------------------------
@@ -310,13 +306,8 @@ class MoCoRestorationMethod(SSLMethod):
         scale = tuple(float(v) for v in self.settings["crop_scale"])
         crop1 = random_resized_crop3d(batch, scale, generator)
         crop2 = random_resized_crop3d(batch, scale, generator)
-        flat = crop1.dim() == 4  # 2D: the Genesis transform sees one-slice cubes (N, 1, X, Y, 1)
-        if flat:
-            crop1, crop2 = crop1.unsqueeze(-1), crop2.unsqueeze(-1)
-        view1, target1 = genesis_transform(crop1, self.view_config, generator)
+        view1, target1 = genesis_transform(crop1, self.view_config, generator)  # 2D: as one-slice cubes
         view2, _ = genesis_transform(crop2, self.view_config, generator)
-        if flat:
-            view1, target1, view2 = view1.squeeze(-1), target1.squeeze(-1), view2.squeeze(-1)
         return view1, target1, view2
 
     # ----- the loss -------------------------------------------------------------------------------

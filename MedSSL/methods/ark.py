@@ -296,10 +296,7 @@ class Ark(SSLMethod):
     def augment(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The geometric augmentation shared by student and teacher: (N, 1, X, Y, Z) images and
         (N, X, Y, Z) targets, or in 2D (N, 1, X, Y) and (N, X, Y) (augmented as one-slice patches)."""
-        if x.dim() == 5:
-            return augment_batch(x, y, GEOMETRIC, generator)
-        x, y = augment_batch(x.unsqueeze(-1), y.unsqueeze(-1), GEOMETRIC, generator)
-        return x.squeeze(-1), y.squeeze(-1)
+        return augment_batch(x, y, GEOMETRIC, generator)
 
     def training_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Loss on one batch of :meth:`batch_source` (one dataset's patches, 3D or 2D)."""

@@ -32,10 +32,7 @@ class ModelsGenesis(SSLMethod):
 
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """batch (N, 1, X, Y, Z) in [0, 1] (or (N, 1, X, Y) in 2D) -> MSE of the restoration."""
-        flat = batch.dim() == 4  # 2D: the transforms see one-slice cubes (N, 1, X, Y, 1)
-        inputs, targets = genesis_transform(batch.unsqueeze(-1) if flat else batch, self.transform_config, generator)
-        if flat:
-            inputs, targets = inputs.squeeze(-1), targets.squeeze(-1)
+        inputs, targets = genesis_transform(batch, self.transform_config, generator)  # 2D: as one-slice cubes
         restored = torch.sigmoid(self.backbone(inputs).float())
         loss = F.mse_loss(restored, targets)
         return loss, {"mse": float(loss.detach())}

@@ -622,17 +622,21 @@ def genesis_transform(
     """Models Genesis input/target pairs for a batch.
 
     Args:
-        batch: (N, C, X, Y, Z) float in [0, 1] (C = 1 for Models Genesis), any device.
+        batch: (N, C, X, Y, Z) float in [0, 1] (C = 1 for Models Genesis), any device; 2D images
+            (N, C, X, Y) are transformed as one-slice cubes (N, C, X, Y, 1), as Models Genesis 2D does.
         config: probabilities and counts (:class:`GenesisTransformConfig`; defaults = official).
         generator: source of all randomness, on the batch's device or the CPU (None: torch's global
             generator of the batch's device).
 
     Returns:
-        (inputs, targets), both (N, C, X, Y, Z) on the batch's device, dtype of the batch: targets = the
+        (inputs, targets), both the batch's shape, on the batch's device, dtype of the batch: targets = the
         batch after the random flip; inputs = the targets after local pixel shuffling (prob
         ``local_rate``), the Bezier intensity map (``nonlinear_rate``) and in-painting
         (``paint_rate * inpaint_rate``) or out-painting (``paint_rate * (1 - inpaint_rate)``).
     """
+    if batch.dim() == 4:
+        inputs, targets = genesis_transform(batch.unsqueeze(-1), config, generator)
+        return inputs.squeeze(-1), targets.squeeze(-1)
     _check_batch(batch)
     n = batch.shape[0]
     device = batch.device

@@ -426,3 +426,13 @@ def test_cuda_batch_with_cpu_and_cuda_generators():
     src = source_of(out, cube)
     dist = (coords(src, (64, 64, 32)) - coords(torch.arange(src.numel()), (64, 64, 32))).abs()
     assert (dist <= torch.tensor([5, 5, 2])).all()
+
+
+def test_2d_images_are_transformed_as_one_slice_cubes():
+    """(N, C, X, Y) images get exactly what (N, C, X, Y, 1) cubes get with the same generator."""
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    config = GenesisTransformConfig()
+    flat_in, flat_target = genesis_transform(x, config, torch.Generator().manual_seed(0))
+    cube_in, cube_target = genesis_transform(x[..., None], config, torch.Generator().manual_seed(0))
+    assert flat_in.shape == x.shape and flat_target.shape == x.shape
+    assert torch.equal(flat_in, cube_in[..., 0]) and torch.equal(flat_target, cube_target[..., 0])
