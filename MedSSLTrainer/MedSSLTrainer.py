@@ -477,8 +477,8 @@ class MedSSLTrainerTest(ScriptedLoadableModuleTest):
     def test_SparseAnnotation(self):
         self.delayDisplay("Painted slices become training labels, other slices are ignored (255)")
         volume, segmentation = self._paintedVolume()
-        labels, classes, slices = sparseLabels(segmentation, volume)
-        self.assertEqual(slices, [3])
+        labels, classes, planes = sparseLabels(segmentation, volume)
+        self.assertEqual(planes, {0: [], 1: [], 2: [3]})
         self.assertEqual(classes["1"]["name"], "box")
         self.assertTrue((labels[3] != NOT_ANNOTATED).all() and (labels[[0, 1, 2, 4, 5, 6, 7]] == NOT_ANNOTATED).all())
         self.delayDisplay("Test passed")

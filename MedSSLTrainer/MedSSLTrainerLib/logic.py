@@ -8,13 +8,14 @@ backend discovery are shared with the MedSSLSegment module (``MedSSLSegmentLib``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
 from MedSSLSegmentLib import backend, geometry, nodes
 from MedSSLSegmentLib.runner import BackendRunner
 
-from .annotation import SLICE_AXIS_K, sparseLabels
+from .annotation import SLICE_AXIS_K, describePlanes, sparseLabels
 from .datasets import writeDatasetsSpec
 
 
@@ -92,9 +93,11 @@ class MedSSLTrainerLogic(BackendRunner):
                         blocking, onEvent, [inputs])
 
     def finetune(self, volumeNode, segmentationNode, outputDir=None, initModel=None, steps=None, maxTime=None,
-                 width=None, blocking=True, predict=True, sliceAxis=SLICE_AXIS_K, onEvent=None, detection=False,
+                 width=None, blocking=True, predict=True, sliceAxis=None, onEvent=None, detection=False,
                  cleanup=True):
-        """Few-shot fine-tuning on the slices painted in ``segmentationNode`` (see :func:`sparseLabels`).
+        """Few-shot fine-tuning on the planes painted in ``segmentationNode`` (see :func:`sparseLabels`:
+        slices painted in any view, along any of the volume's axes; ``sliceAxis`` forces one ITK axis).
+        The planes used are logged, written first in the job's log and kept in ``lastPlanes``.
 
         initModel: a MedSSL bundle folder, an official Models Genesis ``.pt``, "none", or None (backend
         default). With ``predict`` the new model then segments the whole volume into a new segmentation
@@ -106,8 +109,12 @@ class MedSSLTrainerLogic(BackendRunner):
         self.checkVolume(volumeNode)
         if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise ValueError("select the segmentation painted on the volume")
-        labels, classes, _slices = sparseLabels(segmentationNode, volumeNode, sliceAxis)
+        labels, classes, planes = sparseLabels(segmentationNode, volumeNode, sliceAxis)
+        self.lastPlanes = planes
+        planesLine = f"MedSSL: {describePlanes(planes, volumeNode)}"
+        logging.info(planesLine)
         jobDir = self.newJobDirectory("finetune")
+        _appendLog(jobDir, planesLine)
         inputs = os.path.join(jobDir, "inputs")
         image = nodes.writeVolume(volumeNode, os.path.join(inputs, "image.nrrd"))
         label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, "label.nrrd"))
@@ -145,7 +152,7 @@ class MedSSLTrainerLogic(BackendRunner):
         out = os.path.join(jobDir, "suggestions.json")
         args = ["--model", self.checkModel(modelDir), "--image", image, "--count", int(count), "--axis", int(sliceAxis),
                 "--out", out, "--device", self.device, "--progress", "json"]
-        labels = _paintedLabelsOrNone(segmentationNode, volumeNode, sliceAxis)
+        labels = _paintedLabelsOrNone(segmentationNode, volumeNode)
         if labels is not None:
             label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, "label.nrrd"))
             args += ["--label", label]
@@ -182,12 +189,19 @@ class MedSSLTrainerLogic(BackendRunner):
         return nodes.writeVolume(item, os.path.join(inputs, f"volume-{index:03d}.nrrd"))
 
 
-def _paintedLabelsOrNone(segmentationNode, volumeNode, sliceAxis):
-    """Sparse labels of a segmentation, or None when there is none or nothing is painted yet."""
+def _appendLog(jobDir, line) -> None:
+    """A line in the job's log (the module's log view shows it) before the backend writes there."""
+    with open(os.path.join(jobDir, "log.txt"), "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+
+def _paintedLabelsOrNone(segmentationNode, volumeNode):
+    """Sparse labels of a segmentation (painted planes along any axis), or None when there is none or
+    nothing is painted yet."""
     if segmentationNode is None:
         return None
     try:
-        return sparseLabels(segmentationNode, volumeNode, sliceAxis)[0]
+        return sparseLabels(segmentationNode, volumeNode)[0]
     except ValueError:
         return None
 

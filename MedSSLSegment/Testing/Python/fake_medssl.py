@@ -101,6 +101,9 @@ def cmd_finetune(args):
         task = "detect"
     save_bundle(args.out, {"task": task, "classes": classes, "init": args.init,
                            "annotated_slices": annotated,
+                           "annotated_planes": {"ijk"[2 - axis]: [int(s) for s in range(labels.shape[axis])
+                                                                if (labels.take(s, axis=axis) != 255).all()]
+                                                for axis in range(3)},
                            "label_values": sorted(int(v) for v in np.unique(labels))})
     emit(event="done", bundle=args.out)
 

@@ -163,3 +163,25 @@ def test_pretrain_on_datasets_refuses_bad_input(logic, scene, tmp_path):
         with pytest.raises(ValueError, match=message):
             logic.pretrainOnDatasets(datasets)
     assert (set(os.listdir(jobs)) if jobs.is_dir() else set()) == before  # no job folder left behind
+
+
+def test_finetune_label_file_holds_only_the_painted_planes_and_the_log_names_them(logic, scene):
+    """Item 1 (issue 11): a sagittal stroke becomes one annotated sagittal plane in the label file the
+    backend reads (not every axial slice it crosses), and the job log says which planes were used."""
+    import SimpleITK as sitk
+
+    from MedSSLSegmentLib import nodes
+
+    shape = (10, 12, 14)
+    volume = addVolume(scene, np.zeros(shape, np.int16), matrix=np.diag([0.8, 0.8, 2.0, 1.0]), name="mr")
+    labels = np.zeros(shape, np.uint8)
+    labels[2:8, 3:9, 6] = 1  # painted in a sagittal view
+    segmentation = nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), {"1": {"name": "kidney"}},
+                                                  volume, "painted")
+    logic.finetune(volume, segmentation, initModel="none", predict=False)
+    meta = json.loads(open(os.path.join(logic.lastJob.jobDir, "..", "..", "models",
+                                        os.path.basename(logic.lastJob.jobDir), "model.json")).read())
+    assert meta["label_values"] == [0, 1, 255] and meta["annotated_planes"] == {"i": [6], "j": [], "k": []}
+    log = open(logic.lastJob.logPath, encoding="utf-8").read()
+    assert "painted planes: sagittal i=6" in log.splitlines()[0]
+    assert logic.lastPlanes == {0: [6], 1: [], 2: []}
