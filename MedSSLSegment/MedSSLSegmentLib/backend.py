@@ -164,9 +164,40 @@ def probeEnvironment(python: str | None = None, timeout: float = 180.0) -> dict:
     return json.loads(lines[-1])
 
 
+TORCH_MINIMUM = "2.1"
+"""The oldest torch the backend runs on (an older one counts as missing: it must be upgraded)."""
+
+
+def versionTuple(version) -> tuple[int, ...]:
+    """(2, 5, 1) from "2.5.1+cu121" / "2.6.0.dev20250101"; () when it does not start with a number."""
+    parts = []
+    for part in str(version or "").split("+", 1)[0].split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        parts.append(int(digits))
+        if digits != part:
+            break
+    return tuple(parts)
+
+
+def torchTooOld(probe: dict) -> bool:
+    """True when torch imports but is older than :data:`TORCH_MINIMUM`."""
+    version = probe.get("torch")
+    return bool(version) and versionTuple(version) < versionTuple(TORCH_MINIMUM)
+
+
 def missingDependencies(probe: dict) -> list[str]:
-    """Names of backend dependencies that did not import in the child (from :func:`probeEnvironment`)."""
-    return [name for name in ("torch", "monai", "SimpleITK", "safetensors") if not probe.get(name)]
+    """Names of backend dependencies that did not import in the child (from :func:`probeEnvironment`), and
+    "torch" when the installed torch is older than :data:`TORCH_MINIMUM`."""
+    missing = [name for name in ("torch", "monai", "SimpleITK", "safetensors") if not probe.get(name)]
+    if torchTooOld(probe):
+        missing.insert(0, "torch")
+    return missing
 
 
 def deviceChoices(probe: dict) -> list[tuple[str, str]]:
