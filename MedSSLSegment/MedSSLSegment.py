@@ -127,7 +127,10 @@ class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        self.setParameterNode(None)
+        # As the scripted-module template: stop syncing the GUI with the parameter node while another module
+        # is shown, but keep the node: a job that ends meanwhile stores its results there (_storeResults)
+        # and enter() shows them.
+        self._disconnectGui()
 
     def onSceneStartClose(self, caller, event):
         if self.panel.busy:
@@ -146,11 +149,24 @@ class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameterNode.inputVolume = firstVolume
         self.setParameterNode(parameterNode)
 
-    def setParameterNode(self, parameterNode):
-        if self._parameterNode is not None:
+    def _disconnectGui(self):
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
-            self._parameterNodeGuiTag = None
+        self._parameterNodeGuiTag = None
+        self.strings.setParameterNode(None)
+
+    def _storeResults(self, **values):
+        """Job results (str parameters) into the parameter node, whichever module is shown, and into the
+        widgets; without parameterNodeWrapper (Slicer < 5.2) only into the widgets."""
+        parameterNode = self._parameterNode or getParameterNode()
+        for name, value in values.items():
+            if parameterNode is not None:
+                setattr(parameterNode, name, value)
+            self.strings.setWidget(name, value)
+
+    def setParameterNode(self, parameterNode):
+        self._disconnectGui()
         self._parameterNode = parameterNode
         self.strings.setParameterNode(parameterNode)
         if self._parameterNode is not None:

@@ -8,6 +8,7 @@ never imported in Slicer's process. Shared code (job runner, node<->file convers
 """
 
 import os
+from typing import Annotated
 
 import ctk
 import numpy as np
@@ -37,7 +38,7 @@ except ImportError:  # Slicer < 5.4
 
 try:
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
 except ImportError:  # Slicer < 5.2: the settings are simply not kept with the scene
     parameterNodeWrapper = None
 
@@ -80,15 +81,15 @@ if parameterNodeWrapper is not None:
         dataFolder: str = ""
         datasetsSpec: str = ""
         method: str = "genesis"
-        pretrainSteps: int = 2000
-        pretrainMinutes: float = 0.0
+        pretrainSteps: Annotated[int, Minimum(0)] = 2000  # 0: no step limit ("no limit" shows)
+        pretrainMinutes: Annotated[float, Minimum(0)] = 0.0  # 0: no time limit
         pretrainOutput: str = ""
         fewShotVolume: vtkMRMLScalarVolumeNode
         fewShotSegmentation: vtkMRMLSegmentationNode
         initChoice: str = "bundle"
         initModel: str = ""
-        finetuneSteps: int = 300
-        finetuneMinutes: float = 0.0
+        finetuneSteps: Annotated[int, Minimum(0)] = 300
+        finetuneMinutes: Annotated[float, Minimum(0)] = 0.0
         model: str = ""
 
 
@@ -102,7 +103,10 @@ def getParameterNode():
 
 
 def budget(stepsSpinBox, minutesSpinBox):
-    """(steps or None, seconds or None) from the budget widgets; 0 means no limit of that kind."""
+    """(steps or None, seconds or None) from the budget widgets; 0 means no limit of that kind. Negative
+    values (impossible once the parameter node bounds the spin boxes) raise ``ValueError``."""
+    if stepsSpinBox.value < 0 or minutesSpinBox.value < 0:
+        raise ValueError("steps and time limit must be 0 (no limit) or more")
     steps = int(stepsSpinBox.value) or None
     seconds = float(minutesSpinBox.value) * 60.0 or None
     return steps, seconds
@@ -193,7 +197,10 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        self.setParameterNode(None)
+        # As the scripted-module template: stop syncing the GUI with the parameter node while another module
+        # is shown, but keep the node: a job that ends meanwhile stores its results there (_storeResults)
+        # and enter() shows them.
+        self._disconnectGui()
 
     def onSceneStartClose(self, caller, event):
         if self.panel.busy:
@@ -213,11 +220,24 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameterNode.fewShotVolume = firstVolume
         self.setParameterNode(parameterNode)
 
-    def setParameterNode(self, parameterNode):
-        if self._parameterNode is not None:
+    def _disconnectGui(self):
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
-            self._parameterNodeGuiTag = None
+        self._parameterNodeGuiTag = None
+        self.strings.setParameterNode(None)
+
+    def _storeResults(self, **values):
+        """Job results (str parameters) into the parameter node, whichever module is shown, and into the
+        widgets; without parameterNodeWrapper (Slicer < 5.2) only into the widgets."""
+        parameterNode = self._parameterNode or getParameterNode()
+        for name, value in values.items():
+            if parameterNode is not None:
+                setattr(parameterNode, name, value)
+            self.strings.setWidget(name, value)
+
+    def setParameterNode(self, parameterNode):
+        self._disconnectGui()
         self._parameterNode = parameterNode
         self.strings.setParameterNode(parameterNode)
         if self._parameterNode is not None:
@@ -383,8 +403,7 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bundle = job.result
         self.ui.statusLabel.text = _("Pretrained model saved in {path}. It is now the initial model for "
                                      "few-shot segmentation.").format(path=bundle)
-        self.ui.initComboBox.setCurrentIndex(self.ui.initComboBox.findData("bundle"))
-        self.ui.initModelPathLineEdit.currentPath = bundle
+        self._storeResults(initChoice="bundle", initModel=bundle)
 
     # ------------------------------------------------------------------ few-shot fine-tuning
 
@@ -409,7 +428,7 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFineTuneEnded(self, job, volume):
         if job.status != jobs.DONE:
             return
-        self.ui.modelPathLineEdit.currentPath = job.result
+        self._storeResults(model=job.result)
         segmentation = getattr(job, "segmentationNode", None)
         if segmentation is not None:
             segmentation.GetDisplayNode().SetVisibility(True)

@@ -84,6 +84,9 @@ def budgetArgs(steps=None, maxTime=None, width=None, device=None, seed=None) -> 
     """Common training options: ``--steps N``, ``--max-time S`` (seconds), ``--width W``, ``--device``,
     ``--seed``; options left as None are not passed (the backend's defaults apply)."""
     args = []
+    for flag, value in (("--steps", steps), ("--max-time", maxTime), ("--width", width)):
+        if value is not None and value != "" and not float(value) > 0:
+            raise ValueError(f"{flag} {value}: must be more than 0 (None for no limit)")
     for flag, value in (("--steps", steps), ("--max-time", maxTime), ("--width", width), ("--device", device),
                         ("--seed", seed)):
         if value is not None and value != "":

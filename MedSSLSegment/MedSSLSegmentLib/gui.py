@@ -267,6 +267,22 @@ class StringBindings:
         finally:
             self._updating = False
 
+    def setWidget(self, name: str, value) -> None:
+        """Show ``value`` in the widget bound to ``name`` (without writing it to the parameter node)."""
+        self._updating = True
+        try:
+            for widget, boundName, kind in self._bindings:
+                if boundName != name:
+                    continue
+                if kind == "combo":
+                    index = widget.findData(value)
+                    if index >= 0:
+                        widget.setCurrentIndex(index)
+                elif widget.currentPath != value:
+                    widget.currentPath = value
+        finally:
+            self._updating = False
+
     def _store(self, name, widget, kind) -> None:
         """Widget -> parameter node."""
         if self._updating or self._parameterNode is None:

@@ -50,6 +50,7 @@ class MedSSLTrainerLogic(BackendRunner):
         or a single path. Nodes are written to the job folder as NRRD (deleted when the job ends).
         Returns the bundle folder (``outputDir``, default ``<workDir>/models/<job name>``).
         """
+        budget = backend.budgetArgs(steps, maxTime, width, self.device)  # refuses bad budgets before any file is written
         items = [volumeNodesOrPaths] if isinstance(volumeNodesOrPaths, (str, os.PathLike)) else list(volumeNodesOrPaths)
         if not items:
             raise ValueError("choose at least one volume or folder to pretrain on")
@@ -59,7 +60,7 @@ class MedSSLTrainerLogic(BackendRunner):
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "pretrain"))
         args = ["--data", *data, "--method", method, "--out", outputDir]
         args += ["--init", self.checkModel(initModel)] if initModel else []
-        args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
+        args += budget + ["--progress", "json"]
         return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
                         blocking, onEvent, [inputs])
 
@@ -73,6 +74,7 @@ class MedSSLTrainerLogic(BackendRunner):
         each dataset's segments are its classes, matched by name; the images and labels are written to the
         job folder and deleted when the job ends). Returns the bundle folder.
         """
+        budget = backend.budgetArgs(steps, maxTime, width, self.device)
         if isinstance(datasets, (str, os.PathLike)) and not os.path.isfile(datasets):
             raise ValueError(f"not found: {datasets}")
         jobDir = self.newJobDirectory("pretrain")
@@ -88,7 +90,7 @@ class MedSSLTrainerLogic(BackendRunner):
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "pretrain"))
         args = ["--datasets", spec, "--method", method, "--out", outputDir]
         args += ["--init", self.checkModel(initModel)] if initModel else []
-        args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
+        args += budget + ["--progress", "json"]
         return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
                         blocking, onEvent, [inputs])
 
@@ -107,6 +109,7 @@ class MedSSLTrainerLogic(BackendRunner):
         bundle as a detector (usable with MedSSLSegmentLogic.detect). Returns the new bundle folder.
         """
         self.checkVolume(volumeNode)
+        budget = backend.budgetArgs(steps, maxTime, width, self.device)
         if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise ValueError("select the segmentation painted on the volume")
         labels, classes, planes = sparseLabels(segmentationNode, volumeNode, sliceAxis)
@@ -123,7 +126,7 @@ class MedSSLTrainerLogic(BackendRunner):
         args = ["--image", image, "--label", label, "--classes", classesPath, "--out", outputDir]
         args += ["--detection"] if detection else []
         args += ["--init", initModel if str(initModel).lower() == "none" else self.checkModel(initModel)] if initModel else []
-        args += backend.budgetArgs(steps, maxTime, width, self.device) + ["--progress", "json"]
+        args += budget + ["--progress", "json"]
         commands = [self.command("finetune", *args)]
         prediction = os.path.join(jobDir, "prediction.nrrd")
         if predict:

@@ -1,215 +1,25 @@
 """Smoke tests of both module widgets outside Slicer: Qt, CTK, the scripted-module base classes and
-parameterNodeWrapper are replaced by small fakes, MRML is real (slicer-core) and the backend is the stand-in
-CLI. They catch wiring mistakes (names, signatures, flows) that only Slicer would otherwise reveal; they do
+parameterNodeWrapper are replaced by strict doubles (fake_slicer_gui.py: unknown widget attributes fail,
+connectGui sets spin box ranges from the parameter annotations, the module is entered and left as in
+Slicer), MRML is real (slicer-core) and the backend is the stand-in CLI. They catch wiring mistakes (names,
+signatures, flows, bounds, results lost across exit/enter) that only Slicer would otherwise reveal; they do
 not show that the widgets look right - that needs Slicer itself (the modules' self-tests)."""
 
 import importlib
-import os
 import sys
 import time
-import types
-import unittest
-import xml.etree.ElementTree as ET
 from unittest import mock
 
 import numpy as np
 import pytest
 
+import fake_slicer_gui
+from fake_slicer_gui import leaveModule, showModule
 from slicer_testing_helpers import ROOT, addVolume, phantom
 
 
-class FakeSignalWidget:
-    """Records connections; ``emit(signal, *args)`` calls them."""
-
-    def __init__(self, name):
-        self.name = name
-        self.enabled = True
-        self.visible = True
-        self.text = ""
-        self.toolTip = ""
-        self._slots = {}
-
-    def connect(self, signal, slot):
-        self._slots.setdefault(signal, []).append(slot)
-
-    def emit(self, signal, *args):
-        for slot in self._slots.get(signal, []):
-            slot(*args)
-
-    def blockSignals(self, _block):
-        return False
-
-    def hide(self):
-        self.visible = False
-
-    def show(self):
-        self.visible = True
-
-    def __getattr__(self, name):  # anything else (setRange, clear, appendPlainText...) is accepted
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return mock.MagicMock(name=f"{self.name}.{name}")
-
-
-class FakeComboBox(FakeSignalWidget):
-    def __init__(self, name):
-        super().__init__(name)
-        self.items = []
-        self.currentIndex = -1
-
-    def addItem(self, text, data=None):
-        self.items.append((text, data))
-        if self.currentIndex < 0:
-            self.setCurrentIndex(0)
-
-    def clear(self):
-        self.items, self.currentIndex = [], -1
-
-    def findData(self, data):
-        return next((i for i, (_t, d) in enumerate(self.items) if d == data), -1)
-
-    def setCurrentIndex(self, index):
-        if index != self.currentIndex:
-            self.currentIndex = index
-            self.emit("currentIndexChanged(int)", index)
-
-    def setItemData(self, *_args):
-        pass
-
-    @property
-    def count(self):
-        return len(self.items)
-
-    @property
-    def currentData(self):
-        return self.items[self.currentIndex][1] if 0 <= self.currentIndex < len(self.items) else None
-
-
-class FakePathLineEdit(FakeSignalWidget):
-    def __init__(self, name):
-        super().__init__(name)
-        self._path = ""
-        self.filters = 0
-        self.nameFilters = []
-        self.settingKey = ""
-
-    @property
-    def currentPath(self):
-        return self._path
-
-    @currentPath.setter
-    def currentPath(self, value):
-        if value != self._path:
-            self._path = value
-            self.emit("currentPathChanged(QString)", value)
-
-    def addCurrentPathToHistory(self):
-        pass
-
-
-class FakeNodeComboBox(FakeSignalWidget):
-    def __init__(self, name):
-        super().__init__(name)
-        self.node = None
-        self.checked = []
-
-    def currentNode(self):
-        return self.node
-
-    def setCurrentNode(self, node):
-        self.node = node
-        self.emit("currentNodeChanged(vtkMRMLNode*)", node)
-
-    def checkedNodes(self):
-        return list(self.checked)
-
-
-class FakeValueWidget(FakeSignalWidget):
-    def __init__(self, name):
-        super().__init__(name)
-        self.value = 0
-        self.checked = False
-
-
-WIDGETS = {"QComboBox": FakeComboBox, "ctkPathLineEdit": FakePathLineEdit, "qMRMLNodeComboBox": FakeNodeComboBox,
-           "qMRMLCheckableNodeComboBox": FakeNodeComboBox, "QSpinBox": FakeValueWidget,
-           "QDoubleSpinBox": FakeValueWidget, "QCheckBox": FakeValueWidget}
-
-
 def fakeUi(module):
-    tree = ET.parse(os.path.join(ROOT, module, "Resources", "UI", f"{module}.ui"))
-    return types.SimpleNamespace(**{w.get("name"): WIDGETS.get(w.get("class"), FakeSignalWidget)(w.get("name"))
-                                    for w in tree.iter("widget")})
-
-
-def fakeScriptedLoadableModule(scene):
-    module = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent or mock.MagicMock()
-            self.layout = mock.MagicMock()
-
-        def setup(self):
-            pass
-
-        def resourcePath(self, relative):
-            return relative
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            self.moduleName = type(self).__name__
-
-        def getParameterNode(self):
-            node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
-            if node is None:
-                node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", self.moduleName)
-                node.SetSingletonTag(self.moduleName)
-            return node
-
-    module.ScriptedLoadableModule = ScriptedLoadableModule
-    module.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
-    module.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    module.ScriptedLoadableModuleTest = unittest.TestCase
-    return module
-
-
-def fakeParameterNodeWrapper(cls):
-    """Keeps typed attributes in a dict and proxies observers to the scripted module node."""
-    defaults = {name: getattr(cls, name, None) for name in cls.__annotations__}
-
-    class Wrapped:
-        def __init__(self, node):
-            object.__setattr__(self, "_node", node)
-            object.__setattr__(self, "_values", dict(defaults))
-
-        def __getattr__(self, name):
-            if name in defaults:
-                return self._values[name]
-            raise AttributeError(name)
-
-        def __setattr__(self, name, value):
-            assert name in defaults, name
-            self._values[name] = value
-            self._node.Modified()
-
-        def connectGui(self, ui):
-            return "tag"
-
-        def disconnectGui(self, tag):
-            pass
-
-        def AddObserver(self, event, method, priority=0.0):
-            return self._node.AddObserver(event, method, priority)
-
-        def RemoveObserver(self, tag):
-            self._node.RemoveObserver(tag)
-
-    return Wrapped
+    return fake_slicer_gui.fakeUi(ROOT, module)
 
 
 ENVIRONMENT = {"python": "3.12", "torch": "2.5.1", "monai": "1.4.0", "SimpleITK": "2.4", "safetensors": "0.4",
@@ -222,11 +32,9 @@ def slicer_app(scene, fake_backend, monkeypatch):
     """slicer.app, qt, ctk, the scripted-module classes and parameterNodeWrapper faked; MRML real."""
     import slicer
 
-    wrapperModule = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapperModule.parameterNodeWrapper = fakeParameterNodeWrapper
     fakes = {"qt": mock.MagicMock(name="qt"), "ctk": mock.MagicMock(name="ctk"),
-             "slicer.ScriptedLoadableModule": fakeScriptedLoadableModule(scene),
-             "slicer.parameterNodeWrapper": wrapperModule}
+             "slicer.ScriptedLoadableModule": fake_slicer_gui.scriptedLoadableModule(scene),
+             "slicer.parameterNodeWrapper": fake_slicer_gui.parameterNodeWrapperModule()}
     for name, module in fakes.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(slicer, "app", mock.MagicMock(name="slicer.app"), raising=False)
@@ -262,8 +70,9 @@ def makeWidget(slicer, moduleName):
     ui = fakeUi(moduleName)
     slicer.util.childWidgetVariables = mock.MagicMock(return_value=ui)
     getattr(module, moduleName)(mock.MagicMock())  # the module class: title, help, categories
-    widget = getattr(module, f"{moduleName}Widget")(mock.MagicMock())
-    widget.setup()
+    widget = getattr(module, f"{moduleName}Widget")(fake_slicer_gui.FakeModuleWidgetParent())
+    widget.setup()  # Slicer: setup() when the module is first shown, then enter()
+    showModule(widget)
     slicer.testWidgets.append(widget)
     return module, widget, ui
 
@@ -282,7 +91,7 @@ def test_trainer_widget_fine_tune_and_suggest(slicer_app, scene, tmp_path):
     module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
     assert ui.methodComboBox.currentData == "genesis" and ui.methodComboBox.count >= 2  # from methods --json
     assert ui.deviceComboBox.currentData == "auto" and not ui.installButton.visible
-    assert ui.deviceComboBox.items[0][0] == "auto (NVIDIA RTX A4000, 15.7 GB)" and ui.deviceWarningLabel.text == ""
+    assert ui.deviceComboBox.itemText(0) == "auto (NVIDIA RTX A4000, 15.7 GB)" and ui.deviceWarningLabel.text == ""
     ui.deviceComboBox.setCurrentIndex(ui.deviceComboBox.findData("cpu"))
     assert "CPU" in ui.deviceWarningLabel.text
     volume = addVolume(scene, phantom(), name="ct")
@@ -315,8 +124,7 @@ def test_trainer_widget_cancel_removes_loss_chart(slicer_app, scene, monkeypatch
     module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
     monkeypatch.setenv("FAKE_MEDSSL_STEP_S", "1")
     volume = addVolume(scene, phantom(), name="ct")
-    ui.pretrainVolumesSelector.checked = [volume]
-    ui.pretrainVolumesSelector.emit("checkedNodesChanged()")
+    ui.pretrainVolumesSelector.setCheckedNodes([volume])
     assert ui.pretrainButton.enabled
     count = scene.GetNumberOfNodes()
     widget.onPretrainButton()
@@ -375,3 +183,94 @@ def test_segment_widget_applies_a_detector(slicer_app, scene, tmp_path):
     ui.modelPathLineEdit.currentPath = str(bundle / "model.json")
     assert "Choose a model folder" in ui.modelInfoLabel.text and not ui.applyButton.enabled
     widget.cleanup()
+
+
+def test_strict_doubles_refuse_unknown_attributes_and_model_connect_gui(slicer_app):
+    """The doubles fail where PythonQt would (issue 11 item 11): a misspelt property or method raises, and
+    connectGui overwrites an unannotated int's range with -2**31 .. 2**31-1 as Slicer's connector does."""
+    import typing
+
+    ui = fakeUi("MedSSLTrainer")
+    with pytest.raises(AttributeError):
+        ui.statusLabel.txt = "typo"
+    with pytest.raises(AttributeError):
+        ui.progressBar.setRangeX(0, 1)
+    with pytest.raises(AttributeError):
+        ui.pretrainButton.connect("clickd(bool)", print)
+    from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
+
+    class Plain:
+        pretrainSteps: int = 5
+        pretrainMinutes: typing.Annotated[float, Minimum(0)] = 0.0
+
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+    Wrapped = parameterNodeWrapper(Plain)
+    node = Wrapped(ScriptedLoadableModuleLogic().getParameterNode())
+    subset = type(ui)(pretrainStepsSpinBox=ui.pretrainStepsSpinBox, pretrainMinutesSpinBox=ui.pretrainMinutesSpinBox)
+    tag = node.connectGui(subset)
+    assert ui.pretrainStepsSpinBox.minimum == -2 ** 31 and ui.pretrainStepsSpinBox.value == 5
+    assert ui.pretrainMinutesSpinBox.minimum == 0
+    ui.pretrainStepsSpinBox.value = 7
+    assert node.pretrainSteps == 7
+    node.disconnectGui(tag)
+    ui.pretrainStepsSpinBox.value = 9
+    assert node.pretrainSteps == 7
+
+
+def test_trainer_budgets_cannot_be_negative(slicer_app, scene):
+    """Issue 11 item 4: steps and time limits have a minimum of 0 once the parameter node is connected, so
+    the "no limit" text shows at 0 and a negative value cannot be entered."""
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")
+    for box in (ui.pretrainStepsSpinBox, ui.pretrainMinutesSpinBox, ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox):
+        assert box.minimum == 0, box.objectName
+        box.value = -5
+        assert box.value == 0 and box.shownText() == "no limit"
+    assert widget._parameterNode.pretrainMinutes == 0 and widget._parameterNode.finetuneSteps == 0
+
+
+def paintedSegmentation(scene, volume):
+    from MedSSLSegmentLib import nodes
+
+    labels = np.zeros(phantom().shape, np.uint8)
+    labels[2, 2:8, 3:10] = 1
+    return nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), {"1": {"name": "tissue"}}, volume, "painted")
+
+
+def test_trainer_results_survive_leaving_the_module_while_jobs_run(slicer_app, scene, monkeypatch):
+    """Issue 11 item 3: the user paints in the Segment Editor while fine-tuning runs; when the job ends its
+    model is the module's model, also after coming back (and likewise the pretrained model becomes the
+    initial model)."""
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")
+    volume = addVolume(scene, phantom(), name="ct")
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))
+    ui.initComboBox.setCurrentIndex(ui.initComboBox.findData("none"))
+    widget.onFineTuneButton()
+    leaveModule(widget)  # to the Segment Editor
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    showModule(widget)
+    assert ui.modelPathLineEdit.currentPath == widget.panel.job.result
+    assert widget._parameterNode.model == widget.panel.job.result
+
+    ui.pretrainVolumesSelector.setCheckedNodes([volume])
+    widget.onPretrainButton()
+    leaveModule(widget)
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    showModule(widget)
+    assert ui.initComboBox.currentData == "bundle" and ui.initModelPathLineEdit.currentPath == widget.panel.job.result
+    assert widget._parameterNode.initModel == widget.panel.job.result
+
+
+def test_segment_widget_keeps_its_parameter_node_across_exit(slicer_app, scene):
+    """As the template: exit() stops the GUI <-> parameter node syncing but keeps the node."""
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLSegment")
+    node = widget._parameterNode
+    assert node.connectedGuiCount() == 1
+    leaveModule(widget)
+    assert widget._parameterNode is node and node.connectedGuiCount() == 0
+    showModule(widget)  # enter() wraps the same scripted module node again and connects that
+    assert widget._parameterNode.parameterNode.GetID() == node.parameterNode.GetID()
+    assert widget._parameterNode.connectedGuiCount() == 1 and node.connectedGuiCount() == 0

@@ -185,3 +185,14 @@ def test_finetune_label_file_holds_only_the_painted_planes_and_the_log_names_the
     log = open(logic.lastJob.logPath, encoding="utf-8").read()
     assert "painted planes: sagittal i=6" in log.splitlines()[0]
     assert logic.lastPlanes == {0: [6], 1: [], 2: []}
+
+
+@pytest.mark.parametrize("budget", [{"steps": -1}, {"maxTime": -60.0}, {"maxTime": 0.0001 - 1}, {"width": 0}])
+def test_non_positive_budgets_are_refused_before_a_job_starts(logic, scene, budget):
+    """Issue 11 item 4: a negative time limit used to stop training at once and import an untrained model."""
+    volume = addVolume(scene, phantom(), name="ct")
+    with pytest.raises(ValueError, match="must be more than 0"):
+        logic.finetune(volume, painted(scene, volume), initModel="none", predict=False, **budget)
+    with pytest.raises(ValueError, match="must be more than 0"):
+        logic.pretrain([volume], **budget)
+    assert logic.lastJob is None and not os.path.exists(os.path.join(os.environ["MEDSSL_WORK_DIR"], "jobs"))
