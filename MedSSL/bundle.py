@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -91,11 +90,15 @@ def read_meta(bundle_dir) -> dict:
         raise MedSSLError(f"{bundle_dir}: not a model bundle (no {META_FILE})")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise MedSSLError(f"{meta_path}: broken model.json ({exc.__class__.__name__}: {str(exc)[:80]})") from None
     if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
         raise MedSSLError(f"{meta_path}: not a MedSSL model.json (format field missing or wrong)")
-    if int(meta.get("format_version", 0)) > BUNDLE_VERSION:
+    try:
+        version = int(meta.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise MedSSLError(f"{meta_path}: model.json has an unreadable format_version") from None
+    if version > BUNDLE_VERSION:
         raise MedSSLError(f"{meta_path}: bundle format version {meta['format_version']} is newer than this MedSSL reads")
     arch = meta.get("architecture")
     if not isinstance(arch, dict) or "name" not in arch:
@@ -112,8 +115,8 @@ def load_bundle(bundle_dir) -> tuple[dict, dict]:
         raise MedSSLError(f"{bundle_dir}: bundle has no {WEIGHTS_FILE}")
     try:
         state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise MedSSLError(f"{weights}: unreadable weights ({str(exc)[:100]})") from None
+    except Exception as exc:  # SafetensorError, OSError, ValueError, or anything else a damaged file causes
+        raise MedSSLError(f"{weights}: unreadable weights ({type(exc).__name__}: {str(exc)[:100]})") from None
     return meta, state
 
 

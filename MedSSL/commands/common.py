@@ -42,6 +42,10 @@ def loop_config(args, default_steps: int) -> LoopConfig:
             from ..errors import MedSSLError
 
             raise MedSSLError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.max_time is not None and not args.max_time > 0:
+        from ..errors import MedSSLError
+
+        raise MedSSLError(f"--max-time {args.max_time:g}: must be more than 0 seconds (leave it out for no time limit)")
     return LoopConfig(steps=steps, max_time=args.max_time, lr=args.lr, optimizer=args.optimizer,
                       val_every=args.val_every, patience=args.patience or None,
                       checkpoint_every=args.checkpoint_every, amp=not args.no_amp)

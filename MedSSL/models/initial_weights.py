@@ -71,6 +71,8 @@ def load_official_checkpoint(path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError):
         raise MedSSLError(f"{path}: not a PyTorch checkpoint") from None
+    except Exception as exc:  # torch's unpickler fails in many ways on a file that is not a checkpoint
+        raise MedSSLError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__} while reading it)") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
         raise MedSSLError(f"{path}: the checkpoint holds no state_dict")

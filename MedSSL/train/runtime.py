@@ -104,10 +104,19 @@ class OutputLock:
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / ".medssl.lock"
         self._handle = None
+        self._created: list[Path] = []  # folders this run made (outermost first), for clean-up on failure
+        self._created_lock = False
 
     def __enter__(self) -> "OutputLock":
         try:
+            missing = []
+            folder = self.path.parent.absolute()
+            while not folder.exists() and folder != folder.parent:
+                missing.append(folder)
+                folder = folder.parent
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._created = list(reversed(missing))
+            self._created_lock = not self.path.exists()
             self._handle = open(self.path, "a+")
         except OSError as exc:
             raise MedSSLError(f"{self.path.parent}: cannot write to the output folder ({exc.strerror})") from None
@@ -118,7 +127,23 @@ class OutputLock:
             raise MedSSLError(f"{self.path.parent}: another MedSSL run is writing to this output folder") from None
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self._handle is not None:
+            if exc_type is not None:
+                self._remove_what_was_created()
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
+
+    def _remove_what_was_created(self) -> None:
+        """A run that failed (e.g. refused for bad input) leaves nothing it made: its lock file and the
+        output folders it created, when they hold nothing else. Done while still holding the lock."""
+        if self._created_lock:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+        for folder in reversed(self._created):  # innermost first
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break

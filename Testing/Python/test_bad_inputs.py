@@ -1,5 +1,7 @@
 """Every command on the bad-input corpus (Testing/bad_inputs.py): a non-zero exit, one line on stderr
-that names the input, no traceback, and nothing written where the output would go."""
+that names the input, no traceback, and nothing written where the output would go (not even the output
+folder or its lock file). Unreadable models (a text file, a truncated image, an empty folder, a broken
+model.json) are given to every command that reads a model, and non-positive budgets to the training ones."""
 
 import sys
 from pathlib import Path
@@ -63,7 +65,7 @@ def commands(c, o):
     ]
     for case in ("label_off_grid", "fractional_label", "nothing_annotated"):
         runs.append((case, str(c[case]), ["finetune", "--image", img, "--label", str(c[case]), "--out", str(o["out"]), "--steps", "1", *TINY]))
-    for case in ("not_a_model", "empty_model_folder", "broken_model_json"):
+    for case in ("not_a_model", "empty_model_folder", "broken_model_json", "text_named_nii", "truncated_nifti"):
         bad = str(c[case])
         runs += [
             (case, bad, ["pretrain", "--data", img, "--init", bad, "--out", str(o["out"]), "--steps", "1", *TINY]),
@@ -71,6 +73,11 @@ def commands(c, o):
             (case, bad, ["predict", "--model", bad, "--image", img, "--out", str(o["pred"])]),
             (case, bad, ["suggest", "--model", bad, "--image", img, "--out", str(o["json"])]),
             (case, bad, ["info", bad]),
+        ]
+    for flag, value in (("--max-time", "-5"), ("--max-time", "0"), ("--steps", "-3")):
+        runs += [
+            ("non_positive_budget", flag, ["pretrain", "--data", img, "--out", str(o["out"]), flag, value, *TINY]),
+            ("non_positive_budget", flag, ["finetune", "--image", img, "--label", lab, "--out", str(o["out"]), flag, value, *TINY]),
         ]
     bad_out = c["unwritable_output"]
     runs += [
@@ -82,7 +89,7 @@ def commands(c, o):
     return runs
 
 
-CASE_COUNT = 56
+CASE_COUNT = 72
 
 
 def test_the_corpus_covers_every_command(corpus, tmp_path):
@@ -104,3 +111,4 @@ def test_bad_input_is_refused_cleanly(corpus, tmp_path, capsys, index):
     assert "Traceback" not in captured.err + captured.out
     assert not outputs["pred"].exists() and not outputs["json"].exists()
     assert not (outputs["out"] / "model.json").exists() and not (outputs["out"] / "weights.safetensors").exists()
+    assert not outputs["out"].exists(), f"{case}: {argv[0]} left {sorted(p.name for p in outputs['out'].iterdir())}"
