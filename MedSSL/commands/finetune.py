@@ -49,6 +49,11 @@ def add_parser(sub) -> None:
                         "1=spleen,2=liver; default: <label>.classes.json next to the first label "
                         "(label.nii.gz -> label.classes.json), else label_<value>")
     p.add_argument("--detection", action="store_true", help="mark the bundle as a detector (model.json detection: true)")
+    p.add_argument("--engine", choices=("auto", "fewshot", "network"), default="auto",
+                   help="segmentation: 'fewshot' completes a painting (one image whose label has whole planes painted "
+                        "along any axes and 255 elsewhere) with the few-shot engine: shape interpolation + appearance "
+                        "learned on the volume + propagation past the painted planes, seconds on a CPU; 'network' "
+                        "fine-tunes the U-Net; default auto: fewshot for one painted 3D image, else network")
     add_training_options(p, steps=DEFAULT_STEPS, batch=2, lr=1e-3, patch=(64, 64, 32))
     _set_default(p, "patch", None, "patch size in voxels, multiples of 8: X Y Z for volumes (default: segment 64 64 Z "
                                    "with Z about the in-plane extent, 8..32, e.g. 16 for 5 mm slices; classify 64 64 32, "
@@ -94,6 +99,12 @@ def config_from_args(args):
     )
 
 
+def _engine(args, config) -> str:
+    from ..fewshot.task import choose_engine
+
+    return choose_engine(config, getattr(args, "engine", "auto"))
+
+
 def run(args) -> int:
     config = config_from_args(args)
     progress = make_progress(args)
@@ -101,6 +112,10 @@ def run(args) -> int:
         from ..finetune.classify import finetune_classification
 
         bundle = finetune_classification(config, progress)
+    elif _engine(args, config) == "fewshot":
+        from ..fewshot.task import finetune_fewshot
+
+        bundle = finetune_fewshot(config, progress, steps=args.steps)
     else:
         from ..finetune.segment import finetune_segmentation
 

@@ -24,8 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--probabilities", type=Path, default=None, metavar="PATH",
                    help="write the foreground probability 1 - p(background) as float32 on the input grid")
     p.add_argument("--annotation", type=Path, default=None, metavar="LABEL",
-                   help="the painted label map of this image (255 = not annotated): keep only predicted components "
-                        "connected to the painted structure of each class and copy the painted voxels (few-shot clean-up)")
+                   help="the painted label map of this image (255 = not annotated). A few-shot bundle needs it: the engine "
+                        "completes this painting. With a network bundle: keep only predicted components connected to "
+                        "the painted structure of each class and copy the painted voxels (clean-up)")
     p.add_argument("--tta", action="store_true", help="average the predictions of flipped copies (4x slower)")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each class")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap 0..0.95 (default: the bundle's, 0.5)")
@@ -56,12 +57,32 @@ def parse_window(values):
     return window
 
 
+def _is_fewshot(path) -> bool:
+    from ..bundle import is_bundle, read_meta
+    from ..fewshot.bundle import is_fewshot_meta
+
+    return is_bundle(path) and is_fewshot_meta(read_meta(path))
+
+
+def _run_fewshot(args) -> int:
+    """A few-shot bundle: the engine completes the painting given by ``--annotation``."""
+    from ..fewshot.task import predict_fewshot
+
+    progress = make_progress(args)
+    outputs = predict_fewshot(args.model, args.image, args.out, args.annotation, progress, args.detections,
+                              args.probabilities, args.min_volume)
+    progress.done(outputs=outputs)
+    return 0
+
+
 def run(args) -> int:
     from ..infer.model import load_model
     from ..infer.predict import PredictOptions, predict_files
     from ..train.runtime import resolve_device, seed_everything
 
     seed_everything(args.seed)
+    if _is_fewshot(args.model):
+        return _run_fewshot(args)
     device = resolve_device(args.device)
     model = load_model(args.model, device)
     overlap = args.overlap if args.overlap is not None else float((model.meta.get("inference") or {}).get("overlap", 0.5))

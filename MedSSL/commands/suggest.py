@@ -39,6 +39,16 @@ def run(args) -> int:
         check_output_path(args.out, (".json",), "--out")
     if args.min_gap < 1:
         raise MedSSLError(f"--min-gap {args.min_gap}: must be at least 1")
+    from .predict import _is_fewshot
+
+    if _is_fewshot(args.model):
+        from ..fewshot.task import suggest_fewshot
+
+        result = suggest_fewshot(args.model, args.image, args.label, args.count, args.min_gap)
+        if args.out is not None:
+            write_json(args.out, result)
+        print(json.dumps(result))
+        return 0
     model = load_model(args.model, resolve_device(args.device), allowed=("segment",))
     if model.spatial_dims == 2:
         raise MedSSLError(f"--model {args.model}: a 2D model (one-slice images); suggest ranks the slices of 3D volumes, "

@@ -1,0 +1,349 @@
+"""The few-shot engine: a painted label map + its image -> the whole structure.
+
+Frame: the engine moves the main painted axis (:attr:`PaintedPlanes.main_axis`) last, so painted
+planes are Z slices of an (X, Y, Z) array with ``spacing`` (sx, sy, sz) mm, and works in a region of
+interest around the painting. Per class c and voxel, a log-odds
+
+    z_c = -d_c / tau + weight * a_c
+
+fuses the shape prior (d_c: signed distance in mm to the interpolated or carried shape, negative
+inside; tau = TAU0 + TAU1 * distance in mm to the nearest painted plane, so the prior is firm next to a
+painted plane and softer between two far ones) with the appearance (a_c: the online classifier's
+log-odds, :mod:`.appearance`). A voxel takes the class of largest z_c when it is positive.
+
+* Between painted planes d_c is the blended distance of the two neighbouring planes (:func:`.shape.blend`).
+* Past the first and last painted plane, slice by slice, d_c is the previous slice's result carried on
+  and shrunk by ``taper`` mm per mm travelled; only 2D components that overlap the previous slice are
+  kept, and the walk stops at the first empty slice (the structure ended).
+* ``weight`` and ``taper`` are chosen per volume by leave-one-plane-out on the painting itself: each
+  inner painted plane is predicted from its two neighbours, each end plane by walking from the next
+  plane, with an appearance model trained without that plane, and the pair with the best mean Dice on
+  the held-out planes wins. With one painted plane there is nothing to hold out: the defaults are used.
+* Painted voxels keep their painted values; predicted components that touch no painted voxel of their
+  class are removed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import MedSSLError
+from .appearance import AppearanceNet, log_odds, normalise, train_appearance, voxel_features
+from .planes import IGNORE, PaintedPlanes, find_painted_planes
+from .shape import FAR, blend, carry, class_distances, keep_overlapping
+
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+TAPERS = (0.1, 0.3, 0.6, 1.0)
+TAU0_MM = 1.0
+TAU1 = 0.15
+MAX_FOLDS = 6
+
+
+@dataclass(frozen=True)
+class FewShotSettings:
+    """weight / taper: None = chosen by leave-one-plane-out (defaults when one plane is painted);
+    steps: appearance-MLP optimiser steps (fold models get a third); margin_mm: region of interest grown
+    around the painting; seed: the MLP's seed."""
+
+    weight: float | None = None
+    taper: float | None = None
+    default_weight: float = 1.0
+    default_taper: float = 0.3
+    steps: int = 300
+    margin_mm: float = 10.0
+    seed: int = 0
+    calibrate: bool = True
+
+
+@dataclass
+class FewShotResult:
+    """labels: (X, Y, Z) uint8 class values on the input grid; probability: (X, Y, Z) float32 probability
+    of the chosen class (0.5..1; 1 = certain, as outside the region of interest); planes: what was painted; model: the
+    appearance MLP; classes: class values; weight, taper: the values used; folds: calibration scores."""
+
+    labels: np.ndarray
+    probability: np.ndarray
+    planes: PaintedPlanes
+    model: AppearanceNet
+    classes: list
+    weight: float
+    taper: float
+    seconds: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Frame:
+    """The engine's working copy: region of interest in the moved frame (main axis last)."""
+
+    labels: np.ndarray      # (X, Y, Z) painted values, 255 not annotated
+    known: np.ndarray       # (X, Y, Z) bool, voxels of painted planes (any axis)
+    features: np.ndarray    # (F, X, Y, Z)
+    spacing: np.ndarray     # (3,) mm
+    planes: list            # main-axis painted slice indices in the region
+    box: tuple              # slices of the region in the moved full volume
+
+
+def _region(labels: np.ndarray, known: np.ndarray, spacing: np.ndarray, margin_mm: float) -> tuple:
+    """Slices of the region of interest (moved frame): the painted structure's box grown in-plane by
+    margin + 30 % of its extent, and along Z by the larger of half its painted span and its in-plane size."""
+    fg = known & (labels > 0) & (labels != IGNORE)
+    lo = np.array([np.flatnonzero(fg.any(axis=tuple(b for b in range(3) if b != a)))[[0, -1]] for a in range(3)])
+    extent_mm = (lo[:, 1] - lo[:, 0] + 1) * spacing
+    grow_mm = margin_mm + 0.3 * extent_mm
+    grow_mm[2] = margin_mm + max(0.5 * extent_mm[2], extent_mm[0], extent_mm[1])
+    grow = np.ceil(grow_mm / spacing).astype(int)
+    return tuple(slice(max(0, int(a - g)), min(n, int(b + g + 1))) for (a, b), g, n in zip(lo, grow, labels.shape))
+
+
+def _decide(d: np.ndarray, tau: float, a: np.ndarray, weight: float, classes) -> tuple[np.ndarray, np.ndarray]:
+    """(C, X, Y) distances and log-odds -> (X, Y) class values and probability of the chosen class."""
+    z = -d / np.float32(tau) + np.float32(weight) * a
+    best = np.argmax(z, axis=0)
+    top = np.take_along_axis(z, best[None], 0)[0]
+    values = np.asarray(classes, np.uint8)[best]
+    labels = np.where(top > 0, values, 0).astype(np.uint8)
+    prob = 1.0 / (1.0 + np.exp(-np.clip(top, -30, 30)))
+    return labels, np.where(top > 0, prob, 1.0 - prob).astype(np.float32)
+
+
+def _tau(distance_mm: float) -> float:
+    return TAU0_MM + TAU1 * distance_mm
+
+
+def _walk(start: np.ndarray, slices, odds, weight, taper, classes, sampling, dz) -> list:
+    """Carry ``start`` (X, Y labels of a painted plane) through ``slices`` (indices moving away from it),
+    using ``odds(k)`` -> (C, X, Y); returns [(k, labels, prob)] up to the first empty slice."""
+    out, previous = [], start
+    for step, k in enumerate(slices, start=1):
+        d = carry(previous, classes, sampling, taper * dz)
+        labels, prob = _decide(d, _tau(step * dz), odds(k), weight, classes)
+        labels = keep_overlapping(labels, previous, classes)
+        out.append((k, labels, prob))
+        if not labels.any():
+            break
+        previous = labels
+    return out
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, classes) -> float:
+    scores = []
+    for c in classes:
+        p, t = pred == c, truth == c
+        total = p.sum() + t.sum()
+        if total:
+            scores.append(2.0 * np.logical_and(p, t).sum() / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _painted(frame: _Frame, k: int) -> np.ndarray:
+    plane = frame.labels[..., k].copy()
+    plane[plane == IGNORE] = 0
+    return plane
+
+
+def _compose(frame: _Frame, odds, weight: float, taper: float, classes) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of the whole region for one (weight, taper)."""
+    shape = frame.labels.shape
+    sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
+    out = np.zeros(shape, np.uint8)
+    prob = np.ones(shape, np.float32)  # slices never reached: certain background
+    planes = frame.planes
+    dist = {k: class_distances(_painted(frame, k), classes, sampling) for k in planes}
+    for k in planes:
+        out[..., k] = _painted(frame, k)
+        prob[..., k] = 1.0
+    for k0, k1 in zip(planes[:-1], planes[1:]):
+        for k in range(k0 + 1, k1):
+            d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
+            out[..., k], prob[..., k] = _decide(d, _tau(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
+    for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
+        for k, labels, p in _walk(out[..., start], slices, odds, weight, taper, classes, sampling, dz):
+            out[..., k], prob[..., k] = labels, p
+    return out, prob
+
+
+def _fold_scores(frame: _Frame, classes, settings: FewShotSettings) -> dict:
+    """Mean Dice on held-out painted planes for every (weight, taper) of the grid."""
+    planes = frame.planes
+    sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
+    held = planes if len(planes) <= MAX_FOLDS else [planes[int(round(i))] for i in np.linspace(0, len(planes) - 1, MAX_FOLDS)]
+    scores = {(w, t): [] for w in WEIGHTS for t in TAPERS}
+    for index in [planes.index(k) for k in held]:
+        k = planes[index]
+        known = frame.known.copy()
+        known[..., k] = False
+        net = train_appearance(frame.features, frame.labels, known, classes, frame.spacing,
+                               steps=max(50, settings.steps // 3), seed=settings.seed + 1 + index)
+        lo = planes[index - 1] if index > 0 else k
+        hi = planes[index + 1] if index + 1 < len(planes) else k
+        slab = log_odds(net, frame.features[..., lo:hi + 1])
+        odds = lambda j: slab[..., j - lo]  # noqa: E731
+        truth = _painted(frame, k)
+        if 0 < index < len(planes) - 1:
+            d = blend(class_distances(_painted(frame, lo), classes, sampling),
+                      class_distances(_painted(frame, hi), classes, sampling), (k - lo) / (hi - lo))
+            for w in WEIGHTS:
+                pred, _ = _decide(d, _tau(min(k - lo, hi - k) * dz), odds(k), w, classes)
+                for t in TAPERS:
+                    scores[(w, t)].append(_dice(pred, truth, classes))
+            continue
+        start = hi if index == 0 else lo
+        slices = range(start - 1, k - 1, -1) if index == 0 else range(start + 1, k + 1)
+        for w in WEIGHTS:
+            for t in TAPERS:
+                walked = _walk(_painted(frame, start), slices, odds, w, t, classes, sampling, dz)
+                pred = walked[-1][1] if walked and walked[-1][0] == k else np.zeros_like(truth)
+                scores[(w, t)].append(_dice(pred, truth, classes))
+    return {key: float(np.mean(v)) for key, v in scores.items()}
+
+
+def _choose(frame: _Frame, classes, settings: FewShotSettings) -> tuple[float, float, dict]:
+    weight = settings.weight if settings.weight is not None else settings.default_weight
+    taper = settings.taper if settings.taper is not None else settings.default_taper
+    if not settings.calibrate or len(frame.planes) < 2 or (settings.weight is not None and settings.taper is not None):
+        return weight, taper, {}
+    scores = _fold_scores(frame, classes, settings)
+    allowed = [(w, t) for (w, t) in scores
+               if (settings.weight is None or w == settings.weight) and (settings.taper is None or t == settings.taper)]
+    best = max(allowed, key=lambda key: (round(scores[key], 4), -abs(key[0] - settings.default_weight)))
+    return best[0], best[1], {f"{w:g}/{t:g}": round(s, 4) for (w, t), s in scores.items()}
+
+
+@dataclass
+class FewShotModel:
+    """What ``finetune`` learns from a painting and ``predict`` applies: the appearance MLP over
+    ``classes`` (class values), the chosen ``weight`` and ``taper``, the calibration scores, the painted
+    planes it was fitted on, and the optional feature network (:mod:`.network_features`)."""
+
+    net: AppearanceNet
+    classes: list
+    weight: float
+    taper: float
+    calibration: dict
+    planes: PaintedPlanes
+    backbone: object | None = None
+    backbone_intensity: object | None = None
+    margin_mm: float = 10.0
+
+
+def _moved(planes: PaintedPlanes, array: np.ndarray) -> np.ndarray:
+    return np.moveaxis(array, planes.main_axis, -1)
+
+
+def _prepare(image: np.ndarray, spacing, painted: np.ndarray, margin_mm: float, backbone=None,
+             backbone_intensity=None) -> tuple[_Frame, PaintedPlanes, tuple]:
+    """The engine's frame for ``painted`` on ``image``: (frame, planes, moved full shape)."""
+    if image.shape != painted.shape:
+        raise MedSSLError(f"painted label {tuple(painted.shape)} and image {tuple(image.shape)} differ in shape")
+    planes = find_painted_planes(painted)
+    spacing = np.asarray(spacing, np.float64)
+    main = planes.main_axis
+    labels_m, image_m = _moved(planes, painted), _moved(planes, image)
+    known_m = _moved(planes, planes.known_mask(painted.shape))
+    spacing_m = np.array([spacing[a] for a in range(3) if a != main] + [spacing[main]])
+    box = _region(labels_m, known_m, spacing_m, margin_mm)
+    roi_labels = np.where(known_m[box], labels_m[box], IGNORE).astype(np.uint8)
+    roi_image = np.ascontiguousarray(image_m[box], dtype=np.float32)
+    features = voxel_features(normalise(roi_image), spacing_m)
+    if backbone is not None:
+        from .network_features import decoder_features
+
+        features = np.concatenate([features, decoder_features(backbone, roi_image, spacing_m, backbone_intensity)])
+    in_roi = [k - box[2].start for k in planes.planes[main] if box[2].start <= k < box[2].stop]
+    return _Frame(roi_labels, known_m[box].copy(), features, spacing_m, in_roi, box), planes, labels_m.shape
+
+
+def _classes_of(frame: _Frame) -> list:
+    return sorted(int(v) for v in np.unique(frame.labels) if 0 < v < IGNORE)
+
+
+def fit_painting(image: np.ndarray, spacing, painted: np.ndarray, settings: FewShotSettings = FewShotSettings(),
+                 previous: FewShotModel | None = None, backbone=None, backbone_intensity=None, log=None,
+                 frame=None) -> FewShotModel:
+    """Learn the appearance of the painted classes and choose weight and taper (see the module docstring).
+
+    image: (X, Y, Z) intensities; spacing: (3,) mm; painted: (X, Y, Z) uint8, 0 background, class values,
+    255 not annotated (painted planes along any axes, :mod:`.planes`). ``previous``: the model of the
+    previous correction round: its MLP is the starting point (a quarter of the steps) and, when it was
+    calibrated, its weight and taper are kept. ``backbone``: a U-Net whose decoder features join the
+    hand-made ones (:mod:`.network_features`).
+    """
+    if previous is not None:
+        backbone, backbone_intensity = previous.backbone, previous.backbone_intensity
+    if frame is None:
+        frame, planes, _ = _prepare(image, spacing, painted, settings.margin_mm, backbone, backbone_intensity)
+    else:
+        planes = find_painted_planes(painted)
+    classes = _classes_of(frame)
+    if log:
+        log(f"painted planes: {planes.describe()}; classes {classes}; region "
+            f"{'x'.join(str(s.stop - s.start) for s in frame.box)} voxels, {frame.features.shape[0]} features")
+    init = previous.net if previous is not None and _compatible(previous.net, frame.features.shape[0], classes,
+                                                                 previous.classes) else None
+    steps = settings.steps if init is None else max(50, settings.steps // 4)
+    net = train_appearance(frame.features, frame.labels, frame.known, classes, frame.spacing, steps=steps,
+                           seed=settings.seed, init=init)
+    if init is not None and previous.calibration and settings.weight is None and settings.taper is None:
+        weight, taper, calibration = previous.weight, previous.taper, previous.calibration
+    else:
+        weight, taper, calibration = _choose(frame, classes, settings)
+    if log:
+        log(f"appearance weight {weight:g}, taper {taper:g} mm/mm" + (" (leave-one-plane-out)" if calibration else ""))
+    return FewShotModel(net, classes, weight, taper, calibration, planes, backbone, backbone_intensity, settings.margin_mm)
+
+
+def apply_painting(model: FewShotModel, image: np.ndarray, spacing, painted: np.ndarray, frame=None) -> FewShotResult:
+    """Segment the whole structure from its painting with a fitted ``model``; see the module docstring."""
+    clock = time.perf_counter()
+    if frame is None:
+        frame, planes, _ = _prepare(image, spacing, painted, model.margin_mm, model.backbone, model.backbone_intensity)
+    else:
+        planes = find_painted_planes(painted)
+    extra = sorted(set(_classes_of(frame)) - set(model.classes))
+    if extra:
+        raise MedSSLError(f"the painting has class value(s) {extra} that the model was not fitted on "
+                          f"(it knows {model.classes}): fine-tune again on this painting")
+    odds_all = log_odds(model.net, frame.features)
+    roi_out, roi_prob = _compose(frame, lambda k: odds_all[..., k], model.weight, model.taper, model.classes)
+    main = planes.main_axis
+    moved_shape = _moved(planes, painted).shape
+    labels = np.zeros(moved_shape, np.uint8)
+    prob = np.ones(moved_shape, np.float32)
+    labels[frame.box], prob[frame.box] = roi_out, roi_prob
+    labels, prob = np.moveaxis(labels, -1, main), np.moveaxis(prob, -1, main)
+    labels = _clean(labels, painted)
+    return FewShotResult(labels, np.ascontiguousarray(prob), planes, model.net, model.classes, model.weight, model.taper,
+                         {"apply": round(time.perf_counter() - clock, 3)}, model.calibration)
+
+
+def segment_painted(image: np.ndarray, spacing, painted: np.ndarray, settings: FewShotSettings = FewShotSettings(),
+                    previous: FewShotModel | None = None, backbone=None, backbone_intensity=None,
+                    log=None) -> tuple[FewShotModel, FewShotResult]:
+    """:func:`fit_painting` then :func:`apply_painting` on one shared frame (features computed once)."""
+    clock = time.perf_counter()
+    if previous is not None:
+        backbone, backbone_intensity = previous.backbone, previous.backbone_intensity
+    frame, _, _ = _prepare(image, spacing, painted, settings.margin_mm, backbone, backbone_intensity)
+    t_features = time.perf_counter() - clock
+    model = fit_painting(image, spacing, painted, settings, previous, backbone, backbone_intensity, log, frame)
+    t_fit = time.perf_counter() - clock - t_features
+    result = apply_painting(model, image, spacing, painted, frame)
+    result.seconds = {"features": round(t_features, 3), "fit": round(t_fit, 3),
+                      "apply": result.seconds["apply"], "total": round(time.perf_counter() - clock, 3)}
+    return model, result
+
+
+def _compatible(net: AppearanceNet, n_features: int, classes, previous_classes) -> bool:
+    return net.mean.numel() == n_features and list(classes) == list(previous_classes)
+
+
+def _clean(labels: np.ndarray, painted: np.ndarray) -> np.ndarray:
+    """Painted voxels keep their values; per class, only components touching its painted voxels stay."""
+    from ..infer.postprocess import keep_connected_to_annotation
+
+    return keep_connected_to_annotation(labels, painted)
