@@ -17,6 +17,7 @@ The method may replace model.json fields through :meth:`~MedSSL.methods.base.SSL
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,13 +146,24 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, ctx.rank, loop.step])
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + ctx.rank * 7919 + loop.step)
-    next_batch = method.batch_source(data, config.batch_size, rng, device)
-    if config.workers > 0:
-        next_batch = Prefetcher(next_batch, workers=config.workers)
+    saved = loop.extra_state.get("random", {}).get(str(ctx.rank))
+    if saved:  # continue the random streams where the checkpoint left them: a resumed run = an uninterrupted one
+        rng.bit_generator.state = json.loads(saved["batches"])
+        generator.set_state(saved["transforms"].cpu())
+    draw = method.batch_source(data, config.batch_size, rng, device)
+
+    def draw_with_state():  # the batch-stream state after this batch (the loader may run ahead of the steps)
+        batch = draw()
+        return batch, json.dumps(rng.bit_generator.state)
+
+    next_batch = Prefetcher(draw_with_state, workers=config.workers) if config.workers > 0 else draw_with_state
     val_batches = method.validation_batches(data, config.batch_size, device)
 
     def step_fn(step):
-        loss, parts = wrapped(prepare_batch(next_batch(), channels_last), generator)
+        batch, batch_state = next_batch()
+        loss, parts = wrapped(prepare_batch(batch, channels_last), generator)
+        # what the next checkpoint saves (the streams as a run continuing after this step would find them)
+        loop.extra_state["random"] = {str(ctx.rank): {"batches": batch_state, "transforms": generator.get_state()}}
         return loss, {**parts, "batch": config.batch_size}
 
     def validate_fn():
