@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 
@@ -17,8 +18,14 @@ class Prefetcher:
     """Calls ``next_batch`` in ``workers`` threads, keeping up to ``depth`` batches ready.
 
     ``prefetcher()`` returns the next batch; an exception raised by ``next_batch`` is raised there.
-    ``close()`` stops the threads (they are daemons, so an abandoned prefetcher does not block exit).
+    ``close()`` stops the threads and waits for them: a worker still inside ``next_batch`` (torch ops and
+    image reads run in C++ without the GIL) when the interpreter exits is destroyed under the C++ runtime's
+    feet, which aborts the process ("terminate called without an active exception", exit status 134) after
+    the bundle was written. The threads are daemons only so that an abandoned prefetcher cannot hang exit.
     """
+
+    JOIN_TIMEOUT_S = 120.0
+    """Longest wait in ``close()`` for a worker to finish the batch it is drawing."""
 
     def __init__(self, next_batch: Callable[[], Any], workers: int = 1, depth: int = 2):
         self._next = next_batch
@@ -54,4 +61,24 @@ class Prefetcher:
         return value
 
     def close(self) -> None:
+        """Stop the workers and join them (each finishes the batch it is drawing, then exits)."""
         self._stop.set()
+        deadline = time.monotonic() + self.JOIN_TIMEOUT_S
+        for thread in self._threads:
+            while thread.is_alive() and time.monotonic() < deadline:
+                self._drain()  # a worker waiting to put its batch also sees the stop flag within 0.1 s
+                thread.join(timeout=0.1)
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
