@@ -51,25 +51,66 @@ def loop_config(args, default_steps: int) -> LoopConfig:
                       checkpoint_every=args.checkpoint_every, amp=not args.no_amp)
 
 
-def watch_parent(pid: int, interval: float = 2.0) -> None:
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie, dead but not yet reaped, counts as gone).
+
+    Portable: on Windows ``os.kill(pid, 0)`` does not test existence (signal 0 is CTRL_C_EVENT there), so
+    the process is opened and waited on with a zero timeout instead.
+    """
+    import os
+    import sys
+
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        synchronize, query_limited = 0x00100000, 0x1000
+        handle = kernel32.OpenProcess(synchronize | query_limited, False, int(pid))
+        if not handle:
+            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists, owned by someone else
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) succeeded
+
+
+def watch_parent(pid: int, interval: float = 2.0, exists=process_exists) -> None:
     """Exit this process (status 3) once process ``pid`` is gone.
 
     The Slicer modules start jobs in their own process group so Cancel can end the whole tree; this
-    watchdog makes sure a job does not outlive a Slicer that crashed or was killed.
+    watchdog makes sure a job does not outlive a Slicer that crashed or was killed (and keep its GPU). A
+    check that fails unexpectedly is retried at the next interval: the watchdog thread never dies.
     """
     import os
     import threading
     import time
 
+    direct_child = os.getppid() == pid  # POSIX: a child whose parent dies is re-parented
+
+    def gone() -> bool:
+        if direct_child and os.name != "nt" and os.getppid() != pid:
+            return True
+        return not exists(pid)
+
     def watch():
         while True:
             time.sleep(interval)
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(3)
-            except PermissionError:
-                pass  # exists, owned by someone else
+                if gone():
+                    os._exit(3)
+            except Exception:  # noqa: BLE001 - keep watching
+                continue
 
     threading.Thread(target=watch, name="medssl-parent-watchdog", daemon=True).start()
 
