@@ -214,11 +214,13 @@ def segmentationFromLabelmap(array, ijkToRas, classes, referenceVolume, name, sc
     classes = dict(sorted(classes.items()))
     segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", uniqueName(scene, name))
     segmentationNode.CreateDefaultDisplayNodes()
+    # Under the volume's parent transform first: Slicer transforms the reference geometry into the
+    # segmentation's coordinate frame when it is set, so setting it before would leave it transformed.
+    placeLike(segmentationNode, referenceVolume)
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
     if present:
         _importLabels(segmentationNode, array, ijkToRas, referenceVolume, max(present))
     _nameAndOrderSegments(segmentationNode.GetSegmentation(), classes)
-    placeLike(segmentationNode, referenceVolume)
     return segmentationNode
 
 
@@ -231,6 +233,7 @@ def _importLabels(segmentationNode, array, ijkToRas, referenceVolume, maxValue) 
     with temporaryNodes(scene):
         labelmap = addVolumeFromArray(array, ijkToRas, "MedSSL temporary labels", "vtkMRMLLabelMapVolumeNode",
                                       scene, referenceVolume)
+        labelmap.SetAndObserveTransformNodeID(referenceVolume.GetTransformNodeID())  # same local frame
         colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", uniqueName(scene, "MedSSL temporary colors"))
         colors.SetTypeToUser()
         colors.SetNumberOfColors(maxValue + 1)

@@ -145,8 +145,9 @@ class MedSSLTrainerLogic(BackendRunner):
 
     def suggestSlices(self, volumeNode, modelDir, count=5, blocking=True, onEvent=None, segmentationNode=None,
                       sliceAxis=SLICE_AXIS_K):
-        """Slices worth annotating next, best first: [{"axis", "index", "score", "center_mm" (LPS),
-        "center_ras" (mm)}] (axis: ITK index axis, 2 = k). With ``segmentationNode`` (the current painting)
+        """Slices worth annotating next, best first: [{"axis", "index", "score", "center_mm" (LPS, the
+        volume's own frame), "center_ras" (world RAS, mm, through the volume's parent transforms)}] (axis:
+        ITK index axis, 2 = k). With ``segmentationNode`` (the current painting)
         its annotated slices are not suggested again."""
         self.checkVolume(volumeNode)
         jobDir = self.newJobDirectory("suggest")
@@ -159,7 +160,7 @@ class MedSSLTrainerLogic(BackendRunner):
         if labels is not None:
             label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, "label.nrrd"))
             args += ["--label", label]
-        return self.run(jobDir, [self.command("suggest", *args)], lambda job: _readSuggestions(out, job),
+        return self.run(jobDir, [self.command("suggest", *args)], lambda job: _readSuggestions(out, job, volumeNode),
                         blocking, onEvent, [inputs])
 
     @staticmethod
@@ -217,9 +218,9 @@ def _bundleOf(job, default) -> str:
     return default
 
 
-def _readSuggestions(path, job) -> list[dict]:
+def _readSuggestions(path, job, volumeNode=None) -> list[dict]:
     """Suggestions from the backend's JSON file (or, failing that, its stdout), each with ``center_ras``
-    (mm) added."""
+    (world RAS, mm: through the volume's parent transforms, where the slice views jump) added."""
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             answer = json.load(handle)
@@ -228,5 +229,9 @@ def _readSuggestions(path, job) -> list[dict]:
     slices = list(answer.get("slices", []))
     for item in slices:
         if item.get("center_mm") is not None:
-            item["center_ras"] = [float(v) for v in geometry.lpsToRas(item["center_mm"])]
+            local = [float(v) for v in geometry.lpsToRas(item["center_mm"])]
+            world = list(local)
+            if volumeNode is not None and volumeNode.GetParentTransformNode() is not None:
+                volumeNode.TransformPointToWorld(local, world)
+            item["center_ras"] = [float(v) for v in world]
     return slices

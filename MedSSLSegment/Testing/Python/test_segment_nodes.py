@@ -118,3 +118,53 @@ def test_loss_curve_nodes(scene):
     assert curve.chart.GetPlotSeriesNodeID() == curve.series.GetID()
     curve.remove()
     assert scene.GetNumberOfNodes() == count
+
+
+def rotatedTransform(scene):
+    """A non-identity linear transform node (rotation about S and a shift)."""
+    import vtk
+
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    matrix = vtk.vtkMatrix4x4()
+    angle = 0.4
+    for r, row in enumerate([[np.cos(angle), -np.sin(angle), 0, 25.0], [np.sin(angle), np.cos(angle), 0, -12.0],
+                             [0, 0, 1, 7.5]]):
+        for c, value in enumerate(row):
+            matrix.SetElement(r, c, value)
+    transform.SetMatrixTransformToParent(matrix)
+    return transform, matrix
+
+
+def test_segmentation_of_a_volume_under_a_transform_lines_up(scene):
+    """Issue 11 item 6: the segmentation's reference geometry is the volume's own (local) grid once the
+    segmentation sits under the volume's transform, and the labels come back voxel for voxel."""
+    from MedSSLSegmentLib import nodes
+    import slicer
+
+    volume = addVolume(scene, phantom(), name="ct")
+    transform, _matrix = rotatedTransform(scene)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    labels = np.zeros(phantom().shape, np.uint8)
+    labels[1:3, 2:5, 3:6] = 1
+    labels[4, 6:8, 7:9] = 2
+    segmentation = nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), CLASSES, volume, "pred")
+    assert segmentation.GetTransformNodeID() == transform.GetID()
+    geometry = segmentation.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    expected = slicer.vtkSegmentationConverter.SerializeImageGeometry(_volumeGeometry(volume))
+    assert geometry == expected
+    back, _info = nodes.segmentsLabelmap(segmentation, volume)
+    assert np.array_equal(back, labels)
+
+
+def _volumeGeometry(volume):
+    """An oriented image data with the volume's local grid (what SerializeImageGeometry takes)."""
+    import slicer
+    import vtk
+
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(volume.GetImageData().GetExtent())
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    return image

@@ -97,6 +97,31 @@ def test_suggest_slices_in_ras(logic, scene, tmp_path):
         np.testing.assert_allclose(item["center_ras"], geometry.indexToRas(nodes.ijkToRasArray(volume), center), atol=1e-6)
 
 
+def test_suggested_slice_centres_are_world_ras_under_a_transform(logic, scene, tmp_path):
+    """Issue 11 item 6: a volume under a non-identity linear transform; jumping to a suggestion must land
+    on the slice where the volume is shown, i.e. its centre through the transform."""
+    import vtk
+
+    from MedSSLSegmentLib import geometry, nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    rotation = [[0.0, -1.0, 0.0, 30.0], [1.0, 0.0, 0.0, -10.0], [0.0, 0.0, 1.0, 5.0]]
+    for r, row in enumerate(rotation):
+        for c, value in enumerate(row):
+            matrix.SetElement(r, c, value)
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    model = tmp_path / "m"
+    model.mkdir()
+    slices = logic.suggestSlices(volume, str(model), count=2)
+    for item in slices:
+        local = geometry.indexToRas(nodes.ijkToRasArray(volume), geometry.sliceCenterIndex(phantom().shape, 2, item["index"]))
+        world = np.array(rotation)[:, :3] @ np.asarray(local) + np.array(rotation)[:, 3]
+        np.testing.assert_allclose(item["center_ras"], world, atol=1e-6)
+
+
 def test_methods_from_backend(logic):
     assert [m["name"] for m in logic.availableMethods()] == ["genesis", "fake", "ark"]
 
