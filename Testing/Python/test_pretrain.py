@@ -16,6 +16,7 @@ from MedSSL.bundle import load_bundle, read_meta
 from MedSSL.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
+from MedSSL.train.loop import TrainingLoop
 from MedSSL.train.runtime import OutputLock
 from medssl_testing import official_checkpoint
 
@@ -85,11 +86,44 @@ def test_a_second_run_on_the_same_output_is_refused(volumes, tmp_path, capsys):
     assert not (out / "model.json").exists()
 
 
-def test_init_from_official_checkpoint(volumes, tmp_path):
-    official_checkpoint(tmp_path / "Genesis_Chest_CT.pt", width=4)
+def _record_initial_state(monkeypatch):
+    """The method's state when training starts (after --init), captured from the training loop."""
+    seen = {}
+    real = TrainingLoop.run
+
+    def run(self, *args, **kwargs):
+        seen.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingLoop, "run", run)
+    return seen
+
+
+def test_init_from_official_checkpoint(volumes, tmp_path, monkeypatch):
+    official = official_checkpoint(tmp_path / "Genesis_Chest_CT.pt", width=4, seed=5)
+    seen = _record_initial_state(monkeypatch)
     out = tmp_path / "from_pt"
     assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--init", str(tmp_path / "Genesis_Chest_CT.pt"), "--progress", "none")) == 0
     assert read_meta(out)["training"]["init"] == {"source": "official-pt", "width": 4}
+    # every U-Net tensor (weights and BatchNorm statistics) starts as the file's, 'module.' prefix removed
+    for key, value in official.items():
+        assert torch.equal(seen["backbone." + key[len("module."):]], value), key
+
+
+def test_init_from_a_bundle_starts_from_its_weights(volumes, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    assert main(pretrain_args(volumes, first, tmp_path / "cache", "--steps", "2", "--progress", "none")) == 0
+    _, state = load_bundle(first)
+    seen = _record_initial_state(monkeypatch)
+    out = tmp_path / "second"
+    assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--init", str(first), "--progress", "none")) == 0
+    assert read_meta(out)["training"]["init"]["source"] == "bundle"
+    backbone = [k for k in state if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(seen[k], state[k]) for k in backbone)
+    # the same seed without --init starts elsewhere
+    fresh = _record_initial_state(monkeypatch)
+    assert main(pretrain_args(volumes, tmp_path / "third", tmp_path / "cache", "--steps", "1", "--progress", "none")) == 0
+    assert not torch.equal(fresh["backbone.down_tr64.ops.0.conv1.weight"], state["backbone.down_tr64.ops.0.conv1.weight"])
 
 
 def _run_cli(args, **kw):
@@ -119,15 +153,45 @@ def test_sigkill_then_resume_finishes_from_the_last_checkpoint(volumes, tmp_path
     assert read_meta(out)["training"]["steps"] == saved + 4
 
 
+RANK_WEIGHTS = """
+import sys, torch
+from MedSSL.train.loop import TrainingLoop
+real = TrainingLoop.run
+def run(self, *args, **kwargs):
+    result = real(self, *args, **kwargs)
+    torch.save({k: p.detach().cpu() for k, p in self.model.named_parameters()}, sys.argv[1] + f".rank{self.ctx.rank}.pt")
+    return result
+TrainingLoop.run = run
+from MedSSL.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_torchrun_two_cpu_processes(volumes, tmp_path):
+    """Two ranks end with identical parameters (gradients are averaged; ranks that trained on their own shards
+    without syncing differ, they even start from different seeds), and the result differs from one process."""
     out = tmp_path / "ddp"
+    script = tmp_path / "rank_weights.py"
+    script.write_text(RANK_WEIGHTS)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "MedSSL",
-           *pretrain_args(volumes, out, tmp_path / "cache", "--steps", "4", "--device", "cpu", "--progress", "none")]
+    args = pretrain_args(volumes, out, tmp_path / "cache", "--steps", "4", "--device", "cpu", "--progress", "none")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "ddp"), *args]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-8000:]  # the rank's own message comes before torchrun's summary
     meta = read_meta(out)
     assert meta["world_size"] == 2 and meta["training"]["steps"] == 4
+    rank0 = torch.load(tmp_path / "ddp.rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "ddp.rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single"),
+                             *pretrain_args(volumes, tmp_path / "one", tmp_path / "cache", "--steps", "4", "--device",
+                                            "cpu", "--progress", "none")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+    alone = torch.load(tmp_path / "single.rank0.pt", weights_only=True)
+    key = "backbone.down_tr64.ops.0.conv1.weight"
+    assert not torch.equal(alone[key], rank0[key])
 
 
 def test_a_time_only_budget_warms_up_and_decays_within_the_time(volumes, tmp_path):
