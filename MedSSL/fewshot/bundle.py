@@ -24,7 +24,7 @@ import torch
 from ..bundle import load_bundle, save_bundle
 from ..errors import MedSSLError
 from .appearance import SCALES_MM, AppearanceNet
-from .engine import FewShotModel
+from .engine import TREND, FewShotModel
 from .planes import AXIS_NAMES, PaintedPlanes
 
 TASK = "fewshot"
@@ -70,7 +70,8 @@ def load_fewshot_bundle(path, what: str = "--model") -> tuple[FewShotModel, dict
         net.load_state_dict({k[len("appearance."):]: v for k, v in state.items() if k.startswith("appearance.")})
         planes = PaintedPlanes(tuple(tuple(int(v) for v in info["painted_planes"].get(n, [])) for n in AXIS_NAMES))
         classes = [int(v) for v in info["class_values"]]
-        weight, taper = float(info["weight"]), float(info["taper"])
+        weight = float(info["weight"])
+        taper = info["taper"] if info["taper"] == TREND else float(info["taper"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise MedSSLError(f"{what} {path}: broken few-shot bundle ({exc.__class__.__name__}: {str(exc)[:80]})") from None
     backbone = intensity = None

@@ -37,10 +37,15 @@ from .planes import IGNORE, PaintedPlanes, find_painted_planes
 from .shape import FAR, blend, carry, class_distances, keep_overlapping
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
-TAPERS = (0.1, 0.3, 0.6, 1.0)
+#: taper mode: follow the painted shapes' size trend (two or more painted planes)
+TREND = "trend"
+#: the least a carried shape shrinks in trend mode, mm per mm travelled
+MIN_TAPER = 0.1
 TAU0_MM = 1.0
 TAU1 = 0.15
 MAX_FOLDS = 6
+#: regions larger than this get their appearance features on a coarser in-plane grid (speed, memory)
+MAX_FEATURE_VOXELS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class FewShotSettings:
     around the painting; seed: the MLP's seed."""
 
     weight: float | None = None
-    taper: float | None = None
+    taper: float | str | None = None
     default_weight: float = 1.0
     default_taper: float = 0.3
     steps: int = 300
@@ -71,7 +76,7 @@ class FewShotResult:
     model: AppearanceNet
     classes: list
     weight: float
-    taper: float
+    taper: object
     seconds: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
 
@@ -86,6 +91,26 @@ class _Frame:
     spacing: np.ndarray     # (3,) mm
     planes: list            # main-axis painted slice indices in the region
     box: tuple              # slices of the region in the moved full volume
+    factor: int = 1         # features are on every factor-th voxel in X and Y (large regions)
+
+    def train(self, classes, known=None, **kwargs) -> AppearanceNet:
+        """The appearance MLP trained on the painted voxels (``known``: default the frame's) at feature resolution."""
+        f = self.factor
+        known = self.known if known is None else known
+        return train_appearance(self.features, self.labels[::f, ::f], known[::f, ::f], classes,
+                                self.spacing * np.array([f, f, 1]), **kwargs)
+
+    def odds(self, net: AppearanceNet, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """(C, X, Y, hi - lo) log-odds of Z slices lo..hi-1 at full resolution (bilinear from the feature grid)."""
+        hi = self.labels.shape[2] if hi is None else hi
+        odds = log_odds(net, self.features[..., lo:hi])
+        if self.factor == 1:
+            return odds
+        import torch
+
+        full = torch.nn.functional.interpolate(torch.from_numpy(odds).permute(3, 0, 1, 2),
+                                               size=self.labels.shape[:2], mode="bilinear", align_corners=True)
+        return full.permute(1, 2, 3, 0).numpy()
 
 
 def _region(labels: np.ndarray, known: np.ndarray, spacing: np.ndarray, margin_mm: float) -> tuple:
@@ -115,19 +140,70 @@ def _tau(distance_mm: float) -> float:
     return TAU0_MM + TAU1 * distance_mm
 
 
-def _walk(start: np.ndarray, slices, odds, weight, taper, classes, sampling, dz) -> list:
+def _walk(start: np.ndarray, slices, odds, weight, shrink, classes, sampling, dz) -> list:
     """Carry ``start`` (X, Y labels of a painted plane) through ``slices`` (indices moving away from it),
-    using ``odds(k)`` -> (C, X, Y); returns [(k, labels, prob)] up to the first empty slice."""
-    out, previous = [], start
+    using ``odds(k)`` -> (C, X, Y) and ``shrink(k_from, k_to)`` -> (C,) mm; returns [(k, labels, prob)]
+    up to the first empty slice."""
+    out, previous, k_prev = [], start, None
     for step, k in enumerate(slices, start=1):
-        d = carry(previous, classes, sampling, taper * dz)
+        k_from = k - 1 if k > (k_prev if k_prev is not None else k - 1) else k + 1
+        d = carry(previous, classes, sampling, shrink(k_from, k))
         labels, prob = _decide(d, _tau(step * dz), odds(k), weight, classes)
         labels = keep_overlapping(labels, previous, classes)
         out.append((k, labels, prob))
+        k_prev = k
         if not labels.any():
             break
         previous = labels
     return out
+
+
+def radius_trend(frame: _Frame, classes, planes) -> list:
+    """Per class, the squared equivalent radius r^2(z) (mm^2, z in mm along Z) fitted to the painted planes.
+
+    r = sqrt(area / pi) on each painted plane (0 where the class is absent: a painted plane without it
+    says the structure has ended). Two planes: a line; three or more: a parabola (an ellipsoid's r^2 is
+    exactly one), or a line where the parabola opens upwards. None with one plane (no trend).
+    """
+    if len(planes) < 2:
+        return [None] * len(classes)
+    z = np.asarray(planes, np.float64) * float(frame.spacing[2])
+    pixel = float(frame.spacing[0] * frame.spacing[1])
+    fits = []
+    for c in classes:
+        r2 = np.array([(_painted(frame, k) == c).sum() * pixel / np.pi for k in planes])
+        fit = np.poly1d(np.polyfit(z, r2, 2)) if len(planes) >= 3 else None
+        if fit is None or fit.coeffs[0] > 0:
+            fit = np.poly1d(np.polyfit(z, r2, 1))
+        fits.append(fit)
+    return fits
+
+
+def _shrink_fn(frame: _Frame, classes, taper, planes=None, fallback: float = 0.3):
+    """(k_from, k_to) -> (C,) mm that each class' carried shape shrinks by from slice k_from to k_to.
+
+    ``taper`` a number: that many mm per mm travelled; "trend" (``planes``, default the frame's, two or
+    more; else ``fallback``): the decrease of the fitted equivalent
+    radius (:func:`radius_trend`), at least MIN_TAPER mm per mm, and the whole shape once r^2 <= 0.
+    """
+    dz = float(frame.spacing[2])
+    planes = frame.planes if planes is None else planes
+    if taper == TREND and len(planes) < 2:
+        taper = fallback
+    if taper != TREND:
+        fixed = np.full(len(classes), float(taper) * dz, np.float32)
+        return lambda k_from, k_to: fixed
+    fits = radius_trend(frame, classes, planes)
+
+    def shrink(k_from: int, k_to: int) -> np.ndarray:
+        out = np.empty(len(classes), np.float32)
+        for i, fit in enumerate(fits):
+            r_from = np.sqrt(max(fit(k_from * dz), 0.0))
+            r2_to = fit(k_to * dz)
+            out[i] = FAR if r2_to <= 0 else max(MIN_TAPER * dz, r_from - np.sqrt(r2_to))
+        return out
+
+    return shrink
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, classes) -> float:
@@ -146,8 +222,9 @@ def _painted(frame: _Frame, k: int) -> np.ndarray:
     return plane
 
 
-def _compose(frame: _Frame, odds, weight: float, taper: float, classes) -> tuple[np.ndarray, np.ndarray]:
+def _compose(frame: _Frame, odds, weight: float, taper, classes) -> tuple[np.ndarray, np.ndarray]:
     """Labels and probabilities of the whole region for one (weight, taper)."""
+    shrink = _shrink_fn(frame, classes, taper)
     shape = frame.labels.shape
     sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
     out = np.zeros(shape, np.uint8)
@@ -162,26 +239,30 @@ def _compose(frame: _Frame, odds, weight: float, taper: float, classes) -> tuple
             d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
             out[..., k], prob[..., k] = _decide(d, _tau(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
     for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
-        for k, labels, p in _walk(out[..., start], slices, odds, weight, taper, classes, sampling, dz):
+        for k, labels, p in _walk(out[..., start], slices, odds, weight, shrink, classes, sampling, dz):
             out[..., k], prob[..., k] = labels, p
     return out, prob
 
 
 def _fold_scores(frame: _Frame, classes, settings: FewShotSettings) -> dict:
-    """Mean Dice on held-out painted planes for every (weight, taper) of the grid."""
+    """Mean Dice on held-out painted planes for every appearance weight of the grid.
+
+    An inner plane is predicted from its two neighbours; an end plane by walking from the next plane
+    with the size trend of the other planes; each fold's appearance model is trained without the held-out
+    plane (a third of the steps).
+    """
     planes = frame.planes
     sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
     held = planes if len(planes) <= MAX_FOLDS else [planes[int(round(i))] for i in np.linspace(0, len(planes) - 1, MAX_FOLDS)]
-    scores = {(w, t): [] for w in WEIGHTS for t in TAPERS}
+    scores = {w: [] for w in WEIGHTS}
     for index in [planes.index(k) for k in held]:
         k = planes[index]
         known = frame.known.copy()
         known[..., k] = False
-        net = train_appearance(frame.features, frame.labels, known, classes, frame.spacing,
-                               steps=max(50, settings.steps // 3), seed=settings.seed + 1 + index)
+        net = frame.train(classes, known, steps=max(50, settings.steps // 3), seed=settings.seed + 1 + index)
         lo = planes[index - 1] if index > 0 else k
         hi = planes[index + 1] if index + 1 < len(planes) else k
-        slab = log_odds(net, frame.features[..., lo:hi + 1])
+        slab = frame.odds(net, lo, hi + 1)
         odds = lambda j: slab[..., j - lo]  # noqa: E731
         truth = _painted(frame, k)
         if 0 < index < len(planes) - 1:
@@ -189,29 +270,28 @@ def _fold_scores(frame: _Frame, classes, settings: FewShotSettings) -> dict:
                       class_distances(_painted(frame, hi), classes, sampling), (k - lo) / (hi - lo))
             for w in WEIGHTS:
                 pred, _ = _decide(d, _tau(min(k - lo, hi - k) * dz), odds(k), w, classes)
-                for t in TAPERS:
-                    scores[(w, t)].append(_dice(pred, truth, classes))
+                scores[w].append(_dice(pred, truth, classes))
             continue
         start = hi if index == 0 else lo
         slices = range(start - 1, k - 1, -1) if index == 0 else range(start + 1, k + 1)
+        taper = settings.taper if settings.taper is not None else TREND
+        shrink = _shrink_fn(frame, classes, taper, [p for p in planes if p != k], settings.default_taper)
         for w in WEIGHTS:
-            for t in TAPERS:
-                walked = _walk(_painted(frame, start), slices, odds, w, t, classes, sampling, dz)
-                pred = walked[-1][1] if walked and walked[-1][0] == k else np.zeros_like(truth)
-                scores[(w, t)].append(_dice(pred, truth, classes))
-    return {key: float(np.mean(v)) for key, v in scores.items()}
+            walked = _walk(_painted(frame, start), slices, odds, w, shrink, classes, sampling, dz)
+            pred = walked[-1][1] if walked and walked[-1][0] == k else np.zeros_like(truth)
+            scores[w].append(_dice(pred, truth, classes))
+    return {w: float(np.mean(v)) for w, v in scores.items()}
 
 
-def _choose(frame: _Frame, classes, settings: FewShotSettings) -> tuple[float, float, dict]:
-    weight = settings.weight if settings.weight is not None else settings.default_weight
-    taper = settings.taper if settings.taper is not None else settings.default_taper
-    if not settings.calibrate or len(frame.planes) < 2 or (settings.weight is not None and settings.taper is not None):
-        return weight, taper, {}
+def _choose(frame: _Frame, classes, settings: FewShotSettings) -> tuple[float, object, dict]:
+    """(weight, taper, calibration scores): taper "trend" with two or more painted planes, else the
+    default; weight by :func:`_fold_scores` (ties: the one nearest the default)."""
+    taper = settings.taper if settings.taper is not None else (TREND if len(frame.planes) >= 2 else settings.default_taper)
+    if settings.weight is not None or not settings.calibrate or len(frame.planes) < 2:
+        return (settings.weight if settings.weight is not None else settings.default_weight), taper, {}
     scores = _fold_scores(frame, classes, settings)
-    allowed = [(w, t) for (w, t) in scores
-               if (settings.weight is None or w == settings.weight) and (settings.taper is None or t == settings.taper)]
-    best = max(allowed, key=lambda key: (round(scores[key], 4), -abs(key[0] - settings.default_weight)))
-    return best[0], best[1], {f"{w:g}/{t:g}": round(s, 4) for (w, t), s in scores.items()}
+    best = max(scores, key=lambda w: (round(scores[w], 3), -abs(w - settings.default_weight)))
+    return best, taper, {f"{w:g}": round(v, 4) for w, v in scores.items()}
 
 
 @dataclass
@@ -223,7 +303,7 @@ class FewShotModel:
     net: AppearanceNet
     classes: list
     weight: float
-    taper: float
+    taper: object
     calibration: dict
     planes: PaintedPlanes
     backbone: object | None = None
@@ -249,13 +329,24 @@ def _prepare(image: np.ndarray, spacing, painted: np.ndarray, margin_mm: float, 
     box = _region(labels_m, known_m, spacing_m, margin_mm)
     roi_labels = np.where(known_m[box], labels_m[box], IGNORE).astype(np.uint8)
     roi_image = np.ascontiguousarray(image_m[box], dtype=np.float32)
-    features = voxel_features(normalise(roi_image), spacing_m)
+    factor = int(np.ceil(np.sqrt(roi_image.size / MAX_FEATURE_VOXELS))) if roi_image.size > MAX_FEATURE_VOXELS else 1
+    coarse = _coarse(roi_image, factor)
+    features = voxel_features(normalise(coarse), spacing_m * np.array([factor, factor, 1]))
     if backbone is not None:
         from .network_features import decoder_features
 
-        features = np.concatenate([features, decoder_features(backbone, roi_image, spacing_m, backbone_intensity)])
+        features = np.concatenate([features, decoder_features(backbone, coarse, spacing_m * np.array([factor, factor, 1]),
+                                                              backbone_intensity)])
     in_roi = [k - box[2].start for k in planes.planes[main] if box[2].start <= k < box[2].stop]
-    return _Frame(roi_labels, known_m[box].copy(), features, spacing_m, in_roi, box), planes, labels_m.shape
+    return _Frame(roi_labels, known_m[box].copy(), features, spacing_m, in_roi, box, factor), planes, labels_m.shape
+
+
+def _coarse(image: np.ndarray, factor: int) -> np.ndarray:
+    """Every ``factor``-th voxel in X and Y after an anti-aliasing blur (sigma factor / 2 voxels); Z kept."""
+    if factor == 1:
+        return image
+    smooth = ndimage.gaussian_filter(image, (factor / 2.0, factor / 2.0, 0.0), mode="nearest")
+    return np.ascontiguousarray(smooth[::factor, ::factor])
 
 
 def _classes_of(frame: _Frame) -> list:
@@ -286,14 +377,13 @@ def fit_painting(image: np.ndarray, spacing, painted: np.ndarray, settings: FewS
     init = previous.net if previous is not None and _compatible(previous.net, frame.features.shape[0], classes,
                                                                  previous.classes) else None
     steps = settings.steps if init is None else max(50, settings.steps // 4)
-    net = train_appearance(frame.features, frame.labels, frame.known, classes, frame.spacing, steps=steps,
-                           seed=settings.seed, init=init)
+    net = frame.train(classes, steps=steps, seed=settings.seed, init=init)
     if init is not None and previous.calibration and settings.weight is None and settings.taper is None:
         weight, taper, calibration = previous.weight, previous.taper, previous.calibration
     else:
         weight, taper, calibration = _choose(frame, classes, settings)
     if log:
-        log(f"appearance weight {weight:g}, taper {taper:g} mm/mm" + (" (leave-one-plane-out)" if calibration else ""))
+        log(f"appearance weight {weight:g}, taper {taper}" + (" (leave-one-plane-out)" if calibration else ""))
     return FewShotModel(net, classes, weight, taper, calibration, planes, backbone, backbone_intensity, settings.margin_mm)
 
 
@@ -308,7 +398,7 @@ def apply_painting(model: FewShotModel, image: np.ndarray, spacing, painted: np.
     if extra:
         raise MedSSLError(f"the painting has class value(s) {extra} that the model was not fitted on "
                           f"(it knows {model.classes}): fine-tune again on this painting")
-    odds_all = log_odds(model.net, frame.features)
+    odds_all = frame.odds(model.net)
     roi_out, roi_prob = _compose(frame, lambda k: odds_all[..., k], model.weight, model.taper, model.classes)
     main = planes.main_axis
     moved_shape = _moved(planes, painted).shape

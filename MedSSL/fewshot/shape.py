@@ -50,9 +50,11 @@ def blend(d0: np.ndarray, d1: np.ndarray, t: float) -> np.ndarray:
     return (1.0 - t) * d0 + t * d1
 
 
-def carry(previous: np.ndarray, classes, sampling, shrink_mm: float) -> np.ndarray:
-    """(X, Y) labels of the previous slice -> (C, X, Y) distances for the next one, shrunk by ``shrink_mm``."""
-    return class_distances(previous, classes, sampling) + np.float32(shrink_mm)
+def carry(previous: np.ndarray, classes, sampling, shrink_mm) -> np.ndarray:
+    """(X, Y) labels of the previous slice -> (C, X, Y) distances for the next one, each class shrunk by
+    ``shrink_mm`` (a number or (C,) mm)."""
+    shrink = np.broadcast_to(np.asarray(shrink_mm, np.float32), (len(classes),))
+    return class_distances(previous, classes, sampling) + shrink[:, None, None]
 
 
 def keep_overlapping(labels: np.ndarray, previous: np.ndarray, classes) -> np.ndarray:
