@@ -125,6 +125,7 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lossCurve = None
         self._suggestions = []
         self._cpuConfirmed = False
+        self._chartShown = False
 
     # ------------------------------------------------------------------ setup and parameter node
 
@@ -352,9 +353,18 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateButtons()
 
-    def _newLossCurve(self, title):
-        self._lossCurve = LossCurve(title)
-        gui.showChart(self._lossCurve.chart)
+    def _lossCurveFor(self, title):
+        """The module's one loss chart, emptied for a new job (created on first use, or again after a cancel
+        or scene close removed it). The layout switches to show a chart only when it is new: later jobs must
+        not take the views away from painting (Show chart brings it back)."""
+        if self._lossCurve is not None and self._lossCurve.inScene():
+            self._lossCurve.reset(title)
+        else:
+            self._lossCurve = LossCurve(title)
+            self._chartShown = False
+        if not self._chartShown:
+            gui.showChart(self._lossCurve.chart)
+            self._chartShown = True
 
     def _onEvent(self, event):
         """Job event handler (main thread): progress events feed the loss chart."""
@@ -385,7 +395,6 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            maxTime=maxTime, blocking=False, onEvent=self._onEvent)
             if self._methodTakesDatasets():
                 ui.datasetsSpecPathLineEdit.addCurrentPathToHistory()
-                self._newLossCurve(_("Pretraining"))
                 job = self.logic.pretrainOnDatasets(ui.datasetsSpecPathLineEdit.currentPath, **options)
             else:
                 if ui.useDataFolderCheckBox.checked:
@@ -393,8 +402,8 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     ui.dataFolderPathLineEdit.addCurrentPathToHistory()
                 else:
                     data = list(ui.pretrainVolumesSelector.checkedNodes())
-                self._newLossCurve(_("Pretraining"))
                 job = self.logic.pretrain(data, **options)
+            self._lossCurveFor(_("Pretraining"))  # only once the job started: a failed start adds no node
             self._start(job, ui.pretrainButton, _("Pretraining"), self.onPretrainEnded)
 
     def onPretrainEnded(self, job):
@@ -420,9 +429,9 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui = self.ui
             volume = ui.fewShotVolumeSelector.currentNode()
             steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
-            self._newLossCurve(_("Fine-tuning"))
             job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
                                       steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
+            self._lossCurveFor(_("Fine-tuning"))
             self._start(job, ui.fineTuneButton, _("Fine-tuning"), lambda j, v=volume: self.onFineTuneEnded(j, v))
 
     def onFineTuneEnded(self, job, volume):
@@ -445,7 +454,8 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Suggesting slices failed."), waitCursor=True):
             self._prepareRun()
             job = self.logic.suggestSlices(self.ui.fewShotVolumeSelector.currentNode(),
-                                           self.ui.modelPathLineEdit.currentPath, count=5, blocking=False)
+                                           self.ui.modelPathLineEdit.currentPath, count=5, blocking=False,
+                                           segmentationNode=self.ui.fewShotSegmentationSelector.currentNode())
             self._start(job, self.ui.suggestButton, _("Suggesting slices"), self.onSuggestEnded)
 
     def onSuggestEnded(self, job):

@@ -18,8 +18,9 @@ class LossCurve:
     """Table + plot series + plot chart holding a training loss against the step.
 
     ``append(step, loss)`` adds a point and redraws at most every ``redrawInterval`` seconds (a fast job
-    can report dozens of steps per second); ``flush()`` redraws now; ``remove()`` deletes the three nodes
-    (used when a job is cancelled, so that the scene is left as it was).
+    can report dozens of steps per second); ``flush()`` redraws now; ``reset(title)`` empties it for the
+    next job; ``remove()`` deletes the three nodes (used when a job is cancelled, so that the scene is left
+    as it was).
     """
 
     redrawInterval = 0.5
@@ -45,6 +46,16 @@ class LossCurve:
         self.chart.SetXAxisTitle("step")
         self.chart.SetYAxisTitle("loss")
         self.chart.SetLegendVisibility(False)
+
+    def reset(self, title: str) -> None:
+        """Empty the curve and retitle it, for the next job (one chart per module, not one per job)."""
+        self.table.GetTable().SetNumberOfRows(0)
+        self.chart.SetTitle(f"{title}: training loss")
+        self.flush()
+
+    def inScene(self) -> bool:
+        """True while the chart, series and table are all still in a scene (a scene close removes them)."""
+        return all(node is not None and node.GetScene() is not None for node in (self.chart, self.series, self.table))
 
     def append(self, step: float, loss: float) -> None:
         """Add one (step, loss) point; redraw if the last redraw is older than ``redrawInterval``."""

@@ -274,3 +274,52 @@ def test_segment_widget_keeps_its_parameter_node_across_exit(slicer_app, scene):
     showModule(widget)  # enter() wraps the same scripted module node again and connects that
     assert widget._parameterNode.parameterNode.GetID() == node.parameterNode.GetID()
     assert widget._parameterNode.connectedGuiCount() == 1 and node.connectedGuiCount() == 0
+
+
+def lossNodes(scene):
+    return sorted(scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes())
+                  if scene.GetNthNode(i).GetClassName() in ("vtkMRMLTableNode", "vtkMRMLPlotSeriesNode", "vtkMRMLPlotChartNode"))
+
+
+def test_trainer_reuses_one_loss_chart_and_switches_the_layout_once(slicer_app, scene):
+    """Issue 11 item 7: repeated jobs keep one table/series/chart; the layout switches to the chart at the
+    first job only (not while the user paints during later ones); a start that fails adds nothing."""
+    slicer = slicer_app
+    _module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
+    showChart = slicer.modules.plots.logic.return_value.ShowChartInLayout
+    volume = addVolume(scene, phantom(), name="ct")
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing painted")
+    empty.GetSegmentation().AddEmptySegment("", "liver", [1, 0, 0])
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    ui.fewShotSegmentationSelector.setCurrentNode(empty)
+    ui.initComboBox.setCurrentIndex(ui.initComboBox.findData("none"))
+    with pytest.raises(ValueError, match="paint a few slices"):  # shown by tryWithErrorDisplay, then raised
+        widget.onFineTuneButton()
+    assert widget.panel.job is None and lossNodes(scene) == [] and showChart.call_count == 0
+    ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))
+    curves = []
+    for _ in range(2):
+        widget.onFineTuneButton()
+        runPanel(widget)
+        assert widget.panel.job.status == "done", widget.panel.job.error
+        curves.append(widget._lossCurve.points())
+    assert lossNodes(scene) == ["vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode", "vtkMRMLTableNode"]
+    assert showChart.call_count == 1
+    assert curves[1] == curves[0] and len(curves[1]) == 4  # the second job's points only (3 training + predict)
+    widget.onShowChartButton()
+    assert showChart.call_count == 2
+
+
+def test_trainer_suggest_skips_the_painted_slices(slicer_app, scene, tmp_path):
+    """Issue 11 item 8: Suggest slices passes the painting, so painted slices are not suggested again."""
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")
+    volume = addVolume(scene, phantom(), name="ct")
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))  # slice k=2
+    model = tmp_path / "model"
+    model.mkdir()
+    ui.modelPathLineEdit.currentPath = str(model)
+    widget.onSuggestButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    assert len(widget._suggestions) == 5 and 2 not in {s["index"] for s in widget._suggestions}
