@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from MedSSL.cli import build_parser, main
+from MedSSL.errors import MedSSLError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,12 +30,20 @@ def test_methods_json_is_one_line_listing_genesis(capsys):
 
 
 def test_usage_errors_are_one_line(capsys):
-    try:
+    with pytest.raises(SystemExit) as exc:
         main(["pretrain", "--out", "x"])
-    except SystemExit as exc:
-        assert exc.code == 2
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medssl: error:") and "--data" in err[0]
+
+
+def test_debug_shows_the_traceback_instead_of_one_line(tmp_path, capsys):
+    args = ["pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medssl: error:") and "missing" in err[0]
+    with pytest.raises(MedSSLError, match="missing"):
+        main(["--debug", *args])
 
 
 def test_python_dash_m_and_the_parent_watchdog(tmp_path):

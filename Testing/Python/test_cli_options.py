@@ -1,0 +1,157 @@
+"""CLI options that no other test runs, each checked by its effect: --optimizer, --no-amp, --workers
+(pretrain and finetune's shared training options), --overlap and --memory-mb (predict, suggest),
+--min-gap (suggest)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from MedSSL.cli import main
+from MedSSL.data.phantom import make_phantom
+from MedSSL.infer import sliding
+from MedSSL.io.volumes import write_volume
+from MedSSL.train import loop as loop_module
+from MedSSL.train import pretrain as pretrain_module
+from MedSSL.train.loop import TrainingLoop
+
+torch.set_num_threads(1)
+TINY = ["--width", "4", "--patch", "16", "16", "8", "--batch-size", "2", "--cubes-per-volume", "4",
+        "--device", "cpu", "--progress", "none", "--seed", "2"]
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("volumes")
+    for seed in range(2):
+        write_volume(make_phantom(seed, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0)).image, folder / f"v{seed}.nii.gz")
+    return folder
+
+
+def loops(monkeypatch):
+    """Every TrainingLoop built from now on (to look at its optimiser and configuration)."""
+    built = []
+    real = TrainingLoop.__init__
+
+    def __init__(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(TrainingLoop, "__init__", __init__)
+    return built
+
+
+@pytest.mark.parametrize("name,cls,state_key", [("adam", torch.optim.Adam, "exp_avg"),
+                                                ("adamw", torch.optim.AdamW, "exp_avg"),
+                                                ("sgd", torch.optim.SGD, "momentum_buffer")])
+def test_optimizer_option_picks_the_optimiser(name, cls, state_key, volumes, tmp_path, monkeypatch):
+    built = loops(monkeypatch)
+    out = tmp_path / name
+    assert main(["pretrain", "--data", str(volumes), "--out", str(out), "--cache", str(tmp_path / "cache"), *TINY,
+                 "--steps", "2", "--optimizer", name]) == 0
+    assert type(built[0].optimizer) is cls
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
+    assert state and all(state_key in s for s in state.values())
+    assert json.loads((out / "model.json").read_text())["training"]["optimizer"] == name
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_no_amp_turns_mixed_precision_off(volumes, tmp_path, monkeypatch):
+    """On CPU there is no mixed precision either way; the option reaches the loop, whose CUDA autocast it
+    disables (checked with a CUDA device that need not exist: nothing runs on it)."""
+    built = loops(monkeypatch)
+    for extra, amp in (([], True), (["--no-amp"], False)):
+        assert main(["pretrain", "--data", str(volumes), "--out", str(tmp_path / f"amp{amp}"), "--cache",
+                     str(tmp_path / "cache"), *TINY, "--steps", "1", *extra]) == 0
+        assert built[-1].config.amp is amp
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    context, scaler = loop_module._autocast(cuda, enabled=True)
+    assert isinstance(context, torch.autocast) and scaler is None  # bf16: no grad scaler
+    context, scaler = loop_module._autocast(cuda, enabled=False)
+    assert not isinstance(context, torch.autocast) and scaler is None
+
+
+def test_workers_prefetch_in_threads_and_keep_the_run_reproducible(volumes, tmp_path, monkeypatch):
+    started = []
+    real = pretrain_module.Prefetcher.__init__
+
+    def __init__(self, next_batch, workers=1, depth=2):
+        started.append(workers)
+        real(self, next_batch, workers=workers, depth=depth)
+
+    monkeypatch.setattr(pretrain_module.Prefetcher, "__init__", __init__)
+    models = {}
+    for workers in ("0", "1", "2"):
+        out = tmp_path / f"w{workers}"
+        assert main(["pretrain", "--data", str(volumes), "--out", str(out), "--cache", str(tmp_path / "cache"), *TINY,
+                     "--steps", "4", "--workers", workers]) == 0
+        models[workers] = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert started == [1, 2]  # --workers 0: no loader thread
+    # one loader thread hands the batches over in the order they were drawn: the same run as none
+    assert all(torch.equal(models["0"][k], models["1"][k]) for k in models["0"])
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """A width-4 segmentation bundle fine-tuned on dense labels (the network path), and its image."""
+    root = tmp_path_factory.mktemp("segmenter")
+    phantom = make_phantom(0, shape=(32, 32, 24), spacing=(6.0, 6.0, 8.0))
+    write_volume(phantom.image, root / "ct.nii.gz")
+    labels = phantom.labels.array.copy()
+    labels[labels > 1] = 0
+    write_volume(phantom.labels.with_array(labels), root / "liver.nii.gz")
+    assert main(["finetune", "--image", str(root / "ct.nii.gz"), "--label", str(root / "liver.nii.gz"), "--out",
+                 str(root / "bundle"), "--width", "4", "--patch", "16", "16", "8", "--steps", "3", "--batch-size", "2",
+                 "--device", "cpu", "--progress", "none"]) == 0
+    return root
+
+
+def record_sliding(monkeypatch):
+    """The overlap of every sliding window and the slabs of every plan."""
+    seen = {"overlap": [], "slabs": []}
+    real_window, real_plan = sliding.sliding_window_inference, sliding.plan_slabs
+
+    def window(*args, **kwargs):
+        seen["overlap"].append(kwargs["overlap"])
+        return real_window(*args, **kwargs)
+
+    def plan(*args, **kwargs):
+        slabs = real_plan(*args, **kwargs)
+        seen["slabs"].append(len(slabs))
+        return slabs
+
+    monkeypatch.setattr(sliding, "sliding_window_inference", window)
+    monkeypatch.setattr(sliding, "plan_slabs", plan)
+    return seen
+
+
+def test_predict_overlap_and_memory_mb(segmenter, tmp_path, monkeypatch, capsys):
+    seen = record_sliding(monkeypatch)
+    base = ["predict", "--model", str(segmenter / "bundle"), "--image", str(segmenter / "ct.nii.gz"),
+            "--device", "cpu", "--progress", "none"]
+    assert main([*base, "--out", str(tmp_path / "a.nii.gz")]) == 0
+    assert set(seen["overlap"]) == {0.5} and seen["slabs"] == [1]  # the bundle's overlap; 24 slices fit 1 GB
+    seen["overlap"].clear(), seen["slabs"].clear()
+    assert main([*base, "--out", str(tmp_path / "b.nii.gz"), "--overlap", "0.25", "--memory-mb", "0.05"]) == 0
+    assert set(seen["overlap"]) == {0.25}
+    assert seen["slabs"][0] > 1  # 0.05 MB: the volume is cut into several slabs
+    assert main([*base, "--out", str(tmp_path / "c.nii.gz"), "--overlap", "0.99"]) == 2
+    assert "--overlap" in capsys.readouterr().err
+
+
+def test_suggest_min_gap_and_memory_mb(segmenter, tmp_path, monkeypatch, capsys):
+    seen = record_sliding(monkeypatch)
+    base = ["suggest", "--model", str(segmenter / "bundle"), "--image", str(segmenter / "ct.nii.gz"), "--count", "4",
+            "--device", "cpu", "--progress", "none"]
+    picks = {}
+    for gap in (1, 5):
+        assert main([*base, "--min-gap", str(gap), "--memory-mb", "0.05" if gap == 5 else "1024"]) == 0
+        picks[gap] = [s["index"] for s in json.loads(capsys.readouterr().out)["slices"]]
+    assert seen["slabs"] and seen["slabs"][0] == 1 and seen["slabs"][-1] > 1
+    assert len(picks[5]) == 4
+    assert all(abs(a - b) >= 5 for i, a in enumerate(picks[5]) for b in picks[5][i + 1:]), picks[5]
+    # the scores are smooth along Z: without a gap the top 4 include neighbours (the gap changes the pick)
+    assert min(abs(a - b) for i, a in enumerate(picks[1]) for b in picks[1][i + 1:]) < 5, picks[1]
+    assert main([*base, "--min-gap", "0"]) == 2
