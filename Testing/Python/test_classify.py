@@ -43,7 +43,7 @@ def bundle(dataset):
     out = dataset / "model"
     assert main(["finetune", "--task", "classify", "--csv", str(dataset / "train.csv"), "--out", str(out),
                  "--width", "4", "--patch", "16", "16", "8", "--steps", "60", "--lr", "3e-3", "--batch-size", "4",
-                 "--progress", "none"]) == 0
+                 "--device", "cpu", "--progress", "none"]) == 0
     return out
 
 
@@ -62,11 +62,12 @@ def test_bundle_describes_a_classifier(bundle):
 
 def test_predict_writes_probabilities_json(bundle, dataset, tmp_path, capsys):
     correct = 0
-    for i, kind in enumerate(["lesion", "normal", "lesion", "normal"]):
+    kinds = ["lesion", "normal"] * 8
+    for i, kind in enumerate(kinds):
         write_volume(volume(case(kind, 100 + i), spacing=(2.0, 2.0, 3.0)), tmp_path / f"t{i}.nrrd")
         out = tmp_path / f"p{i}.json"
         assert main(["predict", "--model", str(bundle), "--image", str(tmp_path / f"t{i}.nrrd"), "--out", str(out),
-                     "--progress", "none"]) == 0
+                     "--device", "cpu", "--progress", "none"]) == 0
         printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         result = json.loads(out.read_text())
         assert printed == result
@@ -75,7 +76,9 @@ def test_predict_writes_probabilities_json(bundle, dataset, tmp_path, capsys):
         assert result["name"] == max(result["probabilities"], key=result["probabilities"].get)
         assert result["label"] == {"lesion": 0, "normal": 1}[result["name"]]
         correct += result["name"] == kind
-    assert correct >= 3
+    # baselines on these 16 balanced cases: one class for all 8/16, a coin flip >= 15/16 with p = 17/65536;
+    # the width-4, 60-step classifier got 16/16 with --seed 0-3
+    assert correct >= 15, correct
 
 
 def test_integer_labels_classes_option_and_init_from_the_classifier(dataset, bundle, tmp_path):
@@ -83,7 +86,7 @@ def test_integer_labels_classes_option_and_init_from_the_classifier(dataset, bun
     (tmp_path / "t.csv").write_text("\n".join(rows))
     assert main(["finetune", "--task", "classify", "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "m"),
                  "--classes", "0=normal,5=lesion", "--init", str(bundle), "--patch", "16", "16", "8", "--steps", "2",
-                 "--progress", "none"]) == 0
+                 "--device", "cpu", "--progress", "none"]) == 0
     meta = read_meta(tmp_path / "m")
     assert meta["class_values"] == [0, 5] and meta["classes"]["5"]["name"] == "lesion"
     assert meta["init"]["source"] == "bundle" and meta["init"]["task"] == "classify"
