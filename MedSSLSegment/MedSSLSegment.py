@@ -98,6 +98,7 @@ class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSSLSegmentLogic()
+        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox, self.logic)
         self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.modelPathLineEdit.settingKey = "MedSSL/ApplyModelPath"

@@ -6,7 +6,8 @@ The backend package ``MedSSL`` ships with the extension, next to the module fold
 child process, see :func:`probeEnvironment`).
 
 Overrides (environment variables): ``MEDSSL_BACKEND_PATH`` (folder containing ``MedSSL/``),
-``MEDSSL_PYTHON`` (the child's Python), ``MEDSSL_WORK_DIR`` (where job folders go, default ``~/MedSSL``).
+``MEDSSL_PYTHON`` (the child's Python), ``MEDSSL_WORK_DIR`` (where job folders go; else the modules' "Job
+folder" setting, default ``~/MedSSL``).
 """
 
 from __future__ import annotations
@@ -110,9 +111,26 @@ def parseJsonOutput(text: str):
 # ----------------------------------------------------------------------------------- job folders
 
 
+WORK_DIR_SETTING = "MedSSL/WorkDirectory"
+"""Slicer application setting (the modules' "Job folder") holding the base folder of jobs and models."""
+
+
 def workDirectory() -> str:
-    """Base folder for job folders and default model outputs: ``MEDSSL_WORK_DIR`` or ``~/MedSSL``."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("MEDSSL_WORK_DIR") or os.path.join("~", "MedSSL")))
+    """Base folder for job folders and default model outputs: ``MEDSSL_WORK_DIR``, else the Slicer
+    setting :data:`WORK_DIR_SETTING` (in Slicer), else ``~/MedSSL``."""
+    folder = os.environ.get("MEDSSL_WORK_DIR") or _slicerSetting(WORK_DIR_SETTING) or os.path.join("~", "MedSSL")
+    return os.path.abspath(os.path.expanduser(folder))
+
+
+def _slicerSetting(key: str) -> str | None:
+    """A non-empty string setting of the Slicer application (None outside Slicer or when unset)."""
+    if not insideSlicerApplication():
+        return None
+    try:
+        value = sys.modules["slicer"].app.userSettings().value(key)  # Slicer's QSettings (no Qt import here)
+    except Exception:  # noqa: BLE001 - no settings: use the default
+        return None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def newJobDirectory(kind: str, base: str | None = None) -> str:

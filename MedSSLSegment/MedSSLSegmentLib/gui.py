@@ -152,9 +152,13 @@ class JobPanel:
                                      detailedText=job.readLog(20000))
 
     def openJobFolder(self) -> None:
-        """Show the current job's folder (log, inputs, outputs) in the file browser."""
-        if self.jobDir and os.path.isdir(self.jobDir):
-            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(self.jobDir))
+        """Show the current job's folder (log, outputs) in the file browser; when it was deleted (done or
+        cancelled without "Keep job outputs and logs"), its parent."""
+        if not self.jobDir:
+            return
+        folder = self.jobDir if os.path.isdir(self.jobDir) else os.path.dirname(self.jobDir)
+        if os.path.isdir(folder):
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(folder))
 
 
 class BackgroundCall:
@@ -290,6 +294,34 @@ class StringBindings:
         value = widget.currentData if kind == "combo" else widget.currentPath
         if value is not None and getattr(self._parameterNode, name) != value:
             setattr(self._parameterNode, name, str(value))
+
+
+KEEP_JOB_FILES_SETTING = "MedSSL/KeepJobFiles"
+
+
+def bindJobSettings(pathLineEdit, checkBox, logic) -> None:
+    """The "Job folder" and "Keep job outputs and logs" widgets: shown from, and saved to, the Slicer
+    application settings (shared by both modules), and applied to ``logic`` (``workDir``, ``keepJobFiles``)."""
+    import ctk
+
+    settings = slicer.app.userSettings()
+    pathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+    pathLineEdit.currentPath = backend.workDirectory()
+    keep = settings.value(KEEP_JOB_FILES_SETTING)
+    checkBox.checked = str(keep).lower() in ("true", "1")
+    logic.workDir = pathLineEdit.currentPath or None
+    logic.keepJobFiles = bool(checkBox.checked)
+
+    def onPath(path):
+        settings.setValue(backend.WORK_DIR_SETTING, path)
+        logic.workDir = path or None
+
+    def onKeep(checked):
+        settings.setValue(KEEP_JOB_FILES_SETTING, "true" if checked else "false")
+        logic.keepJobFiles = bool(checked)
+
+    pathLineEdit.connect("currentPathChanged(QString)", onPath)
+    checkBox.connect("toggled(bool)", onKeep)
 
 
 def showChart(chartNode) -> None:

@@ -11,7 +11,9 @@ Protocol of a command (the ``MedSSL`` CLI with ``--progress json``): one JSON ob
 JSON line without "event", such as ``methods --json`` output, is kept in :attr:`Job.outputs`). On bad
 input the command exits with status 2 and prints ``medssl: error: <reason>`` on stderr.
 
-Everything the children print goes to ``<job folder>/log.txt``.
+Everything the children print goes to ``<job folder>/log.txt``. Input copies (``cleanupPaths``) are deleted
+when the job ends, whatever the outcome; with ``keepFiles`` False the job folder is deleted once the job is
+done or cancelled, and only ``log.txt`` stays after a failure.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ class Job:
         self._stderrTail: list[str] = []
         self._logLock = threading.Lock()
         self._startTime = None
-        self.cleanupPaths: list[str] = []  # removed once the job is done or cancelled (kept on failure)
+        self.cleanupPaths: list[str] = []  # input copies (patient data): removed when the job ends, whatever the outcome
+        self.keepFiles = True  # False: the job folder goes when the job is done or cancelled, and only
+        #                        log.txt stays after a failure (see BackendRunner.keepJobFiles)
 
     # ------------------------------------------------------------------ public API
 
@@ -149,6 +153,7 @@ class Job:
         self._drain()
         self._log(f"[{time.strftime('%H:%M:%S')}] medssl-slicer: job cancelled\n")
         self._removeCleanupPaths()
+        self._removeFolderUnlessKept()
 
     def readLog(self, maxChars: int = 1_000_000) -> str:
         """The end of the job's log (at most ``maxChars`` characters)."""
@@ -247,6 +252,12 @@ class Job:
         self.status = FAILED
         self.error = reason
         self._log(f"[{time.strftime('%H:%M:%S')}] medssl-slicer: job failed: {reason}\n")
+        self._removeCleanupPaths()
+        if not self.keepFiles:  # only the log stays, for the error message
+            for name in os.listdir(self.jobDir):
+                path = os.path.join(self.jobDir, name)
+                if os.path.abspath(path) != os.path.abspath(self.logPath):
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _removeFile(path)
 
     def _finish(self) -> None:
         done = [event for event in self.events if event.get("event") == "done"]
@@ -262,6 +273,7 @@ class Job:
         self.status = DONE
         self._log(f"[{time.strftime('%H:%M:%S')}] medssl-slicer: job done in {self.elapsed:.1f} s\n")
         self._removeCleanupPaths()
+        self._removeFolderUnlessKept()
 
     def _removeCleanupPaths(self) -> None:
         """Delete the job's input copies (patient data) once they are no longer needed."""
@@ -269,12 +281,26 @@ class Job:
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             elif os.path.exists(path):
-                os.remove(path)
+                _removeFile(path)
+
+    def _removeFolderUnlessKept(self) -> None:
+        """With ``keepFiles`` False, the whole job folder (outputs were imported into the scene)."""
+        if not self.keepFiles:
+            shutil.rmtree(self.jobDir, ignore_errors=True)
 
     def _log(self, text: str) -> None:
         with self._logLock:
+            if not os.path.isdir(self.jobDir):
+                return  # the folder was removed when the job ended
             with open(self.logPath, "a", encoding="utf-8") as handle:
                 handle.write(text)
+
+
+def _removeFile(path) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def processGroupOptions() -> dict:

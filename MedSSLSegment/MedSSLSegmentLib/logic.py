@@ -11,7 +11,7 @@ import json
 import os
 
 from . import backend, nodes
-from .runner import BackendRunner
+from .runner import BackendRunner, removesUnstartedJobFolders
 
 
 class MedSSLSegmentLogic(BackendRunner):
@@ -67,6 +67,7 @@ class MedSSLSegmentLogic(BackendRunner):
             raise ValueError(f"{modelDir} is a '{task}' model; this needs a {' or '.join(tasks)} model")
         return info
 
+    @removesUnstartedJobFolders
     def _predict(self, volumeNode, modelDir, info, kind, blocking, onEvent, name):
         jobDir = self.newJobDirectory(kind)
         inputs = os.path.join(jobDir, "inputs")

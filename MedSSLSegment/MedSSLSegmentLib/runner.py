@@ -5,9 +5,31 @@ Qt-free; the scene is ``slicer.mrmlScene`` unless one is given.
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 
 from . import backend, jobs, nodes
+
+
+def removesUnstartedJobFolders(method):
+    """Decorator of the logic methods that write a job's inputs and start it: if anything fails before the
+    job starts (a bad argument found after the volume was written, a command that cannot start), the job
+    folder and the input copies in it are deleted."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._unstartedJobDirs = []
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            for path in self._unstartedJobDirs:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        finally:
+            self._unstartedJobDirs = []
+
+    return wrapper
 
 
 class BackendRunner:
@@ -17,6 +39,11 @@ class BackendRunner:
     :func:`backend.pythonExecutable`). workDir: base of job folders and default outputs (default
     :func:`backend.workDirectory`). device: ``--device`` value, "auto" | "cuda" | "cpu".
     """
+
+    keepJobFiles = False
+    """False (default): a job's folder is deleted once its results are in the scene or it was cancelled, and
+    only its log.txt stays after a failure. True: outputs and logs stay. Input copies (patient data) are
+    deleted when the job ends either way."""
 
     def __init__(self, scene=None, python: str | None = None, workDir: str | None = None, device: str = "auto"):
         self._scene = scene
@@ -42,7 +69,9 @@ class BackendRunner:
         return backend.command(subcommand, *args, python=self.python)
 
     def newJobDirectory(self, kind: str) -> str:
-        return backend.newJobDirectory(kind, self.workDir)
+        path = backend.newJobDirectory(kind, self.workDir)
+        self.__dict__.setdefault("_unstartedJobDirs", []).append(path)
+        return path
 
     def defaultOutputDirectory(self, jobDir: str, kind: str) -> str:
         """``<workDir>/models/<job folder name>``: models outlive job folders."""
@@ -58,8 +87,11 @@ class BackendRunner:
         job = jobs.Job(commands, jobDir, env=backend.childEnvironment(self.extraEnvironment),
                        onFinished=onFinished, onEvent=onEvent)
         job.cleanupPaths = list(cleanupPaths)
+        job.keepFiles = bool(self.keepJobFiles)
         self.lastJob = job
         job.start()
+        if jobDir in self.__dict__.get("_unstartedJobDirs", []):
+            self._unstartedJobDirs.remove(jobDir)
         return job.wait() if blocking else job
 
     @staticmethod

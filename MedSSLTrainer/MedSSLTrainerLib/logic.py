@@ -13,7 +13,7 @@ import os
 import shutil
 
 from MedSSLSegmentLib import backend, geometry, nodes
-from MedSSLSegmentLib.runner import BackendRunner
+from MedSSLSegmentLib.runner import BackendRunner, removesUnstartedJobFolders
 
 from .annotation import SLICE_AXIS_K, describePlanes, sparseLabels
 from .datasets import writeDatasetsSpec
@@ -42,6 +42,7 @@ class MedSSLTrainerLogic(BackendRunner):
         """Pretraining methods the backend offers: [{"name", "description"}] (fallback: genesis)."""
         return backend.availableMethods(python=self.python)
 
+    @removesUnstartedJobFolders
     def pretrain(self, volumeNodesOrPaths, method="genesis", outputDir=None, steps=None, maxTime=None, width=None,
                  blocking=True, initModel=None, onEvent=None):
         """Self-supervised pretraining on unlabeled data.
@@ -64,6 +65,7 @@ class MedSSLTrainerLogic(BackendRunner):
         return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
                         blocking, onEvent, [inputs])
 
+    @removesUnstartedJobFolders
     def pretrainOnDatasets(self, datasets, method="ark", outputDir=None, steps=None, maxTime=None, width=None,
                            blocking=True, initModel=None, onEvent=None):
         """Pretraining on several labelled datasets whose label sets differ (Ark: a head per dataset, an
@@ -94,6 +96,7 @@ class MedSSLTrainerLogic(BackendRunner):
         return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
                         blocking, onEvent, [inputs])
 
+    @removesUnstartedJobFolders
     def finetune(self, volumeNode, segmentationNode, outputDir=None, initModel=None, steps=None, maxTime=None,
                  width=None, blocking=True, predict=True, sliceAxis=None, onEvent=None, detection=False,
                  cleanup=True):
@@ -143,6 +146,7 @@ class MedSSLTrainerLogic(BackendRunner):
 
         return self.run(jobDir, commands, onFinished, blocking, onEvent, [inputs])
 
+    @removesUnstartedJobFolders
     def suggestSlices(self, volumeNode, modelDir, count=5, blocking=True, onEvent=None, segmentationNode=None,
                       sliceAxis=SLICE_AXIS_K):
         """Slices worth annotating next, best first: [{"axis", "index", "score", "center_mm" (LPS, the

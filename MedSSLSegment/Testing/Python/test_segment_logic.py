@@ -102,3 +102,35 @@ def test_non_blocking_then_cancel_leaves_scene(logic, scene, tmp_path, monkeypat
         job.poll()
         time.sleep(0.05)
     assert job.status == "done" and job.result.IsA("vtkMRMLSegmentationNode")
+
+
+def test_job_folders_keep_no_patient_data(scene, fake_backend, tmp_path, monkeypatch):
+    """Issue 11 item 9: input copies are deleted in every outcome; by default a job's folder goes once its
+    results are in the scene, and only log.txt stays after a failure; keepJobFiles keeps outputs and logs;
+    a job that cannot start leaves no folder."""
+    from MedSSLSegmentLib import jobs
+    from MedSSLSegmentLib.logic import MedSSLSegmentLogic
+
+    volume = addVolume(scene, phantom(), name="ct")
+    model = bundle(tmp_path, "segment")
+    logic = MedSSLSegmentLogic()
+    logic.segment(volume, str(model))
+    assert not os.path.exists(logic.lastJob.jobDir)
+
+    logic.keepJobFiles = True
+    logic.segment(volume, str(model))
+    assert {"log.txt", "prediction.nrrd"} <= set(os.listdir(logic.lastJob.jobDir)) and "inputs" not in os.listdir(logic.lastJob.jobDir)
+
+    logic.keepJobFiles = False
+    monkeypatch.setenv("FAKE_MEDSSL_FAIL", "model broken")
+    with pytest.raises(jobs.JobError, match="model broken"):
+        logic.segment(volume, str(model))
+    monkeypatch.delenv("FAKE_MEDSSL_FAIL")
+    assert os.listdir(logic.lastJob.jobDir) == ["log.txt"]  # for the error message; the scan copy is gone
+
+    jobsFolder = tmp_path / "work" / "jobs"
+    before = sorted(os.listdir(jobsFolder))
+    logic.python = str(tmp_path / "no-such-python")
+    with pytest.raises(jobs.JobError, match="cannot start"):
+        logic.segment(volume, str(model))
+    assert sorted(os.listdir(jobsFolder)) == before

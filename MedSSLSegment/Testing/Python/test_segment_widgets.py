@@ -323,3 +323,18 @@ def test_trainer_suggest_skips_the_painted_slices(slicer_app, scene, tmp_path):
     runPanel(widget)
     assert widget.panel.job.status == "done", widget.panel.job.error
     assert len(widget._suggestions) == 5 and 2 not in {s["index"] for s in widget._suggestions}
+
+
+def test_job_folder_and_keep_files_settings_reach_the_logic(slicer_app, scene, tmp_path):
+    """Issue 11 item 9: the job folder is configurable in both modules and saved in Slicer's settings."""
+    slicer = slicer_app
+    for moduleName in ("MedSSLSegment", "MedSSLTrainer"):
+        _module, widget, ui = makeWidget(slicer, moduleName)
+        assert ui.workDirPathLineEdit.currentPath == str(tmp_path / "work")  # MEDSSL_WORK_DIR, else the setting
+        assert widget.logic.keepJobFiles is False and not ui.keepJobFilesCheckBox.checked
+        ui.workDirPathLineEdit.currentPath = str(tmp_path / "elsewhere")
+        ui.keepJobFilesCheckBox.checked = True
+        assert widget.logic.workDir == str(tmp_path / "elsewhere") and widget.logic.keepJobFiles is True
+        settings = slicer.app.userSettings.return_value
+        settings.setValue.assert_any_call("MedSSL/WorkDirectory", str(tmp_path / "elsewhere"))
+        settings.setValue.assert_any_call("MedSSL/KeepJobFiles", "true")

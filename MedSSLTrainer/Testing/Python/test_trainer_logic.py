@@ -32,6 +32,7 @@ def test_finetune_then_predict(logic, scene, tmp_path):
     from MedSSLSegmentLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
+    logic.keepJobFiles = True  # to read the stand-in's record of the predict arguments
     events = []
     init = tmp_path / "genesis.pt"
     init.write_bytes(b"")
@@ -203,9 +204,9 @@ def test_finetune_label_file_holds_only_the_painted_planes_and_the_log_names_the
     labels[2:8, 3:9, 6] = 1  # painted in a sagittal view
     segmentation = nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), {"1": {"name": "kidney"}},
                                                   volume, "painted")
-    logic.finetune(volume, segmentation, initModel="none", predict=False)
-    meta = json.loads(open(os.path.join(logic.lastJob.jobDir, "..", "..", "models",
-                                        os.path.basename(logic.lastJob.jobDir), "model.json")).read())
+    logic.keepJobFiles = True  # to read the log afterwards
+    bundle = logic.finetune(volume, segmentation, initModel="none", predict=False)
+    meta = json.loads(open(os.path.join(bundle, "model.json")).read())
     assert meta["label_values"] == [0, 1, 255] and meta["annotated_planes"] == {"i": [6], "j": [], "k": []}
     log = open(logic.lastJob.logPath, encoding="utf-8").read()
     assert "painted planes: sagittal i=6" in log.splitlines()[0]
