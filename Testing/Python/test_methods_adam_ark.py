@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 PATCH = (16, 16, 8)
 SMALL_HEAD = {"out_dim": 64, "head_hidden": 32, "head_bottleneck": 16, "local_scale_bins": [[0.05, 0.2], [0.3, 0.6]]}
 PLAIN = {"jitter_prob": 0.0, "blur_prob": [0.0, 0.0, 0.0], "rotation_deg": 0.0}
-TINY = ["--width", "4", "--patch", "16", "16", "8", "--progress", "none"]
+TINY = ["--width", "4", "--patch", "16", "16", "8", "--device", "cpu", "--progress", "none"]
 
 
 def _cubes(n=4, seed=0):
@@ -445,7 +445,7 @@ def _finetune_from(bundle, folder, tmp_path):
     out = tmp_path / "finetuned"
     assert main(["finetune", "--init", str(bundle), "--image", str(folder / "test_img.nii.gz"), "--label",
                  str(folder / "test_lab.nii.gz"), "--out", str(out), "--patch", "16", "16", "8", "--steps", "2",
-                 "--batch-size", "2", "--bn-recalibration", "1", "--progress", "none"]) == 0
+                 "--batch-size", "2", "--bn-recalibration", "1", "--device", "cpu", "--progress", "none"]) == 0
     return load_bundle(out)[0]
 
 
@@ -500,14 +500,23 @@ def test_ark_short_run_predicts_both_classes_and_initialises_finetuning(ark_data
     text = (out / "model.json").read_text()
     assert str(folder) not in text and "l0_img" not in text
     pred = tmp_path / "pred.nii.gz"
-    assert main(["predict", "--model", str(out), "--image", str(folder / "test_img.nii.gz"), "--out", str(pred)]) == 0
+    assert main(["predict", "--model", str(out), "--image", str(folder / "test_img.nii.gz"), "--out", str(pred),
+                 "--device", "cpu"]) == 0
     labels = read_volume(pred).array
     truth = read_volume(folder / "test_lab.nii.gz").array
     assert {1, 2} <= set(np.unique(labels).tolist())  # one labelmap with both datasets' classes
-    # seeds 0-3 at 80 steps: liver Dice 0.19-0.42, lungs 0.23-0.76 (over-segmented: tiny net, few steps)
+    # Baselines on this test phantom: labelling every voxel liver scores 0.108, every voxel lung 0.172; the
+    # prediction's own voxels shuffled at random (same volume, no placement) 0.084-0.095 liver, 0.09-0.16 lung;
+    # a 40-80 HU threshold 0.55 liver (out of reach of a width-4 net in 80 steps).
+    # Measured (--seed 0-3, 80 steps): liver 0.29-0.46, lungs 0.24-0.77 (seed 1 over-segments them), mean 0.35-0.53.
+    dices = []
     for value, organs in ((1, [1]), (2, [5, 6])):
         found, true = labels == value, np.isin(truth, organs)
-        assert 2 * (found & true).sum() / (found.sum() + true.sum()) > 0.1, value
+        dice = 2 * (found & true).sum() / (found.sum() + true.sum())
+        constant = 2 * true.sum() / (true.size + true.sum())  # every voxel this class
+        assert dice > constant + 0.05, (value, dice, constant)
+        dices.append(dice)
+    assert np.mean(dices) > 0.3, dices  # the constant (0.14) or random (<= 0.16) mean plus 0.14
     finetuned = _finetune_from(out, folder, tmp_path)
     assert finetuned["init"] == {"source": "bundle", "width": 4, "method": "ark", "task": "segment"}
 
@@ -522,7 +531,7 @@ def test_one_slice_images_give_2d_adam_and_genesis(tmp_path):
         write_volume(Volume(image.array[:, :, 3:4].copy(), image.spacing, image.origin, image.direction),
                      folder / f"x{seed}.nii.gz")
     common = ["--data", str(folder), "--patch", "32", "32", "8", "--steps", "4", "--batch-size", "4",
-              "--cache", str(tmp_path / "cache"), "--width", "4", "--progress", "none"]
+              "--cache", str(tmp_path / "cache"), "--width", "4", "--device", "cpu", "--progress", "none"]
     assert main(["pretrain", "--method", "adam", "--method-settings", json.dumps(SMALL_HEAD), "--out", str(tmp_path / "a"),
                  *common]) == 0
     meta, state = load_bundle(tmp_path / "a")
