@@ -7,6 +7,7 @@ never imported in Slicer's process.
 
 import os
 import tempfile
+from typing import Annotated
 
 import ctk
 import numpy as np
@@ -32,7 +33,7 @@ except ImportError:  # Slicer < 5.4
 
 try:
     from slicer import vtkMRMLScalarVolumeNode
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
 except ImportError:  # Slicer < 5.2: the settings are simply not kept with the scene
     parameterNodeWrapper = None
 
@@ -66,6 +67,8 @@ if parameterNodeWrapper is not None:
         inputVolume: vtkMRMLScalarVolumeNode
         modelPath: str = ""
         device: str = "auto"
+        maxFindings: Annotated[int, Minimum(1)] = nodes.DEFAULT_MAX_FINDINGS  # detection: points shown at most
+        allFindings: bool = False  # detection: the table lists every finding
 
 
 def getParameterNode():
@@ -232,6 +235,8 @@ class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             modelDir = self.ui.modelPathLineEdit.currentPath
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
             self.logic.device = self.ui.deviceComboBox.currentData or "auto"
+            self.logic.maxFindings = max(1, int(self.ui.maxFindingsSpinBox.value))
+            self.logic.allFindingsInTable = bool(self.ui.allFindingsCheckBox.checked)
             job = self.logic.apply(volume, modelDir, blocking=False)
             title = _("Applying {model}").format(model=modelName(modelDir, self._modelInfo))
             self.panel.start(job, self.ui.applyButton, title, onEnded=lambda j, v=volume: self.onJobEnded(j, v))
@@ -246,6 +251,8 @@ class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=volume)
         elif result.IsA("vtkMRMLMarkupsFiducialNode"):
             gui.showTable(self.logic.lastOutputs["table"])
+            self.ui.statusLabel.text = _("{shown} findings shown (best score first) of {total} found.").format(
+                shown=result.GetNumberOfControlPoints(), total=self.logic.lastOutputs.get("findingsTotal", "?"))
             if result.GetNumberOfControlPoints():
                 slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(result.GetID(), 0, True)
         elif result.IsA("vtkMRMLTableNode"):

@@ -6,6 +6,11 @@ index)``), so they land on the same spot in Slicer (which shows RAS: negate x an
 On a one-slice map (X, Y, 1) (a 2D model's prediction) components are 4-connected in the plane;
 ``volume_mm3`` then uses the slice thickness of the image header, and ``area_mm2`` gives the in-plane
 area.
+
+:func:`find_detections` returns every component, ranked (the complete findings list);
+:func:`select_findings` keeps the handful a reader wants to see: score at least :data:`DEFAULT_MIN_SCORE`,
+volume at least :data:`DEFAULT_MIN_VOLUME_MM3`, at most :data:`DEFAULT_MAX_FINDINGS`, best first. The
+Slicer module applies the same defaults to the markups it creates (the findings table can list all).
 """
 
 from __future__ import annotations
@@ -16,6 +21,26 @@ import numpy as np
 from scipy import ndimage
 
 from ..io.volumes import Volume
+
+
+DEFAULT_MIN_SCORE = 0.5
+"""Findings whose mean probability is below this are not shown by default."""
+
+DEFAULT_MIN_VOLUME_MM3 = 20.0
+"""Findings smaller than this (mm^3; about 3 mm across) are not shown by default: one- or two-voxel
+components are the bulk of a detector's false positives."""
+
+DEFAULT_MAX_FINDINGS = 10
+"""At most this many findings are shown by default, best score first."""
+
+
+def select_findings(found: list[dict], min_score: float = DEFAULT_MIN_SCORE,
+                    min_volume_mm3: float = DEFAULT_MIN_VOLUME_MM3, max_count: int | None = DEFAULT_MAX_FINDINGS) -> list[dict]:
+    """The findings to show: score >= ``min_score`` and ``volume_mm3`` >= ``min_volume_mm3``, best first, at
+    most ``max_count`` (None: no cap). ``found`` as :func:`find_detections` returns it."""
+    kept = [f for f in sorted(found, key=lambda d: (-d["score"], -d["volume_mm3"]))
+            if f["score"] >= min_score and f["volume_mm3"] >= min_volume_mm3]
+    return kept if max_count is None else kept[: max(0, int(max_count))]
 
 
 def _corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -30,8 +55,8 @@ def find_detections(labels: np.ndarray, prob: np.ndarray, grid: Volume, names: d
     each voxel; grid: the geometry; names: {value: name}.
 
     Returns a list of ``{"label", "name", "center_mm", "score", "max_score", "volume_mm3", "voxels",
-    "bbox_mm"}`` (and ``"area_mm2"`` on a one-slice grid) sorted by ``score`` (mean probability inside
-    the component) descending. ``center_mm``:
+    "bbox_mm", "rank"}`` (and ``"area_mm2"`` on a one-slice grid) sorted by ``score`` (mean probability
+    inside the component) descending, ``rank`` 1 first: every component (see :func:`select_findings`). ``center_mm``:
     LPS centroid of the voxel centres; ``bbox_mm``: [[min x, y, z], [max x, y, z]] in LPS over the
     corners of the component's voxels (on an oblique grid: the LPS-aligned box around them).
     """
@@ -70,4 +95,6 @@ def find_detections(labels: np.ndarray, prob: np.ndarray, grid: Volume, names: d
                             [round(float(c), 3) for c in corners.max(axis=0)]],
             })
     found.sort(key=lambda d: (-d["score"], -d["volume_mm3"]))
+    for rank, finding in enumerate(found, start=1):
+        finding["rank"] = rank
     return found

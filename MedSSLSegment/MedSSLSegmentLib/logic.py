@@ -33,10 +33,21 @@ class MedSSLSegmentLogic(BackendRunner):
         info = self._prepare(volumeNode, modelDir, ("segment", "detect"))
         return self._predict(volumeNode, modelDir, info, "segment", blocking, onEvent, name)
 
+    maxFindings = nodes.DEFAULT_MAX_FINDINGS
+    """Detection: at most this many findings become points (best score first; None: no cap)."""
+    minScore = nodes.DEFAULT_MIN_SCORE
+    """Detection: findings with a lower score (mean probability) are not shown."""
+    minVolumeMm3 = nodes.DEFAULT_MIN_VOLUME_MM3
+    """Detection: smaller findings (mm^3) are not shown."""
+    allFindingsInTable = False
+    """Detection: True lists every finding in the table (column "shown" marks the points), False only the
+    shown ones."""
+
     def detect(self, volumeNode, modelDir, blocking=True, onEvent=None, name=None):
-        """Detect findings -> new ``vtkMRMLMarkupsFiducialNode`` (one control point per finding, labelled
-        "<class> <score>", positions in RAS) referencing a findings ``vtkMRMLTableNode`` (node reference
-        role "MedSSLFindings", also in ``lastOutputs["table"]``)."""
+        """Detect findings -> new ``vtkMRMLMarkupsFiducialNode`` with one control point per shown finding (the
+        best ``maxFindings`` with score >= ``minScore`` and volume >= ``minVolumeMm3``), labelled "<class>
+        <score>", positions in RAS, referencing a findings ``vtkMRMLTableNode`` (node reference role
+        "MedSSLFindings", also in ``lastOutputs["table"]``; every finding with ``allFindingsInTable``)."""
         info = self._prepare(volumeNode, modelDir, ("detect",))
         return self._predict(volumeNode, modelDir, info, "detect", blocking, onEvent, name)
 
@@ -97,11 +108,14 @@ class MedSSLSegmentLogic(BackendRunner):
     def _importDetections(self, volumeNode, info, paths, name):
         with open(paths["detections"], encoding="utf-8") as handle:
             detections = json.load(handle)
+        shown = nodes.selectFindings(detections, self.minScore, self.minVolumeMm3, self.maxFindings)
+        listed = detections if self.allFindingsInTable else shown
         with nodes.rollbackOnError(self.scene):
-            markups = nodes.markupsFromDetections(detections, volumeNode, name, self.scene)
-            table = nodes.tableFromDetections(detections, volumeNode, f"{name} findings", self.scene)
+            markups = nodes.markupsFromDetections(shown, volumeNode, name, self.scene)
+            table = nodes.tableFromDetections(listed, volumeNode, f"{name} findings", self.scene, shown)
             markups.SetNodeReferenceID("MedSSLFindings", table.GetID())
-        self.lastOutputs = {"markups": markups, "table": table}
+            markups.SetAttribute("MedSSL.findings", f"{len(shown)} shown of {len(detections)}")
+        self.lastOutputs = {"markups": markups, "table": table, "findingsTotal": len(detections)}
         return markups
 
     def _importClassification(self, volumeNode, info, paths, name):

@@ -338,6 +338,25 @@ def rollbackOnError(scene):
 # ------------------------------------------------------------------------------------ detections etc.
 
 
+DEFAULT_MIN_SCORE = 0.5
+DEFAULT_MIN_VOLUME_MM3 = 20.0
+DEFAULT_MAX_FINDINGS = 10
+"""Which findings are shown by default (the same defaults as the backend's MedSSL.infer.detect)."""
+
+
+def selectFindings(detections, minScore=DEFAULT_MIN_SCORE, minVolumeMm3=DEFAULT_MIN_VOLUME_MM3,
+                   maxCount=DEFAULT_MAX_FINDINGS) -> list[dict]:
+    """The findings to show: score >= ``minScore``, volume >= ``minVolumeMm3`` (findings without a volume
+    pass), best score first, at most ``maxCount`` (None: no cap)."""
+    def volume(finding):
+        value = finding.get("volume_mm3")
+        return float("inf") if value is None else float(value)
+
+    ranked = sorted(detections, key=lambda f: (-float(f.get("score", 0)), -volume(f)))
+    kept = [f for f in ranked if float(f.get("score", 0)) >= minScore and volume(f) >= minVolumeMm3]
+    return kept if maxCount is None else kept[: max(0, int(maxCount))]
+
+
 def markupsFromDetections(detections, referenceVolume, name, scene=None):
     """New fiducial markups node: one control point per finding at its ``center_mm`` (LPS in the file,
     RAS in the node), labelled "<name> <score>", in the order given (the backend sorts by score).
@@ -390,17 +409,20 @@ def tableFromRows(columns, rows, name, referenceNode=None, scene=None):
 
 
 DETECTION_COLUMNS = [("name", "string"), ("label", "int"), ("score", "double"), ("R", "double"),
-                     ("A", "double"), ("S", "double"), ("volume_mm3", "double")]
-"""Columns of the findings table: class name and value, score, centre in RAS (mm), volume (mm^3)."""
+                     ("A", "double"), ("S", "double"), ("volume_mm3", "double"), ("shown", "int")]
+"""Columns of the findings table: class name and value, score, centre in RAS (mm), volume (mm^3), and 1
+when the finding is one of the points shown."""
 
 
-def tableFromDetections(detections, referenceVolume, name, scene=None):
-    """New table node listing findings (see :data:`DETECTION_COLUMNS`); centres converted LPS -> RAS."""
+def tableFromDetections(detections, referenceVolume, name, scene=None, shown=None):
+    """New table node listing findings (see :data:`DETECTION_COLUMNS`) best score first; centres converted
+    LPS -> RAS. ``shown``: the findings that became points (default: all)."""
+    shownIds = {id(f) for f in (detections if shown is None else shown)}
     rows = []
-    for finding in detections:
+    for finding in sorted(detections, key=lambda f: -float(f.get("score", 0))):
         r, a, s = lpsToRas(finding["center_mm"])
         rows.append([finding.get("name", ""), int(finding.get("label", 0)), float(finding.get("score", 0)),
-                     r, a, s, float(finding.get("volume_mm3") or 0.0)])
+                     r, a, s, float(finding.get("volume_mm3") or 0.0), int(id(finding) in shownIds)])
     return tableFromRows(DETECTION_COLUMNS, rows, name, referenceVolume, scene)
 
 

@@ -137,6 +137,12 @@ def cmd_predict(args):
                 findings.append({"label": value, "name": meta["classes"][str(value)]["name"], "center_mm": list(center),
                                  "score": 0.9 if value == 2 else 0.6, "volume_mm3": float(len(i) * np.prod(image.GetSpacing())),
                                  "bbox_mm": [list(center), list(center)]})
+        extra = int(os.environ.get("FAKE_MEDSSL_FINDINGS", "0"))  # a detector that floods: many weak/small findings
+        for n in range(extra):
+            center = image.TransformContinuousIndexToPhysicalPoint([1.0, 1.0, float(n % values.shape[0])])
+            findings.append({"label": 1, "name": meta["classes"]["1"]["name"], "center_mm": list(center),
+                             "score": round(0.95 - 0.9 * n / max(1, extra), 4), "volume_mm3": 5.0 if n % 3 else 40.0,
+                             "bbox_mm": [list(center), list(center)]})
         with open(args.detections, "w") as handle:
             json.dump(findings, handle)
         outputs["detections"] = args.detections

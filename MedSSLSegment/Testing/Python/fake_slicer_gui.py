@@ -237,7 +237,7 @@ class FakeCheckBox(StrictWidget):
 class FakeSpinBox(StrictWidget):
     """QSpinBox: the value is clamped to [minimum, maximum]; at the minimum ``specialValueText`` shows."""
 
-    PROPERTIES = {"specialValueText", "suffix", "singleStep", "decimals"}
+    PROPERTIES = {"specialValueText", "suffix", "prefix", "singleStep", "decimals"}
     SIGNALS = {"valueChanged(int)", "valueChanged(double)"}
     cast = int
 
@@ -246,6 +246,7 @@ class FakeSpinBox(StrictWidget):
         self._minimum, self._maximum, self._value = self.cast(0), self.cast(99), self.cast(0)
         self.specialValueText = ""
         self.suffix = ""
+        self.prefix = ""
         self.singleStep = 1
         self.decimals = 2
 
@@ -296,7 +297,7 @@ class FakeSpinBox(StrictWidget):
     def shownText(self):  # test helper: what the user sees in the box
         if self.specialValueText and self._value == self._minimum:
             return self.specialValueText
-        return f"{self._value}{self.suffix}"
+        return f"{self.prefix}{self._value}{self.suffix}"
 
 
 class FakeDoubleSpinBox(FakeSpinBox):
@@ -417,7 +418,7 @@ WIDGETS = {"QLabel": FakeLabel, "QPushButton": FakePushButton, "ctkCollapsibleBu
            "ctkPathLineEdit": FakePathLineEdit, "qMRMLNodeComboBox": FakeNodeComboBox,
            "qMRMLCheckableNodeComboBox": FakeNodeComboBox}
 
-_UI_PROPERTIES = ("minimum", "maximum", "value", "specialValueText", "suffix", "decimals", "text", "checked")
+_UI_PROPERTIES = ("minimum", "maximum", "value", "specialValueText", "suffix", "prefix", "decimals", "text", "checked")
 
 
 def _uiValue(element):

@@ -50,6 +50,7 @@ def test_detect_gives_ras_control_points_and_table(logic, scene, tmp_path):
     from MedSSLSegmentLib import geometry, nodes
 
     volume = addVolume(scene, phantom(), name="ct")
+    logic.minVolumeMm3 = 0.0  # the phantom's lesion is 13 mm^3
     markups = logic.detect(volume, bundle(tmp_path, "segment", detection=True))
     assert markups.IsA("vtkMRMLMarkupsFiducialNode") and markups.GetNumberOfControlPoints() == 2
     assert markups.GetNthControlPointLabel(0) == "lesion 0.90" and markups.GetNthControlPointLabel(1) == "tissue 0.60"
@@ -61,6 +62,39 @@ def test_detect_gives_ras_control_points_and_table(logic, scene, tmp_path):
     table = markups.GetNodeReference("MedSSLFindings")
     assert table is logic.lastOutputs["table"] and table.GetNumberOfRows() == 2
     np.testing.assert_allclose([table.GetTable().GetValue(0, c).ToDouble() for c in (3, 4, 5)], expected, atol=1e-6)
+
+
+def test_detections_are_a_handful_of_ranked_findings(logic, scene, tmp_path, monkeypatch):
+    """Issue 11 item 12: a detector that returns 300 components gives at most maxFindings points (score >=
+    minScore, volume >= minVolumeMm3), best first, each labelled with its score; the table lists every
+    finding when asked, marking the shown ones."""
+    monkeypatch.setenv("FAKE_MEDSSL_FINDINGS", "300")
+    volume = addVolume(scene, phantom(), name="ct")
+    model = bundle(tmp_path, "segment", detection=True)
+    markups = logic.detect(volume, model)
+    count = markups.GetNumberOfControlPoints()
+    labels = [markups.GetNthControlPointLabel(i) for i in range(count)]
+    scores = [float(label.rsplit(" ", 1)[1]) for label in labels]
+    assert count == logic.maxFindings == 10 and scores == sorted(scores, reverse=True) and min(scores) >= 0.5
+    assert labels[0] == "tissue 0.95" and all(label.startswith("tissue 0.") for label in labels)
+    assert logic.lastOutputs["table"].GetNumberOfRows() == 10 and logic.lastOutputs["findingsTotal"] == 302
+
+    logic.maxFindings, logic.minScore, logic.allFindingsInTable = 3, 0.0, True
+    markups = logic.detect(volume, model)
+    table = logic.lastOutputs["table"]
+    assert markups.GetNumberOfControlPoints() == 3 and table.GetNumberOfRows() == 302
+    shownColumn = [int(table.GetTable().GetValue(r, 7).ToInt()) for r in range(table.GetNumberOfRows())]
+    assert sum(shownColumn) == 3 and shownColumn[0] == 1  # rows best score first; small ones are not shown
+
+
+def test_slicer_and_backend_detection_defaults_agree():
+    from MedSSL.infer import detect
+    from MedSSLSegmentLib import nodes
+
+    assert (nodes.DEFAULT_MIN_SCORE, nodes.DEFAULT_MIN_VOLUME_MM3, nodes.DEFAULT_MAX_FINDINGS) == (
+        detect.DEFAULT_MIN_SCORE, detect.DEFAULT_MIN_VOLUME_MM3, detect.DEFAULT_MAX_FINDINGS)
+    found = [{"score": s, "volume_mm3": v} for s, v in ((0.9, 100.0), (0.95, 5.0), (0.4, 500.0), (0.7, 30.0))]
+    assert detect.select_findings(found) == nodes.selectFindings(found) == [found[0], found[3]]
 
 
 def test_classify_and_apply_dispatch(logic, scene, tmp_path):

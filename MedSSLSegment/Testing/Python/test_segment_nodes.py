@@ -71,7 +71,7 @@ def test_markups_and_table_from_detections(scene):
     table = nodes.tableFromDetections(findings, volume, "ct findings table")
     assert table.GetNumberOfRows() == 2
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
-    assert columns == ["name", "label", "score", "R", "A", "S", "volume_mm3"]
+    assert columns == ["name", "label", "score", "R", "A", "S", "volume_mm3", "shown"]
     assert table.GetCellText(0, 0) == "nodule" and float(table.GetCellText(1, 3)) == 1.5
 
 

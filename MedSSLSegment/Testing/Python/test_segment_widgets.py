@@ -171,6 +171,7 @@ def test_segment_widget_applies_a_detector(slicer_app, scene, tmp_path):
     (bundle / "model.json").write_text('{"task": "segment", "detection": true, "method": {"name": "genesis"}, '
                                        '"classes": {"1": {"name": "tissue"}, "2": {"name": "lesion"}}}')
     volume = addVolume(scene, phantom(), name="ct")
+    widget.logic.minVolumeMm3 = 0.0  # the phantom's lesion is 13 mm^3
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.modelPathLineEdit.currentPath = str(bundle)
     assert "Detect model: tissue, lesion" in ui.modelInfoLabel.text and ui.applyButton.enabled
@@ -338,3 +339,25 @@ def test_job_folder_and_keep_files_settings_reach_the_logic(slicer_app, scene, t
         settings = slicer.app.userSettings.return_value
         settings.setValue.assert_any_call("MedSSL/WorkDirectory", str(tmp_path / "elsewhere"))
         settings.setValue.assert_any_call("MedSSL/KeepJobFiles", "true")
+
+
+def test_segment_widget_caps_the_findings(slicer_app, scene, tmp_path, monkeypatch):
+    """Issue 11 item 12 in the module: the "Findings shown" setting (at least 1) caps the points."""
+    monkeypatch.setenv("FAKE_MEDSSL_FINDINGS", "100")
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLSegment")
+    assert ui.maxFindingsSpinBox.minimum == 1 and ui.maxFindingsSpinBox.value == 10
+    bundle = tmp_path / "detector"
+    bundle.mkdir()
+    (bundle / "model.json").write_text('{"task": "segment", "detection": true, "classes": {"1": {"name": "tissue"}, '
+                                       '"2": {"name": "lesion"}}}')
+    ui.inputVolumeSelector.setCurrentNode(addVolume(scene, phantom(), name="ct"))
+    ui.modelPathLineEdit.currentPath = str(bundle)
+    ui.maxFindingsSpinBox.value = 4
+    ui.allFindingsCheckBox.checked = True
+    assert widget._parameterNode.maxFindings == 4 and widget._parameterNode.allFindings is True
+    widget.onApplyButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    assert widget.panel.job.result.GetNumberOfControlPoints() == 4
+    assert widget.logic.lastOutputs["table"].GetNumberOfRows() == 102
+    assert ui.statusLabel.text == "4 findings shown (best score first) of 102 found."

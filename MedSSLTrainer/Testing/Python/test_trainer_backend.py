@@ -85,6 +85,7 @@ def test_finetune_segment_detect_suggest(scene, work_dir, monkeypatch, tmp_path)
     applier = MedSSLSegmentLogic()
     applier.device = "cpu"
     applier.keepJobFiles = True  # to compare the markups with the findings file
+    applier.maxFindings, applier.minScore, applier.minVolumeMm3 = None, 0.0, 0.0  # every finding
     segmentation = applier.segment(volume, bundle)
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
     assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume

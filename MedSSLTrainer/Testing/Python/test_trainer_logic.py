@@ -58,7 +58,9 @@ def test_finetune_detector_then_detect(logic, scene, tmp_path):
 
     volume = addVolume(scene, phantom(), name="ct")
     bundle = logic.finetune(volume, painted(scene, volume), predict=False, detection=True)
-    markups = MedSSLSegmentLogic().detect(volume, bundle)
+    applier = MedSSLSegmentLogic()
+    applier.minVolumeMm3 = 0.0  # the phantom's lesion is 13 mm^3
+    markups = applier.detect(volume, bundle)
     assert [markups.GetNthControlPointLabel(i) for i in range(2)] == ["lesion 0.90", "tissue 0.60"]
 
 
