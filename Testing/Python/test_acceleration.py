@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 def test_channels_last_pretraining(tmp_path, capsys):
     write_volume(make_phantom(0, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0)).image, tmp_path / "a.nii.gz")
-    assert main(["pretrain", "--data", str(tmp_path / "a.nii.gz"), "--out", str(tmp_path / "b"), "--cache", str(tmp_path / "c"),
+    assert main(["pretrain", "--device", "cpu", "--data", str(tmp_path / "a.nii.gz"), "--out", str(tmp_path / "b"), "--cache", str(tmp_path / "c"),
                  "--width", "4", "--patch", "32", "32", "16", "--batch-size", "2", "--steps", "3", "--channels-last",
                  "--progress", "none"]) == 0
     assert read_meta(tmp_path / "b")["training"]["steps"] == 3

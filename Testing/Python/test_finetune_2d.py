@@ -17,7 +17,7 @@ from MedSSL.io.volumes import write_volume
 from finetune_helpers import OBLIQUE, blobs_ct, segment_bundle, volume
 
 torch.set_num_threads(1)
-TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--progress", "none", "--threads", "1"]
+TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--progress", "none", "--threads", "1", "--device", "cpu"]
 SPACING, ORIGIN = (0.6, 0.8, 2.5), (10.0, -20.0, 30.0)
 
 
@@ -46,6 +46,8 @@ def dice(a, b) -> float:
 
 
 def run_bad(argv, capsys, named, outputs=()):
+    if argv[0] in ("finetune", "predict", "suggest") and "--device" not in argv:
+        argv = [*argv, "--device", "cpu"]  # explicit: on a GPU machine the checks run on CPU as tuned
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medssl: error: "), err
@@ -78,7 +80,7 @@ def files(tmp_path_factory):
 def pretrained(files, tmp_path_factory):
     """A 2D Models Genesis bundle from `medssl pretrain` on the one-slice images."""
     out = tmp_path_factory.mktemp("pre") / "genesis2d"
-    assert main(["pretrain", "--method", "genesis", "--data", *(str(files / f"img{s}.nii.gz") for s in range(3)),
+    assert main(["pretrain", "--device", "cpu", "--method", "genesis", "--data", *(str(files / f"img{s}.nii.gz") for s in range(3)),
                  "--out", str(out), "--patch", "32", "32", "1", "--steps", "2", "--batch-size", "2", "--width", "4",
                  "--cache", str(out.parent / "cache"), "--progress", "none", "--seed", "5"]) == 0
     assert read_meta(out)["architecture"]["spatial_dims"] == 2
@@ -89,7 +91,7 @@ def pretrained(files, tmp_path_factory):
 def trained(files, tmp_path_factory):
     """A 2D segmentation bundle trained from scratch on two disc images."""
     out = tmp_path_factory.mktemp("seg") / "m"
-    assert main(["finetune", "--image", str(files / "img0.nii.gz"), "--label", str(files / "lab0.nii.gz"),
+    assert main(["finetune", "--device", "cpu", "--image", str(files / "img0.nii.gz"), "--label", str(files / "lab0.nii.gz"),
                  "--image", str(files / "img1.nii.gz"), "--label", str(files / "lab1.nii.gz"), "--out", str(out),
                  "--steps", "80", "--modality", "CT", *TINY]) == 0
     return out
@@ -108,7 +110,7 @@ def test_finetune_on_one_slice_images_writes_a_2d_bundle(trained):
 def test_predict_writes_a_one_slice_label_map_on_the_input_grid(files, trained, tmp_path):
     image = files / "img3.nii.gz"  # unseen, on an oblique grid
     out, det, prob = tmp_path / "pred.nii.gz", tmp_path / "det.json", tmp_path / "prob.nrrd"
-    assert main(["predict", "--model", str(trained), "--image", str(image), "--out", str(out), "--detections", str(det),
+    assert main(["predict", "--device", "cpu", "--model", str(trained), "--image", str(image), "--out", str(out), "--detections", str(det),
                  "--probabilities", str(prob), "--progress", "none"]) == 0
     ref, pred = sitk.ReadImage(str(image)), sitk.ReadImage(str(out))
     assert pred.GetSize() == ref.GetSize() == (48, 48, 1)
@@ -122,7 +124,7 @@ def test_predict_writes_a_one_slice_label_map_on_the_input_grid(files, trained, 
     assert found and found[0]["label"] == 1 and found[0]["area_mm2"] == pytest.approx(found[0]["voxels"] * 0.6 * 0.8, rel=1e-3)
     # --annotation: the painted pixels are copied, components away from the painting dropped
     cleaned = tmp_path / "clean.nii.gz"
-    assert main(["predict", "--model", str(trained), "--image", str(image), "--out", str(cleaned),
+    assert main(["predict", "--device", "cpu", "--model", str(trained), "--image", str(image), "--out", str(cleaned),
                  "--annotation", str(files / "painted3.nii.gz"), "--window", "16", "16", "--tta", "--progress", "none"]) == 0
     clean = sitk.GetArrayFromImage(sitk.ReadImage(str(cleaned)))[0].T
     assert (clean[:6] == 0).all() and dice(clean == 1, truth == 1) > 0.8
@@ -132,7 +134,7 @@ def test_2d_pretraining_bundle_initialises_finetune(files, pretrained, tmp_path)
     _, pre_state = load_bundle(pretrained)
     backbone = {k[len("backbone."):]: v for k, v in pre_state.items() if k.startswith("backbone.")}
     out = tmp_path / "ft"
-    assert main(["finetune", "--image", str(files / "img0.nii.gz"), "--label", str(files / "lab0.nii.gz"), "--out", str(out),
+    assert main(["finetune", "--device", "cpu", "--image", str(files / "img0.nii.gz"), "--label", str(files / "lab0.nii.gz"), "--out", str(out),
                  "--init", str(pretrained), "--steps", "1", "--lr", "1e-12", "--bn-recalibration", "0",
                  "--patch", "32", "32", "--progress", "none", "--threads", "1"]) == 0
     meta, state = load_bundle(out)
@@ -148,13 +150,13 @@ def test_2d_pretraining_bundle_initialises_finetune(files, pretrained, tmp_path)
     # the fine-tuned 2D bundle itself initialises a further fine-tuning (and classification)
     csv = tmp_path / "cls.csv"
     csv.write_text("image,label\n" + "".join(f"{files / f'img{s}.nii.gz'},{s % 2}\n" for s in range(4)))
-    assert main(["finetune", "--task", "classify", "--csv", str(csv), "--out", str(tmp_path / "cls"), "--init", str(out),
+    assert main(["finetune", "--device", "cpu", "--task", "classify", "--csv", str(csv), "--out", str(tmp_path / "cls"), "--init", str(out),
                  "--steps", "2", "--patch", "32", "32", "1", "--progress", "none", "--threads", "1"]) == 0
     cls_meta, cls_state = load_bundle(tmp_path / "cls")
     assert cls_meta["architecture"]["spatial_dims"] == 2 and cls_meta["patch_size"] == [32, 32, 1]
     assert cls_state["backbone.down_tr64.ops.0.conv1.weight"].shape == (4, 1, 3, 3)
     pred = tmp_path / "cls.json"
-    assert main(["predict", "--model", str(tmp_path / "cls"), "--image", str(files / "img2.nii.gz"), "--out", str(pred),
+    assert main(["predict", "--device", "cpu", "--model", str(tmp_path / "cls"), "--image", str(files / "img2.nii.gz"), "--out", str(pred),
                  "--tta", "--progress", "none"]) == 0
     result = json.loads(pred.read_text())
     assert set(result["probabilities"]) == {"class_0", "class_1"} and result["label"] in (0, 1)

@@ -9,7 +9,7 @@ from MedSSL.io.volumes import write_volume
 from finetune_helpers import blobs_ct, segment_bundle, volume
 
 torch.set_num_threads(1)
-TINY = ["--width", "4", "--patch", "16", "16", "8", "--steps", "1", "--progress", "none"]
+TINY = ["--width", "4", "--patch", "16", "16", "8", "--steps", "1", "--device", "cpu", "--progress", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def files(tmp_path_factory):
 
 
 def run_bad(argv, capsys, named, outputs):
+    if argv[0] in ("finetune", "predict", "suggest") and "--device" not in argv:
+        argv = [*argv, "--device", "cpu"]  # explicit: on a GPU machine the checks run on CPU as tuned
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medssl: error: "), err
@@ -122,7 +124,7 @@ def test_models_that_do_not_fit(files, tmp_path, capsys):
 
 def test_suggest_refuses_a_classifier(files, tmp_path, capsys):
     (tmp_path / "t.csv").write_text("img.nii.gz,a\nimg.nii.gz,b\n".replace("img.nii.gz", str(files / "img.nii.gz")))
-    assert main(["finetune", "--task", "classify", "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "cls"),
+    assert main(["finetune", "--device", "cpu", "--task", "classify", "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "cls"),
                  *TINY]) == 0
     out = tmp_path / "s.json"
     message = run_bad(["suggest", "--model", str(tmp_path / "cls"), "--image", str(files / "img.nii.gz"), "--out", str(out)],

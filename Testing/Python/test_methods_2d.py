@@ -169,7 +169,7 @@ def radiographs(tmp_path_factory):
 @pytest.mark.parametrize("name,settings", [("caid", {}), ("dira", {"adversarial_warmup": 0.0})])
 def test_2d_short_run_lowers_the_loss_and_writes_a_2d_bundle(name, settings, radiographs, tmp_path):
     out = tmp_path / "bundle"
-    assert main(["pretrain", "--data", str(radiographs), "--method", name, "--method-settings", json.dumps(settings),
+    assert main(["pretrain", "--device", "cpu", "--data", str(radiographs), "--method", name, "--method-settings", json.dumps(settings),
                  "--out", str(out), "--width", "4", "--patch", "32", "32", "8", "--steps", "40", "--batch-size", "8",
                  "--lr", "2e-3", "--progress", "none", "--cache", str(tmp_path / "cache"), "--seed", "0"]) == 0
     meta, state = load_bundle(out)
@@ -190,7 +190,7 @@ def test_2d_short_run_lowers_the_loss_and_writes_a_2d_bundle(name, settings, rad
 
 def test_2d_pretraining_with_spacing_resamples_in_plane_only(radiographs, tmp_path):
     out = tmp_path / "bundle"
-    assert main(["pretrain", "--data", str(radiographs), "--method", "genesis", "--out", str(out), "--width", "4",
+    assert main(["pretrain", "--device", "cpu", "--data", str(radiographs), "--method", "genesis", "--out", str(out), "--width", "4",
                  "--patch", "16", "16", "1", "--steps", "1", "--batch-size", "2", "--spacing", "8", "8", "2",
                  "--progress", "none", "--cache", str(tmp_path / "cache")]) == 0
     summary = load_bundle(out)[0]["data_summary"]
@@ -270,7 +270,7 @@ def test_ark_2d_batches_heads_teacher_and_bundle(ark_2d, tmp_path):
 def test_ark_2d_short_run_lowers_the_task_loss_and_writes_a_2d_bundle(ark_2d, tmp_path):
     folder, _ = ark_2d
     out = tmp_path / "ark"
-    assert main(["pretrain", "--method", "ark", "--datasets", str(folder / "spec.json"), "--out", str(out),
+    assert main(["pretrain", "--device", "cpu", "--method", "ark", "--datasets", str(folder / "spec.json"), "--out", str(out),
                  "--steps", "40", "--batch-size", "4", "--lr", "3e-3", "--cache", str(tmp_path / "cache"), "--seed", "0",
                  "--width", "4", "--patch", "32", "32", "8", "--progress", "none"]) == 0
     meta, state = load_bundle(out)
@@ -302,7 +302,7 @@ def test_ark_2d_spec_mixing_a_3d_case_is_refused(ark_2d, tmp_path, capsys):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(bad))
     out = tmp_path / "out"
-    assert main(["pretrain", "--method", "ark", "--datasets", str(path), "--out", str(out), "--steps", "1",
+    assert main(["pretrain", "--device", "cpu", "--method", "ark", "--datasets", str(path), "--out", str(out), "--steps", "1",
                  "--cache", str(tmp_path / "cache"), "--width", "4", "--patch", "32", "32", "8", "--progress", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medssl: error: ") and str(path) in err[0], err

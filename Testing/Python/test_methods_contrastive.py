@@ -197,7 +197,7 @@ def phantoms(tmp_path_factory):
 @pytest.mark.parametrize("name,settings", [("caid", {}), ("dira", {"adversarial_warmup": 0.0})])
 def test_short_run_lowers_the_restoration_loss_and_initialises_finetuning(name, settings, phantoms, tmp_path):
     out = tmp_path / "bundle"
-    assert main(["pretrain", "--data", str(phantoms), "--method", name, "--method-settings", json.dumps(settings),
+    assert main(["pretrain", "--device", "cpu", "--data", str(phantoms), "--method", name, "--method-settings", json.dumps(settings),
                  "--out", str(out), "--width", "4", "--patch", "16", "16", "8", "--steps", "40", "--batch-size", "8", "--lr", "2e-3",
                  "--progress", "none", "--cache", str(tmp_path / "cache"), "--seed", "0"]) == 0
     meta = json.loads((out / "model.json").read_text())

@@ -22,7 +22,7 @@ from medssl_testing import official_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--width", "4", "--patch", "32", "32", "16", "--batch-size", "2", "--cubes-per-volume", "6"]
+TINY = ["--width", "4", "--patch", "32", "32", "16", "--batch-size", "2", "--cubes-per-volume", "6", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_no_marker_in_outputs(tmp_path, capsys):
     assert read_volume(series).modality == "CT"
     tiny = ["--width", "4", "--patch", "32", "32", "16", "--progress", "json"]
     cache, bundle, model = tmp_path / "cache", tmp_path / "bundle", tmp_path / "model"
-    assert main(["pretrain", "--data", str(series.parent), "--out", str(bundle), "--cache", str(cache),
+    assert main(["pretrain", "--device", "cpu", "--data", str(series.parent), "--out", str(bundle), "--cache", str(cache),
                  "--steps", "3", "--batch-size", "2", "--cubes-per-volume", "4", *tiny]) == 0
     label = np.full(phantom.labels.shape, 255, np.uint8)
     label[:, :, 12] = (phantom.labels.array[:, :, 12] == 1).astype(np.uint8)
@@ -55,11 +55,11 @@ def test_no_marker_in_outputs(tmp_path, capsys):
     image.CopyInformation(reference.Execute())
     label_path = tmp_path / f"{MARKER}_label.nii.gz"
     sitk.WriteImage(image, str(label_path))
-    assert main(["finetune", "--image", str(series), "--label", str(label_path), "--init", str(bundle),
+    assert main(["finetune", "--device", "cpu", "--image", str(series), "--label", str(label_path), "--init", str(bundle),
                  "--out", str(model), "--steps", "2", *tiny]) == 0
     report = tmp_path / "report"
     report.mkdir()
-    assert main(["predict", "--model", str(model), "--image", str(series), "--out", str(report / "pred.nii.gz"),
+    assert main(["predict", "--device", "cpu", "--model", str(model), "--image", str(series), "--out", str(report / "pred.nii.gz"),
                  "--detections", str(report / "det.json"), "--progress", "json"]) == 0
     assert main(["evaluate", "--pred", str(report / "pred.nii.gz"), "--truth", str(label_path),
                  "--json", str(report / "scores.json"), "--figure", str(report / "scores.png")]) == 0
