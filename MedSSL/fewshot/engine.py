@@ -13,12 +13,14 @@ log-odds, :mod:`.appearance`). A voxel takes the class of largest z_c when it is
 
 * Between painted planes d_c is the blended distance of the two neighbouring planes (:func:`.shape.blend`).
 * Past the first and last painted plane, slice by slice, d_c is the previous slice's result carried on
-  and shrunk by ``taper`` mm per mm travelled; only 2D components that overlap the previous slice are
-  kept, and the walk stops at the first empty slice (the structure ended).
-* ``weight`` and ``taper`` are chosen per volume by leave-one-plane-out on the painting itself: each
-  inner painted plane is predicted from its two neighbours, each end plane by walking from the next
-  plane, with an appearance model trained without that plane, and the pair with the best mean Dice on
-  the held-out planes wins. With one painted plane there is nothing to hold out: the defaults are used.
+  and shrunk (``taper``: with two or more painted planes, as the painted shapes' equivalent radius
+  trends, :func:`radius_trend`, at least MIN_TAPER mm per mm; with one, ``default_taper`` mm per mm);
+  only 2D components that overlap the previous slice are kept, the appearance weighs at least
+  WALK_MIN_WEIGHT there (the image is the only evidence), and the walk stops at the first empty slice.
+* ``weight`` is chosen per volume by leave-one-plane-out on the painting itself: each inner painted
+  plane is predicted from its two neighbours, each end plane by walking from the next plane, with an
+  appearance model trained without that plane, and the weight with the best mean Dice on the held-out
+  planes wins. With one painted plane there is nothing to hold out: ``default_weight`` is used.
 * Painted voxels keep their painted values; predicted components that touch no painted voxel of their
   class are removed.
 """
@@ -41,6 +43,8 @@ WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 TREND = "trend"
 #: the least a carried shape shrinks in trend mode, mm per mm travelled
 MIN_TAPER = 0.1
+#: past the painted range the image is the only evidence: the walk weighs appearance at least this much
+WALK_MIN_WEIGHT = 1.0
 TAU0_MM = 1.0
 TAU1 = 0.15
 MAX_FOLDS = 6
@@ -194,13 +198,14 @@ def _shrink_fn(frame: _Frame, classes, taper, planes=None, fallback: float = 0.3
         fixed = np.full(len(classes), float(taper) * dz, np.float32)
         return lambda k_from, k_to: fixed
     fits = radius_trend(frame, classes, planes)
+    floor = np.full(len(classes), MIN_TAPER * dz, np.float32)
 
     def shrink(k_from: int, k_to: int) -> np.ndarray:
         out = np.empty(len(classes), np.float32)
         for i, fit in enumerate(fits):
             r_from = np.sqrt(max(fit(k_from * dz), 0.0))
             r2_to = fit(k_to * dz)
-            out[i] = FAR if r2_to <= 0 else max(MIN_TAPER * dz, r_from - np.sqrt(r2_to))
+            out[i] = FAR if r2_to <= 0 else max(floor[i], r_from - np.sqrt(r2_to))
         return out
 
     return shrink
@@ -239,7 +244,7 @@ def _compose(frame: _Frame, odds, weight: float, taper, classes) -> tuple[np.nda
             d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
             out[..., k], prob[..., k] = _decide(d, _tau(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
     for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
-        for k, labels, p in _walk(out[..., start], slices, odds, weight, shrink, classes, sampling, dz):
+        for k, labels, p in _walk(out[..., start], slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
             out[..., k], prob[..., k] = labels, p
     return out, prob
 
@@ -277,7 +282,7 @@ def _fold_scores(frame: _Frame, classes, settings: FewShotSettings) -> dict:
         taper = settings.taper if settings.taper is not None else TREND
         shrink = _shrink_fn(frame, classes, taper, [p for p in planes if p != k], settings.default_taper)
         for w in WEIGHTS:
-            walked = _walk(_painted(frame, start), slices, odds, w, shrink, classes, sampling, dz)
+            walked = _walk(_painted(frame, start), slices, odds, max(w, WALK_MIN_WEIGHT), shrink, classes, sampling, dz)
             pred = walked[-1][1] if walked and walked[-1][0] == k else np.zeros_like(truth)
             scores[w].append(_dice(pred, truth, classes))
     return {w: float(np.mean(v)) for w, v in scores.items()}
