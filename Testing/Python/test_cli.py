@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,9 +53,7 @@ def test_python_dash_m_and_the_parent_watchdog(tmp_path):
               f"watch_parent({parent.pid}, interval=0.2); time.sleep(60); sys.exit(0)")
     child = subprocess.Popen([sys.executable, "-c", script], env=env)
     parent.wait()
-    started = time.monotonic()
-    assert child.wait(timeout=30) == 3
-    assert time.monotonic() - started < 30
+    assert child.wait(timeout=120) == 3  # 3: the watchdog's exit (the child itself sleeps 60 s, then exits 0)
     done = subprocess.run([sys.executable, "-m", "MedSSL", "--version"], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("medssl ")
 
