@@ -423,8 +423,10 @@ def run_one(args, out: Path, arm: str, target: dict, seed: int, image_path: Path
     budget = args.official_finetune_time if arm == "official" else args.finetune_time
     steps = getattr(args, "finetune_steps", None)  # bench_methods: a step budget instead of wall time
     limit = ["--steps", str(steps)] if steps else ["--max-time", str(budget)]
-    argv = ["finetune", "--image", str(image_path), "--label", str(target["label"]), "--classes", str(classes),
-            "--out", str(bundle), "--init", init, *limit, "--seed", str(seed),
+    # --engine network: these arms compare initialisations of the fine-tuned U-Net (a painted image alone
+    # would otherwise go to the few-shot engine, which has no network to initialise; see bench_fewshot)
+    argv = ["finetune", "--engine", "network", "--image", str(image_path), "--label", str(target["label"]),
+            "--classes", str(classes), "--out", str(bundle), "--init", init, *limit, "--seed", str(seed),
             "--device", args.device, "--progress", "none", "--threads", str(args.threads)]
     if arm == "scratch":
         argv += ["--width", str(args.pretrain_width)]

@@ -11,6 +11,7 @@ The prediction runs in a child process (``python -m MedSSL predict``, with --pro
 
     python Testing/Benchmarks/bench_predict_memory.py [--shape 320 320 245] [--classes 62] [--width 4]
         [--overlap 0.25] [--memory-mb 1024] [--threads 2]
+    python Testing/Benchmarks/bench_predict_memory.py --quick   # smoke run (the test suite's): seconds
 """
 
 from __future__ import annotations
@@ -58,8 +59,13 @@ def make_volume(path: Path, shape) -> None:
     write_volume(Volume(array, np.array([0.8, 0.8, 1.5]), np.zeros(3), np.eye(3)), path, compress=False)
 
 
-def main() -> None:
+QUICK = {"shape": [48, 48, 24], "classes": 3, "patch": [16, 16, 8], "memory_mb": 0.5, "threads": 1}
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run in seconds: a 48x48x24 volume, 3 classes, 16x16x8 patch, 0.5 MB slabs, 1 thread")
     ap.add_argument("--shape", type=int, nargs=3, default=[320, 320, 245])
     ap.add_argument("--classes", type=int, default=62)
     ap.add_argument("--width", type=int, default=4)
@@ -69,7 +75,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--detections", action="store_true",
                     help="also write detections (random weights give a speckled map: very many components)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         tmp = Path(tmp)
         make_bundle(tmp / "model", args.classes, args.width, args.patch)
@@ -88,7 +97,7 @@ def main() -> None:
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
         voxels = int(np.prod(args.shape))
         print(json.dumps({
-            "benchmark": "predict_memory", "peak_rss_mb": round(peak_kb / 1024, 1), "seconds": round(seconds, 1),
+            "benchmark": "predict_memory", "quick": args.quick, "peak_rss_mb": round(peak_kb / 1024, 1), "seconds": round(seconds, 1),
             "seconds_per_megavoxel": round(seconds / (voxels / 1e6), 2), "device": "cpu",
             "cpu_model": _cpu_model(), "voxels": voxels, "shape": args.shape, "classes": args.classes, "width": args.width, "patch": args.patch,
             "overlap": args.overlap, "memory_mb_target": args.memory_mb, "threads": args.threads,

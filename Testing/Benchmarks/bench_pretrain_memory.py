@@ -6,6 +6,7 @@ memory-mapped from the cache, so the peak should stay flat as N grows. Prints on
 and a summary object as the last line.
 
     python Testing/Benchmarks/bench_pretrain_memory.py --volumes 10 100
+    python Testing/Benchmarks/bench_pretrain_memory.py --quick   # smoke run (the test suite's): seconds
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def run_size(n: int, args, work: Path) -> dict:
     cmd = [sys.executable, "-m", "MedSSL", "pretrain", "--data", str(data), "--out", str(work / f"out{n}"),
            "--cache", str(work / f"cache{n}"), "--width", str(args.width), "--patch", *map(str, args.patch),
            "--batch-size", "4", "--steps", str(args.steps), "--cubes-per-volume", str(args.cubes_per_volume),
-           "--threads", "1", "--progress", "none"]
+           "--threads", "1", "--device", "cpu", "--progress", "none"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.monotonic()
     child = subprocess.Popen(cmd, env=env)
@@ -49,15 +50,23 @@ def run_size(n: int, args, work: Path) -> dict:
             "cube_cache_mb": round(cache_mb, 1), "seconds": round(time.monotonic() - started, 1)}
 
 
-def main() -> None:
+QUICK = {"volumes": [2], "shape": [32, 32, 16], "patch": [16, 16, 8], "cubes_per_volume": 4, "steps": 2}
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run in seconds: 2 volumes of 32x32x16, 16x16x8 cubes, 2 steps")
     parser.add_argument("--volumes", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48])
     parser.add_argument("--patch", type=int, nargs=3, default=[32, 32, 16])
     parser.add_argument("--cubes-per-volume", type=int, default=32)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
     results = []
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         for n in sorted(args.volumes):

@@ -4,6 +4,7 @@ Run from the repository root (no installation needed)::
 
     python Testing/Benchmarks/bench_transforms.py --seconds 10
     python Testing/Benchmarks/bench_transforms.py --device cuda --width 32 --train-steps 20
+    python Testing/Benchmarks/bench_transforms.py --quick   # smoke run (the test suite's): seconds
 
 What is measured, as the trainer runs it:
 
@@ -178,7 +179,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--stage-repeats", type=int, default=10, help="batches per building block (0 = skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run in seconds: 0.2 s of 2 cubes of 32x32x16, 1 batch per stage, 1 width-4 step")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.batch, args.patch, args.width, args.train_steps, args.stage_repeats = 0.2, 2, (32, 32, 16), 4, 1, 1
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,6 +197,8 @@ def main(argv=None) -> int:
     config = GenesisTransformConfig()
 
     result = {
+        "benchmark": "transforms",
+        "quick": args.quick,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),

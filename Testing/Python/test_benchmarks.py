@@ -1,0 +1,98 @@
+"""A smoke run of every benchmark whose numbers the READMEs quote (``--quick`` and tiny sizes; seconds
+each), so a README table cannot silently lose the code that made it. The real-data benchmarks read a
+stand-in data root: phantoms written at the paths of the shared data folder they expect.
+(bench_fewshot, the few-shot engine's benchmark, is not run here.)"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from MedSSL.data.phantom import make_phantom
+from MedSSL.io.volumes import write_volume
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "Benchmarks"
+
+
+def bench(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # bench_methods imports bench_label_efficiency
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_transforms_quick(capsys):
+    assert bench("bench_transforms").main(["--quick", "--threads", "1"]) == 0
+    result = last_json(capsys)
+    assert result["benchmark"] == "transforms" and result["quick"] and result["cubes_per_s"] > 0
+    assert {"bezier", "inpaint", "outpaint"} <= set(result["stage_ms_per_cube"]) and result["train_step_s"] > 0
+
+
+def test_bench_predict_memory_quick(capsys):
+    bench("bench_predict_memory").main(["--quick"])
+    result = last_json(capsys)
+    assert result["benchmark"] == "predict_memory" and result["quick"] and result["peak_rss_mb"] > 0
+    assert result["shape"] == [48, 48, 24] and result["memory_mb_target"] == 0.5
+
+
+def test_bench_pretrain_memory_quick(capsys):
+    bench("bench_pretrain_memory").main(["--quick"])
+    result = last_json(capsys)
+    assert result["benchmark"] == "pretrain_memory" and [r["volumes"] for r in result["results"]] == [2]
+    assert result["results"][0]["peak_rss_mb"] > 0
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Phantoms at the shared-data paths bench_label_efficiency reads (the DICOM folder holds a NIfTI: the
+    pretraining input is any folder searched for volumes); the liver stands in for the spleen (label 1)."""
+    le = bench("bench_label_efficiency")
+    root = tmp_path_factory.mktemp("shared_data")
+    for i, relative in enumerate(le.PRETRAIN_DATA):
+        path = root / relative
+        if not relative.endswith(".nii.gz"):
+            path = path / "series.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_volume(make_phantom(i, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0)).image, path)
+    phantom = make_phantom(20, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0))
+    (root / le.EVAL_FOLDER).mkdir()
+    write_volume(phantom.image, root / le.EVAL_IMAGE)
+    write_volume(phantom.labels.with_array((phantom.labels.array == 1).astype(np.uint8)), root / le.EVAL_LABEL)
+    return root
+
+
+def test_bench_label_efficiency_quick(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = bench("bench_label_efficiency").main([
+        "--quick", "--data-root", str(data_root), "--out", str(out), "--cache", str(tmp_path / "cache"),
+        "--pretrain-steps", "2", "--pretrain-width", "4", "--pretrain-patch", "16", "16", "8", "--pretrain-batch", "2",
+        "--finetune-time", "1", "--official-width", "4", "--threads", "1", "--device", "cpu"])
+    summary = last_json(capsys)
+    assert status == 0, summary["failed_runs"]
+    assert summary["benchmark"] == "label_efficiency" and summary["quick"]
+    raw = summary["dice"]["raw"]["3"]  # k = 3: a Dice for every arm and the interpolation baseline
+    assert {"scratch", "pretrained", "official", "interpolation"} <= set(raw)
+    assert all(raw[arm] is not None for arm in ("scratch", "pretrained", "official", "interpolation")), raw
+    assert (out / "table.md").is_file() and (out / "summary.json").is_file()
+
+
+def test_bench_methods_quick(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = bench("bench_methods").main([
+        "--quick", "--data-root", str(data_root), "--out", str(out), "--cache", str(tmp_path / "cache"),
+        "--pretrain-steps", "2", "--finetune-steps", "2", "--width", "4", "--patch", "16", "16", "8", "--batch", "2",
+        "--threads", "1", "--device", "cpu"])
+    summary = last_json(capsys)
+    assert status == 0, summary.get("failed_runs")
+    assert (out / "table.md").is_file() and (out / "summary.json").is_file()
+    # --report rebuilds the table from the results alone
+    assert bench("bench_methods").main(["--report", "--out", str(out), "--data-root", str(data_root)]) == 0
