@@ -59,11 +59,12 @@ class MedSSLTrainerLogic(BackendRunner):
         inputs = os.path.join(jobDir, "inputs")
         data = [self._dataPath(item, inputs, index) for index, item in enumerate(items)]
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "pretrain"))
-        args = ["--data", *data, "--method", method, "--out", outputDir]
+        cache = os.path.join(jobDir, "cache")  # resampled cubes of the scans: deleted with the inputs
+        args = ["--data", *data, "--method", method, "--out", outputDir, "--cache", cache]
         args += ["--init", self.checkModel(initModel)] if initModel else []
         args += budget + ["--progress", "json"]
         return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
-                        blocking, onEvent, [inputs])
+                        blocking, onEvent, [inputs, cache])
 
     @removesUnstartedJobFolders
     def pretrainOnDatasets(self, datasets, method="ark", outputDir=None, steps=None, maxTime=None, width=None,
@@ -90,11 +91,12 @@ class MedSSLTrainerLogic(BackendRunner):
                 shutil.rmtree(jobDir, ignore_errors=True)  # nothing half-written is left behind
                 raise
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "pretrain"))
-        args = ["--datasets", spec, "--method", method, "--out", outputDir]
+        cache = os.path.join(jobDir, "cache")
+        args = ["--datasets", spec, "--method", method, "--out", outputDir, "--cache", cache]
         args += ["--init", self.checkModel(initModel)] if initModel else []
         args += budget + ["--progress", "json"]
         return self.run(jobDir, [self.command("pretrain", *args)], lambda job: _bundleOf(job, outputDir),
-                        blocking, onEvent, [inputs])
+                        blocking, onEvent, [inputs, cache])
 
     @removesUnstartedJobFolders
     def finetune(self, volumeNode, segmentationNode, outputDir=None, initModel=None, steps=None, maxTime=None,

@@ -59,6 +59,10 @@ def cmd_methods(args):
 
 
 def cmd_pretrain(args):
+    if args.cache:  # as the real backend: cubes cut from the scans are cached there
+        os.makedirs(args.cache, exist_ok=True)
+        with open(os.path.join(args.cache, "cubes.npy"), "wb") as handle:
+            handle.write(b"patient-derived cubes")
     if args.datasets:
         with open(args.datasets, encoding="utf-8") as handle:
             spec = json.load(handle)
@@ -199,6 +203,7 @@ def main():
     source.add_argument("--datasets")
     p.add_argument("--method", default="genesis")
     p.add_argument("--out", required=True)
+    p.add_argument("--cache")
     p = sub.add_parser("finetune", parents=[common])
     for flag in ("--image", "--label", "--classes", "--out"):
         p.add_argument(flag, required=True)

@@ -224,3 +224,14 @@ def test_non_positive_budgets_are_refused_before_a_job_starts(logic, scene, budg
     with pytest.raises(ValueError, match="must be more than 0"):
         logic.pretrain([volume], **budget)
     assert logic.lastJob is None and not os.path.exists(os.path.join(os.environ["MEDSSL_WORK_DIR"], "jobs"))
+
+
+def test_pretraining_cache_of_patient_cubes_goes_with_the_job(logic, scene):
+    """Issue 11 item 9: the cubes cut from the scans are cached in the job folder, not ~/.cache, and deleted
+    with the input copies when the job ends."""
+    volume = addVolume(scene, phantom(), name="ct")
+    logic.keepJobFiles = True
+    logic.pretrain([volume], steps=2)
+    left = sorted(os.listdir(logic.lastJob.jobDir))
+    assert "cache" not in left and "inputs" not in left and "log.txt" in left
+    assert "--cache " + os.path.join(logic.lastJob.jobDir, "cache") in open(logic.lastJob.logPath).read()
