@@ -101,3 +101,40 @@ def roc_png(result: dict) -> bytes:
 def write_png(path, data: bytes) -> None:
     """Write PNG bytes to ``path`` through a temporary file in the same folder and a rename."""
     atomic_write_bytes(path, data)
+
+
+def painted_result_png(image, painted, prediction, truth, axis: int, slices, names: dict, title: str,
+                       window=(-160.0, 240.0)) -> bytes:
+    """A row of slices along ``axis``: the image (gray, ``window`` in its units), the painted contours
+    (on painted slices), the prediction and the truth, one colour per kind, with a legend.
+
+    image, painted, prediction, truth: (X, Y, Z) arrays on one grid (painted: 255 = not annotated);
+    slices: indices along ``axis`` to show; names: {class value: name} (contours of every class drawn).
+    """
+    import numpy as np
+    from matplotlib.lines import Line2D
+
+    slices = list(slices)
+    fig = _figure(2.6 * len(slices), 3.2)
+    kinds = (("painted", "#ffd23f", "-"), ("prediction", "#3fa7ff", "-"), ("truth", "#ff4f4f", "--"))
+    for n, index in enumerate(slices):
+        ax = fig.add_subplot(1, len(slices), n + 1)
+        take = lambda a: np.take(a, index, axis=axis).T  # noqa: E731  rows = second remaining axis
+        ax.imshow(take(image), cmap="gray", vmin=window[0], vmax=window[1], origin="lower", interpolation="nearest")
+        plane_painted = take(painted)
+        layers = [(take(prediction), kinds[1], 1.2), (take(truth), kinds[2], 1.2),
+                  (np.where(plane_painted == 255, 0, plane_painted), kinds[0], 2.4)]
+        for labels, (_, colour, style), width in layers:
+            for value in names:
+                mask = (labels == value).astype(float)
+                if mask.any() and not mask.all():
+                    ax.contour(mask, levels=[0.5], colors=[colour], linestyles=[style], linewidths=width)
+        is_painted = bool(np.all(plane_painted != 255))
+        ax.set_title(f"slice {index}" + (" (painted)" if is_painted else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([0], [0], color=c, linestyle=s, label=k) for k, c, s in kinds]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.82, bottom=0.12, wspace=0.04)
+    return _png(fig)

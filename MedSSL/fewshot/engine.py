@@ -381,7 +381,7 @@ def fit_painting(image: np.ndarray, spacing, painted: np.ndarray, settings: FewS
             f"{'x'.join(str(s.stop - s.start) for s in frame.box)} voxels, {frame.features.shape[0]} features")
     init = previous.net if previous is not None and _compatible(previous.net, frame.features.shape[0], classes,
                                                                  previous.classes) else None
-    steps = settings.steps if init is None else max(50, settings.steps // 4)
+    steps = settings.steps if init is None else settings.steps // 4
     net = frame.train(classes, steps=steps, seed=settings.seed, init=init)
     if init is not None and previous.calibration and settings.weight is None and settings.taper is None:
         weight, taper, calibration = previous.weight, previous.taper, previous.calibration

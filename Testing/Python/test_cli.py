@@ -59,13 +59,18 @@ def test_python_dash_m_and_the_parent_watchdog(tmp_path):
 
 
 def test_demo_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
-    """The whole demo chain (phantoms, pretrain, finetune, predict with clean-up, evaluate) on small budgets."""
+    """The whole demo chain (phantoms, pretrain, few-shot engine, predict, evaluate, figure) on small budgets.
+
+    Baseline: shape interpolation from the same 5 painted slices ("Fill between slices") scores 0.82 on
+    this phantom; the engine must beat it by 0.03 (it scored 0.89), and reach 0.80 per class."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--volumes", "2", "--pretrain-time", "3", "--finetune-time", "4",
-                 "--width", "4", "--progress", "none"]) == 0
+    assert main(["demo", "--out", str(out), "--volumes", "2", "--pretrain-time", "3", "--width", "4",
+                 "--device", "cpu", "--progress", "none"]) == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert set(report["dice_on_unpainted_slices"]) == {"liver", "spleen"}
-    assert all(0.0 <= d <= 1.0 for d in report["dice_on_unpainted_slices"].values())
+    assert report["mean_dice"] >= report["interpolation_mean_dice"] + 0.03
+    assert min(report["dice_on_unpainted_slices"].values()) >= 0.80
     assert len(report["painted_slices"]) == 5
     assert (out / "finetuned" / "model.json").is_file() and (out / "prediction.nii.gz").is_file()
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Dice on the slices that were not painted" in capsys.readouterr().out

@@ -29,7 +29,10 @@ def dice(a, b):
 
 
 def finetune(image, label, out, *extra):
-    return main(["finetune", "--image", str(image), "--label", str(label), "--out", str(out), *TINY, *extra])
+    """The network path (``--engine network``): these tests are about U-Net fine-tuning; a painting would
+    otherwise go to the few-shot engine, tested in test_fewshot.py."""
+    return main(["finetune", "--image", str(image), "--label", str(label), "--out", str(out), "--engine", "network",
+                 *TINY, *extra])
 
 
 # ----- the loss ignores 255 --------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
                  "preprocessing": {"intensity": {"modality": "CT", "ct_window": [-500, 500], "mr_percentiles": [1, 99]},
                                    "target_spacing_mm": None, "modality": "CT"}})
     args = ["--steps", "1", "--patch", "16", "16", "16", "--bn-recalibration", "0", "--lr", "1e-12"]
-    base = ["finetune", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
+    base = ["finetune", "--engine", "network", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
             "--batch-size", "2", "--progress", "none"]
     assert main([*base, "--out", str(tmp_path / "a"), "--init", str(tmp_path / "pre"), *args]) == 0
     meta = read_meta(tmp_path / "a")
@@ -221,7 +224,7 @@ def test_max_time_alone_spreads_the_schedule_over_the_budget(small_case, tmp_pat
 
 
 def test_progress_json_and_bundle_fields(small_case, tmp_path, capsys):
-    assert main(["finetune", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
+    assert main(["finetune", "--engine", "network", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
                  "--out", str(tmp_path / "m"), "--width", "4", "--steps", "3", "--patch", "16", "16", "16",
                  "--detection", "--progress", "json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
