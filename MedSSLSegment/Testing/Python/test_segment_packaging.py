@@ -57,6 +57,20 @@ def test_root_cmakelists_metadata_and_backend():
     assert os.path.isfile(os.path.join(ROOT, "Resources", "Icons", "MedSSL.png"))
 
 
+def test_extension_urls_point_at_files_in_the_repository():
+    """Issue 11 item 10: the icon and every screenshot URL name a PNG that is in the repository (the
+    raw.githubusercontent.com URLs of the main branch map to paths in this tree)."""
+    text = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    urls = re.search(r'set\(EXTENSION_ICONURL "([^"]+)"\)', text).group(1).split()
+    urls += re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
+    prefix = "https://raw.githubusercontent.com/MedSSL/SlicerMedSSL/main/"
+    assert len(urls) >= 2
+    for url in urls:
+        assert url.startswith(prefix), url
+        path = os.path.join(ROOT, *url[len(prefix):].split("/"))
+        assert os.path.isfile(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", url
+
+
 def imports(path):
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     for node in ast.walk(tree):
