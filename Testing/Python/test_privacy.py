@@ -55,7 +55,7 @@ def test_no_marker_in_outputs(tmp_path, capsys):
     image.CopyInformation(reference.Execute())
     label_path = tmp_path / f"{MARKER}_label.nii.gz"
     sitk.WriteImage(image, str(label_path))
-    assert main(["finetune", "--device", "cpu", "--image", str(series), "--label", str(label_path), "--init", str(bundle),
+    assert main(["finetune", "--engine", "network", "--device", "cpu", "--image", str(series), "--label", str(label_path), "--init", str(bundle),
                  "--out", str(model), "--steps", "2", *tiny]) == 0
     report = tmp_path / "report"
     report.mkdir()
