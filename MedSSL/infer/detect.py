@@ -11,6 +11,7 @@ area.
 :func:`select_findings` keeps the handful a reader wants to see: score at least :data:`DEFAULT_MIN_SCORE`,
 volume at least :data:`DEFAULT_MIN_VOLUME_MM3`, at most :data:`DEFAULT_MAX_FINDINGS`, best first. The
 Slicer module applies the same defaults to the markups it creates (the findings table can list all).
+The defaults are a reading-room choice, not yet tuned by FROC (see Testing/Benchmarks/bench_detection_defaults.py).
 """
 
 from __future__ import annotations
