@@ -269,6 +269,9 @@ def describeModel(info: dict) -> str:
     method = (info.get("method") or {}).get("name", "?")
     if task == "pretrain":
         return f"Pretrained model ({method}): fine-tune it in MedSSL Trainer before applying it."
+    if task == "fewshot":
+        return (f"Few-shot model: {names}. It completes the painting it was trained with (MedSSL Trainer); it "
+                "cannot be applied to a volume here.")
     return f"{task.capitalize()} model: {names} (pretraining: {method})."
 
 

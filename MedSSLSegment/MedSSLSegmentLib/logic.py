@@ -61,6 +61,10 @@ class MedSSLSegmentLogic(BackendRunner):
         task = backend.bundleTask(self.modelInfo(modelDir))
         method = {"segment": self.segment, "detect": self.detect, "classify": self.classify}.get(task)
         if method is None:
+            if task == "fewshot":
+                raise ValueError(f"{modelDir}: a few-shot model completes the painting it was trained with; use "
+                                 "MedSSL Trainer (Fine-tune and segment) on that volume, or fine-tune a network model "
+                                 "to apply it to other scans")
             raise ValueError(f"{modelDir}: a '{task}' bundle cannot be applied (pretrained models need fine-tuning)")
         return method(volumeNode, modelDir, blocking=blocking, onEvent=onEvent, name=name)
 

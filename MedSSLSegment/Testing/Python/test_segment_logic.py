@@ -168,3 +168,9 @@ def test_job_folders_keep_no_patient_data(scene, fake_backend, tmp_path, monkeyp
     with pytest.raises(jobs.JobError, match="cannot start"):
         logic.segment(volume, str(model))
     assert sorted(os.listdir(jobsFolder)) == before
+
+
+def test_few_shot_bundle_is_refused_with_a_reason(logic, scene, tmp_path):
+    volume = addVolume(scene, phantom(), name="ct")
+    with pytest.raises(ValueError, match="completes the painting it was trained with"):
+        logic.apply(volume, bundle(tmp_path, "fewshot"))
