@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
                         "whole plane when it fits a memory budget (default: the bundle's choice, 'plane' for few-shot "
                         "and 2D bundles, else the training patch)")
     p.add_argument("--min-volume", type=float, default=0.0, metavar="MM3", help="smallest detection to report (default 0)")
+    p.add_argument("--min-score", type=float, default=None, metavar="P",
+                   help="report only detections whose score (mean probability) is at least P (default: all)")
+    p.add_argument("--max-findings", type=int, default=None, metavar="N",
+                   help="report at most the N best detections (default: all)")
     p.add_argument("--memory-mb", type=float, default=1024.0,
                    help="target size of the sliding-window accumulator; larger volumes are processed in slabs (default 1024)")
     add_runtime_options(p)
@@ -57,6 +61,18 @@ def parse_window(values):
     return window
 
 
+def _finding_filter(args):
+    """None (every finding) or a function keeping the findings that pass --min-score / --max-findings."""
+    if args.min_score is None and args.max_findings is None:
+        return None
+    if args.max_findings is not None and args.max_findings < 1:
+        raise MedSSLError(f"--max-findings {args.max_findings}: must be at least 1")
+    from ..infer.detect import select_findings
+
+    return lambda found: select_findings(found, min_score=args.min_score or 0.0, min_volume_mm3=0.0,
+                                         max_count=args.max_findings)
+
+
 def _is_fewshot(path) -> bool:
     from ..bundle import is_bundle, read_meta
     from ..fewshot.bundle import is_fewshot_meta
@@ -70,7 +86,7 @@ def _run_fewshot(args) -> int:
 
     progress = make_progress(args)
     outputs = predict_fewshot(args.model, args.image, args.out, args.annotation, progress, args.detections,
-                              args.probabilities, args.min_volume)
+                              args.probabilities, args.min_volume, _finding_filter(args))
     progress.done(outputs=outputs)
     return 0
 
@@ -92,7 +108,7 @@ def run(args) -> int:
         raise MedSSLError(f"--memory-mb {args.memory_mb}: must be positive")
     options = PredictOptions(tta=args.tta, largest_component=args.largest_component, annotation=args.annotation,
                              overlap=overlap, memory_mb=args.memory_mb, min_volume_mm3=args.min_volume,
-                             window=parse_window(args.window))
+                             window=parse_window(args.window), select=_finding_filter(args))
     progress = make_progress(args)
     outputs = predict_files(model, args.image, args.out, options, progress, detections=args.detections,
                             probabilities=args.probabilities)

@@ -3,8 +3,9 @@
 A painted label map is (X, Y, Z) uint8 on the image grid: 0 = background, 1..254 = classes, 255 = not
 annotated. A *painted plane* is a whole slice along one of the three index axes (0 = i, 1 = j, 2 = k)
 in which (almost) every voxel is annotated. Painting on several axes at once is allowed (e.g. two axial
-planes and one sagittal plane): each axis keeps its own list. Planes of other axes cross a slice in a
-line only, so "almost every voxel" tells a painted plane from a slice that another axis' plane crosses.
+planes and one sagittal plane): each axis keeps its own list. Planes of other axes cross a slice in
+lines only: even with every other axial plane painted, a sagittal slice is only half annotated, so
+"almost every voxel" (PAINTED_FRACTION) tells a painted plane from a slice that other planes cross.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..errors import MedSSLError
 
 IGNORE = 255
 #: a slice counts as painted when at least this fraction of its voxels is annotated
-PAINTED_FRACTION = 0.5
+PAINTED_FRACTION = 0.98
 AXIS_NAMES = ("i", "j", "k")
 
 

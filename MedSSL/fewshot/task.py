@@ -32,12 +32,15 @@ def choose_engine(config, engine: str) -> str:
     """"fewshot" or "network" for a segmentation fine-tuning run.
 
     auto: the few-shot engine for one 3D image whose label is a painting (painted planes, 255 elsewhere);
-    the network for dense labels, several images and one-slice (2D) images.
+    the network for dense labels, several images, one-slice (2D) images and detectors (``--detection``: a
+    detector is applied to other scans, which have no painting).
     """
     if engine not in ENGINES:
         raise MedSSLError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
-    if engine == "network":
-        return engine
+    if engine == "fewshot" and getattr(config, "detection", False):
+        raise MedSSLError("--detection: a detector is applied to other scans; it needs --engine network (or auto)")
+    if engine == "network" or getattr(config, "detection", False):
+        return "network"
     if len(config.images) != 1 or len(config.labels) != 1:
         if engine == "fewshot":
             raise MedSSLError("--engine fewshot: give exactly one --image and its painted --label")
@@ -114,8 +117,9 @@ def finetune_fewshot(config, progress: Progress, steps: int | None = None) -> Pa
 
 
 def predict_fewshot(model_path, image_path, out, annotation_path, progress: Progress, detections=None,
-                    probabilities=None, min_volume_mm3: float = 0.0) -> dict:
-    """``medssl predict`` with a few-shot bundle: the painting (``--annotation``) is required."""
+                    probabilities=None, min_volume_mm3: float = 0.0, select=None) -> dict:
+    """``medssl predict`` with a few-shot bundle: the painting (``--annotation``) is required.
+    ``select``: None or a function filtering the detections list."""
     from ..infer.detect import find_detections
     from ..infer.predict import check_output_path, write_json
     from .bundle import load_fewshot_bundle
@@ -141,6 +145,7 @@ def predict_fewshot(model_path, image_path, out, annotation_path, progress: Prog
         names = {int(k): v["name"] for k, v in (meta.get("classes") or {}).items()}
         found = find_detections(result.labels, np.where(result.labels > 0, fg_prob, 0).astype(np.float16), image,
                                 names, min_volume_mm3)
+        found = select(found) if select else found
     progress.stage("write", "writing the outputs")
     write_volume(image.with_array(result.labels.astype(np.uint8)), out)
     outputs = {"labels": os.fspath(out)}

@@ -46,6 +46,7 @@ class PredictOptions:
     sw_batch_size: int = 2
     min_volume_mm3: float = 0.0
     window: tuple | None = None
+    select: object = None  # None, or a function filtering the detections list (``--min-score``, ``--max-findings``)
 
 
 @dataclass
@@ -163,6 +164,7 @@ def predict_files(model: LoadedModel, image_path, out, options: PredictOptions, 
         names = {v: model.name_of(v) for v in model.classes}
         prob = np.where(seg.labels.array > 0, seg.max_prob, 0).astype(np.float16)
         found = find_detections(seg.labels.array, prob, volume, names, options.min_volume_mm3)
+        found = options.select(found) if options.select else found
     progress.stage("write", "writing the outputs")
     outputs = {"labels": os.fspath(out)}
     write_volume(seg.labels, out)

@@ -3,8 +3,9 @@
 Uncertainty per voxel: the entropy of the test-time-augmented prediction (softmax averaged over the
 identity and three flips), divided by log(C) so it lies in [0, 1]. A slice's score is the mean over its
 voxels. Already annotated slices can be left out (``annotation``): with 255 present in the label map a
-slice counts as annotated when it holds any voxel other than 255; a label map without 255 (exported
-segmentations) counts slices holding any non-zero voxel.
+slice counts as annotated when (almost) all of its voxels are other than 255 (a painted plane: planes
+painted along another axis only cross it); a label map without 255 (exported segmentations) counts
+slices holding any non-zero voxel.
 
 2D bundles (one-slice images) are refused: an image of one slice has no other slice to suggest.
 """
@@ -39,9 +40,11 @@ def slice_entropy(model: LoadedModel, volume: Volume, image_path, tta: bool = Tr
 
 def annotated_slices(annotation: np.ndarray, axis: int) -> np.ndarray:
     """Boolean (n_slices,) along ``axis``: which slices are already annotated (see module doc)."""
+    from ..fewshot.planes import PAINTED_FRACTION
+
     other = tuple(a for a in range(3) if a != axis)
     if np.any(annotation == IGNORE):
-        return np.any(annotation != IGNORE, axis=other)
+        return (annotation != IGNORE).mean(axis=other) >= PAINTED_FRACTION
     return np.any(annotation > 0, axis=other)
 
 

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default ../shared/data)")
     p.add_argument("--cases", nargs="+", default=None, help="case names (default: all)")
-    p.add_argument("--ks", nargs="+", type=int, default=[1, 3, 5])
+    p.add_argument("--ks", nargs="*", type=int, default=[1, 3, 5], help="painted planes (none: only the upper bound)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--previous", action="store_true", help="also run the previous engine (slow: about 90 s a run)")
     p.add_argument("--ablation", action="store_true", help="also run the engine with one ingredient removed")

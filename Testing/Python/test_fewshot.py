@@ -215,6 +215,9 @@ def test_cli_finetune_predict_suggest_and_a_correction_round(painted_files, caps
     assert dice_off(pred1, truth, 2, [8, 16]) > 0.85
     findings = json.loads((f / "det.json").read_text())
     assert len(findings) == 1 and findings[0]["name"] == "organ"
+    assert _predict(f, f / "m1", "round1.nii.gz", f / "p0.nii.gz", "--detections", str(f / "none.json"),
+                    "--min-score", "1.01") == 0
+    assert json.loads((f / "none.json").read_text()) == []
     prob = read_volume(f / "prob.nii.gz").array
     assert prob[truth > 0].mean() > 0.8 and prob[(truth == 0)].mean() < 0.1
     capsys.readouterr()
@@ -275,3 +278,12 @@ def test_fewshot_with_a_pretrained_network_adds_its_decoder_features(painted_fil
     assert meta["architecture"]["features"] == 10 + 8 and meta["architecture"]["backbone_width"] == 4
     assert _predict(f, f / "m", "round1.nii.gz", f / "p.nii.gz") == 0
     assert dice_off(read_volume(f / "p.nii.gz").array, read_volume(f / "truth.nii.gz").array, 2, [8, 16]) > 0.8
+
+
+def test_a_detector_on_a_painting_is_a_network(painted_files):
+    """--detection asks for a model applied to other scans (no painting there): auto picks the network."""
+    f = painted_files
+    assert _finetune(f, "round1.nii.gz", f / "det", "--detection", "--steps", "2", "--width", "4",
+                     "--patch", "16", "16", "8") == 0
+    meta = json.loads((f / "det" / "model.json").read_text())
+    assert meta["task"] == "segment" and meta["detection"] is True

@@ -33,10 +33,14 @@ def test_ranking_picks_the_most_uncertain_slices_and_skips_annotated_ones():
 
 
 def test_annotated_slices_rule():
+    """Whole painted planes count; a plane painted along another axis only crosses the others (a line)."""
     painted = np.full((4, 4, 6), 255, np.uint8)
     painted[:, :, 2] = 0
+    painted[:, :, 4] = 0
     painted[1, 1, 4] = 1
+    painted[3] = 0  # a sagittal plane: it crosses every axial slice in a line
     assert annotated_slices(painted, 2).tolist() == [False, False, True, False, True, False]
+    assert annotated_slices(painted, 0).tolist() == [False, False, False, True]
     exported = np.zeros((4, 4, 6), np.uint8)  # a segmentation export without 255: slices with a class count
     exported[0, 0, 5] = 3
     assert annotated_slices(exported, 2).tolist() == [False] * 5 + [True]
