@@ -38,6 +38,18 @@ class MedSSLTrainerLogic(BackendRunner):
     ``maxTime`` (seconds); ``width`` is the network's base width; None leaves the backend's default.
     """
 
+    @property
+    def _fewShotModels(self) -> dict:
+        """(volume node ID, segmentation node ID) -> the few-shot model of the last round."""
+        if not hasattr(self, "_fewShotModelsByPair"):
+            self._fewShotModelsByPair = {}
+        return self._fewShotModelsByPair
+
+    def previousFewShotModel(self, volumeNode, segmentationNode):
+        """The few-shot model folder of the last round on this volume and segmentation, or None."""
+        bundle = self._fewShotModels.get((volumeNode.GetID(), segmentationNode.GetID()))
+        return bundle if bundle and _isFewShotModel(bundle) else None
+
     def availableMethods(self) -> list[dict]:
         """Pretraining methods the backend offers: [{"name", "description"}] (fallback: genesis)."""
         return backend.availableMethods(python=self.python)
@@ -101,7 +113,7 @@ class MedSSLTrainerLogic(BackendRunner):
     @removesUnstartedJobFolders
     def finetune(self, volumeNode, segmentationNode, outputDir=None, initModel=None, steps=None, maxTime=None,
                  width=None, blocking=True, predict=True, sliceAxis=None, onEvent=None, detection=False,
-                 cleanup=True):
+                 cleanup=True, correction=True):
         """Few-shot fine-tuning on the planes painted in ``segmentationNode`` (see :func:`sparseLabels`:
         slices painted in any view, along any of the volume's axes; ``sliceAxis`` forces one ITK axis).
         The planes used are logged, written first in the job's log and kept in ``lastPlanes``.
@@ -112,6 +124,11 @@ class MedSSLTrainerLogic(BackendRunner):
         ``cleanup`` that prediction keeps only components connected to the painted structures and the
         painted voxels themselves (the backend's ``--annotation`` few-shot clean-up). ``detection`` marks the
         bundle as a detector (usable with MedSSLSegmentLogic.detect). Returns the new bundle folder.
+
+        Correction rounds: a painting of one volume goes to the backend's few-shot engine, which writes a
+        few-shot model. With ``correction`` (default), a later call for the same volume and segmentation
+        starts from that model (``--init`` of the previous round: its appearance model is refined with a
+        quarter of the steps, a few seconds) instead of ``initModel``; ``lastInit`` says what was used.
         """
         self.checkVolume(volumeNode)
         budget = backend.budgetArgs(steps, maxTime, width, self.device)
@@ -130,6 +147,13 @@ class MedSSLTrainerLogic(BackendRunner):
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "finetune"))
         args = ["--image", image, "--label", label, "--classes", classesPath, "--out", outputDir]
         args += ["--detection"] if detection else []
+        roundKey = (volumeNode.GetID(), segmentationNode.GetID())
+        previous = self.previousFewShotModel(volumeNode, segmentationNode) if correction and not detection else None
+        if previous:
+            logging.info("MedSSL: correction round, starting from the previous few-shot model %s", previous)
+            _appendLog(jobDir, f"MedSSL: correction round, starting from {previous}")
+            initModel = previous
+        self.lastInit = initModel
         args += ["--init", initModel if str(initModel).lower() == "none" else self.checkModel(initModel)] if initModel else []
         args += budget + ["--progress", "json"]
         commands = [self.command("finetune", *args)]
@@ -141,6 +165,8 @@ class MedSSLTrainerLogic(BackendRunner):
 
         def onFinished(job):
             bundle = _bundleOf(job, outputDir)
+            if _isFewShotModel(bundle):
+                self._fewShotModels[roundKey] = bundle
             if predict:
                 nodes.checkStillInScene(volumeNode)
                 job.segmentationNode = self._importPrediction(volumeNode, bundle, prediction)
@@ -214,6 +240,15 @@ def _paintedLabelsOrNone(segmentationNode, volumeNode):
         return sparseLabels(segmentationNode, volumeNode)[0]
     except ValueError:
         return None
+
+
+def _isFewShotModel(bundle) -> bool:
+    """True when ``bundle`` holds a few-shot model (model.json ``task: "fewshot"``)."""
+    try:
+        with open(os.path.join(bundle, "model.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("task") == "fewshot"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _bundleOf(job, default) -> str:

@@ -166,3 +166,44 @@ def test_one_slice_volume_gets_a_2d_model(scene, work_dir, monkeypatch, tmp_path
     labels, _info = nodes.segmentsLabelmap(raw, volume)
     dice = 2 * np.sum((labels[0] == 1) & disc) / (np.sum(labels[0] == 1) + disc.sum())
     assert dice > 0.8, dice
+
+
+def test_fewshot_engine_on_sagittal_paint_and_a_correction_round(scene, work_dir, monkeypatch, tmp_path):
+    """Paint the lesion on two sagittal planes (numpy axis 2 = ITK i): the default engine (few-shot) segments
+    it in 3D; painting one more plane and fine-tuning again starts from the first round's model."""
+    from MedSSLSegmentLib import nodes
+    from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+
+    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
+    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
+    array = phantom()
+    rng = np.random.default_rng(0)
+    array = (array + rng.normal(0, 10, array.shape)).astype(np.int16)
+    truth = (array > 200).astype(np.uint8)
+    matrix = obliqueMatrix(spacing=(1.1, 0.9, 2.5))
+    volume = nodes.addVolumeFromArray(array, matrix, "ct", scene=scene)
+    classes = {"1": {"name": "lesion", "color": [1.0, 0.0, 0.0]}}
+
+    def painting(planes):
+        painted = np.zeros(array.shape, np.uint8)
+        for i in planes:
+            painted[:, :, i] = truth[:, :, i]
+        return nodes.segmentationFromLabelmap(painted, matrix, classes, volume, "painted")
+
+    trainer = MedSSLTrainerLogic()
+    trainer.device = "cpu"
+    annotation = painting([13, 17])
+    first = trainer.finetune(volume, annotation, initModel="none")
+    meta = json.loads(open(os.path.join(first, "model.json")).read())
+    assert meta["task"] == "fewshot" and meta["fewshot"]["painted_planes"]["i"] == [13, 17]
+    labels, _ = nodes.segmentsLabelmap(trainer.lastOutputs["segmentation"], volume)
+    hidden = np.ones(array.shape, bool)
+    hidden[:, :, [13, 17]] = False
+    dice = 2 * ((labels > 0) & (truth > 0) & hidden).sum() / (((labels > 0) & hidden).sum() + (truth[hidden] > 0).sum())
+    assert dice > 0.8  # interpolation has nothing outside i = 13..17, where most of the lesion is
+
+    assert trainer.previousFewShotModel(volume, annotation) == first
+    second = trainer.finetune(volume, annotation, initModel="none")  # round 2 starts from round 1's model
+    assert trainer.lastInit == first and second != first
+    meta = json.loads(open(os.path.join(second, "model.json")).read())
+    assert meta["init"]["fewshot_round"] is True
