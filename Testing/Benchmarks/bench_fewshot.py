@@ -62,7 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--ablation", action="store_true", help="also run the engine with one ingredient removed")
     p.add_argument("--init-bundle", type=Path, default=None, help="also run with this bundle's decoder features")
     p.add_argument("--no-upper", action="store_true", help="skip the every-other-plane upper bound")
-    p.add_argument("--quick", action="store_true", help="smoke run: spleen_ct or cord_t2w, k = 3, seed 0")
+    p.add_argument("--quick", action="store_true", help="smoke run: cord_t2w, k = 3, seed 0")
+    p.add_argument("--report", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="no runs: rebuild the table, plot and summary in --out from these folders' runs.jsonl")
     p.add_argument("--out", type=Path, default=HERE / "results" / "fewshot")
     args = p.parse_args(argv)
     if args.quick:
@@ -201,6 +203,8 @@ def summarise(rows, args) -> tuple[dict, str]:
         if up:
             table[f"{name}/upper"] = {"upper": {"mean": up[0]["dice"], "seconds": up[0]["seconds"]}}
     for k in args.ks:
+        if not all("engine" in table[f"{n}/k{k}"] for n in cases):
+            continue
         eng = [table[f"{n}/k{k}"]["engine"]["mean"] for n in cases]
         inter = [table[f"{n}/k{k}"]["interpolation"]["mean"] for n in cases]
         margins = [e - i for e, i in zip(eng, inter)]
@@ -280,8 +284,34 @@ def hardware() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def report(args) -> int:
+    """Merge earlier runs (``--report``): rows of the later folders replace the same case/arm/k/seed."""
+    merged = {}
+    for folder in args.report:
+        for line in (folder / "runs.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            merged[(row["case"], row["arm"], str(row["k"]), row["seed"])] = row
+    rows = list(merged.values())
+    args.ks = sorted({r["k"] for r in rows if isinstance(r["k"], int)})
+    args.seeds = sorted({r["seed"] for r in rows if r["arm"] == "engine"})
+    return _write(rows, args)
+
+
+def _write(rows, args) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary, md = summarise(rows, args)
+    (args.out / "table.md").write_text(md + "\n")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(summary["table"], summary["cases"], args, args.out / "dice_vs_k.png")
+    print(md, file=sys.stderr)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args)
     if not load_cases(args.data, args.cases[:1] if args.cases else ["cord_t2w"]):
         print(json.dumps({"benchmark": "fewshot", "skipped": f"no data at {args.data}"}))
         return 0
@@ -297,13 +327,7 @@ def main(argv=None) -> int:
             for row in case_rows:
                 log.write(json.dumps(row) + "\n")
             rows += case_rows
-    summary, md = summarise(rows, args)
-    (args.out / "table.md").write_text(md + "\n")
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(summary["table"], summary["cases"], args, args.out / "dice_vs_k.png")
-    print(md, file=sys.stderr)
-    print(json.dumps(summary), flush=True)
-    return 0
+    return _write(rows, args)
 
 
 if __name__ == "__main__":
