@@ -246,7 +246,7 @@ def test_torchrun_finetune_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp_ft"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "MedSSL",
-           "finetune", "--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "painted.nii.gz"),
+           "finetune", "--engine", "network", "--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "painted.nii.gz"),
            "--out", str(out), "--width", "4", "--patch", "32", "32", "16", "--steps", "4", "--device", "cpu",
            "--progress", "none"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
