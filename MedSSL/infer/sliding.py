@@ -129,6 +129,11 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
             on_slab(1, 1)
         return
     x_size, y_size, depth = array.shape
+    roi = tuple(int(p) for p in patch)
+    rolling_mb = (channels + 1) * x_size * y_size * roi[2] * 4 / 2**20  # float32 (channels + count) x one window's depth
+    if all(s >= r for s, r in zip(array.shape, roi)) and rolling_mb <= memory_mb:
+        _run_rolling(array, predictor, roi, channels, reduce, overlap, sw_batch_size, device, on_slab)
+        return
     slabs = plan_slabs(depth, int(patch[2]), channels, x_size * y_size, memory_mb)
     for i, slab in enumerate(slabs):
         inputs = torch.from_numpy(np.ascontiguousarray(array[:, :, slab.start:slab.stop])).to(device)
@@ -141,6 +146,59 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
         del out, inputs
         if on_slab is not None:
             on_slab(i + 1, len(slabs))
+
+
+def _run_rolling(array: np.ndarray, predictor: Callable, roi: tuple, channels: int, reduce: Callable, overlap: float,
+                 sw_batch_size: int, device: torch.device, on_slab: Callable | None) -> None:
+    """MONAI's sliding window (same windows, same Gaussian weights) with a rolling float32 accumulator one
+    window deep: windows run in Z order, and slices no later window reaches are blended, handed to
+    ``reduce`` and dropped. Every window runs once (no recomputed slab margins) and the accumulator holds
+    ``channels + 1`` maps of X x Y x patch_z voxels whatever the depth."""
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    shape = tuple(int(s) for s in array.shape)
+    interval = _get_scan_interval(shape, roi, 3, (overlap,) * 3)
+    windows = sorted(dense_patch_slices(shape, roi, interval), key=lambda w: (w[2].start, w[0].start, w[1].start))
+    weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
+    inputs = torch.from_numpy(array).to(device)
+    pz = roi[2]
+    acc = torch.zeros((channels, shape[0], shape[1], pz), dtype=torch.float32, device=device)
+    count = torch.zeros((shape[0], shape[1], pz), dtype=torch.float32, device=device)
+    starts = sorted({w[2].start for w in windows})
+    base = 0  # volume slice of acc[..., 0]
+
+    def flush(stop: int) -> None:
+        nonlocal base
+        d = stop - base
+        if d <= 0:
+            return
+        block = acc[..., :d].div_(count[..., :d])
+        reduce(block, base, stop)
+        acc[..., : pz - d] = acc[..., d:].clone()
+        acc[..., pz - d:] = 0
+        count[..., : pz - d] = count[..., d:].clone()
+        count[..., pz - d:] = 0
+        base = stop
+
+    done = 0
+    for k, z0 in enumerate(starts):
+        flush(z0)
+        row = [w for w in windows if w[2].start == z0]
+        for i in range(0, len(row), sw_batch_size):
+            batch = row[i:i + sw_batch_size]
+            x = torch.stack([inputs[w[0], w[1], w[2]] for w in batch])[:, None]
+            out = predictor(x)
+            for w, o in zip(batch, out):
+                local = (w[0], w[1], slice(w[2].start - base, w[2].stop - base))
+                acc[(slice(None), *local)].addcmul_(o[:channels].float(), weight)
+                count[local] += weight
+        done += 1
+        if on_slab is not None and k + 1 < len(starts):
+            on_slab(done, len(starts))
+    flush(shape[2])
+    if on_slab is not None:
+        on_slab(len(starts), len(starts))
 
 
 class SegmentationReducer:
