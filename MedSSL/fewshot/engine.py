@@ -258,7 +258,9 @@ def _fold_scores(frame: _Frame, classes, settings: FewShotSettings) -> dict:
     """
     planes = frame.planes
     sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
-    held = planes if len(planes) <= MAX_FOLDS else [planes[int(round(i))] for i in np.linspace(0, len(planes) - 1, MAX_FOLDS)]
+    with_structure = [k for k in planes if _painted(frame, k).any()]  # empty planes score 1 for every weight
+    held = with_structure if len(with_structure) <= MAX_FOLDS else \
+        [with_structure[int(round(i))] for i in np.linspace(0, len(with_structure) - 1, MAX_FOLDS)]
     scores = {w: [] for w in WEIGHTS}
     for index in [planes.index(k) for k in held]:
         k = planes[index]
@@ -285,7 +287,7 @@ def _fold_scores(frame: _Frame, classes, settings: FewShotSettings) -> dict:
             walked = _walk(_painted(frame, start), slices, odds, max(w, WALK_MIN_WEIGHT), shrink, classes, sampling, dz)
             pred = walked[-1][1] if walked and walked[-1][0] == k else np.zeros_like(truth)
             scores[w].append(_dice(pred, truth, classes))
-    return {w: float(np.mean(v)) for w, v in scores.items()}
+    return {w: float(np.mean(v)) if v else 0.0 for w, v in scores.items()}
 
 
 def _choose(frame: _Frame, classes, settings: FewShotSettings) -> tuple[float, object, dict]:
