@@ -61,7 +61,8 @@ def plan_slabs(depth: int, patch_z: int, channels: int, plane_voxels: int, memor
 
 
 def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = False) -> Callable:
-    """Window function for MONAI: (B, 1, X, Y, Z) -> (B, C [+1], X, Y, Z) float16 probabilities; for a 2D
+    """Window function for MONAI: (B, 1, X, Y, Z) -> (B, C [+1], X, Y, Z) probabilities (float32 on the
+    CPU, float16 on a GPU); for a 2D
     network (B, 1, X, Y) -> (B, C [+1], X, Y).
 
     Softmax of the network's logits, averaged over :data:`TTA_FLIPS` when ``tta`` (2D: the X and Y
@@ -70,9 +71,13 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
     [0, 1].
     """
 
-    @torch.no_grad()
+    channels_last = _use_channels_last(network)
+
+    @torch.inference_mode()
     def predict(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         flips = tta_flips(x.dim()) if tta else ((),)
         total = None
         for dims in flips:
@@ -87,9 +92,20 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
             c = probs.shape[1]
             h = -(probs * torch.log(probs.clamp_min(1e-8))).sum(dim=1, keepdim=True) / max(np.log(c), 1e-8)
             probs = torch.cat([probs, h], dim=1)
-        return probs.half()
+        # CPU: float32 (fp16 arithmetic is emulated there; the rolling accumulator is float32); GPU: half
+        return probs if x.device.type == "cpu" else probs.half()
 
     return predict
+
+
+def _use_channels_last(network: torch.nn.Module) -> bool:
+    """A 3D network on the CPU runs channels-last (oneDNN's fast 3D convolutions: measured 1.5x on the
+    width-8 U-Net); the module's parameters are converted once, in place."""
+    params = list(network.parameters())
+    if not params or params[0].device.type != "cpu" or getattr(network, "spatial_dims", 3) != 3:
+        return False
+    network.to(memory_format=torch.channels_last_3d)
+    return True
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -106,6 +122,7 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@torch.inference_mode()
 def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
               reduce: Callable[[torch.Tensor, int, int], None], *, overlap: float = 0.5, sw_batch_size: int = 2,
               memory_mb: float = 1024.0, device: torch.device = torch.device("cpu"),
@@ -117,12 +134,13 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
     called after each slab (progress). ``spatial_dims`` 2: ``array`` is a one-slice image (X, Y, 1),
     ``patch`` (X, Y, 1) or (X, Y), and ``predictor`` takes (B, 1, X, Y) windows (see the module doc).
     """
+    monai_predictor = lambda x: predictor(x).contiguous()  # noqa: E731 (MONAI blends faster in the default layout)
     if spatial_dims == 2:
         if array.shape[2] != 1:
             raise ValueError(f"a 2D sliding window needs a one-slice image (X, Y, 1), got {array.shape}")
         inputs = torch.from_numpy(np.ascontiguousarray(array[:, :, 0])).to(device).half()[None, None]
         out = sliding_window_inference(inputs, roi_size=tuple(int(p) for p in patch[:2]), sw_batch_size=sw_batch_size,
-                                       predictor=predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
+                                       predictor=monai_predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
                                        cval=0.0)
         reduce(out[0, ..., None], 0, 1)
         if on_slab is not None:
@@ -139,7 +157,7 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
         inputs = torch.from_numpy(np.ascontiguousarray(array[:, :, slab.start:slab.stop])).to(device)
         inputs = inputs.half()[None, None]
         out = sliding_window_inference(inputs, roi_size=tuple(int(p) for p in patch), sw_batch_size=sw_batch_size,
-                                       predictor=predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
+                                       predictor=monai_predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
                                        cval=0.0)
         lo, hi = slab.core_start - slab.start, slab.core_stop - slab.start
         reduce(out[0, :, :, :, lo:hi], slab.core_start, slab.core_stop)
@@ -163,7 +181,8 @@ def _run_rolling(array: np.ndarray, predictor: Callable, roi: tuple, channels: i
     weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
     inputs = torch.from_numpy(array).to(device)
     pz = roi[2]
-    acc = torch.zeros((channels, shape[0], shape[1], pz), dtype=torch.float32, device=device)
+    # channels last (X, Y, Z, C), as the CPU network's output: blending reads it without a transposition
+    acc = torch.zeros((shape[0], shape[1], pz, channels), dtype=torch.float32, device=device)
     count = torch.zeros((shape[0], shape[1], pz), dtype=torch.float32, device=device)
     starts = sorted({w[2].start for w in windows})
     base = 0  # volume slice of acc[..., 0]
@@ -173,10 +192,10 @@ def _run_rolling(array: np.ndarray, predictor: Callable, roi: tuple, channels: i
         d = stop - base
         if d <= 0:
             return
-        block = acc[..., :d].div_(count[..., :d])
-        reduce(block, base, stop)
-        acc[..., : pz - d] = acc[..., d:].clone()
-        acc[..., pz - d:] = 0
+        block = acc[:, :, :d].div_(count[:, :, :d, None])
+        reduce(block.permute(3, 0, 1, 2), base, stop)
+        acc[:, :, : pz - d] = acc[:, :, d:].clone()
+        acc[:, :, pz - d:] = 0
         count[..., : pz - d] = count[..., d:].clone()
         count[..., pz - d:] = 0
         base = stop
@@ -191,7 +210,7 @@ def _run_rolling(array: np.ndarray, predictor: Callable, roi: tuple, channels: i
             out = predictor(x)
             for w, o in zip(batch, out):
                 local = (w[0], w[1], slice(w[2].start - base, w[2].stop - base))
-                acc[(slice(None), *local)].addcmul_(o[:channels].float(), weight)
+                acc[local].addcmul_(o[:channels].float().permute(1, 2, 3, 0), weight[..., None])
                 count[local] += weight
         done += 1
         if on_slab is not None and k + 1 < len(starts):
