@@ -3,6 +3,7 @@
 --min-gap (suggest)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -108,48 +109,59 @@ def segmenter(tmp_path_factory):
     return root
 
 
-def record_sliding(monkeypatch):
-    """The overlap of every sliding window and the slabs of every plan."""
-    seen = {"overlap": [], "slabs": []}
-    real_window, real_plan = sliding.sliding_window_inference, sliding.plan_slabs
+def spy_sliding_window(monkeypatch):
+    """The overlap and memory target of every sliding-window run (wherever ``run_slabs`` was imported)."""
+    import MedSSL.infer.predict  # noqa: F401  (loaded, so their imported name can be replaced)
+    import MedSSL.infer.suggest  # noqa: F401
 
-    def window(*args, **kwargs):
-        seen["overlap"].append(kwargs["overlap"])
-        return real_window(*args, **kwargs)
+    seen = []
+    real = sliding.run_slabs
 
-    def plan(*args, **kwargs):
-        slabs = real_plan(*args, **kwargs)
-        seen["slabs"].append(len(slabs))
-        return slabs
+    def run_slabs(*args, **kwargs):
+        seen.append({"overlap": kwargs.get("overlap"), "memory_mb": kwargs.get("memory_mb")})
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(sliding, "sliding_window_inference", window)
-    monkeypatch.setattr(sliding, "plan_slabs", plan)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("MedSSL") and getattr(module, "run_slabs", None) is real:
+            monkeypatch.setattr(module, "run_slabs", run_slabs)
     return seen
 
 
 def test_predict_overlap_and_memory_mb(segmenter, tmp_path, monkeypatch, capsys):
-    seen = record_sliding(monkeypatch)
+    """--overlap changes the blended probabilities; --memory-mb reaches the sliding window and, however small,
+    leaves the labels as they were."""
+    from MedSSL.io.volumes import read_volume
+
+    seen = spy_sliding_window(monkeypatch)
     base = ["predict", "--model", str(segmenter / "bundle"), "--image", str(segmenter / "ct.nii.gz"),
             "--device", "cpu", "--progress", "none"]
-    assert main([*base, "--out", str(tmp_path / "a.nii.gz")]) == 0
-    assert set(seen["overlap"]) == {0.5} and seen["slabs"] == [1]  # the bundle's overlap; 24 slices fit 1 GB
-    seen["overlap"].clear(), seen["slabs"].clear()
-    assert main([*base, "--out", str(tmp_path / "b.nii.gz"), "--overlap", "0.25", "--memory-mb", "0.05"]) == 0
-    assert set(seen["overlap"]) == {0.25}
-    assert seen["slabs"][0] > 1  # 0.05 MB: the volume is cut into several slabs
+
+    def predict(name, *extra):
+        assert main([*base, "--out", str(tmp_path / f"{name}.nii.gz"), "--probabilities",
+                     str(tmp_path / f"{name}_p.nii.gz"), *extra]) == 0
+        return read_volume(tmp_path / f"{name}.nii.gz").array, read_volume(tmp_path / f"{name}_p.nii.gz").array
+
+    labels, probabilities = predict("default")
+    assert seen[-1] == {"overlap": 0.5, "memory_mb": 1024.0}  # the bundle's overlap, the default target
+    _, overlapped = predict("overlap", "--overlap", "0.75")
+    assert seen[-1]["overlap"] == 0.75
+    assert np.abs(overlapped.astype(np.float32) - probabilities.astype(np.float32)).max() > 1e-3
+    small, _ = predict("small", "--memory-mb", "0.05")
+    assert seen[-1]["memory_mb"] == 0.05
+    assert (small == labels).mean() > 0.99
     assert main([*base, "--out", str(tmp_path / "c.nii.gz"), "--overlap", "0.99"]) == 2
     assert "--overlap" in capsys.readouterr().err
 
 
 def test_suggest_min_gap_and_memory_mb(segmenter, tmp_path, monkeypatch, capsys):
-    seen = record_sliding(monkeypatch)
+    seen = spy_sliding_window(monkeypatch)
     base = ["suggest", "--model", str(segmenter / "bundle"), "--image", str(segmenter / "ct.nii.gz"), "--count", "4",
             "--device", "cpu", "--progress", "none"]
     picks = {}
     for gap in (1, 5):
         assert main([*base, "--min-gap", str(gap), "--memory-mb", "0.05" if gap == 5 else "1024"]) == 0
         picks[gap] = [s["index"] for s in json.loads(capsys.readouterr().out)["slices"]]
-    assert seen["slabs"] and seen["slabs"][0] == 1 and seen["slabs"][-1] > 1
+    assert [call["memory_mb"] for call in seen] == [1024.0, 0.05]
     assert len(picks[5]) == 4
     assert all(abs(a - b) >= 5 for i, a in enumerate(picks[5]) for b in picks[5][i + 1:]), picks[5]
     # the scores are smooth along Z: without a gap the top 4 include neighbours (the gap changes the pick)
