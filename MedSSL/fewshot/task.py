@@ -32,14 +32,18 @@ def choose_engine(config, engine: str) -> str:
     """"fewshot" or "network" for a segmentation fine-tuning run.
 
     auto: the few-shot engine for one 3D image whose label is a painting (painted planes, 255 elsewhere);
-    the network for dense labels, several images, one-slice (2D) images and detectors (``--detection``: a
-    detector is applied to other scans, which have no painting).
+    the network for dense labels, several images, one-slice (2D) images, detectors (``--detection``: a
+    detector is applied to other scans, which have no painting) and runs under torchrun (WORLD_SIZE > 1).
     """
     if engine not in ENGINES:
         raise MedSSLError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if engine == "fewshot" and getattr(config, "detection", False):
         raise MedSSLError("--detection: a detector is applied to other scans; it needs --engine network (or auto)")
     if engine == "network" or getattr(config, "detection", False):
+        return "network"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the engine is one process of seconds
+        if engine == "fewshot":
+            raise MedSSLError("--engine fewshot runs in one process (seconds on a CPU); start it without torchrun")
         return "network"
     if len(config.images) != 1 or len(config.labels) != 1:
         if engine == "fewshot":
