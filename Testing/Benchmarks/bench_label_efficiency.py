@@ -208,7 +208,7 @@ def medssl(argv: list[str], logfile: Path) -> tuple[int, float]:
 
     logfile.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with open(logfile, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+    with open(logfile, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         fh.write(f"$ medssl {' '.join(argv)}\n")
         fh.flush()
         try:
@@ -306,7 +306,7 @@ def pretrain(args, out: Path, hw_log) -> dict:
         # steady-state time per step from the JSON progress (elapsed = eta * step / (total - step)): the
         # first step also loads the cubes, which a long run pays once
         elapsed = {}
-        for line in timing_log.read_text().splitlines():
+        for line in timing_log.read_text(encoding="utf-8").splitlines():
             try:
                 ev = json.loads(line)
             except ValueError:
@@ -635,7 +635,7 @@ def main(argv=None) -> int:
         log(f"deadline reached: {len(skipped)} run(s) not started: {', '.join(skipped)}")
     rows, columns, table = summarise(records, args)
     md = markdown(rows, columns, table, args, records, extent)
-    (out / "table.md").write_text(md)
+    (out / "table.md").write_text(md, encoding="utf-8")
     plot(rows, columns, table, records, out / "dice_vs_k.png")
     failed = [f"{r['arm']}_k{r['k']}_s{r['seed']}: {r.get('status')}" for r in records
               if r["arm"] != "interpolation" and r.get("status") != "ok"]

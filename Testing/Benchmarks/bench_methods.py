@@ -292,7 +292,7 @@ def report_only(args, out: Path) -> int:
     arms = ([] if args.no_scratch else ["scratch"]) + [m for m in args.methods if pre.get(m, {}).get("status") == "ok"]
     tab = table(records, args, arms)
     md = markdown(tab, args, arms, pre)
-    (out / "table.md").write_text(md)
+    (out / "table.md").write_text(md, encoding="utf-8")
     plot(tab, args, arms, out / "dice_by_method.png")
     summary_file = out / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
         log(f"deadline reached: {len(skipped)} run(s) not started: {', '.join(skipped)}")
     tab = table(records, args, arms)
     md = markdown(tab, args, arms, pre)
-    (out / "table.md").write_text(md)
+    (out / "table.md").write_text(md, encoding="utf-8")
     plot(tab, args, arms, out / "dice_by_method.png")
     failed = [f"{r['arm']}_k{r['k']}_s{r['seed']}: {r.get('status')}" for r in records
               if r["arm"] != "interpolation" and r.get("status") != "ok"]

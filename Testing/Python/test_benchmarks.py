@@ -5,6 +5,7 @@ stand-in data root: phantoms written at the paths of the shared data folder they
 
 import importlib.util
 import json
+import locale
 import sys
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def test_bench_pretrain_memory_quick(capsys):
     assert result["results"][0]["peak_rss_mb"] > 0
 
 
+@pytest.fixture
+def c_locale():
+    """The C locale (ASCII text files by default), as in a bare container or after a library reset it: the
+    benchmarks' tables (with ± and →) must still be written."""
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    yield
+    locale.setlocale(locale.LC_CTYPE, previous)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """Phantoms at the shared-data paths bench_label_efficiency reads (the DICOM folder holds a NIfTI: the
@@ -70,7 +81,7 @@ def data_root(tmp_path_factory):
     return root
 
 
-def test_bench_label_efficiency_quick(data_root, tmp_path, capsys):
+def test_bench_label_efficiency_quick(data_root, tmp_path, capsys, c_locale):
     out = tmp_path / "out"
     status = bench("bench_label_efficiency").main([
         "--quick", "--data-root", str(data_root), "--out", str(out), "--cache", str(tmp_path / "cache"),
@@ -85,7 +96,7 @@ def test_bench_label_efficiency_quick(data_root, tmp_path, capsys):
     assert (out / "table.md").is_file() and (out / "summary.json").is_file()
 
 
-def test_bench_methods_quick(data_root, tmp_path, capsys):
+def test_bench_methods_quick(data_root, tmp_path, capsys, c_locale):
     out = tmp_path / "out"
     status = bench("bench_methods").main([
         "--quick", "--data-root", str(data_root), "--out", str(out), "--cache", str(tmp_path / "cache"),
