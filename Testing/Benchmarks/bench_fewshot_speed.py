@@ -1,11 +1,12 @@
 """Wall time of the few-shot path a clinician runs, from painted label to result, at full CT resolution.
 
     python Testing/Benchmarks/bench_fewshot_speed.py            # 512 x 512 x 61 and 512 x 512 x 300
-    python Testing/Benchmarks/bench_fewshot_speed.py --quick    # 256 x 256 x 61 only
+    python Testing/Benchmarks/bench_fewshot_speed.py --quick    # 128 x 128 x 40 only (smoke run)
 
 The chest CT of ``../shared/data/itkelastix_thorax_ct`` (256 x 256 x 141, 1.95 x 1.95 x 2 mm) is brought
 back to the scanner's 512 x 512 in-plane grid (linear, 0.977 mm) and cut to 61 slices, or resampled to
-300 slices (0.94 mm). The structure is both lungs (mask derived as in :func:`fewshot_cases.lung_mask`): the
+300 slices (0.94 mm). The structure is both lungs (mask derived on the original grid as in
+:func:`fewshot_cases.lung_mask`, resampled with the image): the
 worst case, a structure that fills most of the field of view. Round 1: 3 axial planes painted,
 ``medssl finetune`` then ``medssl predict --annotation`` as separate processes (imports, I/O included),
 as the Slicer module runs them. Round 2: 5 planes painted, ``finetune --init <round 1 model>``, predict.
@@ -33,29 +34,32 @@ from fewshot_cases import DATA, dice_unpainted, lung_mask, paint  # noqa: E402
 
 
 def make_volume(shape_xy: int, depth: int):
-    """(Volume with HU, lung mask) at shape_xy x shape_xy x depth."""
+    """(Volume with HU, lung mask) at shape_xy x shape_xy x depth: the mask is derived on the original grid
+    (:func:`fewshot_cases.lung_mask`) and resampled with the image (nearest neighbour)."""
     import SimpleITK as sitk
 
-    from MedSSL.io.volumes import read_volume
+    from MedSSL.io.volumes import Volume, read_volume
 
     src = read_volume(DATA / "itkelastix_thorax_ct" / "thorax_ct_00_2xdown.nii.gz")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(src.array.T.astype(np.float32)))
-    image.SetSpacing([float(s) for s in src.spacing])
-    full_z = depth if depth > 141 else 141
+    full_z = max(depth, 141)
     spacing = [src.spacing[0] * 256 / shape_xy, src.spacing[1] * 256 / shape_xy, src.spacing[2] * 141 / full_z]
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetOutputSpacing(spacing)
-    resampler.SetSize([shape_xy, shape_xy, full_z])
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetDefaultPixelValue(-1024)
-    array = sitk.GetArrayFromImage(resampler.Execute(image)).T.astype(np.int16)
-    if depth < full_z:
-        start = (full_z - depth) // 2
-        array = array[..., start:start + depth]
-    from MedSSL.io.volumes import Volume
 
-    volume = Volume(array, np.asarray(spacing), np.zeros(3), np.eye(3))
-    return volume, lung_mask(array.astype(np.float32)).astype(np.uint8)
+    def resample(array, interpolator, default):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
+        image.SetSpacing([float(s) for s in src.spacing])
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetOutputSpacing(spacing)
+        resampler.SetSize([shape_xy, shape_xy, full_z])
+        resampler.SetInterpolator(interpolator)
+        resampler.SetDefaultPixelValue(default)
+        out = sitk.GetArrayFromImage(resampler.Execute(image)).T
+        start = (full_z - depth) // 2
+        return out[..., start:start + depth]
+
+    hu = src.array.astype(np.float32)
+    array = resample(hu, sitk.sitkLinear, -1024).astype(np.int16)
+    mask = resample(lung_mask(hu).astype(np.uint8), sitk.sitkNearestNeighbor, 0).astype(np.uint8)
+    return Volume(array, np.asarray(spacing), np.zeros(3), np.eye(3)), mask
 
 
 def cli(argv) -> float:
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     if not (DATA / "itkelastix_thorax_ct").is_dir():
         print(json.dumps({"benchmark": "fewshot_speed", "skipped": f"no data at {DATA}"}))
         return 0
-    sizes = [(256, 61)] if args.quick else [(512, 61), (512, 300)]
+    sizes = [(128, 40)] if args.quick else [(512, 61), (512, 300)]
     rows = []
     for xy, z in sizes:
         with tempfile.TemporaryDirectory() as tmp:

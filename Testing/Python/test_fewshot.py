@@ -287,3 +287,37 @@ def test_a_detector_on_a_painting_is_a_network(painted_files):
                      "--patch", "16", "16", "8") == 0
     meta = json.loads((f / "det" / "model.json").read_text())
     assert meta["task"] == "segment" and meta["detection"] is True
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+
+def _bench(name, argv, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "Benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[name] = module  # its child processes unpickle functions by module name
+    spec.loader.exec_module(module)
+    assert module.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_fewshot_quick_smoke(tmp_path, capsys):
+    """The README's few-shot table cannot lose the code that made it (skips itself without ../shared/data)."""
+    out = _bench("bench_fewshot", ["--quick", "--out", str(tmp_path)], capsys)
+    if "skipped" in out:
+        pytest.skip(out["skipped"])
+    cell = out["table"]["cord_t2w/k3"]
+    assert cell["engine"]["mean"] > cell["interpolation"]["mean"] + 0.05 and (tmp_path / "dice_vs_k.png").is_file()
+
+
+def test_bench_fewshot_speed_quick_smoke(capsys):
+    out = _bench("bench_fewshot_speed", ["--quick"], capsys)
+    if "skipped" in out:
+        pytest.skip(out["skipped"])
+    row = out["rows"][0]
+    assert row["round1"]["dice"] > 0.8 and row["round2"]["dice"] > 0.8 and row["round2"]["total_s"] > 0
