@@ -205,10 +205,11 @@ def _run_rolling(array: np.ndarray, predictor: Callable, roi: tuple, channels: i
             return
         block = acc[:, :, :d].div_(count[:, :, :d, None])
         reduce(block.permute(3, 0, 1, 2), base, stop)
-        acc[:, :, : pz - d] = acc[:, :, d:].clone()
+        for j in range(pz - d):  # shift down plane by plane (a whole-buffer copy would be half the buffer again)
+            acc[:, :, j].copy_(acc[:, :, j + d])
+            count[:, :, j].copy_(count[:, :, j + d])
         acc[:, :, pz - d:] = 0
-        count[..., : pz - d] = count[..., d:].clone()
-        count[..., pz - d:] = 0
+        count[:, :, pz - d:] = 0
         base = stop
 
     done = 0
