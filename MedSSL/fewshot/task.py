@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedSSLError
-from ..io.volumes import WRITE_SUFFIXES, Volume, read_volume, write_volume
+from ..io.volumes import WRITE_SUFFIXES, Volume, read_volume
 from ..train.progress import Progress
 from .engine import FewShotSettings, apply_painting, fit_painting
 from .planes import IGNORE, is_painting
@@ -125,7 +125,7 @@ def predict_fewshot(model_path, image_path, out, annotation_path, progress: Prog
     """``medssl predict`` with a few-shot bundle: the painting (``--annotation``) is required.
     ``select``: None or a function filtering the detections list."""
     from ..infer.detect import find_detections
-    from ..infer.predict import check_output_path, write_json
+    from ..infer.predict import check_output_path, write_segmentation
     from .bundle import load_fewshot_bundle
 
     if annotation_path is None:
@@ -151,16 +151,8 @@ def predict_fewshot(model_path, image_path, out, annotation_path, progress: Prog
                                 names, min_volume_mm3)
         found = select(found) if select else found
     progress.stage("write", "writing the outputs")
-    write_volume(image.with_array(result.labels.astype(np.uint8)), out)
-    outputs = {"labels": os.fspath(out)}
-    if probabilities:
-        write_volume(image.with_array(fg_prob), probabilities)
-        outputs["probabilities"] = os.fspath(probabilities)
-    if found is not None:
-        write_json(detections, found)
-        outputs["detections"] = os.fspath(detections)
-        outputs["findings"] = len(found)
-    return outputs
+    return write_segmentation(image.with_array(result.labels.astype(np.uint8)), out, fg_prob, probabilities, found,
+                              detections)
 
 
 def suggest_fewshot(model_path, image_path, annotation_path, count: int, min_gap: int) -> dict:

@@ -166,10 +166,16 @@ def predict_files(model: LoadedModel, image_path, out, options: PredictOptions, 
         found = find_detections(seg.labels.array, prob, volume, names, options.min_volume_mm3)
         found = options.select(found) if options.select else found
     progress.stage("write", "writing the outputs")
+    return write_segmentation(seg.labels, out, seg.fg_prob if probabilities else None, probabilities, found, detections)
+
+
+def write_segmentation(labels: Volume, out, fg_prob, probabilities, found, detections) -> dict:
+    """Write the label map, and the foreground probability (X, Y, Z) and findings when asked; returns
+    ``{"labels": path, "probabilities": path, "detections": path, "findings": count}`` for what was written."""
     outputs = {"labels": os.fspath(out)}
-    write_volume(seg.labels, out)
+    write_volume(labels, out)
     if probabilities:
-        write_volume(volume.with_array(seg.fg_prob.astype(np.float32)), probabilities)
+        write_volume(labels.with_array(np.asarray(fg_prob, np.float32)), probabilities)
         outputs["probabilities"] = os.fspath(probabilities)
     if found is not None:
         write_json(detections, found)
