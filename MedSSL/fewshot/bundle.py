@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..bundle import load_bundle, save_bundle
 from ..errors import MedSSLError
 from .appearance import SCALES_MM, AppearanceNet
@@ -87,7 +85,3 @@ def load_fewshot_bundle(path, what: str = "--model") -> tuple[FewShotModel, dict
                          float(info.get("margin_mm", 10.0)))
     return model, meta
 
-
-def copy_state(model: FewShotModel) -> dict:
-    """The MLP's tensors (for tests comparing rounds)."""
-    return {k: v.detach().clone() for k, v in model.net.state_dict().items() if isinstance(v, torch.Tensor)}

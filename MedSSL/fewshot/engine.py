@@ -96,6 +96,7 @@ class _Frame:
     planes: list            # main-axis painted slice indices in the region
     box: tuple              # slices of the region in the moved full volume
     factor: int = 1         # features are on every factor-th voxel in X and Y (large regions)
+    painted_planes: PaintedPlanes | None = None  # what was painted, in the input's axes
 
     def train(self, classes, known=None, **kwargs) -> AppearanceNet:
         """The appearance MLP trained on the painted voxels (``known``: default the frame's) at feature resolution."""
@@ -345,7 +346,7 @@ def _prepare(image: np.ndarray, spacing, painted: np.ndarray, margin_mm: float, 
         features = np.concatenate([features, decoder_features(backbone, coarse, spacing_m * np.array([factor, factor, 1]),
                                                               backbone_intensity)])
     in_roi = [k - box[2].start for k in planes.planes[main] if box[2].start <= k < box[2].stop]
-    return _Frame(roi_labels, known_m[box].copy(), features, spacing_m, in_roi, box, factor), planes, labels_m.shape
+    return _Frame(roi_labels, known_m[box].copy(), features, spacing_m, in_roi, box, factor, planes), planes, labels_m.shape
 
 
 def _coarse(image: np.ndarray, factor: int) -> np.ndarray:
@@ -376,7 +377,7 @@ def fit_painting(image: np.ndarray, spacing, painted: np.ndarray, settings: FewS
     if frame is None:
         frame, planes, _ = _prepare(image, spacing, painted, settings.margin_mm, backbone, backbone_intensity)
     else:
-        planes = find_painted_planes(painted)
+        planes = frame.painted_planes
     classes = _classes_of(frame)
     if log:
         log(f"painted planes: {planes.describe()}; classes {classes}; region "
@@ -400,7 +401,7 @@ def apply_painting(model: FewShotModel, image: np.ndarray, spacing, painted: np.
     if frame is None:
         frame, planes, _ = _prepare(image, spacing, painted, model.margin_mm, model.backbone, model.backbone_intensity)
     else:
-        planes = find_painted_planes(painted)
+        planes = frame.painted_planes
     extra = sorted(set(_classes_of(frame)) - set(model.classes))
     if extra:
         raise MedSSLError(f"the painting has class value(s) {extra} that the model was not fitted on "

@@ -49,8 +49,8 @@ def choose_engine(config, engine: str) -> str:
         if engine == "fewshot":
             raise MedSSLError("--engine fewshot: give exactly one --image and its painted --label")
         return "network"
-    image, label = read_pair(config.images[0], config.labels[0])
-    painting = min(image.shape) > 1 and is_painting(label)
+    label = read_volume(config.labels[0]).array  # the image is read (and the grids checked) by the chosen path
+    painting = min(label.shape) > 1 and is_painting(label)
     if engine == "fewshot" and not painting:
         raise MedSSLError(f"--label {config.labels[0]}: not a painting (whole planes annotated, 255 elsewhere), "
                           "which --engine fewshot needs")
@@ -58,14 +58,11 @@ def choose_engine(config, engine: str) -> str:
 
 
 def _classes(config, values: list[int]) -> dict:
-    from ..finetune.labels import classes_to_json, read_classes_file, resolve_classes, sidecar_path, parse_classes
+    """The bundle's classes: ``--classes``, else the label's sidecar file, else defaults (as the network path)."""
+    from ..finetune.labels import classes_to_json, resolve_classes
+    from ..finetune.segment import given_classes
 
-    if config.classes is not None:
-        given, where = parse_classes(config.classes), f"--classes {config.classes}"
-    elif sidecar_path(config.labels[0]).is_file():
-        given, where = read_classes_file(sidecar_path(config.labels[0])), str(sidecar_path(config.labels[0]))
-    else:
-        given, where = None, "labels"
+    given, where = given_classes(config)
     return classes_to_json(resolve_classes(values, given, where))
 
 

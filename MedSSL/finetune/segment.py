@@ -58,7 +58,7 @@ def _resample_label(label, spacing):
     return out
 
 
-def _given_classes(config: FinetuneConfig) -> tuple[dict | None, str]:
+def given_classes(config: FinetuneConfig) -> tuple[dict | None, str]:
     """Classes from ``--classes`` or the first label's sidecar, and where they came from."""
     if config.classes is not None:
         return parse_classes(config.classes), f"--classes {config.classes}"
@@ -110,7 +110,7 @@ def _mapping_and_classes(volumes, config: FinetuneConfig) -> tuple[LabelMapping,
             f"{config.labels[0] if len(config.labels) == 1 else '--label'}: no class voxels in any label "
             "(only background 0 and not-annotated 255); paint at least one structure"
         )
-    given, where = _given_classes(config)
+    given, where = given_classes(config)
     return LabelMapping(values), resolve_classes(values, given, where)
 
 
