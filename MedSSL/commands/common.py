@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from ..train.loop import UNBOUNDED_STEPS, LoopConfig
-from ..train.progress import Progress
+from MedSSL.engine.loop import UNBOUNDED_STEPS, LoopConfig
+from MedSSL.engine.progress import Progress
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +39,11 @@ def loop_config(args, default_steps: int) -> LoopConfig:
     for name in ("steps", "batch_size", "width", "val_every", "checkpoint_every"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            from ..errors import MedSSLError
+            from MedSSL.errors import MedSSLError
 
             raise MedSSLError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if args.max_time is not None and not args.max_time > 0:
-        from ..errors import MedSSLError
+        from MedSSL.errors import MedSSLError
 
         raise MedSSLError(f"--max-time {args.max_time:g}: must be more than 0 seconds (leave it out for no time limit)")
     return LoopConfig(steps=steps, max_time=args.max_time, lr=args.lr, optimizer=args.optimizer,

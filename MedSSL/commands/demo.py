@@ -4,7 +4,7 @@
 2. pretrains Models Genesis on the unlabeled ones;
 3. paints a few axial slices of the liver and spleen of another phantom (the rest 255 = not annotated);
 4. completes the painting with the few-shot engine (``medssl finetune`` on the painting, then
-   ``medssl predict --annotation``; :mod:`MedSSL.fewshot`);
+   ``medssl predict --annotation``; :mod:`MedSSL.tasks.fewshot`);
 5. scores the slices that were not painted, next to Slicer's "Fill between slices" baseline (shape
    interpolation between the same slices), prints the Dice and writes ``demo.png``: a few axial
    slices with the painted contours, the prediction and the truth.
@@ -47,8 +47,8 @@ def _say(args, message: str) -> None:
 
 def _sub(args, argv: list[str]) -> None:
     """Run another medssl command in this process; its errors stop the demo."""
-    from ..cli import main
-    from ..errors import MedSSLError
+    from MedSSL.commands.cli import main
+    from MedSSL.errors import MedSSLError
 
     progress = args.progress or ("bar" if sys.stderr.isatty() else "none")
     status = main([*argv, "--device", args.device, "--seed", str(args.seed), "--progress", progress])
@@ -72,9 +72,9 @@ def paint_slices(labels: np.ndarray, classes: list[int], count: int) -> tuple[np
 
 def _score(target, truth_path, prediction, sparse, picks, classes) -> dict:
     """Dice on the unpainted slices of the engine and of shape interpolation from the same slices."""
-    from ..evaluation import interpolate_between_slices
-    from ..evaluation.metrics import segmentation_metrics
-    from ..io.volumes import read_volume
+    from MedSSL.tasks.evaluate import interpolate_between_slices
+    from MedSSL.tasks.evaluate.metrics import segmentation_metrics
+    from MedSSL.io.volumes import read_volume
 
     truth = read_volume(truth_path).array
     truth = np.where(np.isin(truth, list(classes)), truth, 0).astype(np.uint8)
@@ -90,9 +90,9 @@ def _score(target, truth_path, prediction, sparse, picks, classes) -> dict:
 
 def _figure(target, sparse, prediction, truth_path, picks, classes, report, path) -> None:
     """``demo.png``: five axial slices (the painted middle one and unpainted ones) with the contours."""
-    from ..evaluation.figures import painted_result_png
-    from ..evaluation.output import atomic_write_bytes
-    from ..io.volumes import read_volume
+    from MedSSL.tasks.evaluate.figures import painted_result_png
+    from MedSSL.io.output import atomic_write_bytes
+    from MedSSL.io.volumes import read_volume
 
     truth = read_volume(truth_path).array
     truth = np.where(np.isin(truth, list(classes)), truth, 0)
@@ -105,8 +105,8 @@ def _figure(target, sparse, prediction, truth_path, picks, classes, report, path
 
 
 def run(args) -> int:
-    from ..data.phantom import make_phantom, write_phantom
-    from ..io.volumes import read_volume, write_volume
+    from MedSSL.data.phantom import make_phantom, write_phantom
+    from MedSSL.io.volumes import read_volume, write_volume
 
     out = args.out
     started = time.monotonic()

@@ -3,11 +3,11 @@
 One of three modes:
 
 * ``--pred LABEL --truth LABEL``: per-class Dice, IoU, HD95 and ASD in mm (see
-  :mod:`MedSSL.evaluation.metrics`); the prediction is resampled onto the truth's grid (nearest
+  :mod:`MedSSL.tasks.evaluate.metrics`); the prediction is resampled onto the truth's grid (nearest
   neighbour) when the grids differ, which is logged on stderr.
 * ``--detections DET.json ... --truth LABEL ...``: lesion FROC, CAD-PE rules (see
-  :mod:`MedSSL.evaluation.detection`); files paired in order.
-* ``--classification RESULTS.csv``: ROC AUC (see :mod:`MedSSL.evaluation.classification`).
+  :mod:`MedSSL.tasks.evaluate.detection`); files paired in order.
+* ``--classification RESULTS.csv``: ROC AUC (see :mod:`MedSSL.tasks.evaluate.classification`).
 
 A summary goes to stdout; ``--json PATH`` writes the full result (``--json -``: the JSON to stdout instead
 of the summary); ``--figure PATH.png`` a figure. Outputs are written atomically, after every input has
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import MedSSLError
+from MedSSL.errors import MedSSLError
 
 
 def add_parser(sub) -> None:
@@ -94,13 +94,13 @@ def run(args) -> int:
         raise MedSSLError("give exactly one of --pred (segmentation), --detections (FROC) or --classification (AUC)")
     _check_outputs(args)
     ignore_value = _ignore_value(args.ignore_value)
-    from ..evaluation import figures
-    from ..evaluation.output import to_json, write_json
+    from MedSSL.tasks.evaluate import figures
+    from MedSSL.io.output import to_json, write_json
 
     if args.pred:
         if not args.truth or len(args.truth) != 1:
             raise MedSSLError("--pred needs exactly one --truth label volume")
-        from ..evaluation.metrics import evaluate_segmentation_files
+        from MedSSL.tasks.evaluate.metrics import evaluate_segmentation_files
 
         classes = _read_classes(args.classes)
         result = evaluate_segmentation_files(args.pred, args.truth[0], classes=classes, ignore_value=ignore_value)
@@ -108,14 +108,14 @@ def run(args) -> int:
     elif args.detections:
         if not args.truth:
             raise MedSSLError("--detections needs --truth label volume(s), one per detection file")
-        from ..evaluation.detection import froc_from_files
+        from MedSSL.tasks.evaluate.detection import froc_from_files
 
         result = froc_from_files(args.detections, args.truth, lesion_label=args.lesion_label, ignore_value=ignore_value)
         render, summary = figures.froc_png, _froc_summary
     else:
         if args.truth:
             raise MedSSLError("--classification takes no --truth (the truth is a column of the CSV)")
-        from ..evaluation.classification import evaluate_classification_file
+        from MedSSL.tasks.evaluate.classification import evaluate_classification_file
 
         result = evaluate_classification_file(args.classification)
         render, summary = figures.roc_png, _auc_summary

@@ -1,13 +1,13 @@
 """``medssl finetune``: supervised fine-tuning (segmentation or volume classification) into a bundle.
 
-One-slice images (X, Y, 1: radiographs) get a 2D network; see :mod:`MedSSL.finetune.segment`."""
+One-slice images (X, Y, 1: radiographs) get a 2D network; see :mod:`MedSSL.tasks.finetune.segment`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MedSSLError
-from .common import add_runtime_options, add_training_options, loop_config, make_progress
+from MedSSL.errors import MedSSLError
+from MedSSL.commands.common import add_runtime_options, add_training_options, loop_config, make_progress
 
 DEFAULT_STEPS = 500
 
@@ -78,7 +78,7 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args):
-    from ..finetune.common import FinetuneConfig
+    from MedSSL.tasks.finetune.common import FinetuneConfig
 
     if not 0.0 <= args.val_fraction < 1.0:
         raise MedSSLError(f"--val-fraction {args.val_fraction}: expected 0 <= f < 1")
@@ -100,7 +100,7 @@ def config_from_args(args):
 
 
 def _engine(args, config) -> str:
-    from ..fewshot.task import choose_engine
+    from MedSSL.tasks.fewshot.task import choose_engine
 
     return choose_engine(config, getattr(args, "engine", "auto"))
 
@@ -109,15 +109,15 @@ def run(args) -> int:
     config = config_from_args(args)
     progress = make_progress(args)
     if config.task == "classify":
-        from ..finetune.classify import finetune_classification
+        from MedSSL.tasks.finetune.classify import finetune_classification
 
         bundle = finetune_classification(config, progress)
     elif _engine(args, config) == "fewshot":
-        from ..fewshot.task import finetune_fewshot
+        from MedSSL.tasks.fewshot.task import finetune_fewshot
 
         bundle = finetune_fewshot(config, progress, steps=args.steps)
     else:
-        from ..finetune.segment import finetune_segmentation
+        from MedSSL.tasks.finetune.segment import finetune_segmentation
 
         bundle = finetune_segmentation(config, progress)
     progress.done(bundle=str(Path(bundle).resolve()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..bundle import is_bundle, read_meta
+from MedSSL.io.bundle import is_bundle, read_meta
 
 
 def add_parser(sub) -> None:
@@ -19,12 +19,12 @@ def run(args) -> int:
     path = Path(args.model)
     if is_bundle(path) or path.is_dir():
         meta = read_meta(path)
-        from ..bundle import load_bundle
+        from MedSSL.io.bundle import load_bundle
 
         _, state = load_bundle(path)
         meta = {**meta, "parameters": int(sum(t.numel() for t in state.values() if t.is_floating_point()))}
     else:
-        from ..models.initial_weights import load_initial_weights
+        from MedSSL.models.initial_weights import load_initial_weights
 
         init = load_initial_weights(path)
         meta = {"source": "official-pt", "architecture": {"name": "unet3d", "width": init.width},

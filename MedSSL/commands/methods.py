@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..methods.base import available_methods
+    from MedSSL.methods.base import available_methods
 
     methods = [{"name": m.name, "description": m.description, "published": m.published,
                 "data": "--datasets SPEC.json" if m.data_kind == "labelled-datasets" else "--data PATH...",

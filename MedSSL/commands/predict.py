@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MedSSLError
-from .common import add_runtime_options, make_progress
+from MedSSL.errors import MedSSLError
+from MedSSL.commands.common import add_runtime_options, make_progress
 
 
 def add_parser(sub) -> None:
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
 
 def parse_window(values):
     """``--window``: None, ["plane"], or two or three integers (checked against the model by
-    :func:`MedSSL.infer.model.inference_window`)."""
+    :func:`MedSSL.tasks.infer.model.inference_window`)."""
     if not values:
         return None
     if values == ["plane"]:
@@ -67,22 +67,15 @@ def _finding_filter(args):
         return None
     if args.max_findings is not None and args.max_findings < 1:
         raise MedSSLError(f"--max-findings {args.max_findings}: must be at least 1")
-    from ..infer.detect import select_findings
+    from MedSSL.tasks.infer.detect import select_findings
 
     return lambda found: select_findings(found, min_score=args.min_score or 0.0, min_volume_mm3=0.0,
                                          max_count=args.max_findings)
 
 
-def _is_fewshot(path) -> bool:
-    from ..bundle import is_bundle, read_meta
-    from ..fewshot.bundle import is_fewshot_meta
-
-    return is_bundle(path) and is_fewshot_meta(read_meta(path))
-
-
 def _run_fewshot(args) -> int:
     """A few-shot bundle: the engine completes the painting given by ``--annotation``."""
-    from ..fewshot.task import predict_fewshot
+    from MedSSL.tasks.fewshot.task import predict_fewshot
 
     progress = make_progress(args)
     outputs = predict_fewshot(args.model, args.image, args.out, args.annotation, progress, args.detections,
@@ -92,12 +85,14 @@ def _run_fewshot(args) -> int:
 
 
 def run(args) -> int:
-    from ..infer.model import load_model
-    from ..infer.predict import PredictOptions, predict_files
-    from ..train.runtime import resolve_device, seed_everything
+    from MedSSL.tasks.infer.model import load_model
+    from MedSSL.tasks.infer.predict import PredictOptions, predict_files
+    from MedSSL.engine.runtime import resolve_device, seed_everything
 
     seed_everything(args.seed)
-    if _is_fewshot(args.model):
+    from MedSSL.tasks.fewshot.bundle import is_fewshot_bundle
+
+    if is_fewshot_bundle(args.model):
         return _run_fewshot(args)
     device = resolve_device(args.device)
     model = load_model(args.model, device)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import MedSSLError
-from .common import add_runtime_options, add_training_options, loop_config, make_progress
+from MedSSL.errors import MedSSLError
+from MedSSL.commands.common import add_runtime_options, add_training_options, loop_config, make_progress
 
 
 def add_parser(sub) -> None:
@@ -43,8 +43,8 @@ def run(args) -> int:
             settings = json.loads(args.method_settings)
         except json.JSONDecodeError as exc:
             raise MedSSLError(f"--method-settings: not valid JSON ({exc.msg})") from None
-    from ..methods.base import method_class
-    from ..train.pretrain import PretrainConfig, pretrain
+    from MedSSL.methods.base import method_class
+    from MedSSL.tasks.pretrain import PretrainConfig, pretrain
 
     try:
         cls = method_class(args.method)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_runtime_options, make_progress
+from MedSSL.commands.common import add_runtime_options, make_progress
 
 
 def add_parser(sub) -> None:
@@ -28,21 +28,21 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..errors import MedSSLError
-    from ..infer.model import load_model
-    from ..infer.predict import check_output_path, read_annotation, write_json
-    from ..infer.suggest import suggest
-    from ..io.volumes import read_volume
-    from ..train.runtime import resolve_device
+    from MedSSL.errors import MedSSLError
+    from MedSSL.tasks.infer.model import load_model
+    from MedSSL.tasks.infer.predict import check_output_path, read_annotation, write_json
+    from MedSSL.tasks.infer.suggest import suggest
+    from MedSSL.io.volumes import read_volume
+    from MedSSL.engine.runtime import resolve_device
 
     if args.out is not None:
         check_output_path(args.out, (".json",), "--out")
     if args.min_gap < 1:
         raise MedSSLError(f"--min-gap {args.min_gap}: must be at least 1")
-    from .predict import _is_fewshot
+    from MedSSL.tasks.fewshot.bundle import is_fewshot_bundle
 
-    if _is_fewshot(args.model):
-        from ..fewshot.task import suggest_fewshot
+    if is_fewshot_bundle(args.model):
+        from MedSSL.tasks.fewshot.task import suggest_fewshot
 
         result = suggest_fewshot(args.model, args.image, args.label, args.count, args.min_gap)
         if args.out is not None:

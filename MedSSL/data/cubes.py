@@ -26,10 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import MedSSLError
-from ..io import volumes as _volumes
-from ..io.atomic import atomic_write
-from .preprocess import IntensityConfig, body_mask, normalize_intensity, resample_to_spacing
+from MedSSL.errors import MedSSLError
+from MedSSL.io import volumes as _volumes
+from MedSSL.io.atomic import atomic_write
+from MedSSL.data.preprocess import IntensityConfig, body_mask, normalize_intensity, resample_to_spacing
 
 CACHE_FORMAT = 1  # bump when the cube-making algorithm changes: it is part of every key
 _CHUNK = 1 << 20

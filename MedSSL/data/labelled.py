@@ -32,12 +32,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import MedSSLError
-from ..io.atomic import atomic_write
-from ..finetune.labels import IGNORE, classes_from_json, default_color, label_array, present_values
-from ..io.volumes import read_volume
-from .cubes import _update_with_file, source_files
-from .preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
+from MedSSL.errors import MedSSLError
+from MedSSL.io.atomic import atomic_write
+from MedSSL.data.labels import IGNORE, classes_from_json, default_color, label_array, present_values
+from MedSSL.io.volumes import read_volume
+from MedSSL.data.cubes import _update_with_file, source_files
+from MedSSL.data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
 
 CACHE_FORMAT = 1
 SPEC_KEYS = {"datasets"}
@@ -208,7 +208,7 @@ def case_dimensions(spec: dict) -> tuple[int, str | None]:
     """From the headers of a :func:`read_spec` result: (2 when every case's image is a one-slice image,
     else 3; ``None``, or a one-line description of a mix of one-slice and 3D cases naming the spec and
     the first case of each kind)."""
-    from ..io.volumes import is_single_slice
+    from MedSSL.io.volumes import is_single_slice
 
     flat, deep = [], []
     for i, entry in enumerate(spec["datasets"]):

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..errors import MedSSLError
-from ..io.atomic import atomic_write_text
-from ..io.volumes import Volume, write_volume
+from MedSSL.errors import MedSSLError
+from MedSSL.io.atomic import atomic_write_text
+from MedSSL.io.volumes import Volume, write_volume
 
 CLASSES: dict[int, str] = {
     1: "liver",

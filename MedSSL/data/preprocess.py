@@ -15,8 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..errors import MedSSLError
-from ..io.volumes import Volume, from_sitk, to_sitk
+from MedSSL.errors import MedSSLError
+from MedSSL.io.volumes import Volume, from_sitk, to_sitk
 
 MODALITIES = ("auto", "CT", "MR")
 

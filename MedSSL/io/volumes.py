@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import MedSSLError
-from .atomic import atomic_path
+from MedSSL.errors import MedSSLError
+from MedSSL.io.atomic import atomic_path
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
 

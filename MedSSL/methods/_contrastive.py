@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MedSSLError
-from ..transforms.genesis import GenesisTransformConfig, genesis_transform
-from ._restoration import restoration_mse
-from .base import SSLMethod
+from MedSSL.errors import MedSSLError
+from MedSSL.transforms.genesis import GenesisTransformConfig, genesis_transform
+from MedSSL.methods._restoration import restoration_mse
+from MedSSL.methods.base import SSLMethod
 
 
 class ProjectionHead(nn.Module):

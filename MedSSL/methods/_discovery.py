@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MedSSLError
-from ..io.atomic import atomic_path
-from ..models.unet3d import UNet3D
+from MedSSL.errors import MedSSLError
+from MedSSL.io.atomic import atomic_path
+from MedSSL.models.unet3d import UNet3D
 
 DISCOVERY_FORMAT = 1  # bump when the algorithm changes: part of the cache key
 
@@ -358,8 +358,8 @@ DISCOVERY_KEYS = ("classes", "instances", "val_instances", "features", "feature_
 
 def load_normalised(source, cube_settings) -> tuple[np.ndarray, np.ndarray]:
     """(array01, body mask) of one source, prepared exactly like its pretraining cubes."""
-    from ..data.preprocess import body_mask, normalize_intensity, resample_to_spacing
-    from ..io.volumes import read_volume
+    from MedSSL.data.preprocess import body_mask, normalize_intensity, resample_to_spacing
+    from MedSSL.io.volumes import read_volume
 
     volume = resample_to_spacing(read_volume(source), cube_settings.target_spacing_mm)
     array01, modality = normalize_intensity(volume, cube_settings.intensity)
@@ -426,7 +426,7 @@ def discover_patterns(data, s: dict, device, backbone_features: Callable[[np.nda
             f"instances from the cache")
         return cached
 
-    from ..data.cubes import cache_key
+    from MedSSL.data.cubes import cache_key
 
     by_id: dict[str, Path] = {}
     for source in data.sources:

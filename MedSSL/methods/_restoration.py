@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MedSSLError
-from ..transforms.genesis import bezier_intensity, inpaint, local_pixel_shuffle, outpaint
+from MedSSL.errors import MedSSLError
+from MedSSL.transforms.genesis import bezier_intensity, inpaint, local_pixel_shuffle, outpaint
 
 
 def restoration_mse(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

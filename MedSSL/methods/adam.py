@@ -53,9 +53,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MedSSLError
-from ._contrastive import MomentumEncoder, _uniform
-from .base import PretrainData, SSLMethod, register
+from MedSSL.errors import MedSSLError
+from MedSSL.methods._contrastive import MomentumEncoder, _uniform
+from MedSSL.methods.base import PretrainData, SSLMethod, register
 
 #: published local crops: 8 nested centre crops, one per area bin (0.05-0.1, 0.1-0.2, ..., 0.7-0.8)
 PUBLISHED_LOCAL_BINS = [[0.05, 0.1], [0.1, 0.2], [0.2, 0.3], [0.3, 0.4], [0.4, 0.5], [0.5, 0.6], [0.6, 0.7],

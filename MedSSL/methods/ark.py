@@ -15,7 +15,7 @@ aorta set...), without unifying their labels:
   limits, or much smaller ones on CT, see :data:`JITTER_RANGES`), the teacher the plain patch; both
   share the geometric augmentation of fine-tuning.
 * datasets in turn: step k draws its batch from dataset ``k mod D`` (round robin), class-balanced
-  patches as fine-tuning samples them (:class:`~MedSSL.finetune.sampling.PatchSampler`).
+  patches as fine-tuning samples them (:class:`~MedSSL.data.sampling.PatchSampler`).
 * 2D (``spatial_dims=2``): the same on one-slice cases with the 2D U-Net: patches (X, Y, 1) are cut
   as in 3D and given to the network as (N, 1, X, Y) images with (N, X, Y) targets; the geometric
   augmentation (in-plane rotation and scaling, flips) is the 3D one applied to one-slice patches,
@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.labelled import union_classes
-from ..errors import MedSSLError
-from ..finetune.augment import AugmentConfig, augment_batch
-from ..finetune.labels import IGNORE, LabelMapping, classes_to_json
-from ..finetune.losses import MaskedDiceCELoss
-from ..finetune.sampling import PatchSampler, TrainingVolume
-from .base import PretrainData, SSLMethod, register
+from MedSSL.data.labelled import union_classes
+from MedSSL.errors import MedSSLError
+from MedSSL.transforms.augment import AugmentConfig, augment_batch
+from MedSSL.data.labels import IGNORE, LabelMapping, classes_to_json
+from MedSSL.losses.segmentation import MaskedDiceCELoss
+from MedSSL.data.sampling import PatchSampler, TrainingVolume
+from MedSSL.methods.base import PretrainData, SSLMethod, register
 
 #: the geometric part of fine-tuning's augmentation (intensities untouched), shared by both views
 GEOMETRIC = AugmentConfig(contrast=(1.0, 1.0), brightness=0.0, gamma=(1.0, 1.0), noise_std=0.0)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.unet3d import UNet3D
+from MedSSL.models.unet3d import UNet3D
 
 _REGISTRY: dict[str, type["SSLMethod"]] = {}
 
@@ -176,7 +176,7 @@ def build_method(cls: type[SSLMethod], width: int = 32, settings: dict | None = 
 
 def method_class(name: str) -> type[SSLMethod]:
     """The registered class for ``name``; KeyError lists the known names."""
-    from . import load_all
+    from MedSSL.methods import load_all
 
     load_all()
     if name not in _REGISTRY:
@@ -185,7 +185,7 @@ def method_class(name: str) -> type[SSLMethod]:
 
 
 def available_methods() -> list[type[SSLMethod]]:
-    from . import load_all
+    from MedSSL.methods import load_all
 
     load_all()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]

@@ -9,8 +9,8 @@ U-Net, 2D resized crops and the Genesis perturbations of one-slice cubes as view
 
 from __future__ import annotations
 
-from ._contrastive import MoCoRestorationMethod, view_transform_defaults
-from .base import register
+from MedSSL.methods._contrastive import MoCoRestorationMethod, view_transform_defaults
+from MedSSL.methods.base import register
 
 
 @register

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import MedSSLError
-from ._contrastive import MoCoRestorationMethod, view_transform_defaults
-from .base import PretrainData, register
+from MedSSL.errors import MedSSLError
+from MedSSL.methods._contrastive import MoCoRestorationMethod, view_transform_defaults
+from MedSSL.methods.base import PretrainData, register
 
 
 class Discriminator3D(nn.Module):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..transforms.genesis import GenesisTransformConfig, genesis_transform
-from .base import SSLMethod, register
+from MedSSL.transforms.genesis import GenesisTransformConfig, genesis_transform
+from MedSSL.methods.base import SSLMethod, register
 
 
 @register

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MedSSLError
-from ._discovery import PatternSet, discover_patterns
-from ._restoration import ClassificationHead, elastic_inplane, one_of_four, restoration_mse
-from .base import PretrainData, SSLMethod, register
+from MedSSL.errors import MedSSLError
+from MedSSL.methods._discovery import PatternSet, discover_patterns
+from MedSSL.methods._restoration import ClassificationHead, elastic_inplane, one_of_four, restoration_mse
+from MedSSL.methods.base import PretrainData, SSLMethod, register
 
 SELF_DISCOVERY_DEFAULTS = {
     # self-discovery

@@ -7,8 +7,8 @@ also cropped at two other in-plane scales, resized) are on.
 
 from __future__ import annotations
 
-from .base import register
-from .semantic_genesis import SELF_DISCOVERY_DEFAULTS, SelfDiscoveryMethod
+from MedSSL.methods.base import register
+from MedSSL.methods.semantic_genesis import SELF_DISCOVERY_DEFAULTS, SelfDiscoveryMethod
 
 
 @register

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..bundle import is_bundle, load_bundle
-from ..errors import MedSSLError
-from .unet3d import spatial_dims_from_state_dict, width_from_state_dict
+from MedSSL.io.bundle import is_bundle, load_bundle
+from MedSSL.errors import MedSSLError
+from MedSSL.models.unet3d import spatial_dims_from_state_dict, width_from_state_dict
 
 _PREFIXES = ("module.", "classficationNet.", "backbone.", "encoder_q.")
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import MedSSLError
+from MedSSL.errors import MedSSLError
 
 __all__ = [
     "BEZIER_SAMPLES",

@@ -341,7 +341,7 @@ def rollbackOnError(scene):
 DEFAULT_MIN_SCORE = 0.5
 DEFAULT_MIN_VOLUME_MM3 = 20.0
 DEFAULT_MAX_FINDINGS = 10
-"""Which findings are shown by default (the same defaults as the backend's MedSSL.infer.detect)."""
+"""Which findings are shown by default (the same defaults as the backend's MedSSL.tasks.infer.detect)."""
 
 
 def selectFindings(detections, minScore=DEFAULT_MIN_SCORE, minVolumeMm3=DEFAULT_MIN_VOLUME_MM3,

@@ -1,4 +1,4 @@
-"""How the default detection filter (MedSSL.infer.detect: DEFAULT_MIN_SCORE, DEFAULT_MIN_VOLUME_MM3,
+"""How the default detection filter (MedSSL.tasks.infer.detect: DEFAULT_MIN_SCORE, DEFAULT_MIN_VOLUME_MM3,
 DEFAULT_MAX_FINDINGS) was chosen: FROC of a detector fine-tuned the way a clinician would, on real data.
 
 Data: shared/data/totalseg_examples/example_ct.nii.gz (abdomen-pelvis CT, 3 mm) with its

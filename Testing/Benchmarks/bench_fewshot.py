@@ -10,9 +10,9 @@ For every case of :mod:`fewshot_cases` (real scans from ``../shared/data`` with 
 every k, the planes a user would paint (:func:`fewshot_cases.paint`: spread over the structure, inset
 from its ends, on the case's axial axis) are given to
 
-* ``engine``: the few-shot engine (:func:`MedSSL.fewshot.engine.segment_painted`), once per seed;
+* ``engine``: the few-shot engine (:func:`MedSSL.tasks.fewshot.engine.segment_painted`), once per seed;
 * ``interpolation``: signed-distance interpolation between the same planes (Slicer's "Fill between
-  slices" baseline, :func:`MedSSL.evaluation.interpolate_between_slices`);
+  slices" baseline, :func:`MedSSL.tasks.evaluate.interpolate_between_slices`);
 * ``upper``: the engine given every other plane (the full-label upper bound, scored on the other half);
 * ``previous`` (``--previous``): the engine this project had before, ``medssl finetune --engine network
   --max-time 60`` then ``medssl predict --annotation``, one seed, k >= 3.
@@ -73,7 +73,7 @@ def parse_args(argv=None):
 
 
 def _engine(case, sparse, painted, settings=None, **kw) -> dict:
-    from MedSSL.fewshot.engine import FewShotSettings, segment_painted
+    from MedSSL.tasks.fewshot.engine import FewShotSettings, segment_painted
 
     start = time.perf_counter()
     model, result = segment_painted(case.image, case.spacing, sparse, settings or FewShotSettings(), **kw)
@@ -83,7 +83,7 @@ def _engine(case, sparse, painted, settings=None, **kw) -> dict:
 
 def _appearance_only(case, sparse, painted, seed) -> dict:
     """Only the middle painted plane's shape, walked both ways: no interpolation prior between planes."""
-    from MedSSL.fewshot.engine import FewShotSettings
+    from MedSSL.tasks.fewshot.engine import FewShotSettings
 
     single = np.full_like(sparse, 255)
     index = [slice(None)] * 3
@@ -97,7 +97,7 @@ def _appearance_only(case, sparse, painted, seed) -> dict:
 def _random_backbone(bundle: Path):
     from MedSSL.models.initial_weights import load_initial_weights
     from MedSSL.models.unet3d import UNet3D
-    from MedSSL.fewshot.network_features import intensity_of
+    from MedSSL.tasks.fewshot.network_features import intensity_of
 
     init = load_initial_weights(bundle)
     import torch
@@ -133,8 +133,8 @@ def _previous(case, sparse, painted, work: Path) -> dict:
 
 def run_case(name: str, args) -> list[dict]:
     """Every arm of one case; runs in a child process (peak RSS per case)."""
-    from MedSSL.evaluation import interpolate_between_slices
-    from MedSSL.fewshot.engine import FewShotSettings
+    from MedSSL.tasks.evaluate import interpolate_between_slices
+    from MedSSL.tasks.fewshot.engine import FewShotSettings
 
     case = load_cases(args.data, [name])[0]
     rows = []
@@ -159,7 +159,7 @@ def run_case(name: str, args) -> list[dict]:
             if k >= 3:
                 add("appearance_only", k, 0, painted, _appearance_only(case, sparse, painted, 0))
         if args.init_bundle is not None:
-            from MedSSL.fewshot.network_features import build_backbone, intensity_of
+            from MedSSL.tasks.fewshot.network_features import build_backbone, intensity_of
             from MedSSL.models.initial_weights import load_initial_weights
 
             init = load_initial_weights(args.init_bundle)

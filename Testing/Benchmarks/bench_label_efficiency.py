@@ -30,12 +30,12 @@ The study, run like one:
      time budget, not the published pretraining. ``--official-finetune-time`` can give it its own budget.
 4. **Prediction** of the whole volume (``medssl predict``), once as is (``raw``) and once with
    ``--annotation <painted label>`` (``clean``: keep the components connected to the painted spleen).
-5. **Scoring** (:func:`MedSSL.evaluation.segmentation_metrics`): Dice of the spleen on the slices NOT
+5. **Scoring** (:func:`MedSSL.tasks.evaluate.segmentation_metrics`): Dice of the spleen on the slices NOT
    painted (painted slices set to 255 in the truth). The ``full`` row is scored on all slices: it is
    TRAINING-SET Dice (the network saw every slice), an upper reference, not generalisation; its ``clean``
    column is not computed (the clean-up would copy the truth).
 6. **Baseline**: shape-based (signed-distance) interpolation between the painted slices
-   (:func:`MedSSL.evaluation.interpolate_between_slices`), scored the same way. With k = 1 there is
+   (:func:`MedSSL.tasks.evaluate.interpolate_between_slices`), scored the same way. With k = 1 there is
    nothing to interpolate: the result is the painted slice alone, so its Dice on the other slices is 0.
 
 Outputs in ``--out`` (default ``Testing/Benchmarks/results/label_efficiency/``, ``..._quick/`` with
@@ -45,7 +45,7 @@ seeds), ``dice_vs_k.png``, ``summary.json``. Fine-tuned weights are deleted afte
 ``--keep-models``. ``--resume`` re-uses the per-run results already in ``--out`` (and the pretrained
 bundle when it is complete).
 
-Every medssl command runs in this process (``MedSSL.cli.main``), so torch is imported once; each
+Every medssl command runs in this process (``MedSSL.commands.cli.main``), so torch is imported once; each
 command's own output goes to ``<run>/log.txt``. Progress goes to stderr; the LAST line on stdout is one
 JSON object with the summary (hardware, budgets, the table's numbers, where the files are).
 
@@ -198,13 +198,13 @@ def git_state() -> dict:
 
     dirty = git("status", "--porcelain", "--", "MedSSL")
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "last_finetune_commit": git("log", "-1", "--format=%h %ci %s", "--", "MedSSL/finetune", "MedSSL/infer"),
+            "last_finetune_commit": git("log", "-1", "--format=%h %ci %s", "--", "MedSSL/tasks/finetune", "MedSSL/tasks/infer"),
             "MedSSL_uncommitted_changes": bool(dirty), "MedSSL_uncommitted_files": dirty.splitlines() if dirty else []}
 
 
 def medssl(argv: list[str], logfile: Path) -> tuple[int, float]:
     """Run one medssl command in this process, its stdout/stderr appended to ``logfile``; (status, seconds)."""
-    from MedSSL.cli import main
+    from MedSSL.commands.cli import main
 
     logfile.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -227,7 +227,7 @@ def medssl(argv: list[str], logfile: Path) -> tuple[int, float]:
 def dice_scores(pred: np.ndarray, truth: np.ndarray, spacing, painted: list[int], between: tuple | None) -> dict:
     """Spleen Dice (and HD95) on the unpainted slices; ``dice_between``: only the unpainted slices between
     the first and last painted one (where interpolation can answer)."""
-    from MedSSL.evaluation import segmentation_metrics
+    from MedSSL.tasks.evaluate import segmentation_metrics
 
     scored = truth.copy()
     scored[:, :, painted] = 255
@@ -379,7 +379,7 @@ def write_target(args, out: Path):
 
 
 def interpolation_baseline(truth, spacing, targets, out: Path) -> list[dict]:
-    from MedSSL.evaluation import interpolate_between_slices
+    from MedSSL.tasks.evaluate import interpolate_between_slices
     from MedSSL.io.volumes import read_volume
 
     records = []
@@ -461,15 +461,15 @@ def run_one(args, out: Path, arm: str, target: dict, seed: int, image_path: Path
         rec["status"] = "ok"
         if target["k"] != "full":
             # `predict --annotation` = the same sliding-window prediction, then exactly this function on the
-            # labels (MedSSL.infer.predict.segment): applied here to save a second ~10-100 s prediction.
-            from MedSSL.infer.postprocess import keep_connected_to_annotation
+            # labels (MedSSL.tasks.infer.predict.segment): applied here to save a second ~10-100 s prediction.
+            from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation
             from MedSSL.io.volumes import write_volume
 
             painted_map = read_volume(target["label"]).array
             clean = keep_connected_to_annotation(pred, painted_map)
             write_volume(read_volume(pred_path).with_array(clean), run_dir / "prediction_clean.nii.gz")
             rec["clean"] = dice_scores(clean, truth, spacing, painted, between)
-            rec["clean_via"] = "MedSSL.infer.postprocess.keep_connected_to_annotation on the raw prediction"
+            rec["clean_via"] = "MedSSL.tasks.infer.postprocess.keep_connected_to_annotation on the raw prediction"
             if VERIFY["pending"]:
                 cli_path = run_dir / "prediction_clean_cli.nii.gz"
                 status, seconds = medssl([*predict, "--out", str(cli_path), "--annotation", str(target["label"])], logfile)

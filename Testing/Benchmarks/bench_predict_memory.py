@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 def make_bundle(folder: Path, classes: int, width: int, patch) -> None:
     import torch
 
-    from MedSSL.bundle import save_bundle
+    from MedSSL.io.bundle import save_bundle
     from MedSSL.models.unet3d import UNet3D
 
     torch.manual_seed(0)

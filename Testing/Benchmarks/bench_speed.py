@@ -93,7 +93,7 @@ def count_flops(fn) -> int:
 
 
 def make_bundle(folder: Path, classes: int, width: int, patch) -> None:
-    from MedSSL.bundle import save_bundle
+    from MedSSL.io.bundle import save_bundle
     from MedSSL.models.unet3d import UNet3D
 
     torch.manual_seed(0)
@@ -119,9 +119,9 @@ def make_volume(path: Path, shape) -> None:
 
 def predict_child(args) -> None:
     """In the child: one ``predict_files`` run with the network's forward timed; prints one JSON line."""
-    from MedSSL.infer.model import load_model
-    from MedSSL.infer.predict import PredictOptions, predict_files
-    from MedSSL.train.progress import Progress
+    from MedSSL.tasks.infer.model import load_model
+    from MedSSL.tasks.infer.predict import PredictOptions, predict_files
+    from MedSSL.engine.progress import Progress
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from MedSSL.bundle import save_bundle
+from MedSSL.io.bundle import save_bundle
 from MedSSL.io.volumes import Volume
 
 #: an oblique, right-handed direction (columns = LPS directions of the i, j, k axes)

@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from MedSSL.bundle import read_meta
-from MedSSL.cli import main
+from MedSSL.io.bundle import read_meta
+from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
-from MedSSL.train.acceleration import compile_with_fallback, prepare_batch
+from MedSSL.engine.acceleration import compile_with_fallback, prepare_batch
 
 torch.set_num_threads(1)
 
@@ -44,7 +44,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 def test_prefetcher_keeps_the_order_and_passes_errors_on():
     import pytest
 
-    from MedSSL.train.prefetch import Prefetcher
+    from MedSSL.engine.prefetch import Prefetcher
 
     counter = iter(range(100))
     prefetch = Prefetcher(lambda: next(counter), workers=1, depth=3)

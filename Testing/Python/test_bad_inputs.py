@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bad_inputs import build_corpus, good_image  # noqa: E402

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.bundle import load_bundle, read_meta
-from MedSSL.cli import main
-from MedSSL.finetune.classify import ClassifierNet, fit_to_patch, read_csv_rows
+from MedSSL.io.bundle import load_bundle, read_meta
+from MedSSL.commands.cli import main
+from MedSSL.models.classifier import ClassifierNet
+from MedSSL.tasks.finetune.classify import read_csv_rows
+from MedSSL.transforms.resize import fit_to_patch
 from MedSSL.io.volumes import write_volume
 from finetune_helpers import ball, volume
 

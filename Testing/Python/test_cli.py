@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from MedSSL.cli import build_parser, main
+from MedSSL.commands.cli import build_parser, main
 from MedSSL.errors import MedSSLError
 
 REPO = Path(__file__).resolve().parents[2]

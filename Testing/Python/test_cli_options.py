@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
-from MedSSL.infer import sliding
+from MedSSL.tasks.infer import sliding
 from MedSSL.io.volumes import write_volume
-from MedSSL.train import loop as loop_module
-from MedSSL.train import pretrain as pretrain_module
-from MedSSL.train.loop import TrainingLoop
+from MedSSL.engine import loop as loop_module
+from MedSSL.engine import pretrain as pretrain_module
+from MedSSL.engine.loop import TrainingLoop
 
 torch.set_num_threads(1)
 TINY = ["--width", "4", "--patch", "16", "16", "8", "--batch-size", "2", "--cubes-per-volume", "4",
@@ -111,8 +111,8 @@ def segmenter(tmp_path_factory):
 
 def spy_sliding_window(monkeypatch):
     """The overlap and memory target of every sliding-window run (wherever ``run_slabs`` was imported)."""
-    import MedSSL.infer.predict  # noqa: F401  (loaded, so their imported name can be replaced)
-    import MedSSL.infer.suggest  # noqa: F401
+    import MedSSL.tasks.infer.predict  # noqa: F401  (loaded, so their imported name can be replaced)
+    import MedSSL.tasks.infer.suggest  # noqa: F401
 
     seen = []
     real = sliding.run_slabs

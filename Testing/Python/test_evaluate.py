@@ -1,4 +1,4 @@
-"""medssl evaluate and MedSSL.evaluation: metrics against hand computations, FROC, AUC, interpolation."""
+"""medssl evaluate and MedSSL.tasks.evaluate: metrics against hand computations, FROC, AUC, interpolation."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 from MedSSL.errors import MedSSLError
-from MedSSL.evaluation.classification import classification_metrics, roc_auc
-from MedSSL.evaluation.detection import froc_from_files
-from MedSSL.evaluation.interpolation import interpolate_between_slices
-from MedSSL.evaluation.metrics import _distances_masked, _distances_monai, segmentation_metrics
+from MedSSL.tasks.evaluate.classification import classification_metrics, roc_auc
+from MedSSL.tasks.evaluate.detection import froc_from_files
+from MedSSL.tasks.evaluate.interpolation import interpolate_between_slices
+from MedSSL.tasks.evaluate.metrics import _distances_masked, _distances_monai, segmentation_metrics
 from MedSSL.io.volumes import Volume, write_volume
 
 PNG = b"\x89PNG\r\n\x1a\n"

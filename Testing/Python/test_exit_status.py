@@ -34,7 +34,7 @@ def test_prefetcher_close_waits_for_a_worker_inside_torch(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent("""
         import torch
-        from MedSSL.train.prefetch import Prefetcher
+        from MedSSL.engine.prefetch import Prefetcher
 
         torch.set_num_threads(2)
 

@@ -1,4 +1,4 @@
-"""The few-shot engine (MedSSL/fewshot): painted planes on any axis, its pieces, the CLI and a correction round.
+"""The few-shot engine (MedSSL/tasks/fewshot): painted planes on any axis, its pieces, the CLI and a correction round.
 
 Synthetic cases only (the real suite is Testing/Benchmarks/bench_fewshot.py). Baselines quoted in the
 thresholds were measured on these very volumes.
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 from MedSSL.errors import MedSSLError
-from MedSSL.evaluation import interpolate_between_slices
-from MedSSL.fewshot import appearance, shape
-from MedSSL.fewshot.engine import FewShotSettings, radius_trend, segment_painted
-from MedSSL.fewshot.planes import find_painted_planes, is_painting
+from MedSSL.tasks.evaluate import interpolate_between_slices
+from MedSSL.tasks.fewshot import appearance, shape
+from MedSSL.tasks.fewshot.engine import FewShotSettings, radius_trend, segment_painted
+from MedSSL.data.painted_planes import find_painted_planes, is_painting
 from MedSSL.io.volumes import read_volume, write_volume
 from finetune_helpers import volume
 
@@ -99,7 +99,7 @@ def test_carry_shrinks_and_keep_overlapping_drops_jumps():
 
 def test_radius_trend_of_a_sphere_ends_where_the_sphere_does():
     _, truth = ellipsoid_case()
-    from MedSSL.fewshot.engine import _Frame
+    from MedSSL.tasks.fewshot.engine import _Frame
 
     planes = [8, 12, 16]
     sparse = paint(truth, 2, planes)
@@ -237,7 +237,7 @@ def test_cli_finetune_predict_suggest_and_a_correction_round(painted_files, caps
 
 def test_correction_round_starts_from_the_previous_model(painted_files):
     """With zero new steps a warm start must return round 1's MLP unchanged (a cold start would not)."""
-    from MedSSL.fewshot.bundle import load_fewshot_bundle
+    from MedSSL.tasks.fewshot.bundle import load_fewshot_bundle
 
     f = painted_files
     assert _finetune(f, "round1.nii.gz", f / "m1") == 0

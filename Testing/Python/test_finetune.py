@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.bundle import read_meta, save_bundle
-from MedSSL.cli import main
+from MedSSL.io.bundle import read_meta, save_bundle
+from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
-from MedSSL.finetune.labels import IGNORE, LabelMapping, annotation_summary, parse_classes, sidecar_path
-from MedSSL.finetune.losses import MaskedDiceCELoss
-from MedSSL.finetune.sampling import PatchSampler, TrainingVolume, auto_patch
-from MedSSL.infer.model import load_model
-from MedSSL.infer.predict import PredictOptions, segment
+from MedSSL.data.labels import IGNORE, LabelMapping, annotation_summary, parse_classes, sidecar_path
+from MedSSL.losses.segmentation import MaskedDiceCELoss
+from MedSSL.data.sampling import PatchSampler, TrainingVolume, auto_patch
+from MedSSL.tasks.infer.model import load_model
+from MedSSL.tasks.infer.predict import PredictOptions, segment
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.models.unet3d import UNet3D
 from finetune_helpers import blobs_ct, volume
@@ -193,7 +193,7 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
     assert meta["init"] == {"source": "bundle", "width": 4, "method": "genesis", "task": "pretrain"}
     assert meta["architecture"]["width"] == 4  # taken from the init
     assert meta["preprocessing"]["intensity"]["ct_window"] == [-500.0, 500.0]  # pretraining's preprocessing
-    from MedSSL.bundle import load_bundle
+    from MedSSL.io.bundle import load_bundle
 
     _, state = load_bundle(tmp_path / "a")
     key = "down_tr64.ops.0.conv1.weight"

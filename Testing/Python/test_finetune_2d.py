@@ -8,11 +8,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedSSL.bundle import load_bundle, read_meta
-from MedSSL.cli import main
-from MedSSL.finetune.augment import AugmentConfig, augment_batch
-from MedSSL.finetune.classify import fit_to_patch
-from MedSSL.finetune.labels import IGNORE
+from MedSSL.io.bundle import load_bundle, read_meta
+from MedSSL.commands.cli import main
+from MedSSL.transforms.augment import AugmentConfig, augment_batch
+from MedSSL.tasks.finetune.classify import fit_to_patch
+from MedSSL.data.labels import IGNORE
 from MedSSL.io.volumes import write_volume
 from finetune_helpers import OBLIQUE, blobs_ct, segment_bundle, volume
 

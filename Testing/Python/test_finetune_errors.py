@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 from MedSSL.io.volumes import write_volume
 from finetune_helpers import blobs_ct, segment_bundle, volume
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from medssl_testing import check_ark_teacher_update
 
-from MedSSL.bundle import load_bundle
-from MedSSL.cli import main
+from MedSSL.io.bundle import load_bundle
+from MedSSL.commands.cli import main
 from MedSSL.data.labelled import union_classes
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import read_volume, write_volume

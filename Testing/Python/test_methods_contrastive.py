@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
 from MedSSL.methods._contrastive import FeatureQueue, info_nce, random_resized_crop3d

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from MedSSL.bundle import load_bundle
-from MedSSL.cli import main
+from MedSSL.io.bundle import load_bundle
+from MedSSL.commands.cli import main
 from MedSSL.data.cubes import CubeSettings, prepare_cubes
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 from MedSSL.data.cubes import CubeSettings, prepare_cubes
 from MedSSL.data.phantom import make_phantom
 from MedSSL.data.preprocess import IntensityConfig

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from MedSSL.bundle import load_bundle, read_meta, save_bundle
-from MedSSL.cli import main
+from MedSSL.io.bundle import load_bundle, read_meta, save_bundle
+from MedSSL.commands.cli import main
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
 from MedSSL.models.unet3d import UNet3D

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.cli import main
-from MedSSL.infer.detect import find_detections
-from MedSSL.infer.model import load_model
-from MedSSL.infer.postprocess import keep_connected_to_annotation, largest_component_per_class
-from MedSSL.infer.sliding import SegmentationReducer, make_predictor, plan_slabs, run_slabs
+from MedSSL.commands.cli import main
+from MedSSL.tasks.infer.detect import find_detections
+from MedSSL.tasks.infer.model import load_model
+from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation, largest_component_per_class
+from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, plan_slabs, run_slabs
 from MedSSL.io.volumes import read_volume, to_sitk, write_volume
 from MedSSL.models.unet3d import UNet3D
 from finetune_helpers import OBLIQUE, ball, blobs_ct, segment_bundle, volume

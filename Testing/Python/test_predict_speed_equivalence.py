@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from MedSSL.infer.sliding import SegmentationReducer, make_predictor, run_slabs
+from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, run_slabs
 from MedSSL.models.unet3d import UNet3D
 from finetune_helpers import blobs_ct
 

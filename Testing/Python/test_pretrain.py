@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from MedSSL.bundle import load_bundle, read_meta
-from MedSSL.cli import main
+from MedSSL.io.bundle import load_bundle, read_meta
+from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
-from MedSSL.train import loop as loop_module
-from MedSSL.train.loop import TrainingLoop
-from MedSSL.train.runtime import OutputLock
+from MedSSL.engine import loop as loop_module
+from MedSSL.engine.loop import TrainingLoop
+from MedSSL.engine.runtime import OutputLock
 from medssl_testing import official_checkpoint
 
 torch.set_num_threads(1)
@@ -161,15 +161,15 @@ def test_sigkill_then_resume_finishes_from_the_last_checkpoint(volumes, tmp_path
 
 RANK_WEIGHTS = """
 import sys, torch
-from MedSSL.train import loop as loop_module
-from MedSSL.train.loop import TrainingLoop
+from MedSSL.engine import loop as loop_module
+from MedSSL.engine.loop import TrainingLoop
 real = TrainingLoop.run
 def run(self, *args, **kwargs):
     result = real(self, *args, **kwargs)
     torch.save({k: p.detach().cpu() for k, p in self.model.named_parameters()}, sys.argv[1] + f".rank{self.ctx.rank}.pt")
     return result
 TrainingLoop.run = run
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -223,7 +223,7 @@ def test_a_time_only_budget_warms_up_and_decays_within_the_time(volumes, tmp_pat
 
 
 def test_lr_schedule_by_step_and_by_time():
-    from MedSSL.train.loop import LoopConfig, lr_factor
+    from MedSSL.engine.loop import LoopConfig, lr_factor
 
     config = LoopConfig(steps=100, warmup=0.1)
     assert lr_factor(0, config) == pytest.approx(0.1) and lr_factor(10, config) == pytest.approx(1.0)

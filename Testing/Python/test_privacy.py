@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MedSSL.cli import main
+from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from MedSSL.cli import build_parser
+from MedSSL.commands.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 STAND_IN_TESTS = ["MedSSLSegment/Testing/Python/test_segment_logic.py",

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import torch
 
-from MedSSL.cli import main
-from MedSSL.infer.suggest import annotated_slices, rank_slices
+from MedSSL.commands.cli import main
+from MedSSL.tasks.infer.suggest import annotated_slices, rank_slices
 from MedSSL.io.volumes import read_volume, to_sitk, write_volume
 from finetune_helpers import OBLIQUE, blobs_ct, segment_bundle, volume
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from MedSSL.bundle import load_bundle, read_meta
-from MedSSL.cli import main
+from MedSSL.io.bundle import load_bundle, read_meta
+from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
 from MedSSL.methods.base import method_class
-from MedSSL.train import loop as loop_module
-from MedSSL.train.loop import LoopConfig, TrainingLoop
-from MedSSL.train.progress import Progress
+from MedSSL.engine import loop as loop_module
+from MedSSL.engine.loop import LoopConfig, TrainingLoop
+from MedSSL.engine.progress import Progress
 from medssl_testing import official_checkpoint
 
 torch.set_num_threads(1)

@@ -88,7 +88,7 @@ def test_detections_are_a_handful_of_ranked_findings(logic, scene, tmp_path, mon
 
 
 def test_slicer_and_backend_detection_defaults_agree():
-    from MedSSL.infer import detect
+    from MedSSL.tasks.infer import detect
     from MedSSLSegmentLib import nodes
 
     assert (nodes.DEFAULT_MIN_SCORE, nodes.DEFAULT_MIN_VOLUME_MM3, nodes.DEFAULT_MAX_FINDINGS) == (

@@ -115,7 +115,7 @@ def test_pretrain_from_nodes_and_folders_then_fine_tune_from_that_model(scene, r
 
 def classifier(tmp_path) -> Path:
     """A tiny real classification bundle (the Trainer has no classification training: made with the CLI)."""
-    from MedSSL.cli import main
+    from MedSSL.commands.cli import main
     from MedSSL.io.volumes import Volume, write_volume
 
     rows = ["image,label"]

@@ -1,0 +1,213 @@
+"""What segmentation and classification fine-tuning share: the initial weights, the preprocessing they
+imply, reading image volumes, and the bundle fields common to both tasks."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from MedSSL.data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
+from MedSSL.errors import MedSSLError
+from MedSSL.io.volumes import Volume, read_volume
+from MedSSL.models.initial_weights import InitialWeights, load_initial_weights
+from MedSSL.engine.loop import LoopConfig
+from MedSSL.engine.runtime import device_description
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``medssl finetune`` takes.
+
+    images/labels: paired paths (segment); csv: the ``image,label`` table (classify). init: bundle or
+    official ``.pt`` (None = from scratch). width: None = the init's width, else 32. patch: (X, Y, Z)
+    voxels, multiples of 8 (None = automatic); for one-slice images (X, Y) or (X, Y, 1), kept as
+    (X, Y, 1). spacing: mm (None = the init bundle's, else the grid; one-slice images keep their own
+    slice thickness: only X and Y are resampled).
+    """
+
+    out: Path
+    task: str = "segment"
+    images: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    csv: Path | None = None
+    init: str | None = None
+    classes: str | None = None
+    width: int | None = None
+    patch: tuple | None = None
+    batch_size: int = 2
+    modality: str = "auto"
+    spacing: tuple | None = None
+    detection: bool = False
+    augment: bool = True
+    val_fraction: float = 0.0
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    #: which initial weights to copy: "all" (encoder and decoder, as Models Genesis) or "encoder"
+    transfer: str = "all"
+    #: batches of random patches used to recompute BatchNorm statistics after training (0 = keep them)
+    recalibrate_bn: int = 16
+    #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
+    steps_from_time: bool = False
+
+
+def fit_steps_to_time(loop: LoopConfig, step_fn, model, device, trials: int = 4) -> LoopConfig:
+    """The loop config with ``steps`` = how many steps fit ``loop.max_time`` seconds.
+
+    The learning-rate schedule (warm-up, cosine decay) is laid out over ``steps``, so a time budget
+    alone ("train for 60 s") needs a step count: a few forward/backward passes are timed (no optimiser
+    step; weights and BatchNorm statistics are restored afterwards) and the median is used.
+    """
+    saved = copy.deepcopy(model.state_dict())
+    model.train()
+    times = []
+    for _ in range(trials):
+        start = time.monotonic()
+        loss, _ = step_fn(0)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        model.zero_grad(set_to_none=True)
+        times.append(time.monotonic() - start)
+    model.load_state_dict(saved)
+    per_step = float(np.median(times[1:] if len(times) > 1 else times))
+    return replace(loop, steps=max(1, int(loop.max_time / max(per_step, 1e-6))))
+
+
+def encoder_only(init: InitialWeights) -> InitialWeights:
+    """``init`` restricted to the encoder (``down_tr*``): the decoder then starts from scratch."""
+    state = {k: v for k, v in init.state_dict.items() if k.startswith("down_tr")}
+    return replace(init, state_dict=state)
+
+
+def load_init(spec: str | None) -> InitialWeights | None:
+    """``--init``: None or "none" = from scratch, else a bundle folder or an official ``.pt``."""
+    if spec is None or str(spec).strip().lower() in ("", "none", "scratch"):
+        return None
+    return load_initial_weights(spec)
+
+
+def resolve_width(requested: int | None, init: InitialWeights | None) -> int:
+    if init is not None:
+        if requested is not None and requested != init.width:
+            raise MedSSLError(f"--width {requested}: the --init weights have width {init.width}; leave --width out to use it")
+        return init.width
+    width = 32 if requested is None else int(requested)
+    if width < 1:
+        raise MedSSLError(f"--width {width}: must be at least 1")
+    return width
+
+
+def preprocessing_from_init(init: InitialWeights | None, modality: str, spacing) -> tuple[IntensityConfig, tuple | None]:
+    """The intensity settings and target spacing to fine-tune with.
+
+    Same as the pretraining that produced ``init`` (its bundle's ``preprocessing``) so the encoder sees
+    what it learned on; Models Genesis' CT window for official ``.pt`` files and scratch. An explicit
+    ``--modality`` / ``--spacing`` overrides.
+    """
+    prep = (init.meta.get("preprocessing") or {}) if init is not None else {}
+    intensity = IntensityConfig.from_dict(prep.get("intensity")) if prep.get("intensity") else IntensityConfig()
+    if modality and modality != "auto":
+        intensity = IntensityConfig(modality=modality, ct_window=intensity.ct_window, mr_percentiles=intensity.mr_percentiles)
+    target = spacing if spacing is not None else prep.get("target_spacing_mm")
+    if target is not None:
+        target = tuple(float(s) for s in np.broadcast_to(np.asarray(target, dtype=np.float64).reshape(-1), (3,)))
+        if not all(s > 0 for s in target):
+            raise MedSSLError(f"--spacing {list(target)}: spacings must be positive (mm)")
+    return intensity, target
+
+
+def check_patch(patch, spatial_dims: int = 3, log=None) -> tuple:
+    """``--patch`` as (X, Y, Z): multiples of 8. For one-slice images (``spatial_dims`` 2): ``X Y`` or
+    ``X Y 1`` (a Z other than 1 is ignored, with a note through ``log``, as pretraining does); the
+    result is (X, Y, 1)."""
+    patch = tuple(int(p) for p in patch)
+    text = " ".join(map(str, patch))
+    if spatial_dims == 2:
+        if len(patch) not in (2, 3) or any(p < 8 or p % 8 for p in patch[:2]) or (len(patch) == 3 and patch[2] < 1):
+            raise MedSSLError(f"--patch {text}: one-slice (2D) images take X Y or X Y 1, X and Y multiples of 8 "
+                              "(the network pools 3 times)")
+        if len(patch) == 3 and patch[2] != 1 and log is not None:
+            log(f"one-slice images: 2D patches of {patch[0]}x{patch[1]} (Z {patch[2]} ignored)")
+        return patch[0], patch[1], 1
+    if len(patch) == 3 and patch[2] == 1:
+        raise MedSSLError(f"--patch {text}: Z = 1 is for one-slice (2D) images; 3D volumes need Z a multiple of 8")
+    if len(patch) != 3:
+        raise MedSSLError(f"--patch {text}: 3D volumes take three sizes X Y Z (multiples of 8)")
+    if any(p < 8 or p % 8 for p in patch):
+        raise MedSSLError(f"--patch {text}: each size must be a multiple of 8 (the network pools 3 times)")
+    return patch
+
+
+def is_one_slice(volume: Volume) -> bool:
+    """A one-slice image (a radiograph, a single DICOM frame): shape (X, Y, 1), fine-tuned in 2D."""
+    return volume.shape[2] == 1
+
+
+def spatial_dims_of(volume: Volume, path, first=None) -> int:
+    """2 for a one-slice image (X, Y, 1), 3 for a volume; MedSSLError naming ``path`` for an image thin
+    along X or Y (a single slice along another axis), or when it differs from ``first`` = (dims, path)
+    of the first image (one-slice images and 3D volumes are not fine-tuned together)."""
+    shape = "x".join(map(str, volume.shape))
+    if min(volume.shape[:2]) < 2:
+        raise MedSSLError(f"{path}: a single-slice image ({shape}) along X or Y; fine-tuning takes 3D volumes or "
+                          "one-slice images of shape X x Y x 1")
+    dims = 2 if is_one_slice(volume) else 3
+    if first is not None and dims != first[0]:
+        kind = "a one-slice (2D) image" if dims == 2 else "a 3D volume"
+        other = "one-slice (2D) image" if first[0] == 2 else "3D volume"
+        raise MedSSLError(f"{path}: {kind} ({shape}) among {other}s (first: {first[1]}); fine-tune one-slice images "
+                          "and 3D volumes separately")
+    return dims
+
+
+def read_image(path, spacing, first=None) -> tuple[Volume, int]:
+    """Read an image volume and resample it to ``spacing`` (mm, linear) when given (one-slice images:
+    in-plane only). Returns (volume, spatial dims), see :func:`spatial_dims_of` for ``first``."""
+    volume = read_volume(path)
+    dims = spatial_dims_of(volume, path, first)
+    return (resample_to_spacing(volume, spacing) if spacing is not None else volume), dims
+
+
+def normalize(volume: Volume, intensity: IntensityConfig) -> tuple[np.ndarray, str]:
+    """float32 (X, Y, Z) in [0, 1] (Z = 1 for one-slice images) and the modality used."""
+    return normalize_intensity(volume, intensity)
+
+
+def majority(values) -> str | None:
+    counts = Counter(v for v in values if v)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def common_meta(*, task: str, width: int, out_channels: int, intensity: IntensityConfig, modality: str | None,
+                spacing, patch, init: InitialWeights | None, loop: LoopConfig, result, batch_size: int,
+                seed: int, device, spatial_dims: int = 3) -> dict:
+    """The model.json fields every fine-tuned bundle has (no paths, no identifiers). ``spatial_dims``
+    2: a 2D network for one-slice images (``patch_size`` [X, Y, 1], as 2D pretraining bundles)."""
+    from MedSSL.engine.loop import thin_history
+
+    resolved = IntensityConfig(modality=modality or intensity.modality, ct_window=intensity.ct_window,
+                               mr_percentiles=intensity.mr_percentiles)
+    return {
+        "architecture": {"name": "unet3d", "width": width, "in_channels": 1, "out_channels": out_channels,
+                         "spatial_dims": spatial_dims},
+        "task": task,
+        "method": {"name": "finetune", "init_method": (init.describe().get("method") if init else None)},
+        "init": init.describe() if init is not None else {"source": "scratch"},
+        "preprocessing": {"intensity": resolved.to_dict(), "target_spacing_mm": list(spacing) if spacing else None,
+                          "modality": modality},
+        "patch_size": list(patch),
+        "training": {"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": batch_size,
+                     "optimizer": loop.optimizer, "lr": loop.lr, "max_time_s": loop.max_time,
+                     "best_val_loss": result.best_val, "seed": seed, "device": device_description(device),
+                     "seconds": round(result.seconds, 1)},
+        "history": thin_history(result.history),
+        "world_size": 1,
+    }

@@ -1,0 +1,184 @@
+"""``medssl predict``: apply a segmentation or classification bundle to one image.
+
+Segmentation output: a uint8 label map of the original label values on the input's grid (resampled back
+with nearest neighbour when the model works at another spacing). Optional outputs: the foreground
+probability ``1 - p(background)`` as float32 in [0, 1] (for a one-class model, the probability of that
+class), and detections (:mod:`.detect`). Memory is bounded: see :mod:`.sliding`.
+
+A 2D bundle (``architecture.spatial_dims: 2``) takes a one-slice image (X, Y, 1) and writes a one-slice
+label map (and probabilities) on its grid; ``--annotation``, ``--largest-component`` and detections work
+on it as on a volume of one slice (connectivity: the 4 in-plane neighbours).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from MedSSL.io.atomic import atomic_write_text
+from MedSSL.errors import MedSSLError
+from MedSSL.data.labels import label_array
+from MedSSL.io.volumes import WRITE_SUFFIXES, Volume, read_volume, resample_to_grid, write_volume
+from MedSSL.engine.progress import Progress
+from MedSSL.tasks.infer.detect import find_detections
+from MedSSL.tasks.infer.model import LoadedModel, inference_window, prepare
+from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation, largest_component_per_class
+from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, run_slabs
+
+
+@dataclass
+class PredictOptions:
+    """tta: average flipped predictions; largest_component: keep each class's largest component;
+    annotation: path of the painted label map of this image (few-shot clean-up, see
+    :func:`~.postprocess.keep_connected_to_annotation`); overlap: sliding-window overlap (0..1);
+    memory_mb: target size of the sliding-window accumulator; min_volume_mm3: smallest detection;
+    window: sliding-window size (X, Y, Z) voxels, None = :func:`~.model.inference_window`."""
+
+    tta: bool = False
+    largest_component: bool = False
+    annotation: Path | None = None
+    overlap: float = 0.5
+    memory_mb: float = 1024.0
+    sw_batch_size: int = 2
+    min_volume_mm3: float = 0.0
+    window: tuple | None = None
+    select: object = None  # None, or a function filtering the detections list (``--min-score``, ``--max-findings``)
+
+
+@dataclass
+class SegmentationResult:
+    """labels: uint8 volume on the input grid; max_prob: float16 (X, Y, Z) probability of the predicted
+    channel; fg_prob: float16 (X, Y, Z) foreground probability (both on the input grid; Z = 1 for a
+    one-slice image)."""
+
+    labels: Volume
+    max_prob: np.ndarray
+    fg_prob: np.ndarray
+
+
+def check_output_path(path, kinds: tuple, option: str) -> Path:
+    p = Path(path)
+    if not any(p.name.lower().endswith(k) for k in kinds):
+        raise MedSSLError(f"{option} {path}: must end with {' or '.join(kinds)}")
+    if p.is_dir():
+        raise MedSSLError(f"{option} {path}: is a folder; give a file name")
+    return p
+
+
+def write_json(path, data) -> None:
+    """Write JSON atomically (temporary file + rename), creating the folder if needed."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise MedSSLError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def to_input_grid(array: np.ndarray, work: Volume, volume: Volume, nearest: bool) -> np.ndarray:
+    """``array`` on ``work``'s grid -> on ``volume``'s grid (nearest keeps the dtype; linear gives float16)."""
+    if work is volume or work.same_grid(volume):
+        return array
+    src = work.with_array(array if nearest else array.astype(np.float32))
+    out = resample_to_grid(src, volume, nearest=nearest, default=0).array
+    return out if nearest else out.astype(np.float16)
+
+
+def read_annotation(path, volume: Volume, image_path) -> np.ndarray:
+    """The painted label map of ``volume`` (uint8, 255 = not annotated); MedSSLError when off-grid."""
+    return label_array(read_volume(path), volume, path, image_path)
+
+
+def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOptions,
+            progress: Progress | None = None, annotation: np.ndarray | None = None) -> SegmentationResult:
+    """Run a segmentation bundle on ``volume``; see the module docstring."""
+    log = progress.log if progress else None
+    array, work = prepare(model, volume, image_path, log)
+    n = len(model.channel_values)
+    reducer = SegmentationReducer(work.shape, n)
+    if progress:
+        progress.stage("predict", f"sliding window over {'x'.join(map(str, work.shape))} voxels", total=1)
+    window = inference_window(model, work.shape, options.window, options.sw_batch_size)
+    run_slabs(array, make_predictor(model.network, options.tta), window, n, reducer, overlap=options.overlap,
+              sw_batch_size=options.sw_batch_size, memory_mb=options.memory_mb, device=model.device,
+              on_slab=(lambda i, k: progress.update(i, k)) if progress else None, spatial_dims=model.spatial_dims)
+    del array
+    labels = model.channel_values[reducer.channel]
+    labels = to_input_grid(labels, work, volume, nearest=True)
+    max_prob = to_input_grid(reducer.max_prob, work, volume, nearest=False)
+    fg_prob = to_input_grid(reducer.fg_prob, work, volume, nearest=False)
+    if annotation is not None:
+        labels = keep_connected_to_annotation(labels, annotation)
+    if options.largest_component:
+        labels = largest_component_per_class(labels)
+    out = volume.with_array(labels.astype(np.uint8))
+    return SegmentationResult(out, max_prob, fg_prob)
+
+
+def classify(model: LoadedModel, volume: Volume, image_path, tta: bool = False) -> dict:
+    """``{"probabilities": {name: p}, "label": value, "name": name}`` for a classification bundle."""
+    from MedSSL.tasks.infer.classify import predict_classification
+
+    array, _ = prepare(model, volume, image_path)
+    probs = predict_classification(model.network, array, model.patch, model.device, tta)
+    best = int(np.argmax(probs))
+    value = model.class_values[best]
+    return {"probabilities": {model.name_of(v): round(float(p), 6) for v, p in zip(model.class_values, probs)},
+            "label": value, "name": model.name_of(value)}
+
+
+def predict_files(model: LoadedModel, image_path, out, options: PredictOptions, progress: Progress,
+                  detections=None, probabilities=None) -> dict:
+    """Predict ``image_path`` and write the requested files; returns {"labels"|"prediction": path, ...}.
+
+    Every output path is checked before any work, and files are written only once everything is
+    computed (each one atomically).
+    """
+    if model.task == "classify":
+        check_output_path(out, (".json",), "--out")
+        if detections or probabilities or options.annotation:
+            raise MedSSLError("--model: a classification bundle gives one label per volume; "
+                              "--detections, --probabilities and --annotation apply to segmentation bundles")
+    else:
+        check_output_path(out, WRITE_SUFFIXES, "--out")
+        if detections:
+            check_output_path(detections, (".json",), "--detections")
+        if probabilities:
+            check_output_path(probabilities, WRITE_SUFFIXES, "--probabilities")
+    progress.stage("preprocess", "reading the image")
+    volume = read_volume(image_path)
+    if model.task == "classify":
+        result = classify(model, volume, image_path, options.tta)
+        write_json(out, result)
+        progress.log(json.dumps(result["probabilities"]))
+        return {"prediction": os.fspath(out), **result}
+    annotation = read_annotation(options.annotation, volume, image_path) if options.annotation else None
+    seg = segment(model, volume, image_path, options, progress, annotation)
+    found = None
+    if detections:
+        progress.stage("detect", "connected components")
+        names = {v: model.name_of(v) for v in model.classes}
+        prob = np.where(seg.labels.array > 0, seg.max_prob, 0).astype(np.float16)
+        found = find_detections(seg.labels.array, prob, volume, names, options.min_volume_mm3)
+        found = options.select(found) if options.select else found
+    progress.stage("write", "writing the outputs")
+    return write_segmentation(seg.labels, out, seg.fg_prob if probabilities else None, probabilities, found, detections)
+
+
+def write_segmentation(labels: Volume, out, fg_prob, probabilities, found, detections) -> dict:
+    """Write the label map, and the foreground probability (X, Y, Z) and findings when asked; returns
+    ``{"labels": path, "probabilities": path, "detections": path, "findings": count}`` for what was written."""
+    outputs = {"labels": os.fspath(out)}
+    write_volume(labels, out)
+    if probabilities:
+        write_volume(labels.with_array(np.asarray(fg_prob, np.float32)), probabilities)
+        outputs["probabilities"] = os.fspath(probabilities)
+    if found is not None:
+        write_json(detections, found)
+        outputs["detections"] = os.fspath(detections)
+        outputs["findings"] = len(found)
+    return outputs
