@@ -53,7 +53,7 @@ class ProjectionHead(nn.Module):
 
 
 def encoder_modules(backbone: nn.Module) -> list[nn.Module]:
-    """The four encoder stages of a UNet3D, in order."""
+    """The four encoder stages of a GenesisUNet, in order."""
     return [backbone.down_tr64, backbone.down_tr128, backbone.down_tr256, backbone.down_tr512]
 
 

@@ -16,7 +16,7 @@ Published (Haghighi et al., self_discovery/ in the SemanticGenesis and TransVW r
 Ours. Users' volumes differ in size and spacing, so the coordinate is a *normalised* one (fractions
 of each axis' extent, the cube centre), and cubes are cut around it in each neighbour's own voxel grid
 (after the same optional resampling and the same intensity normalisation as the pretraining cubes),
-padded with 0 where a volume is smaller than the cube. The auto-encoder is the Genesis UNet3D at a
+padded with 0 where a volume is smaller than the cube. The auto-encoder is the Genesis GenesisUNet at a
 small width trained for a short budget on the volumes resized to a small grid (default 64x64x32, half
 the published grid per axis) with its skip connections zeroed, so that the bottleneck has to carry
 the volume (the published Keras U-Net kept its skips); the feature is the GAP of its bottleneck
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from MedSSL.errors import MedSSLError
 from MedSSL.io.atomic import atomic_path
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 DISCOVERY_FORMAT = 1  # bump when the algorithm changes: part of the cache key
 
@@ -117,7 +117,7 @@ def nearest_neighbours(features: np.ndarray, query: np.ndarray, k: int) -> np.nd
 # --------------------------------------------------------------------------------------------------
 
 
-def _bottleneck_features(net: UNet3D, small: np.ndarray, device, batch: int = 4) -> np.ndarray:
+def _bottleneck_features(net: GenesisUNet, small: np.ndarray, device, batch: int = 4) -> np.ndarray:
     feats = []
     was_training = net.training
     net.eval()
@@ -131,10 +131,10 @@ def _bottleneck_features(net: UNet3D, small: np.ndarray, device, batch: int = 4)
 
 
 def train_autoencoder(small: np.ndarray, width: int, steps: int, batch: int, lr: float, device,
-                      seed: int, log: Callable[[str], None] = print) -> UNet3D:
-    """A UNet3D auto-encoder (skips zeroed) trained ``steps`` Adam steps on (V, X, Y, Z) [0, 1] volumes."""
+                      seed: int, log: Callable[[str], None] = print) -> GenesisUNet:
+    """A GenesisUNet auto-encoder (skips zeroed) trained ``steps`` Adam steps on (V, X, Y, Z) [0, 1] volumes."""
     torch.manual_seed(seed)
-    net = UNet3D(1, 1, width).to(device)
+    net = GenesisUNet(1, 1, width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     data = torch.from_numpy(np.asarray(small, dtype=np.float32)).unsqueeze(1)

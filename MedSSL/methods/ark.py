@@ -342,9 +342,9 @@ class Ark(SSLMethod):
         return fold_heads(list(heads), self.mappings, len(self.union))
 
     def transferable_state_dict(self) -> dict:
-        """A plain UNet3D state dict (no prefix): the exported encoder-decoder with ``out_tr`` = the
+        """A plain GenesisUNet state dict (no prefix): the exported encoder-decoder with ``out_tr`` = the
         folded heads, so the bundle loads strictly as a segmentation network of 1 + U outputs (a 2D
-        one, ``UNet3D(spatial_dims=2)``, for a 2D method)."""
+        one, ``GenesisUNet(spatial_dims=2)``, for a 2D method)."""
         backbone, _ = self.exported()
         state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("out_tr.")}
         weight, bias = self.folded()

@@ -1,7 +1,7 @@
 """The one interface every self-supervised method implements, and the registry the trainer reads.
 
 A method is an ``nn.Module`` that owns the transferable 3D U-Net (``self.backbone``, a
-:class:`~MedSSL.models.unet3d.UNet3D`) plus whatever heads, teachers or queues it needs. The trainer
+:class:`~MedSSL.models.genesis_unet.GenesisUNet`) plus whatever heads, teachers or queues it needs. The trainer
 knows no method names: it asks the registry for a class, builds it, calls :meth:`SSLMethod.training_loss`
 on batches of cubes, :meth:`SSLMethod.after_step` after each optimiser step, and saves
 ``backbone`` (keys ``backbone.*``) plus the method's other parameters in the bundle.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 _REGISTRY: dict[str, type["SSLMethod"]] = {}
 
@@ -57,7 +57,7 @@ class SSLMethod(nn.Module):
     slice axis last). ``settings`` overrides ``defaults``; the merged dict is recorded in the bundle.
 
     2D: a method with ``supports_2d = True`` built through :func:`build_method` with ``spatial_dims=2``
-    gets a 2D backbone (``UNet3D(spatial_dims=2)``, same keys, 2D kernels) and (N, 1, X, Y) batches
+    gets a 2D backbone (``GenesisUNet(spatial_dims=2)``, same keys, 2D kernels) and (N, 1, X, Y) batches
     cut from one-slice images (``self.spatial_dims`` says which).
     """
 
@@ -79,7 +79,7 @@ class SSLMethod(nn.Module):
             raise ValueError(f"unknown setting(s) for method {self.name}: {', '.join(sorted(unknown))}")
         self.settings = {**self.defaults, **(settings or {})}
         self.spatial_dims = spatial_dims
-        self.backbone = UNet3D(in_channels=in_channels, out_channels=in_channels, width=width,
+        self.backbone = GenesisUNet(in_channels=in_channels, out_channels=in_channels, width=width,
                                spatial_dims=self.spatial_dims)
 
     #: "cubes" (unlabeled cubes from --data) or "labelled-datasets" (from --datasets SPEC.json)

@@ -40,7 +40,7 @@ from MedSSL.methods._contrastive import MoCoRestorationMethod, view_transform_de
 from MedSSL.methods.base import PretrainData, register
 
 
-class Discriminator3D(nn.Module):
+class Discriminator(nn.Module):
     """PatchGAN-like discriminator, 3D or (``spatial_dims=2``) 2D as published (published 2D:
     64-128-256-512 channels, three stride-2 convs and one stride-1 conv with LeakyReLU 0.2 and
     InstanceNorm after the first, then a 1-channel conv).
@@ -110,7 +110,7 @@ class DiRA(MoCoRestorationMethod):
         if not 0.0 <= warm <= 1.0:
             raise MedSSLError("adversarial_warmup must be a fraction of the steps in [0, 1]")
         d_width = self.settings["discriminator_width"] or 2 * width
-        self.discriminator = Discriminator3D(in_channels, int(d_width), self.spatial_dims)
+        self.discriminator = Discriminator(in_channels, int(d_width), self.spatial_dims)
         self._adversarial_on = warm <= 0.0
         self._told_total = False
         self._warned = False

@@ -18,16 +18,16 @@ from torch import nn
 
 from MedSSL.io.bundle import is_bundle, load_bundle
 from MedSSL.errors import MedSSLError
-from MedSSL.models.unet3d import spatial_dims_from_state_dict, width_from_state_dict
+from MedSSL.models.genesis_unet import spatial_dims_from_state_dict, width_from_state_dict
 
 _PREFIXES = ("module.", "classficationNet.", "backbone.", "encoder_q.")
 
 
 @dataclass
 class InitialWeights:
-    """UNet3D weights to start from.
+    """GenesisUNet weights to start from.
 
-    state_dict: UNet3D key -> tensor (prefixes stripped). width: base channels. source: "bundle" or
+    state_dict: GenesisUNet key -> tensor (prefixes stripped). width: base channels. source: "bundle" or
     "official-pt". meta: the bundle's model.json (empty for .pt files). spatial_dims: 3, or 2 for a
     network of 2D kernels (pretrained or fine-tuned on one-slice images), read from the kernels.
     """
@@ -97,10 +97,10 @@ def load_initial_weights(path) -> InitialWeights:
     try:
         width = width_from_state_dict(state)
     except KeyError:
-        raise MedSSLError(f"{path}: not a Models Genesis UNet3D (no down_tr64.ops.0.conv1.weight)") from None
+        raise MedSSLError(f"{path}: not a Models Genesis GenesisUNet (no down_tr64.ops.0.conv1.weight)") from None
     spatial_dims = spatial_dims_from_state_dict(state)
     if spatial_dims not in (2, 3):
-        raise MedSSLError(f"{path}: not a Models Genesis UNet3D (its first kernel has {spatial_dims} spatial dimensions)")
+        raise MedSSLError(f"{path}: not a Models Genesis GenesisUNet (its first kernel has {spatial_dims} spatial dimensions)")
     return InitialWeights(state, width, source, meta, spatial_dims)
 
 
@@ -119,7 +119,7 @@ def check_initial_dims(init: InitialWeights, spatial_dims: int, what: str, image
 
 
 def apply_initial_weights(model: nn.Module, init: InitialWeights, what: str = "model") -> dict:
-    """Copy every tensor of ``init`` whose key and shape match ``model``'s UNet3D.
+    """Copy every tensor of ``init`` whose key and shape match ``model``'s GenesisUNet.
 
     The encoder must match completely (else MedSSLError: wrong width, input channels, or 2D weights
     for a 3D network and vice versa, see :func:`check_initial_dims`); decoder and

@@ -96,14 +96,14 @@ def _appearance_only(case, sparse, painted, seed) -> dict:
 
 def _random_backbone(bundle: Path):
     from MedSSL.models.initial_weights import load_initial_weights
-    from MedSSL.models.unet3d import UNet3D
+    from MedSSL.models.genesis_unet import GenesisUNet
     from MedSSL.tasks.fewshot.network_features import intensity_of
 
     init = load_initial_weights(bundle)
     import torch
 
     torch.manual_seed(0)
-    return UNet3D(1, 1, init.width).eval(), intensity_of(init)
+    return GenesisUNet(1, 1, init.width).eval(), intensity_of(init)
 
 
 def _previous(case, sparse, painted, work: Path) -> dict:

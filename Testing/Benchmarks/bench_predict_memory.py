@@ -1,6 +1,6 @@
 """Peak memory of ``medssl predict`` with many classes on a large volume; prints one JSON object.
 
-Default: a width-4 UNet3D with 62 classes (as a TotalSegmentator-style model; random weights: memory
+Default: a width-4 GenesisUNet with 62 classes (as a TotalSegmentator-style model; random weights: memory
 does not depend on what the network learned) on a synthetic 25-million-voxel CT (320 x 320 x 245).
 A full-volume sliding window would keep a 62 x 25e6 float32 accumulator (6.2 GB) on top of the
 logits; ``medssl predict`` runs MONAI's sliding window in Z slabs with an fp16 accumulator and keeps
@@ -36,7 +36,7 @@ def make_bundle(folder: Path, classes: int, width: int, patch) -> None:
     import torch
 
     from MedSSL.io.bundle import save_bundle
-    from MedSSL.models.unet3d import UNet3D
+    from MedSSL.models.genesis_unet import GenesisUNet
 
     torch.manual_seed(0)
     values = list(range(classes + 1))
@@ -46,7 +46,7 @@ def make_bundle(folder: Path, classes: int, width: int, patch) -> None:
             "preprocessing": {"intensity": {"modality": "CT", "ct_window": [-1000, 1000], "mr_percentiles": [0.5, 99.5]},
                               "target_spacing_mm": None, "modality": "CT"},
             "patch_size": list(patch)}
-    save_bundle(folder, UNet3D(1, classes + 1, width).state_dict(), meta)
+    save_bundle(folder, GenesisUNet(1, classes + 1, width).state_dict(), meta)
 
 
 def make_volume(path: Path, shape) -> None:

@@ -94,7 +94,7 @@ def count_flops(fn) -> int:
 
 def make_bundle(folder: Path, classes: int, width: int, patch) -> None:
     from MedSSL.io.bundle import save_bundle
-    from MedSSL.models.unet3d import UNet3D
+    from MedSSL.models.genesis_unet import GenesisUNet
 
     torch.manual_seed(0)
     values = list(range(classes))
@@ -104,7 +104,7 @@ def make_bundle(folder: Path, classes: int, width: int, patch) -> None:
             "preprocessing": {"intensity": {"modality": "CT", "ct_window": [-1000, 1000], "mr_percentiles": [0.5, 99.5]},
                               "target_spacing_mm": None, "modality": "CT"},
             "patch_size": list(patch)}
-    save_bundle(folder, UNet3D(1, classes, width).state_dict(), meta)
+    save_bundle(folder, GenesisUNet(1, classes, width).state_dict(), meta)
 
 
 def make_volume(path: Path, shape) -> None:
@@ -127,10 +127,10 @@ def predict_child(args) -> None:
     device = torch.device(args.device)
     start = time.perf_counter()
     model = load_model(args.bundle, device)
-    from MedSSL.models.unet3d import UNet3D
+    from MedSSL.models.genesis_unet import GenesisUNet
 
     network = model.network
-    forward = UNet3D.forward  # timed at the class: predict may run a prepared copy of the network
+    forward = GenesisUNet.forward  # timed at the class: predict may run a prepared copy of the network
     state = {"seconds": 0.0, "calls": 0, "windows": 0}
 
     def timed(self, x, *rest, **kw):
@@ -145,11 +145,11 @@ def predict_child(args) -> None:
         state["windows"] += int(x.shape[0])
         return y
 
-    UNet3D.forward = timed
+    GenesisUNet.forward = timed
     options = PredictOptions(overlap=args.overlap, memory_mb=args.memory_mb, sw_batch_size=args.sw_batch_size)
     predict_files(model, args.image, args.out, options, Progress("none"))
     wall = time.perf_counter() - start
-    UNet3D.forward = forward
+    GenesisUNet.forward = forward
     window = torch.zeros(1, 1, *model.patch, device=device)
     with torch.inference_mode():
         flops_window = count_flops(lambda: network(window))
@@ -193,12 +193,12 @@ def bench_train(kind: str, width: int, classes: int, batch: int, patch, steps: i
     """One pretraining (Genesis) or fine-tuning (cross-entropy) step: mean of ``steps`` after a warm-up."""
     import torch.nn.functional as F
 
-    from MedSSL.models.unet3d import UNet3D
+    from MedSSL.models.genesis_unet import GenesisUNet
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     out_channels = 1 if kind == "pretrain" else classes
-    model = UNet3D(1, out_channels, width).to(device).train()
+    model = GenesisUNet(1, out_channels, width).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     if kind == "pretrain":
         from MedSSL.transforms.genesis import GenesisTransformConfig, genesis_transform

@@ -16,7 +16,7 @@ What is measured, as the trainer runs it:
   with other work (see ``load_average_*``) it shows what the cores we did get achieved.
 * ``stage_ms_per_cube``: each building block alone on the same batches (the pipeline applies them to a
   random subset: shuffle to 50% of the cubes, the intensity map to 90%, painting to 90%).
-* ``train_*``: ``--train-steps`` steps (after one untimed warm-up step) of transform + UNet3D
+* ``train_*``: ``--train-steps`` steps (after one untimed warm-up step) of transform + GenesisUNet
   (``--width``, 32 = official) forward + MSE(sigmoid(output), target) + backward + SGD step
   (momentum 0.9; the learning rate does not change the time). ``train_step_s`` is the mean wall time of
   a whole step, transformation included; ``train_network_step_s`` the network part only.
@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
 import torch
 import torch.nn.functional as F
 
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 from MedSSL.transforms.genesis import (
     GenesisTransformConfig,
     bezier_intensity,
@@ -136,7 +136,7 @@ def bench_stages(batches, generator, device, repeats: int) -> dict:
 
 def bench_training(batches, config, generator, device, width: int, steps: int) -> dict:
     torch.manual_seed(0)
-    model = UNet3D(width=width).to(device)
+    model = GenesisUNet(width=width).to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step_times, network_times = [], []
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch", type=int, default=6)
     parser.add_argument("--patch", type=int, nargs=3, default=(64, 64, 32), metavar=("X", "Y", "Z"))
-    parser.add_argument("--width", type=int, default=32, help="UNet3D base width for the training step (32 = official)")
+    parser.add_argument("--width", type=int, default=32, help="GenesisUNet base width for the training step (32 = official)")
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps (0 = skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--stage-repeats", type=int, default=10, help="batches per building block (0 = skip)")

@@ -45,10 +45,10 @@ def blobs_ct(shape=(32, 32, 16), seed=0, n=4, radius=4, values=(1,), hu=(300,)) 
 def segment_bundle(path, values=(0, 1), width=4, patch=(16, 16, 16), spacing=None, in_channels=1,
                    task="segment", seed=0, spatial_dims=3, names=None) -> None:
     """An untrained segmentation (or other ``task``) bundle, written without training."""
-    from MedSSL.models.unet3d import UNet3D
+    from MedSSL.models.genesis_unet import GenesisUNet
 
     torch.manual_seed(seed)
-    net = UNet3D(in_channels, len(values), width, spatial_dims=spatial_dims)
+    net = GenesisUNet(in_channels, len(values), width, spatial_dims=spatial_dims)
     classes = {str(v): {"name": (names or {}).get(v, f"c{v}"), "color": [0.5, 0.5, 0.5]} for v in values if v}
     meta = {"architecture": {"name": "unet3d", "width": width, "in_channels": in_channels, "out_channels": len(values),
                              "spatial_dims": spatial_dims},

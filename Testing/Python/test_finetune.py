@@ -16,7 +16,7 @@ from MedSSL.data.sampling import PatchSampler, TrainingVolume, auto_patch
 from MedSSL.tasks.infer.model import load_model
 from MedSSL.tasks.infer.predict import PredictOptions, segment
 from MedSSL.io.volumes import read_volume, write_volume
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 from finetune_helpers import blobs_ct, volume
 from medssl_testing import official_checkpoint
 
@@ -179,7 +179,7 @@ def small_case(tmp_path_factory):
 
 def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
     torch.manual_seed(123)  # not finetune's seed: a fresh network must differ from these weights
-    backbone = UNet3D(1, 1, 4)
+    backbone = GenesisUNet(1, 1, 4)
     save_bundle(tmp_path / "pre", {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
                 {"architecture": {"name": "unet3d", "width": 4, "in_channels": 1, "out_channels": 1}, "task": "pretrain",
                  "method": {"name": "genesis"}, "patch_size": [16, 16, 16],

@@ -17,7 +17,7 @@ from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import Volume, write_volume
 from MedSSL.methods._contrastive import random_resized_crop3d
 from MedSSL.methods.base import build_method, method_class
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 torch.set_num_threads(1)
 SIZE = (32, 32)
@@ -176,7 +176,7 @@ def test_2d_short_run_lowers_the_loss_and_writes_a_2d_bundle(name, settings, rad
     assert meta["method"]["name"] == name and meta["task"] == "pretrain"
     assert meta["architecture"]["spatial_dims"] == 2 and meta["patch_size"] == [32, 32, 1]
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    UNet3D(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)  # 2D kernels, the usual keys
+    GenesisUNet(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)  # 2D kernels, the usual keys
     if name == "dira":
         assert state["discriminator.convs.0.weight"].dim() == 4
         assert all(r["adv_on"] == 1.0 for r in meta["history"])
@@ -254,7 +254,7 @@ def test_ark_2d_batches_heads_teacher_and_bundle(ark_2d, tmp_path):
     assert image.shape == (3, 1, *SIZE) and target.shape == (3, *SIZE)
     check_ark_teacher_update(method, batches[0], batches[1])  # copy at step 0, then an EMA; c schedule
     # the bundle: a plain 2D U-Net of 1 + 2 outputs whose output layer is the folded teacher heads
-    net = UNet3D(1, 3, 4, spatial_dims=2)
+    net = GenesisUNet(1, 3, 4, spatial_dims=2)
     net.load_state_dict(method.transferable_state_dict(), strict=True)
     net.eval()
     method.eval()
@@ -278,7 +278,7 @@ def test_ark_2d_short_run_lowers_the_task_loss_and_writes_a_2d_bundle(ark_2d, tm
     assert meta["architecture"]["spatial_dims"] == 2 and meta["architecture"]["out_channels"] == 3
     assert meta["patch_size"] == [32, 32, 1]
     assert {k: v["name"] for k, v in meta["classes"].items()} == {"1": "liver", "2": "lung"}
-    UNet3D(1, 3, 4, spatial_dims=2).load_state_dict(state, strict=True)
+    GenesisUNet(1, 3, 4, spatial_dims=2).load_state_dict(state, strict=True)
     history = meta["history"]
     assert [r["dataset"] for r in history[:4]] == [0.0, 1.0, 0.0, 1.0]
     task = [r["task"] for r in history]

@@ -17,7 +17,7 @@ from MedSSL.data.labelled import union_classes
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.methods.base import available_methods, method_class
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 torch.set_num_threads(1)
 PATCH = (16, 16, 8)
@@ -406,7 +406,7 @@ def test_ark_folded_head_keeps_the_heads_decisions(ark_data, tmp_path):
         b.weight[1].normal_(0, 0.5)
         logits = b(feats)
         b.bias[1] -= torch.quantile((logits[:, 1] - logits[:, [0, 2]].max(1).values).flatten(), 0.7)
-    net = UNet3D(1, 4, 4)
+    net = GenesisUNet(1, 4, 4)
     net.load_state_dict(method.transferable_state_dict(), strict=True)  # a plain 1 + 3 output U-Net
     net.eval()
     with torch.no_grad():
@@ -537,9 +537,9 @@ def test_one_slice_images_give_2d_adam_and_genesis(tmp_path):
     meta, state = load_bundle(tmp_path / "a")
     assert meta["architecture"]["spatial_dims"] == 2 and meta["patch_size"] == [32, 32, 1]
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    UNet3D(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)  # 2D kernels, the usual keys
+    GenesisUNet(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)  # 2D kernels, the usual keys
     assert main(["pretrain", "--method", "genesis", "--out", str(tmp_path / "g"), *common]) == 0
     meta, state = load_bundle(tmp_path / "g")
     assert meta["architecture"]["spatial_dims"] == 2 and meta["patch_size"] == [32, 32, 1]
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    UNet3D(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)
+    GenesisUNet(1, 1, 4, spatial_dims=2).load_state_dict(backbone, strict=True)

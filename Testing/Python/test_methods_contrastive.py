@@ -14,7 +14,7 @@ from MedSSL.io.volumes import write_volume
 from MedSSL.methods._contrastive import FeatureQueue, info_nce, random_resized_crop3d
 from MedSSL.methods.base import available_methods, method_class
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 torch.set_num_threads(1)
 PATCH = (16, 16, 8)
@@ -210,5 +210,5 @@ def test_short_run_lowers_the_restoration_loss_and_initialises_finetuning(name, 
     if name == "dira":
         assert all(r["adv_on"] == 1.0 for r in meta["history"])
     init = load_initial_weights(out)
-    report = apply_initial_weights(UNet3D(out_channels=3, width=4), init)
+    report = apply_initial_weights(GenesisUNet(out_channels=3, width=4), init)
     assert report["loaded"] > 0 and "out_tr.final_conv.weight" in report["skipped"]

@@ -16,7 +16,7 @@ from MedSSL.methods._discovery import crop_box, discover_patterns, nearest_neigh
 from MedSSL.methods._restoration import elastic_inplane, one_of_four
 from MedSSL.methods.base import PretrainData, method_class
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 torch.set_num_threads(1)
 PATCH = (16, 16, 8)
@@ -210,6 +210,6 @@ def test_short_run_lowers_the_restoration_loss_and_initialises_finetuning(name, 
     early, late = float(np.mean(mse[:8])), float(np.mean(mse[-8:]))
     assert late < 0.9 * early, (early, late)
     init = load_initial_weights(out)
-    report = apply_initial_weights(UNet3D(out_channels=3, width=4), init)
+    report = apply_initial_weights(GenesisUNet(out_channels=3, width=4), init)
     assert report["loaded"] > 0 and "out_tr.final_conv.weight" in report["skipped"]
     assert not any(k.startswith("clc_out") for k in init.state_dict)

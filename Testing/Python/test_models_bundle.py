@@ -1,4 +1,4 @@
-"""The Genesis UNet3D layout, official-checkpoint loading, safe loading, and bundles."""
+"""The Genesis GenesisUNet layout, official-checkpoint loading, safe loading, and bundles."""
 
 import json
 import pickle
@@ -11,7 +11,7 @@ from MedSSL.io.bundle import load_bundle, read_meta, save_bundle
 from MedSSL.commands.cli import main
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 from medssl_testing import official_checkpoint
 
 torch.set_num_threads(1)
@@ -19,7 +19,7 @@ KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "research" / "genes
 
 
 def test_official_layout_at_width_32():
-    model = UNet3D()
+    model = GenesisUNet()
     state = model.state_dict()
     assert len(state) == 106
     assert sum(p.numel() for p in model.parameters()) == 19_073_665
@@ -31,7 +31,7 @@ def test_official_layout_at_width_32():
 @pytest.mark.skipif(not KEYS_JSON.is_file(), reason="../shared/research not present")
 def test_keys_and_shapes_match_the_published_list():
     expected = json.loads(KEYS_JSON.read_text())["keys"]
-    state = UNet3D().state_dict()
+    state = GenesisUNet().state_dict()
     assert list(state) == [k for k, _, _ in expected]
     for key, shape, _ in expected:
         assert list(state[key].shape) == shape, key
@@ -39,7 +39,7 @@ def test_keys_and_shapes_match_the_published_list():
 
 @pytest.mark.parametrize("shape", [(16, 16, 8), (24, 32, 16)])
 def test_forward_shapes(shape):
-    model = UNet3D(in_channels=2, out_channels=3, width=4).eval()
+    model = GenesisUNet(in_channels=2, out_channels=3, width=4).eval()
     logits, bottleneck = model.forward_with_bottleneck(torch.rand(2, 2, *shape))
     assert logits.shape == (2, 3, *shape)
     assert bottleneck.shape == (2, 64, *(s // 8 for s in shape))
@@ -50,7 +50,7 @@ def test_official_pt_loads_strictly(tmp_path):
     state = official_checkpoint(path, width=8)
     init = load_initial_weights(path)
     assert init.source == "official-pt" and init.width == 8 and len(init.state_dict) == 106
-    model = UNet3D(width=8)
+    model = GenesisUNet(width=8)
     model.load_state_dict(init.state_dict, strict=True)
     for key, value in state.items():
         assert torch.equal(model.state_dict()[key[len("module."):]], value)
@@ -60,10 +60,10 @@ def test_segmentation_head_may_differ_but_encoder_must_match(tmp_path):
     path = tmp_path / "g.pt"
     official_checkpoint(path, width=4)
     init = load_initial_weights(path)
-    report = apply_initial_weights(UNet3D(out_channels=5, width=4), init)
+    report = apply_initial_weights(GenesisUNet(out_channels=5, width=4), init)
     assert "out_tr.final_conv.weight" in report["skipped"]
     with pytest.raises(MedSSLError, match="width 4"):
-        apply_initial_weights(UNet3D(width=8), init)
+        apply_initial_weights(GenesisUNet(width=8), init)
 
 
 class _Payload:
@@ -93,7 +93,7 @@ def test_files_that_are_not_models_are_rejected(tmp_path, content):
 
 
 def test_bundle_round_trip(tmp_path):
-    model = UNet3D(width=4)
+    model = GenesisUNet(width=4)
     save_bundle(tmp_path / "b", model.state_dict(), {"architecture": {"name": "unet3d", "width": 4}, "task": "pretrain"})
     meta, state = load_bundle(tmp_path / "b")
     assert meta["format"] == "medssl-bundle" and meta["versions"]["torch"] == torch.__version__

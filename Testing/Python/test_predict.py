@@ -13,7 +13,7 @@ from MedSSL.tasks.infer.model import load_model
 from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation, largest_component_per_class
 from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, plan_slabs, run_slabs
 from MedSSL.io.volumes import read_volume, to_sitk, write_volume
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 from finetune_helpers import OBLIQUE, ball, blobs_ct, segment_bundle, volume
 
 torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def test_slab_plan_bounds_the_accumulator():
 
 def test_slabs_agree_with_one_pass():
     torch.manual_seed(0)
-    net = UNet3D(1, 5, 4).eval()
+    net = GenesisUNet(1, 5, 4).eval()
     image = np.random.default_rng(0).random((24, 20, 40)).astype(np.float32)
     results = []
     for memory_mb in (1000.0, 0.05):  # one slab; then slabs of 8 kept slices with 4 slices of context
@@ -83,7 +83,7 @@ def test_slabs_agree_with_one_pass():
 
 def test_test_time_flips_give_probabilities():
     torch.manual_seed(0)
-    net = UNet3D(1, 3, 4).eval()
+    net = GenesisUNet(1, 3, 4).eval()
     x = torch.rand(1, 1, 16, 16, 8)
     p = make_predictor(net, tta=True, entropy=True)(x).float()
     assert p.shape == (1, 4, 16, 16, 8)

@@ -8,7 +8,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, run_slabs
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 from finetune_helpers import blobs_ct
 
 torch.set_num_threads(1)
@@ -34,7 +34,7 @@ def phantom():
 @pytest.mark.parametrize("classes,memory_mb,tol", [(5, 1024.0, 2e-3), (2, 1024.0, 2e-3), (5, 0.05, 1e-2)])
 def test_labels_unchanged(classes, memory_mb, tol):
     torch.manual_seed(classes)
-    net = UNet3D(1, classes, 4).eval()
+    net = GenesisUNet(1, classes, 4).eval()
     image = phantom()
     ref = reference(net, image, 0.5)
     reducer = SegmentationReducer(image.shape, classes)

@@ -16,12 +16,12 @@ import torch
 from MedSSL.data.preprocess import IntensityConfig, normalize_intensity
 from MedSSL.io.volumes import Volume
 from MedSSL.models.initial_weights import InitialWeights
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 
-def build_backbone(init: InitialWeights) -> UNet3D:
+def build_backbone(init: InitialWeights) -> GenesisUNet:
     """The U-Net of ``init`` (any output head; only the decoder features are used), eval mode, CPU."""
-    net = UNet3D(in_channels=1, out_channels=1, width=init.width)
+    net = GenesisUNet(in_channels=1, out_channels=1, width=init.width)
     state = {k: v for k, v in init.state_dict.items() if not k.startswith("out_tr.")}
     net.load_state_dict(state, strict=False)
     return net.eval()
@@ -33,7 +33,7 @@ def intensity_of(init: InitialWeights) -> IntensityConfig:
 
 
 @torch.inference_mode()
-def decoder_features(net: UNet3D, image: np.ndarray, spacing, intensity: IntensityConfig,
+def decoder_features(net: GenesisUNet, image: np.ndarray, spacing, intensity: IntensityConfig,
                      device: torch.device | None = None) -> np.ndarray:
     """(X, Y, Z) raw intensities of the region -> (2w, X, Y, Z) float32 decoder features.
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a (pretrained) UNet3D: labels, patch sampling, augmentation, losses, training.
+"""Supervised fine-tuning of a (pretrained) GenesisUNet: labels, patch sampling, augmentation, losses, training.
 
 * :mod:`.labels`: label maps (0 background, 1..254 classes, 255 not annotated), class names and colours.
 * :mod:`.sampling`: class-balanced patch sampling centred on annotated voxels.

@@ -1,6 +1,6 @@
 """``medssl finetune --task classify``: one label per volume, from a CSV of ``image,label`` rows.
 
-The network is the (pretrained) UNet3D encoder with the Models Genesis target-task head: global
+The network is the (pretrained) GenesisUNet encoder with the Models Genesis target-task head: global
 average pooling of the bottleneck (16w channels) -> Linear(16w, 1024) -> ReLU -> Linear(1024, n),
 trained with cross-entropy on class-balanced batches.
 
@@ -15,7 +15,7 @@ come from ``--classes`` (value -> name, 0 allowed) or, without it, from the labe
 values, names get values 0..n-1 in sorted order.
 
 One-slice images (X, Y, 1), e.g. radiographs: when every image of the CSV is one, the network is 2D
-(``UNet3D(spatial_dims=2)`` encoder, model.json ``architecture.spatial_dims: 2``), each image is resized
+(``GenesisUNet(spatial_dims=2)`` encoder, model.json ``architecture.spatial_dims: 2``), each image is resized
 (bilinear) to the 2D patch (X, Y) (default 64 x 64; ``--patch X Y`` or ``X Y 1``), and ``--init`` must
 be a 2D model. A CSV mixing one-slice images and volumes is refused.
 """

@@ -14,7 +14,7 @@ Few-shot design (a user painted a few slices of this very volume):
 * the bundle records how the labels were annotated and, for painted slices, recommends keeping at
   prediction only the components connected to the painted structure (``predict --annotation``).
 
-One-slice images (X, Y, 1), e.g. radiographs loaded in Slicer, get a 2D U-Net (``UNet3D(spatial_dims=2)``,
+One-slice images (X, Y, 1), e.g. radiographs loaded in Slicer, get a 2D U-Net (``GenesisUNet(spatial_dims=2)``,
 model.json ``architecture.spatial_dims: 2``): patches (X, Y, 1) are sampled as above around annotated
 pixels and fed to the network as (N, 1, X, Y) with (N, X, Y) targets, augmented by in-plane warps,
 trained with the same masked loss; ``--init`` must then be a 2D model (e.g. ``medssl pretrain --method
@@ -35,7 +35,7 @@ from MedSSL.io.bundle import save_bundle
 from MedSSL.data.preprocess import resample_to_spacing
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 from MedSSL.engine.checkpoint import load_checkpoint
 from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.progress import Progress
@@ -215,7 +215,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     network on the (X, Y) plane of one-slice images."""
     out = Path(config.out)
     seed_everything(config.seed + ctx.rank)
-    model = UNet3D(in_channels=1, out_channels=mapping.n_channels, width=width, spatial_dims=spatial_dims).to(device)
+    model = GenesisUNet(in_channels=1, out_channels=mapping.n_channels, width=width, spatial_dims=spatial_dims).to(device)
     if init is not None:
         apply_initial_weights(model, init if config.transfer == "all" else encoder_only(init), what=f"--init {config.init}")
     train_volumes, val_volumes = _split(volumes, config.val_fraction, config.seed)

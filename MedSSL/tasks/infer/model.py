@@ -17,7 +17,7 @@ from MedSSL.io.bundle import load_bundle
 from MedSSL.data.preprocess import IntensityConfig, detect_modality, normalize_intensity, resample_to_spacing
 from MedSSL.errors import MedSSLError
 from MedSSL.io.volumes import Volume
-from MedSSL.models.unet3d import UNet3D
+from MedSSL.models.genesis_unet import GenesisUNet
 
 TASKS = ("segment", "classify")
 
@@ -26,7 +26,7 @@ TASKS = ("segment", "classify")
 class LoadedModel:
     """A bundle ready to run.
 
-    network: eval-mode module on ``device`` (UNet3D for segment, :class:`ClassifierNet` for classify).
+    network: eval-mode module on ``device`` (GenesisUNet for segment, :class:`ClassifierNet` for classify).
     channel_values: (C,) uint8, channel -> original label value (segment). class_values: ordered class
     values (classify). classes: {value: {"name", "color"}}. patch: (X, Y, Z) voxels ((X, Y, 1) for a 2D
     network). spacing: target mm or None. intensity: the training intensity settings (modality fixed to
@@ -66,7 +66,7 @@ def load_model(bundle_dir, device: torch.device, allowed=TASKS, what: str = "--m
     if dims not in (2, 3):
         raise MedSSLError(f"{what} {bundle_dir}: spatial_dims {dims} in model.json; expected 2 or 3")
     if task == "segment":
-        network = UNet3D(int(arch.get("in_channels", 1)), int(arch["out_channels"]), int(arch["width"]), spatial_dims=dims)
+        network = GenesisUNet(int(arch.get("in_channels", 1)), int(arch["out_channels"]), int(arch["width"]), spatial_dims=dims)
     else:
         from MedSSL.models.classifier import ClassifierNet
 

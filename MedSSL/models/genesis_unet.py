@@ -1,4 +1,6 @@
-"""The Models Genesis 3D U-Net, with the official PyTorch module names so published weights load strictly.
+"""The Models Genesis U-Net (``UNet3D`` in the official code), with the official PyTorch module names so
+published weights load strictly. Named ``GenesisUNet`` here because it also builds the 2D network; bundles
+keep the architecture name ``"unet3d"`` in model.json, so every bundle written before still loads.
 
 Written by hand because no MONAI network has this topology (3 poolings, transposed-conv upsampling, the
 channel plan 32-64 | 64-128 | 128-256 | 256-512). Attribute names (``down_tr64.ops.0.conv1``, ``bn1``,
@@ -90,8 +92,8 @@ class OutputTransition(nn.Module):
         return self.final_conv(x)
 
 
-class UNet3D(nn.Module):
-    """Models Genesis UNet3D scaled by ``width`` (32 = official).
+class GenesisUNet(nn.Module):
+    """Models Genesis GenesisUNet scaled by ``width`` (32 = official).
 
     Args:
         in_channels: input channels (1 for CT/MR; 2.5D inputs use more).
@@ -147,12 +149,12 @@ class UNet3D(nn.Module):
 
 
 def spatial_dims_from_state_dict(state: dict) -> int:
-    """2 or 3: the number of spatial dimensions of a UNet3D state dict's kernels."""
+    """2 or 3: the number of spatial dimensions of a GenesisUNet state dict's kernels."""
     return int(state["down_tr64.ops.0.conv1.weight"].dim()) - 2
 
 
 def width_from_state_dict(state: dict) -> int:
-    """Base width of a UNet3D state dict (the first convolution's output channels)."""
+    """Base width of a GenesisUNet state dict (the first convolution's output channels)."""
     key = "down_tr64.ops.0.conv1.weight"
     if key not in state:
         raise KeyError(key)
