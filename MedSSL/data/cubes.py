@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from MedSSL.data.spatial import sampling_size
 from MedSSL.errors import MedSSLError
 from MedSSL.io import volumes as _volumes
 from MedSSL.io.atomic import atomic_write
@@ -46,16 +47,6 @@ def default_cache_dir() -> Path:
 # --------------------------------------------------------------------------------------------------
 # sampling
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_patch(patch) -> tuple[int, int, int]:
-    try:
-        patch = tuple(int(p) for p in patch)
-    except (TypeError, ValueError):
-        raise MedSSLError(f"patch {patch!r}: expected three sizes in voxels") from None
-    if len(patch) != 3 or min(patch) < 1:
-        raise MedSSLError(f"patch {list(patch)}: expected three sizes >= 1 (voxels)")
-    return patch
 
 
 def sample_cubes(
@@ -81,7 +72,7 @@ def sample_cubes(
     m = np.asarray(mask, dtype=bool)
     if a.ndim != 3 or m.shape != a.shape:
         raise MedSSLError(f"sample_cubes: array {a.shape} and mask {m.shape} must be the same 3D shape")
-    patch = _check_patch(patch)
+    patch = sampling_size(patch)
     count = max(0, int(count))
     rng = rng if rng is not None else np.random.default_rng(0)
     max_tries = 50 * count if max_tries is None else int(max_tries)
@@ -134,7 +125,7 @@ class CubeSettings:
     seed: int = 0
 
     def __post_init__(self):
-        self.patch = _check_patch(self.patch)
+        self.patch = sampling_size(self.patch)
         self.cubes_per_volume = int(self.cubes_per_volume)
         if self.cubes_per_volume < 1:
             raise MedSSLError(f"cubes per volume {self.cubes_per_volume}: expected at least 1")

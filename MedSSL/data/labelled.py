@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from MedSSL.data.spatial import is_one_slice, is_one_slice_file
 from MedSSL.errors import MedSSLError
 from MedSSL.io.atomic import atomic_write
 from MedSSL.data.labels import IGNORE, classes_from_json, default_color, label_array, present_values
@@ -208,12 +209,10 @@ def case_dimensions(spec: dict) -> tuple[int, str | None]:
     """From the headers of a :func:`read_spec` result: (2 when every case's image is a one-slice image,
     else 3; ``None``, or a one-line description of a mix of one-slice and 3D cases naming the spec and
     the first case of each kind)."""
-    from MedSSL.io.volumes import is_single_slice
-
     flat, deep = [], []
     for i, entry in enumerate(spec["datasets"]):
         for j, pair in enumerate(entry["cases"]):
-            (flat if is_single_slice(pair["image"]) else deep).append((i, entry["name"], j, pair["image"]))
+            (flat if is_one_slice_file(pair["image"]) else deep).append((i, entry["name"], j, pair["image"]))
     if flat and deep:
         (fi, fname, fj, fimage), (di, dname, dj, dimage) = flat[0], deep[0]
         return 3, (f"{spec['spec']}: mixes {len(flat)} one-slice (2D) case(s) with {len(deep)} 3D case(s) "
@@ -224,7 +223,7 @@ def case_dimensions(spec: dict) -> tuple[int, str | None]:
 
 def _check_dimensions(shape, spatial_dims: int, where: str, image_path) -> None:
     if spatial_dims == 2:
-        if len(shape) != 3 or shape[2] != 1 or min(shape[:2]) < 2:
+        if len(shape) != 3 or not is_one_slice(shape) or min(shape[:2]) < 2:
             raise MedSSLError(f"{where}: image {image_path} is not a one-slice (2D) image ({'x'.join(map(str, shape))}); "
                               "a 2D run needs one-slice images and labels in every case")
     elif min(shape) < 2:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from MedSSL.data.spatial import is_one_slice
 from MedSSL.errors import MedSSLError
 from MedSSL.io.volumes import VOLUME_SUFFIXES, Volume
 
@@ -258,7 +259,7 @@ def annotation_summary(labels: np.ndarray) -> dict:
     """
     annotated = labels != IGNORE
     total = annotated.size
-    if labels.shape[2] == 1:
+    if is_one_slice(labels.shape):
         return {"kind": "dense", "fraction": round(float(np.count_nonzero(annotated)) / max(1, total), 5)}
     per_axis = []
     for axis in range(3):

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from MedSSL.data.spatial import is_one_slice
 from MedSSL.errors import MedSSLError
 from MedSSL.io.volumes import Volume, from_sitk, to_sitk
 
@@ -177,7 +178,7 @@ def resample_to_spacing(volume: Volume, spacing_mm, nearest: bool = False) -> Vo
     if new.size != 3 or not np.all(np.isfinite(new)) or not np.all(new > 0):
         raise MedSSLError(f"target spacing {np.asarray(spacing_mm).tolist()}: expected one or three positive numbers (mm)")
     old = np.asarray(volume.spacing, dtype=np.float64)
-    if volume.shape[2] == 1:
+    if is_one_slice(volume.shape):
         new[2] = old[2]
     if np.allclose(new, old, rtol=1e-6, atol=1e-9):
         return volume

@@ -247,22 +247,19 @@ def _read_dicom_folder(folder: Path) -> Volume:
     return _checked(image, folder, modality)
 
 
-def is_single_slice(source) -> bool:
-    """True when a volume file holds a 2D image or a one-slice volume (reads the header only).
-
-    DICOM folders and unreadable files count as 3D here; reading them later gives the real answer.
-    """
+def read_size(source) -> tuple | None:
+    """The voxel size (X, Y[, Z]) from a file's header, without reading the voxels; None for DICOM folders
+    and unreadable files."""
     p = Path(source)
     if p.is_dir():
-        return False
+        return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return False
-    size = reader.GetSize()
-    return len(size) == 2 or (len(size) >= 3 and size[2] == 1)
+        return None
+    return tuple(int(s) for s in reader.GetSize())
 
 
 def find_volumes(paths) -> list[Path]:

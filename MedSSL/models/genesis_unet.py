@@ -26,14 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _layers(spatial_dims: int):
-    """(Conv, BatchNorm, MaxPool, ConvTranspose) classes for 2 or 3 spatial dimensions."""
-    if spatial_dims == 3:
-        return nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d
-    if spatial_dims == 2:
-        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d
-    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+from MedSSL.models.layers import layer
 
 
 class LUConv(nn.Module):
@@ -41,9 +34,8 @@ class LUConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 3):
         super().__init__()
-        conv, norm, _, _ = _layers(spatial_dims)
-        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1)
-        self.bn1 = norm(out_channels)
+        self.conv1 = layer("conv", spatial_dims)(in_channels, out_channels, kernel_size=3, padding=1)
+        self.bn1 = layer("batch_norm", spatial_dims)(out_channels)
         self.relu1 = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +53,7 @@ class DownTransition(nn.Module):
         mid = width * 2**depth
         self.ops = nn.Sequential(LUConv(in_channels, mid, spatial_dims), LUConv(mid, mid * 2, spatial_dims))
         self.out_channels = mid * 2
-        self.pool = _layers(spatial_dims)[2](2) if depth < 3 else None
+        self.pool = layer("max_pool", spatial_dims)(2) if depth < 3 else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.ops(x)
@@ -73,7 +65,7 @@ class UpTransition(nn.Module):
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, spatial_dims: int = 3):
         super().__init__()
-        self.up_conv = _layers(spatial_dims)[3](in_channels, in_channels, kernel_size=2, stride=2)
+        self.up_conv = layer("conv_transpose", spatial_dims)(in_channels, in_channels, kernel_size=2, stride=2)
         self.ops = nn.Sequential(LUConv(in_channels + skip_channels, out_channels, spatial_dims),
                                  LUConv(out_channels, out_channels, spatial_dims))
 
@@ -86,7 +78,7 @@ class OutputTransition(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 3):
         super().__init__()
-        self.final_conv = _layers(spatial_dims)[0](in_channels, out_channels, kernel_size=1)
+        self.final_conv = layer("conv", spatial_dims)(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(x)

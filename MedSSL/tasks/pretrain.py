@@ -29,8 +29,9 @@ from MedSSL.io.bundle import save_bundle
 from MedSSL.data import labelled
 from MedSSL.data.cubes import CubeSettings, default_cache_dir, prepare_cubes
 from MedSSL.data.preprocess import IntensityConfig
+from MedSSL.data.spatial import is_one_slice_file, validate_patch
 from MedSSL.errors import MedSSLError
-from MedSSL.io.volumes import find_volumes, is_single_slice
+from MedSSL.io.volumes import find_volumes
 from MedSSL.io.privacy import redact_paths
 from MedSSL.methods.base import PretrainData, build_method, method_class
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
@@ -70,14 +71,6 @@ class PretrainConfig:
     datasets: Path | None = None
 
 
-def check_patch(patch) -> tuple:
-    """(X, Y, Z) multiples of 8; Z may be 1 (one-slice images with a 2D method, checked later)."""
-    patch = tuple(int(p) for p in patch)
-    if len(patch) != 3 or any(p < 8 or p % 8 for p in patch[:2]) or (patch[2] != 1 and (patch[2] < 8 or patch[2] % 8)):
-        raise MedSSLError(f"--patch {' '.join(map(str, patch))}: each size must be a multiple of 8 (the network pools 3 times)")
-    return patch
-
-
 def check_data_kind(cls, data, datasets) -> None:
     """Exactly one of ``data`` / ``datasets``, the one the method's ``data_kind`` reads."""
     if data and datasets:
@@ -96,7 +89,7 @@ def check_data_kind(cls, data, datasets) -> None:
 
 def pretrain(config: PretrainConfig, progress: Progress) -> Path:
     """Run pretraining; returns the bundle folder. Raises MedSSLError on bad input."""
-    patch = check_patch(config.patch)
+    patch = validate_patch(config.patch)
     cls = method_class(config.method)
     check_data_kind(cls, config.data, config.datasets)
     ctx, device = init_distributed(config.device)
@@ -280,7 +273,7 @@ def _labelled_data(config, cls, patch, ctx, device, progress, cache_dir):
 def _refuse_mixed_dimensions(sources: list, data) -> bool:
     """Refuse a mix of one-slice (2D) images and 3D volumes, judged from the file headers alone.
     Returns True when every source is a one-slice image."""
-    flat = [is_single_slice(source) for source in sources]
+    flat = [is_one_slice_file(source) for source in sources]
     if any(flat) and not all(flat):
         raise MedSSLError(f"{' '.join(map(str, data))}: mixes {sum(flat)} one-slice (2D) image(s) with "
                           f"{len(flat) - sum(flat)} 3D volume(s); pretrain on them separately")

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from MedSSL.data.spatial import is_one_slice
+
 
 def fit_to_patch(array: np.ndarray, patch) -> torch.Tensor:
     """float32 (X, Y, Z) -> (1, X', Y', Z') = ``patch``, trilinear resize. A 2D patch (X', Y', 1) (or
@@ -13,7 +15,7 @@ def fit_to_patch(array: np.ndarray, patch) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     patch = tuple(int(p) for p in patch)
     mode = "trilinear"
-    if len(patch) == 2 or patch[2] == 1 and array.shape[2] == 1:
+    if len(patch) == 2 or patch[2] == 1 and is_one_slice(array.shape):
         t, patch, mode = t[..., 0], patch[:2], "bilinear"
     if tuple(t.shape[2:]) != patch:
         t = F.interpolate(t, size=patch, mode=mode, align_corners=False)

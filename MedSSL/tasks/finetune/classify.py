@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from MedSSL.io.bundle import save_bundle
+from MedSSL.data.spatial import validate_patch
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims
 from MedSSL.models.classifier import ClassifierNet
@@ -39,7 +40,7 @@ from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import OutputLock, device_description, resolve_device, seed_everything
 from MedSSL.transforms.augment import AugmentConfig, augment_batch
-from MedSSL.tasks.finetune.common import (FinetuneConfig, fit_steps_to_time, check_patch, common_meta, load_init, majority, normalize,
+from MedSSL.tasks.finetune.common import (FinetuneConfig, fit_steps_to_time, common_meta, load_init, majority, normalize,
                      preprocessing_from_init, read_image, resolve_width)
 from MedSSL.data.labels import classes_to_json, default_color, parse_classes
 
@@ -119,7 +120,7 @@ def load_classification_data(config: FinetuneConfig, intensity, patch, log=None)
         volume, dims = read_image(image_path, config.spacing, first)
         if first is None:
             first = (dims, image_path)
-            patch = check_patch(patch, dims, log) if patch else (DEFAULT_PATCH_2D if dims == 2 else DEFAULT_PATCH)
+            patch = validate_patch(patch, dims, log=log) if patch else (DEFAULT_PATCH_2D if dims == 2 else DEFAULT_PATCH)
         array, modality = normalize(volume, intensity)
         images.append(fit_to_patch(array, patch))
         modalities.append(modality)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from MedSSL.data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
+from MedSSL.data.spatial import image_dims
 from MedSSL.errors import MedSSLError
 from MedSSL.io.volumes import Volume, read_volume
 from MedSSL.models.initial_weights import InitialWeights, load_initial_weights
@@ -124,55 +125,11 @@ def preprocessing_from_init(init: InitialWeights | None, modality: str, spacing)
     return intensity, target
 
 
-def check_patch(patch, spatial_dims: int = 3, log=None) -> tuple:
-    """``--patch`` as (X, Y, Z): multiples of 8. For one-slice images (``spatial_dims`` 2): ``X Y`` or
-    ``X Y 1`` (a Z other than 1 is ignored, with a note through ``log``, as pretraining does); the
-    result is (X, Y, 1)."""
-    patch = tuple(int(p) for p in patch)
-    text = " ".join(map(str, patch))
-    if spatial_dims == 2:
-        if len(patch) not in (2, 3) or any(p < 8 or p % 8 for p in patch[:2]) or (len(patch) == 3 and patch[2] < 1):
-            raise MedSSLError(f"--patch {text}: one-slice (2D) images take X Y or X Y 1, X and Y multiples of 8 "
-                              "(the network pools 3 times)")
-        if len(patch) == 3 and patch[2] != 1 and log is not None:
-            log(f"one-slice images: 2D patches of {patch[0]}x{patch[1]} (Z {patch[2]} ignored)")
-        return patch[0], patch[1], 1
-    if len(patch) == 3 and patch[2] == 1:
-        raise MedSSLError(f"--patch {text}: Z = 1 is for one-slice (2D) images; 3D volumes need Z a multiple of 8")
-    if len(patch) != 3:
-        raise MedSSLError(f"--patch {text}: 3D volumes take three sizes X Y Z (multiples of 8)")
-    if any(p < 8 or p % 8 for p in patch):
-        raise MedSSLError(f"--patch {text}: each size must be a multiple of 8 (the network pools 3 times)")
-    return patch
-
-
-def is_one_slice(volume: Volume) -> bool:
-    """A one-slice image (a radiograph, a single DICOM frame): shape (X, Y, 1), fine-tuned in 2D."""
-    return volume.shape[2] == 1
-
-
-def spatial_dims_of(volume: Volume, path, first=None) -> int:
-    """2 for a one-slice image (X, Y, 1), 3 for a volume; MedSSLError naming ``path`` for an image thin
-    along X or Y (a single slice along another axis), or when it differs from ``first`` = (dims, path)
-    of the first image (one-slice images and 3D volumes are not fine-tuned together)."""
-    shape = "x".join(map(str, volume.shape))
-    if min(volume.shape[:2]) < 2:
-        raise MedSSLError(f"{path}: a single-slice image ({shape}) along X or Y; fine-tuning takes 3D volumes or "
-                          "one-slice images of shape X x Y x 1")
-    dims = 2 if is_one_slice(volume) else 3
-    if first is not None and dims != first[0]:
-        kind = "a one-slice (2D) image" if dims == 2 else "a 3D volume"
-        other = "one-slice (2D) image" if first[0] == 2 else "3D volume"
-        raise MedSSLError(f"{path}: {kind} ({shape}) among {other}s (first: {first[1]}); fine-tune one-slice images "
-                          "and 3D volumes separately")
-    return dims
-
-
 def read_image(path, spacing, first=None) -> tuple[Volume, int]:
     """Read an image volume and resample it to ``spacing`` (mm, linear) when given (one-slice images:
-    in-plane only). Returns (volume, spatial dims), see :func:`spatial_dims_of` for ``first``."""
+    in-plane only). Returns (volume, spatial dims), see :func:`MedSSL.data.spatial.image_dims` for ``first``."""
     volume = read_volume(path)
-    dims = spatial_dims_of(volume, path, first)
+    dims = image_dims(volume.shape, path, first)
     return (resample_to_spacing(volume, spacing) if spacing is not None else volume), dims
 
 

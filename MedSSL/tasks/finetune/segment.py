@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from MedSSL.io.bundle import save_bundle
 from MedSSL.data.preprocess import resample_to_spacing
+from MedSSL.data.spatial import image_dims, validate_patch
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims
 from MedSSL.models.genesis_unet import GenesisUNet
@@ -41,8 +42,8 @@ from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import DistributedContext, OutputLock, device_description, init_distributed, seed_everything
 from MedSSL.transforms.augment import AugmentConfig, augment_batch
-from MedSSL.tasks.finetune.common import (FinetuneConfig, check_patch, common_meta, encoder_only, fit_steps_to_time, load_init, majority,
-                     normalize, preprocessing_from_init, resolve_width, spatial_dims_of)
+from MedSSL.tasks.finetune.common import (FinetuneConfig, common_meta, encoder_only, fit_steps_to_time, load_init, majority,
+                     normalize, preprocessing_from_init, resolve_width)
 from MedSSL.data.labels import (IGNORE, LabelMapping, annotation_summary, classes_to_json, label_array, parse_classes,
                      present_values, read_classes_file, resolve_classes, sidecar_path)
 from MedSSL.losses.segmentation import MaskedDiceCELoss
@@ -85,7 +86,7 @@ def load_segmentation_data(config: FinetuneConfig, intensity, spacing):
     first = None
     for image_path, label_path in zip(config.images, config.labels):
         raw_image = read_volume(image_path)
-        dims = spatial_dims_of(raw_image, image_path, first)
+        dims = image_dims(raw_image.shape, image_path, first)
         first = first or (dims, image_path)
         raw_label = read_volume(label_path)
         labels = label_array(raw_label, raw_image, label_path, image_path)
@@ -195,7 +196,7 @@ def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, de
     for v in volumes:
         v.target = mapping.to_channels(v.target)
     if config.patch:
-        patch = check_patch(config.patch, spatial_dims, progress.log)
+        patch = validate_patch(config.patch, spatial_dims, log=progress.log)
     elif spatial_dims == 2:
         patch = auto_patch_2d(summary["shapes"])
     else:

@@ -21,6 +21,7 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
+from MedSSL.data.spatial import is_one_slice
 from MedSSL.io.volumes import Volume
 
 
@@ -62,7 +63,7 @@ def find_detections(labels: np.ndarray, prob: np.ndarray, grid: Volume, names: d
     corners of the component's voxels (on an oblique grid: the LPS-aligned box around them).
     """
     voxel_mm3 = float(np.prod(grid.spacing))
-    pixel_mm2 = float(grid.spacing[0] * grid.spacing[1]) if grid.shape[2] == 1 else None
+    pixel_mm2 = float(grid.spacing[0] * grid.spacing[1]) if is_one_slice(grid.shape) else None
     found = []
     class_boxes = ndimage.find_objects(labels)  # bounding box of each value, so work happens on crops
     for value, class_box in enumerate(class_boxes, start=1):

@@ -15,6 +15,7 @@ from torch import nn
 
 from MedSSL.io.bundle import load_bundle
 from MedSSL.data.preprocess import IntensityConfig, detect_modality, normalize_intensity, resample_to_spacing
+from MedSSL.data.spatial import validate_patch
 from MedSSL.errors import MedSSLError
 from MedSSL.io.volumes import Volume
 from MedSSL.models.genesis_unet import GenesisUNet
@@ -118,16 +119,7 @@ def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: i
     if requested is None:
         return tuple(model.patch)
     if requested != "plane":
-        window = tuple(int(w) for w in requested)
-        text = " ".join(map(str, window))
-        if model.spatial_dims == 2:
-            if len(window) not in (2, 3) or any(w < 8 or w % 8 for w in window[:2]) or window[2:] not in ((), (1,)):
-                raise MedSSLError(f"--window {text}: a 2D model takes X Y (or X Y 1), multiples of 8")
-            return window[0], window[1], 1
-        if len(window) != 3 or any(w < 8 or w % 8 for w in window):
-            raise MedSSLError(f"--window {text}: each size must be a multiple of 8" +
-                              (" (X Y Z for a 3D model)" if len(window) == 2 else ""))
-        return window
+        return validate_patch(requested, model.spatial_dims, what="--window")
     px, py, pz = model.patch
     arch = model.meta.get("architecture") or {}
     per_voxel = 4 * (6 * int(arch.get("width", 32)) + int(arch.get("out_channels", 2))) * max(1, sw_batch_size)
