@@ -321,3 +321,23 @@ def test_bench_fewshot_speed_quick_smoke(capsys):
         pytest.skip(out["skipped"])
     row = out["rows"][0]
     assert row["round1"]["dice"] > 0.8 and row["round2"]["dice"] > 0.8 and row["round2"]["total_s"] > 0
+
+
+def test_walks_take_the_size_trend_from_the_slice_they_leave():
+    """Both walks past the painted range shrink the carried shape from the slice just left: the first step
+    down from plane 5 goes 5 -> 4 (a bug once took it from 3), the first step up 5 -> 6."""
+    from MedSSL.tasks.fewshot.engine import _walk
+
+    start = np.zeros((12, 12), np.uint8)
+    start[3:9, 3:9] = 1
+    calls = []
+
+    def shrink(k_from, k_to):
+        calls.append((k_from, k_to))
+        return np.zeros(1, np.float32)
+
+    odds = lambda k: np.zeros((1, 12, 12), np.float32)  # noqa: E731  (no appearance evidence either way)
+    for slices, expected in ((range(4, 1, -1), [(5, 4), (4, 3), (3, 2)]), (range(6, 9), [(5, 6), (6, 7), (7, 8)])):
+        calls.clear()
+        _walk(start, 5, slices, odds, 1.0, shrink, [1], (1.0, 1.0), 1.0)
+        assert calls == expected

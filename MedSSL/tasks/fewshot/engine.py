@@ -145,14 +145,13 @@ def _tau(distance_mm: float) -> float:
     return TAU0_MM + TAU1 * distance_mm
 
 
-def _walk(start: np.ndarray, slices, odds, weight, shrink, classes, sampling, dz) -> list:
-    """Carry ``start`` (X, Y labels of a painted plane) through ``slices`` (indices moving away from it),
-    using ``odds(k)`` -> (C, X, Y) and ``shrink(k_from, k_to)`` -> (C,) mm; returns [(k, labels, prob)]
-    up to the first empty slice."""
-    out, previous, k_prev = [], start, None
+def _walk(start: np.ndarray, start_index: int, slices, odds, weight, shrink, classes, sampling, dz) -> list:
+    """Carry ``start`` (X, Y labels of the painted plane at slice ``start_index``) through ``slices``
+    (indices moving away from it, either way), using ``odds(k)`` -> (C, X, Y) and ``shrink(k_from, k_to)``
+    -> (C,) mm; returns [(k, labels, prob)] up to the first empty slice."""
+    out, previous, k_prev = [], start, start_index
     for step, k in enumerate(slices, start=1):
-        k_from = k - 1 if k > (k_prev if k_prev is not None else k - 1) else k + 1
-        d = carry(previous, classes, sampling, shrink(k_from, k))
+        d = carry(previous, classes, sampling, shrink(k_prev, k))
         labels, prob = _decide(d, _tau(step * dz), odds(k), weight, classes)
         labels = keep_overlapping(labels, previous, classes)
         out.append((k, labels, prob))
@@ -245,7 +244,7 @@ def _compose(frame: _Frame, odds, weight: float, taper, classes) -> tuple[np.nda
             d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
             out[..., k], prob[..., k] = _decide(d, _tau(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
     for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
-        for k, labels, p in _walk(out[..., start], slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
+        for k, labels, p in _walk(out[..., start], start, slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
             out[..., k], prob[..., k] = labels, p
     return out, prob
 
@@ -285,7 +284,7 @@ def _fold_scores(frame: _Frame, classes, settings: FewShotSettings) -> dict:
         taper = settings.taper if settings.taper is not None else TREND
         shrink = _shrink_fn(frame, classes, taper, [p for p in planes if p != k], settings.default_taper)
         for w in WEIGHTS:
-            walked = _walk(_painted(frame, start), slices, odds, max(w, WALK_MIN_WEIGHT), shrink, classes, sampling, dz)
+            walked = _walk(_painted(frame, start), start, slices, odds, max(w, WALK_MIN_WEIGHT), shrink, classes, sampling, dz)
             pred = walked[-1][1] if walked and walked[-1][0] == k else np.zeros_like(truth)
             scores[w].append(_dice(pred, truth, classes))
     return {w: float(np.mean(v)) if v else 0.0 for w, v in scores.items()}
