@@ -11,10 +11,10 @@ import torch
 
 from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
-from MedSSL.tasks.infer import sliding
+from MedSSL.engine import sliding_window as sliding
 from MedSSL.io.volumes import write_volume
 from MedSSL.engine import loop as loop_module
-from MedSSL.engine import pretrain as pretrain_module
+from MedSSL.tasks import pretrain as pretrain_module
 from MedSSL.engine.loop import TrainingLoop
 
 torch.set_num_threads(1)
