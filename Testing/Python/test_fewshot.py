@@ -16,7 +16,8 @@ from MedSSL.commands.cli import main
 from MedSSL.errors import MedSSLError
 from MedSSL.tasks.evaluate import interpolate_between_slices
 from MedSSL.tasks.fewshot import appearance, shape
-from MedSSL.tasks.fewshot.engine import FewShotSettings, radius_trend, segment_painted
+from MedSSL.tasks.fewshot.engine import FewShotSettings, segment_painted
+from MedSSL.tasks.fewshot.fusion import radius_trend, walk
 from MedSSL.data.painted_planes import find_painted_planes, is_painting
 from MedSSL.io.volumes import read_volume, write_volume
 from finetune_helpers import volume
@@ -99,11 +100,11 @@ def test_carry_shrinks_and_keep_overlapping_drops_jumps():
 
 def test_radius_trend_of_a_sphere_ends_where_the_sphere_does():
     _, truth = ellipsoid_case()
-    from MedSSL.tasks.fewshot.engine import _Frame
+    from MedSSL.tasks.fewshot.frame import Frame
 
     planes = [8, 12, 16]
     sparse = paint(truth, 2, planes)
-    frame = _Frame(sparse, sparse != 255, np.zeros((1,) + truth.shape, np.float32), SPACING, planes, ())
+    frame = Frame(sparse, sparse != 255, np.zeros((1,) + truth.shape, np.float32), SPACING, planes, ())
     fit = radius_trend(frame, [1], planes)[0]
     ends = sorted(np.roots(fit.coeffs).real / SPACING[2])
     assert ends[0] == pytest.approx(5.0, abs=1.5) and ends[1] == pytest.approx(19.0, abs=1.5)  # truth: 5..19
@@ -326,8 +327,6 @@ def test_bench_fewshot_speed_quick_smoke(capsys):
 def test_walks_take_the_size_trend_from_the_slice_they_leave():
     """Both walks past the painted range shrink the carried shape from the slice just left: the first step
     down from plane 5 goes 5 -> 4 (a bug once took it from 3), the first step up 5 -> 6."""
-    from MedSSL.tasks.fewshot.engine import _walk
-
     start = np.zeros((12, 12), np.uint8)
     start[3:9, 3:9] = 1
     calls = []
@@ -339,5 +338,5 @@ def test_walks_take_the_size_trend_from_the_slice_they_leave():
     odds = lambda k: np.zeros((1, 12, 12), np.float32)  # noqa: E731  (no appearance evidence either way)
     for slices, expected in ((range(4, 1, -1), [(5, 4), (4, 3), (3, 2)]), (range(6, 9), [(5, 6), (6, 7), (7, 8)])):
         calls.clear()
-        _walk(start, 5, slices, odds, 1.0, shrink, [1], (1.0, 1.0), 1.0)
+        walk(start, 5, slices, odds, 1.0, shrink, [1], (1.0, 1.0), 1.0)
         assert calls == expected

@@ -1,0 +1,125 @@
+"""Shape and appearance fused slice by slice (the formula is in :mod:`.engine`'s docstring): between
+painted planes by blending their signed distances, past the painted range by walking slice to slice
+with the painted shapes' size trend.
+
+Arrays: (C, X, Y) per-class signed distances (mm, negative inside) and log-odds; (X, Y) labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from MedSSL.tasks.fewshot.frame import Frame
+from MedSSL.tasks.fewshot.shape import FAR, blend, carry, class_distances, keep_overlapping
+
+#: taper mode: follow the painted shapes' size trend (two or more painted planes)
+TREND = "trend"
+#: the least a carried shape shrinks in trend mode, mm per mm travelled
+MIN_TAPER = 0.1
+#: past the painted range the image is the only evidence: the walk weighs appearance at least this much
+WALK_MIN_WEIGHT = 1.0
+TAU0_MM = 1.0
+TAU1 = 0.15
+
+
+def decide(d: np.ndarray, tau: float, a: np.ndarray, weight: float, classes) -> tuple[np.ndarray, np.ndarray]:
+    """(C, X, Y) distances and log-odds -> (X, Y) class values and probability of the chosen class."""
+    z = -d / np.float32(tau) + np.float32(weight) * a
+    best = np.argmax(z, axis=0)
+    top = np.take_along_axis(z, best[None], 0)[0]
+    values = np.asarray(classes, np.uint8)[best]
+    labels = np.where(top > 0, values, 0).astype(np.uint8)
+    prob = 1.0 / (1.0 + np.exp(-np.clip(top, -30, 30)))
+    return labels, np.where(top > 0, prob, 1.0 - prob).astype(np.float32)
+
+
+def shape_temperature(distance_mm: float) -> float:
+    return TAU0_MM + TAU1 * distance_mm
+
+
+def walk(start: np.ndarray, start_index: int, slices, odds, weight, shrink, classes, sampling, dz) -> list:
+    """Carry ``start`` (X, Y labels of the painted plane at slice ``start_index``) through ``slices``
+    (indices moving away from it, either way), using ``odds(k)`` -> (C, X, Y) and ``shrink(k_from, k_to)``
+    -> (C,) mm; returns [(k, labels, prob)] up to the first empty slice."""
+    out, previous, k_prev = [], start, start_index
+    for step, k in enumerate(slices, start=1):
+        d = carry(previous, classes, sampling, shrink(k_prev, k))
+        labels, prob = decide(d, shape_temperature(step * dz), odds(k), weight, classes)
+        labels = keep_overlapping(labels, previous, classes)
+        out.append((k, labels, prob))
+        k_prev = k
+        if not labels.any():
+            break
+        previous = labels
+    return out
+
+
+def radius_trend(frame: Frame, classes, planes) -> list:
+    """Per class, the squared equivalent radius r^2(z) (mm^2, z in mm along Z) fitted to the painted planes.
+
+    r = sqrt(area / pi) on each painted plane (0 where the class is absent: a painted plane without it
+    says the structure has ended). Two planes: a line; three or more: a parabola (an ellipsoid's r^2 is
+    exactly one), or a line where the parabola opens upwards. None with one plane (no trend).
+    """
+    if len(planes) < 2:
+        return [None] * len(classes)
+    z = np.asarray(planes, np.float64) * float(frame.spacing[2])
+    pixel = float(frame.spacing[0] * frame.spacing[1])
+    fits = []
+    for c in classes:
+        r2 = np.array([(frame.painted(k) == c).sum() * pixel / np.pi for k in planes])
+        fit = np.poly1d(np.polyfit(z, r2, 2)) if len(planes) >= 3 else None
+        if fit is None or fit.coeffs[0] > 0:
+            fit = np.poly1d(np.polyfit(z, r2, 1))
+        fits.append(fit)
+    return fits
+
+
+def shrink_fn(frame: Frame, classes, taper, planes=None, fallback: float = 0.3):
+    """(k_from, k_to) -> (C,) mm that each class' carried shape shrinks by from slice k_from to k_to.
+
+    ``taper`` a number: that many mm per mm travelled; "trend" (``planes``, default the frame's, two or
+    more; else ``fallback``): the decrease of the fitted equivalent
+    radius (:func:`radius_trend`), at least MIN_TAPER mm per mm, and the whole shape once r^2 <= 0.
+    """
+    dz = float(frame.spacing[2])
+    planes = frame.planes if planes is None else planes
+    if taper == TREND and len(planes) < 2:
+        taper = fallback
+    if taper != TREND:
+        fixed = np.full(len(classes), float(taper) * dz, np.float32)
+        return lambda k_from, k_to: fixed
+    fits = radius_trend(frame, classes, planes)
+    floor = np.full(len(classes), MIN_TAPER * dz, np.float32)
+
+    def shrink(k_from: int, k_to: int) -> np.ndarray:
+        out = np.empty(len(classes), np.float32)
+        for i, fit in enumerate(fits):
+            r_from = np.sqrt(max(fit(k_from * dz), 0.0))
+            r2_to = fit(k_to * dz)
+            out[i] = FAR if r2_to <= 0 else max(floor[i], r_from - np.sqrt(r2_to))
+        return out
+
+    return shrink
+
+
+def compose(frame: Frame, odds, weight: float, taper, classes) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of the whole region for one (weight, taper)."""
+    shrink = shrink_fn(frame, classes, taper)
+    shape = frame.labels.shape
+    sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
+    out = np.zeros(shape, np.uint8)
+    prob = np.ones(shape, np.float32)  # slices never reached: certain background
+    planes = frame.planes
+    dist = {k: class_distances(frame.painted(k), classes, sampling) for k in planes}
+    for k in planes:
+        out[..., k] = frame.painted(k)
+        prob[..., k] = 1.0
+    for k0, k1 in zip(planes[:-1], planes[1:]):
+        for k in range(k0 + 1, k1):
+            d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
+            out[..., k], prob[..., k] = decide(d, shape_temperature(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
+    for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
+        for k, labels, p in walk(out[..., start], start, slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
+            out[..., k], prob[..., k] = labels, p
+    return out, prob
