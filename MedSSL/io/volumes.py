@@ -16,10 +16,7 @@ files (searched recursively) or a DICOM folder.
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +25,8 @@ import SimpleITK as sitk
 
 from MedSSL.errors import MedSSLError
 from MedSSL.io.atomic import atomic_path
+from MedSSL.io.dicom import dicom_series, modality_from_metadata, read_dicom_series
+from MedSSL.io.nifti import check_nifti_complete
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
@@ -116,14 +115,6 @@ def _is_volume_file(path: Path) -> bool:
     return any(name.endswith(s) for s in VOLUME_SUFFIXES)
 
 
-def _dicom_series(folder: Path) -> list[str]:
-    reader = sitk.ImageSeriesReader()
-    try:
-        return list(reader.GetGDCMSeriesIDs(str(folder)) or [])
-    except RuntimeError:
-        return []
-
-
 def read_volume(path) -> Volume:
     """Read a volume file or a DICOM series folder.
 
@@ -134,7 +125,8 @@ def read_volume(path) -> Volume:
     if not p.exists():
         raise MedSSLError(f"{_display(path)}: no such file or folder")
     if p.is_dir():
-        return _read_dicom_folder(p)
+        image, modality = read_dicom_series(p)
+        return _checked_volume(image, p, modality)
     if p.stat().st_size == 0:
         raise MedSSLError(f"{_display(path)}: the file is empty")
     if not _is_volume_file(p) and p.suffix.lower() != ".dcm":
@@ -142,51 +134,19 @@ def read_volume(path) -> Volume:
             f"{_display(path)}: not a supported volume file (expected {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)"
         )
     if p.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(p)
+        check_nifti_complete(p)
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()
         hint = next((line for line in reason if "Exception" not in line and line.strip()), "")
         raise MedSSLError(f"{_display(path)}: cannot be read as an image ({hint[:120] or 'unreadable'})") from None
-    return _checked(image, path)
+    return _checked_volume(image, path)
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a NIfTI file whose voxel data is shorter than its header says (ITK would read it).
-
-    Reads the 348-byte NIfTI-1 header (dim, bitpix, vox_offset) and counts the (decompressed) bytes in a
-    streaming pass; NIfTI-2 and unusual headers are left to ITK.
-    """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            header = handle.read(348)
-            if len(header) < 348:
-                raise MedSSLError(f"{_display(path)}: truncated NIfTI file (incomplete header)")
-            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-            if struct.unpack(endian + "i", header[:4])[0] != 348:
-                return
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            ndim = dims[0]
-            if not 1 <= ndim <= 7 or bitpix <= 0:
-                return
-            expected = vox_offset + int(np.prod([max(1, d) for d in dims[1:ndim + 1]], dtype=np.int64)) * bitpix // 8
-            size = 348
-            while size < expected:
-                chunk = handle.read(min(1 << 22, expected - size))
-                if not chunk:
-                    break
-                size += len(chunk)
-    except (OSError, EOFError, zlib.error):
-        raise MedSSLError(f"{_display(path)}: damaged or truncated NIfTI file") from None
-    if size < expected:
-        raise MedSSLError(f"{_display(path)}: truncated NIfTI file ({size} of {expected} bytes of data)")
-
-
-def _checked(image: sitk.Image, path, modality: str | None = None) -> Volume:
+def _checked_volume(image: sitk.Image, path, modality: str | None = None) -> Volume:
+    """``image`` as a Volume (2D as one slice, a one-time-point 4D as 3D); MedSSLError naming ``path`` when it
+    is not a scalar 3D image with finite values."""
     dim = image.GetDimension()
     if dim == 2:
         image = sitk.JoinSeries(image)
@@ -203,48 +163,13 @@ def _checked(image: sitk.Image, path, modality: str | None = None) -> Volume:
             f"{_display(path)}: {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector); expected a scalar image"
         )
     if modality is None:
-        modality = _modality_from_metadata(image)
+        modality = modality_from_metadata(image)
     volume = from_sitk(image, modality)
     if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
         raise MedSSLError(f"{_display(path)}: contains NaN or infinite voxel values")
     if min(volume.shape) < 1 or volume.array.size == 0:
         raise MedSSLError(f"{_display(path)}: the image is empty")
     return volume
-
-
-def _modality_from_metadata(image: sitk.Image) -> str | None:
-    if image.HasMetaDataKey("0008|0060"):
-        value = image.GetMetaData("0008|0060").strip().upper()
-        if value in ("CT", "MR"):
-            return value
-    return None
-
-
-def _read_dicom_folder(folder: Path) -> Volume:
-    series = _dicom_series(folder)
-    if not series:
-        raise MedSSLError(f"{_display(folder)}: a folder with no DICOM series")
-    if len(series) > 1:
-        raise MedSSLError(
-            f"{_display(folder)}: holds {len(series)} DICOM series ({', '.join(s[-12:] for s in series[:4])}...); "
-            "put one series per folder"
-        )
-    reader = sitk.ImageSeriesReader()
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    reader.LoadPrivateTagsOff()
-    try:
-        image = reader.Execute()
-    except RuntimeError:
-        raise MedSSLError(f"{_display(folder)}: the DICOM series cannot be read") from None
-    modality = None
-    try:
-        value = reader.GetMetaData(0, "0008|0060").strip().upper()
-        modality = value if value in ("CT", "MR") else None
-    except RuntimeError:
-        pass
-    return _checked(image, folder, modality)
 
 
 def read_size(source) -> tuple | None:
@@ -284,7 +209,7 @@ def find_volumes(paths) -> list[Path]:
             volume_files = [here / f for f in sorted(files) if _is_volume_file(here / f)]
             found.extend(volume_files)
             others = [f for f in files if not _is_volume_file(here / f)]
-            if others and _dicom_series(here):
+            if others and dicom_series(here):
                 found.append(here)
         if len(found) == before:
             raise MedSSLError(f"{_display(path)}: no volumes found (looked for {', '.join(VOLUME_SUFFIXES)} and DICOM series)")
