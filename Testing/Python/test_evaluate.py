@@ -12,7 +12,8 @@ from MedSSL.errors import MedSSLError
 from MedSSL.tasks.evaluate.classification import classification_metrics, roc_auc
 from MedSSL.tasks.evaluate.detection import froc_from_files
 from MedSSL.tasks.evaluate.interpolation import interpolate_between_slices
-from MedSSL.tasks.evaluate.metrics import _distances_masked, _distances_monai, segmentation_metrics
+from MedSSL.tasks.evaluate.metrics import segmentation_metrics
+from MedSSL.tasks.evaluate.surface_distances import surface_distances, surface_distances_with_unscored
 from MedSSL.io.volumes import Volume, write_volume
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +84,7 @@ def test_hd95_asd_of_shifted_cubes_with_anisotropic_spacing_match_brute_force():
     assert entry["hd95_mm"] == pytest.approx(hd95, rel=1e-5)
     assert entry["asd_mm"] == pytest.approx(asd, rel=1e-5)
     # the edge-aware path used with unannotated voxels equals MONAI's when nothing is unannotated
-    assert _distances_masked(pred, truth, np.zeros_like(truth), spacing) == pytest.approx(_distances_monai(pred, truth, spacing), rel=1e-5)
+    assert surface_distances_with_unscored(pred, truth, np.zeros_like(truth), spacing) == pytest.approx(surface_distances(pred, truth, spacing), rel=1e-5)
 
 
 def test_one_slice_images_are_scored_in_2d():
@@ -93,7 +94,7 @@ def test_one_slice_images_are_scored_in_2d():
     truth = ((xx - 20) ** 2 + (yy - 20) ** 2 <= 64).astype(np.uint8)
     pred = np.roll(truth, 3, axis=0)
     m = segmentation_metrics(pred[:, :, None], truth[:, :, None], spacing=(0.5, 0.5, 2.0))
-    hd95, asd = _distances_monai(pred.astype(bool), truth.astype(bool), (0.5, 0.5))
+    hd95, asd = surface_distances(pred.astype(bool), truth.astype(bool), (0.5, 0.5))
     entry = m["per_class"]["1"]
     assert entry["hd95_mm"] == pytest.approx(hd95, abs=1e-5) and entry["asd_mm"] == pytest.approx(asd, abs=1e-5)
     assert entry["hd95_mm"] == pytest.approx(1.5, abs=1e-5) and m["spacing_mm"] == [0.5, 0.5, 2.0]

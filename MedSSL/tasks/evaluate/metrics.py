@@ -27,12 +27,12 @@ Conventions (also what ``medssl evaluate --pred`` writes):
 from __future__ import annotations
 
 import math
-import sys
-import warnings
 
 import numpy as np
 
 from MedSSL.errors import MedSSLError
+from MedSSL.tasks.evaluate.grid_alignment import align_prediction
+from MedSSL.tasks.evaluate.surface_distances import surface_distances, surface_distances_with_unscored
 
 
 def as_label_array(array, name: str) -> np.ndarray:
@@ -105,43 +105,6 @@ def _overlap_scores(p: np.ndarray, t: np.ndarray) -> tuple[float, float]:
     return float(dice.reshape(-1)[0]), float(iou.reshape(-1)[0])
 
 
-def _distances_monai(p: np.ndarray, t: np.ndarray, spacing) -> tuple[float, float]:
-    """HD95 and symmetric ASD (mm) of two non-empty binary arrays with MONAI's functions."""
-    import torch
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
-
-    yp = torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32))[None, None]
-    yt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))[None, None]
-    spacing = [float(s) for s in spacing]
-    with warnings.catch_warnings():  # MONAI's own internal deprecation notices
-        warnings.simplefilter("ignore", FutureWarning)
-        hd95 = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95, spacing=spacing)
-        asd = compute_average_surface_distance(yp, yt, include_background=True, symmetric=True, spacing=spacing)
-    return float(hd95.reshape(-1)[0]), float(asd.reshape(-1)[0])
-
-
-def _surface(obj: np.ndarray, unscored: np.ndarray) -> np.ndarray:
-    """Surface voxels of ``obj``: those with a 6-neighbour that is scored and outside ``obj`` (or off
-    the volume). Unscored neighbours do not make a surface."""
-    from scipy.ndimage import binary_erosion
-
-    edges = obj & ~binary_erosion(obj | unscored, border_value=0)
-    return edges if edges.any() else obj
-
-
-def _distances_masked(p: np.ndarray, t: np.ndarray, unscored: np.ndarray, spacing) -> tuple[float, float]:
-    """HD95 and symmetric ASD (mm) like MONAI's, with surfaces that ignore unscored voxels."""
-    from monai.metrics.utils import get_surface_distance
-
-    spacing = [float(s) for s in spacing]
-    ep, et = _surface(p, unscored), _surface(t, unscored)
-    d_pt = np.asarray(get_surface_distance(ep, et, "euclidean", spacing), dtype=np.float64)
-    d_tp = np.asarray(get_surface_distance(et, ep, "euclidean", spacing), dtype=np.float64)
-    hd95 = max(float(np.percentile(d_pt, 95)), float(np.percentile(d_tp, 95)))
-    asd = float(np.concatenate([d_pt, d_tp]).mean())
-    return hd95, asd
-
-
 def _drop_single_slice_axes(pred, truth, pred_mask, truth_mask, spacing):
     """A one-slice image (X, Y, 1) is a 2D image: its axes of length 1 are dropped (with their spacing)
     so that surfaces are the in-plane contours, not every pixel (a neighbour off a one-voxel-thick
@@ -192,6 +155,34 @@ def segmentation_metrics(pred, truth, spacing=None, labels=None, ignore_value=25
     reported_spacing = [float(s) for s in spacing]
     pred, truth, pred_mask, truth_mask, spacing = _drop_single_slice_axes(pred, truth, pred_mask, truth_mask, spacing)
 
+    unscored = _unscored_voxels(truth, ignore_value, pred_mask, truth_mask)
+    scored = None if unscored is None else ~unscored
+    wanted = _wanted_labels(pred, truth, scored, labels, classes, ignore_value)
+
+    per_class: dict[str, dict] = {}
+    for label in sorted(wanted):
+        entry = _class_scores(pred == label, truth == label, scored, unscored, spacing)
+        name = _class_name(classes, label)
+        if name is not None:
+            entry["name"] = name
+        per_class[str(label)] = entry
+
+    n_unscored = 0 if unscored is None else int(np.count_nonzero(unscored))
+    return {
+        "per_class": per_class,
+        "mean_dice": _mean_over_classes(per_class, "dice"),
+        "mean_iou": _mean_over_classes(per_class, "iou"),
+        "mean_hd95_mm": _mean_over_classes(per_class, "hd95_mm"),
+        "mean_asd_mm": _mean_over_classes(per_class, "asd_mm"),
+        "classes_scored": sum(1 for e in per_class.values() if e["scored"]),
+        "scored_voxels": int(truth.size - n_unscored),
+        "ignored_voxels": n_unscored,
+        "spacing_mm": reported_spacing,
+    }
+
+
+def _unscored_voxels(truth: np.ndarray, ignore_value, pred_mask, truth_mask) -> np.ndarray | None:
+    """Voxels not scored: truth == ``ignore_value`` or masked in either input; None when every voxel is."""
     unscored = None
     if ignore_value is not None:
         ignored = truth == ignore_value
@@ -200,97 +191,48 @@ def segmentation_metrics(pred, truth, spacing=None, labels=None, ignore_value=25
     for mask in (pred_mask, truth_mask):
         if mask is not None:
             unscored = mask if unscored is None else (unscored | mask)
-    scored = None if unscored is None else ~unscored
-
-    if labels is None:
-        wanted = _present_labels(pred, scored) | _present_labels(truth, scored)
-        if classes:
-            wanted |= {int(k) for k in classes}
-        wanted -= {0}
-        if ignore_value is not None:
-            wanted.discard(int(ignore_value))
-    else:
-        wanted = {int(v) for v in labels}
-
-    per_class: dict[str, dict] = {}
-    for label in sorted(wanted):
-        p = pred == label
-        t = truth == label
-        if scored is not None:
-            p &= scored
-            t &= scored
-        n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
-        entry = {"dice": 1.0, "iou": 1.0, "hd95_mm": None, "asd_mm": None,
-                 "truth_voxels": n_t, "pred_voxels": n_p, "scored": bool(n_p or n_t)}
-        if n_p or n_t:
-            box = _bbox(p | t)
-            pc, tc = p[box], t[box]
-            entry["dice"], entry["iou"] = (_finite_or_none(v) for v in _overlap_scores(pc, tc))
-            if n_p and n_t:
-                if unscored is not None and unscored[box].any():
-                    hd95, asd = _distances_masked(pc, tc, unscored[box], spacing)
-                else:
-                    hd95, asd = _distances_monai(pc, tc, spacing)
-                entry["hd95_mm"], entry["asd_mm"] = _finite_or_none(hd95), _finite_or_none(asd)
-        name = _class_name(classes, label)
-        if name is not None:
-            entry["name"] = name
-        per_class[str(label)] = entry
-
-    def mean(key, only_scored=True):
-        values = [e[key] for e in per_class.values() if e[key] is not None and (e["scored"] or not only_scored)]
-        return float(np.mean(values)) if values else None
-
-    n_unscored = 0 if unscored is None else int(np.count_nonzero(unscored))
-    return {
-        "per_class": per_class,
-        "mean_dice": mean("dice"),
-        "mean_iou": mean("iou"),
-        "mean_hd95_mm": mean("hd95_mm"),
-        "mean_asd_mm": mean("asd_mm"),
-        "classes_scored": sum(1 for e in per_class.values() if e["scored"]),
-        "scored_voxels": int(truth.size - n_unscored),
-        "ignored_voxels": n_unscored,
-        "spacing_mm": reported_spacing,
-    }
+    return unscored
 
 
-def _grid_coverage(pred_volume, truth_volume) -> float:
-    """Fraction of the truth's voxels whose centre lies inside the prediction's grid."""
-    import SimpleITK as sitk
-
-    from MedSSL.io.volumes import to_sitk
-
-    ones = to_sitk(pred_volume.with_array(np.ones(pred_volume.shape, dtype=np.uint8)))
-    reference = sitk.Image([int(s) for s in truth_volume.shape], sitk.sitkUInt8)
-    reference.SetSpacing([float(s) for s in truth_volume.spacing])
-    reference.SetOrigin([float(o) for o in truth_volume.origin])
-    reference.SetDirection([float(d) for d in truth_volume.direction.reshape(-1)])
-    covered = sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return float(sitk.GetArrayViewFromImage(covered).mean())
-
-
-def align_prediction(pred_volume, truth_volume, pred_name: str, log=None):
-    """``pred_volume`` on the truth's grid: as it is when the grids match, else resampled by physical
-    position with nearest neighbour (outside the prediction's grid = 0), which is logged. MedSSLError
-    when the two grids do not overlap."""
-    from MedSSL.io.volumes import resample_to_grid
-
-    if pred_volume.same_grid(truth_volume):
-        return pred_volume
-    coverage = _grid_coverage(pred_volume, truth_volume)
-    if coverage == 0.0:
-        raise MedSSLError(f"{pred_name}: does not overlap the truth's grid in physical space (check the pairing)")
-    resampled = resample_to_grid(pred_volume, truth_volume, nearest=True, default=0)
-    (log or _stderr)(
-        f"{pred_name}: not on the truth's grid (shape {list(pred_volume.shape)} vs {list(truth_volume.shape)}); "
-        f"resampled by physical position with nearest neighbour ({coverage:.0%} of the truth covered)"
-    )
-    return resampled
+def _wanted_labels(pred, truth, scored, labels, classes, ignore_value) -> set:
+    """``labels`` when given, else the values present in either array (scored voxels) or in ``classes``,
+    0 and ``ignore_value`` excepted."""
+    if labels is not None:
+        return {int(v) for v in labels}
+    wanted = _present_labels(pred, scored) | _present_labels(truth, scored)
+    if classes:
+        wanted |= {int(k) for k in classes}
+    wanted -= {0}
+    if ignore_value is not None:
+        wanted.discard(int(ignore_value))
+    return wanted
 
 
-def _stderr(message: str) -> None:
-    sys.stderr.write(f"medssl evaluate: {message}\n")
+def _class_scores(p: np.ndarray, t: np.ndarray, scored, unscored, spacing) -> dict:
+    """The report entry of one class (binary prediction ``p`` and truth ``t``), without its name."""
+    if scored is not None:
+        p &= scored
+        t &= scored
+    n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
+    entry = {"dice": 1.0, "iou": 1.0, "hd95_mm": None, "asd_mm": None,
+             "truth_voxels": n_t, "pred_voxels": n_p, "scored": bool(n_p or n_t)}
+    if n_p or n_t:
+        box = _bbox(p | t)
+        pc, tc = p[box], t[box]
+        entry["dice"], entry["iou"] = (_finite_or_none(v) for v in _overlap_scores(pc, tc))
+        if n_p and n_t:
+            if unscored is not None and unscored[box].any():
+                hd95, asd = surface_distances_with_unscored(pc, tc, unscored[box], spacing)
+            else:
+                hd95, asd = surface_distances(pc, tc, spacing)
+            entry["hd95_mm"], entry["asd_mm"] = _finite_or_none(hd95), _finite_or_none(asd)
+    return entry
+
+
+def _mean_over_classes(per_class: dict, key: str) -> float | None:
+    """Mean of ``key`` over the scored classes where it is defined; None when there is none."""
+    values = [e[key] for e in per_class.values() if e[key] is not None and e["scored"]]
+    return float(np.mean(values)) if values else None
 
 
 def evaluate_segmentation_files(pred_path, truth_path, classes=None, ignore_value=255, log=None) -> dict:
