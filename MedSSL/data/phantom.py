@@ -30,57 +30,9 @@ from scipy import ndimage
 
 from MedSSL.errors import MedSSLError
 from MedSSL.io.atomic import atomic_write_text
+from MedSSL.data.phantom_classes import CLASSES, HU, NODULE_LABEL, class_colors
+from MedSSL.data.phantom_grid import PhantomGrid, check_geometry, coarse_noise
 from MedSSL.io.volumes import Volume, write_volume
-
-CLASSES: dict[int, str] = {
-    1: "liver",
-    2: "spleen",
-    3: "kidney_left",
-    4: "kidney_right",
-    5: "lung_left",
-    6: "lung_right",
-    7: "aorta",
-    8: "nodule",
-}
-
-NODULE_LABEL = 8
-
-# Colours close to 3D Slicer's generic anatomy colour table (0..255).
-_COLORS_255 = {
-    1: (221, 130, 101),  # liver
-    2: (157, 108, 162),  # spleen
-    3: (185, 102, 83),  # kidney left
-    4: (212, 126, 103),  # kidney right (a lighter shade so both sides can be told apart)
-    5: (197, 165, 145),  # lung left
-    6: (172, 138, 115),  # lung right
-    7: (224, 97, 76),  # aorta (artery)
-    8: (144, 238, 144),  # nodule (tumour green)
-}
-
-# Mean HU written for each tissue before noise and smoothing.
-HU = {
-    "air": -1000.0,
-    "fat": -100.0,
-    "soft": 40.0,
-    "muscle": 50.0,
-    "liver": 60.0,
-    "spleen": 50.0,
-    "kidney_medulla": 30.0,
-    "kidney_cortex": 90.0,
-    "lung": -865.0,
-    "lung_vessel": -250.0,
-    "heart": 45.0,
-    "aorta": 200.0,
-    "bone": 700.0,
-    "disc": 90.0,
-    "canal": 20.0,
-    "nodule": 40.0,
-}
-
-
-def class_colors() -> dict[int, tuple[float, float, float]]:
-    """Display colour (r, g, b in 0..1) of every class id of :data:`CLASSES`."""
-    return {k: tuple(round(c / 255.0, 4) for c in rgb) for k, rgb in _COLORS_255.items()}
 
 
 @dataclass
@@ -94,80 +46,11 @@ class Phantom:
     seed: int = 0
 
 
-class _Grid:
-    """Physical coordinates of a voxel grid, normalised to its field of view.
-
-    Normalised coordinates (u, v, w) are LPS (x, y, z) relative to the centre of the field of view,
-    divided by its half extent along x, y and z; they are affine in the voxel index, so any linear
-    combination of them can be evaluated by broadcasting three 1D arrays.
-    """
-
-    def __init__(self, shape, spacing, origin, direction):
-        self.shape = shape
-        self.spacing = spacing
-        self.origin = origin
-        self.direction = direction
-        steps = direction * spacing[None, :]  # column a: mm moved in LPS per index step along axis a
-        self.center = origin + steps @ ((np.asarray(shape) - 1) / 2.0)
-        self.half = 0.5 * np.abs(steps) @ np.asarray(shape, dtype=np.float64)  # half extent along x, y, z
-        # norm coordinate c (0=u,1=v,2=w) = offset[c] + sum_a coef[c, a] * index_a
-        self.coef = steps / self.half[:, None]
-        self.offset = (origin - self.center) / self.half
-        self.index = [np.arange(n, dtype=np.float64) for n in shape]
-        self.hmin = float(min(self.half[0], self.half[1]))
-
-    def affine(self, weights, constant=0.0) -> np.ndarray:
-        """Full float32 array of weights . (u, v, w) + constant."""
-        weights = np.asarray(weights, dtype=np.float64)
-        per_axis = weights @ self.coef
-        c = float(weights @ self.offset + constant)
-        i, j, k = self.index
-        out = (per_axis[0] * i + c).astype(np.float32)[:, None, None] + (per_axis[1] * j).astype(np.float32)[None, :, None]
-        return out + (per_axis[2] * k).astype(np.float32)[None, None, :]
-
-    def smooth_field(self, rng, n=4, cycles=(0.4, 1.2)) -> np.ndarray:
-        """Sum of ``n`` random plane waves (about unit standard deviation): smooth low-frequency noise."""
-        out = np.zeros(self.shape, dtype=np.float32)
-        for _ in range(n):
-            k = rng.normal(size=3)
-            k *= rng.uniform(*cycles) * np.pi / np.linalg.norm(k)
-            out += np.cos(self.affine(k, rng.uniform(0, 2 * np.pi)))
-        out *= np.float32(np.sqrt(2.0 / n))
-        return out
-
-
-def _coarse_noise(rng, shape, step) -> np.ndarray:
-    """Random field with correlation length ~``step`` voxels (coarse Gaussian grid, linearly upsampled)."""
-    coarse_shape = [max(2, int(np.ceil(n / step)) + 1) for n in shape]
-    coarse = rng.standard_normal(coarse_shape).astype(np.float32)
-    zoom = [n / c for n, c in zip(shape, coarse_shape)]
-    out = ndimage.zoom(coarse, zoom, order=1, mode="nearest", grid_mode=True)
-    return out[: shape[0], : shape[1], : shape[2]]
-
-
-def _check_geometry(shape, spacing, origin, direction):
-    shape = tuple(int(s) for s in np.atleast_1d(shape))
-    if len(shape) != 3 or min(shape) < 1:
-        raise MedSSLError(f"phantom shape {shape}: expected three sizes >= 1")
-    spacing = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    if spacing.size == 1:
-        spacing = np.repeat(spacing, 3)
-    if spacing.size != 3 or not np.all(spacing > 0):
-        raise MedSSLError(f"phantom spacing {spacing.tolist()}: expected three positive values (mm)")
-    direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        raise MedSSLError("phantom direction: the columns must be orthonormal")
-    if origin is None:  # centre the field of view on (0, 0, 0)
-        origin = -(direction * spacing[None, :]) @ ((np.asarray(shape) - 1) / 2.0)
-    origin = np.asarray(origin, dtype=np.float64).reshape(3)
-    return shape, spacing, origin, direction
-
-
 def make_phantom(seed: int = 0, shape=(96, 96, 64), spacing=(2.0, 2.0, 3.0), origin=None, direction=None) -> Phantom:
     """Build the phantom for ``seed`` on the given grid (origin default: field of view centred on 0)."""
-    shape, spacing, origin, direction = _check_geometry(shape, spacing, origin, direction)
+    shape, spacing, origin, direction = check_geometry(shape, spacing, origin, direction)
     rng = np.random.default_rng(seed)
-    g = _Grid(shape, spacing, origin, direction)
+    g = PhantomGrid(shape, spacing, origin, direction)
 
     # Smoothly warped normalised coordinates: the whole anatomy bends a little, differently per seed.
     u = g.affine([1, 0, 0]) + 0.035 * g.smooth_field(rng, 3)
@@ -194,7 +77,7 @@ def make_phantom(seed: int = 0, shape=(96, 96, 64), spacing=(2.0, 2.0, 3.0), ori
     hu[r_body <= 0.92] = HU["muscle"]
     interior = r_body <= 0.84
     hu[interior] = HU["soft"]
-    fat_field = _coarse_noise(rng, shape, max(3.0, 8.0 * 2.0 / float(np.mean(spacing))))
+    fat_field = coarse_noise(rng, shape, max(3.0, 8.0 * 2.0 / float(np.mean(spacing))))
     abdomen_fat = interior & (fat_field > 0.9) & (w < 0.0)
     hu[abdomen_fat] = HU["fat"] + 20.0
 
@@ -218,7 +101,7 @@ def make_phantom(seed: int = 0, shape=(96, 96, 64), spacing=(2.0, 2.0, 3.0), ori
     lung_hu = HU["lung"] + 25.0 * v  # slightly denser posteriorly (gravity)
     hu[lungs] = lung_hu[lungs]
     step = max(2.0, 4.0 * 2.0 / float(np.mean(spacing)))
-    f1, f2 = _coarse_noise(rng, shape, step), _coarse_noise(rng, shape, step)
+    f1, f2 = coarse_noise(rng, shape, step), coarse_noise(rng, shape, step)
     vessels = lungs & (np.abs(f1) < 0.2) & (np.abs(f2) < 0.2)
     hu[vessels] = HU["lung_vessel"]
 
@@ -297,7 +180,7 @@ def make_phantom(seed: int = 0, shape=(96, 96, 64), spacing=(2.0, 2.0, 3.0), ori
     )
 
 
-def _place_nodules(rng, g: _Grid, lab: np.ndarray, hu: np.ndarray) -> list[dict]:
+def _place_nodules(rng, g: PhantomGrid, lab: np.ndarray, hu: np.ndarray) -> list[dict]:
     """Put 2-4 spheres (4-10 mm radius) entirely inside the lungs; returns their descriptions."""
     wanted = int(rng.integers(2, 5))
     lung_idx = np.flatnonzero((lab == 5) | (lab == 6))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from MedSSL.data.phantom import CLASSES, class_colors, make_phantom, write_phantom
+from MedSSL.data.phantom import make_phantom, write_phantom
+from MedSSL.data.phantom_classes import CLASSES, class_colors
 from MedSSL.errors import MedSSLError
 from MedSSL.io.volumes import read_volume
 
