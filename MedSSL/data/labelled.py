@@ -37,7 +37,7 @@ from MedSSL.errors import MedSSLError
 from MedSSL.io.atomic import atomic_write
 from MedSSL.data.labels import IGNORE, classes_from_json, default_color, label_array, present_values
 from MedSSL.io.volumes import read_volume
-from MedSSL.data.cubes import _update_with_file, source_files
+from MedSSL.data.content_hash import source_files, update_hash_with_file
 from MedSSL.data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
 
 CACHE_FORMAT = 1
@@ -190,7 +190,7 @@ def pair_key(image: Path, label: Path, intensity: IntensityConfig, spacing) -> s
     for part in (image, label):
         files = source_files(part)
         for f in files:
-            _update_with_file(h, f)
+            update_hash_with_file(h, f)
         h.update(b"|")
     h.update(_settings_json(intensity, spacing).encode("utf-8"))
     return h.hexdigest()

@@ -9,14 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSSL.data.cubes import (
-    CubeSet,
-    CubeSettings,
-    cache_key,
-    default_cache_dir,
-    prepare_cubes,
-    sample_cubes,
-)
+from MedSSL.data.cube_sampling import sample_cubes
+from MedSSL.data.cube_set import CubeSet
+from MedSSL.data.cubes import CubeSettings, cache_key, default_cache_dir, prepare_cubes
 from MedSSL.data.phantom import make_phantom, write_phantom
 from MedSSL.data.preprocess import (
     IntensityConfig,
