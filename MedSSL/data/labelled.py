@@ -24,7 +24,6 @@ tells which from the files' headers, before anything is read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,28 +31,15 @@ from typing import Callable
 
 import numpy as np
 
-from MedSSL.data.spatial import is_one_slice, is_one_slice_file
+from MedSSL.data.labelled_cases import check_dimensions, load_cached_case, make_cached_case, pair_key
+from MedSSL.data.labels import classes_from_json, default_color
+from MedSSL.data.preprocess import IntensityConfig
+from MedSSL.data.spatial import is_one_slice_file
 from MedSSL.errors import MedSSLError
-from MedSSL.io.atomic import atomic_write
-from MedSSL.data.labels import IGNORE, classes_from_json, default_color, label_array, present_values
-from MedSSL.io.volumes import read_volume
-from MedSSL.data.content_hash import source_files, update_hash_with_file
-from MedSSL.data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
 
-CACHE_FORMAT = 1
 SPEC_KEYS = {"datasets"}
 DATASET_KEYS = {"name", "classes", "cases"}
 CASE_KEYS = {"image", "label"}
-
-
-@dataclass
-class LabelledCase:
-    """One preprocessed pair: ``image`` float16 (X, Y, Z) in [0, 1] and ``label`` uint8 (X, Y, Z) of the
-    dataset's own values (255 = not annotated), both memory-mapped from the cache (Z = 1 in 2D)."""
-
-    image: np.ndarray
-    label: np.ndarray
-    info: dict
 
 
 @dataclass
@@ -174,37 +160,6 @@ def union_classes(datasets: list) -> tuple[dict, list[dict]]:
     return {g: {"name": e["name"], "color": e["color"]} for g, e in union.items()}, mappings
 
 
-# --------------------------------------------------------------------------------------------------
-# reading, checking, caching
-# --------------------------------------------------------------------------------------------------
-
-
-def _settings_json(intensity: IntensityConfig, spacing) -> str:
-    return json.dumps({"format": CACHE_FORMAT, "intensity": intensity.to_dict(),
-                       "spacing": None if spacing is None else [float(s) for s in spacing]}, sort_keys=True)
-
-
-def pair_key(image: Path, label: Path, intensity: IntensityConfig, spacing) -> str:
-    """sha256 over the image's and the label's bytes and the preprocessing settings."""
-    h = hashlib.sha256()
-    for part in (image, label):
-        files = source_files(part)
-        for f in files:
-            update_hash_with_file(h, f)
-        h.update(b"|")
-    h.update(_settings_json(intensity, spacing).encode("utf-8"))
-    return h.hexdigest()
-
-
-
-
-def _resample_label(label_volume, values: np.ndarray, spacing):
-    """Nearest-neighbour resampling of label ``values``; voxels from outside the grid become 255."""
-    shifted = label_volume.with_array(values.astype(np.uint16) + 1)
-    out = resample_to_spacing(shifted, spacing, nearest=True).array.astype(np.int32) - 1
-    return np.where(out < 0, IGNORE, out).astype(np.uint8)
-
-
 def case_dimensions(spec: dict) -> tuple[int, str | None]:
     """From the headers of a :func:`read_spec` result: (2 when every case's image is a one-slice image,
     else 3; ``None``, or a one-line description of a mix of one-slice and 3D cases naming the spec and
@@ -219,52 +174,6 @@ def case_dimensions(spec: dict) -> tuple[int, str | None]:
                    f"(e.g. datasets[{fi}] ({fname}) case {fj}: {fimage.name} is one slice, datasets[{di}] ({dname}) "
                    f"case {dj}: {dimage.name} is 3D); pretrain on them separately")
     return (2 if flat else 3), None
-
-
-def _check_dimensions(shape, spatial_dims: int, where: str, image_path) -> None:
-    if spatial_dims == 2:
-        if len(shape) != 3 or not is_one_slice(shape) or min(shape[:2]) < 2:
-            raise MedSSLError(f"{where}: image {image_path} is not a one-slice (2D) image ({'x'.join(map(str, shape))}); "
-                              "a 2D run needs one-slice images and labels in every case")
-    elif min(shape) < 2:
-        raise MedSSLError(f"{where}: image {image_path} is a one-slice (2D) image; labelled datasets need 3D volumes "
-                          "(or one-slice images in every case, for a 2D run)")
-
-
-def _prepare_pair(image_path: Path, label_path: Path, where: str, intensity, spacing,
-                  spatial_dims: int = 3) -> tuple[np.ndarray, np.ndarray, dict]:
-    try:
-        image = read_volume(image_path)
-        label = read_volume(label_path)
-        values = label_array(label, image, label_path, image_path)
-    except MedSSLError as exc:
-        raise MedSSLError(f"{where}: {exc}") from None
-    _check_dimensions(image.shape, spatial_dims, where, image_path)
-    if spacing is not None:  # a one-slice image is resampled in the plane only (resample_to_spacing)
-        values = _resample_label(label, values, spacing)
-        image = resample_to_spacing(image, spacing)
-    array, modality = normalize_intensity(image, intensity)
-    info = {"shape": list(image.shape), "spacing_mm": [round(float(s), 4) for s in image.spacing],
-            "modality": modality, "values": present_values(values),
-            "annotated_fraction": round(float(np.count_nonzero(values != IGNORE)) / max(1, values.size), 5)}
-    return array.astype(np.float16), values, info
-
-
-def _load_cached(cache_dir: Path, key: str) -> LabelledCase | None:
-    meta = cache_dir / f"{key}.json"
-    if not meta.is_file():
-        return None
-    try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        if info.get("format") != CACHE_FORMAT:
-            return None
-        image = np.load(cache_dir / f"{key}.image.npy", mmap_mode="r")
-        label = np.load(cache_dir / f"{key}.label.npy", mmap_mode="r")
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
-    if image.shape != label.shape or list(image.shape) != info.get("shape"):
-        return None
-    return LabelledCase(image, label, info)
 
 
 def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
@@ -296,23 +205,12 @@ def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
                 key = pair_key(pair["image"], pair["label"], intensity, spacing)
             except OSError as exc:
                 raise MedSSLError(f"{where}: cannot read ({exc.strerror})") from None
-            case = _load_cached(cache_dir, key)
+            case = load_cached_case(cache_dir, key)
             cached = case is not None
             if case is None:
-                image, label, info = _prepare_pair(pair["image"], pair["label"], where, intensity, spacing, spatial_dims)
-                info = {"format": CACHE_FORMAT, "id": key[:12], **info}
-                try:
-                    atomic_write(cache_dir / f"{key}.image.npy", lambda fh: np.save(fh, image, allow_pickle=False))
-                    atomic_write(cache_dir / f"{key}.label.npy", lambda fh: np.save(fh, label, allow_pickle=False))
-                    text = json.dumps(info).encode("utf-8")
-                    atomic_write(cache_dir / f"{key}.json", lambda fh: fh.write(text))
-                except OSError as exc:
-                    raise MedSSLError(f"{cache_dir}: cannot write the cache ({exc.strerror})") from None
-                case = _load_cached(cache_dir, key)
-                if case is None:
-                    raise MedSSLError(f"{cache_dir}: the cache entry just written cannot be read back")
+                case = make_cached_case(pair, key, where, intensity, spacing, spatial_dims, cache_dir)
             else:  # the same files may have been cached by a run of the other dimensionality
-                _check_dimensions(case.image.shape, spatial_dims, where, pair["image"])
+                check_dimensions(case.image.shape, spatial_dims, where, pair["image"])
             unlisted = [v for v in case.info["values"] if v not in classes]
             if unlisted:
                 raise MedSSLError(
@@ -327,16 +225,22 @@ def load_datasets(spec: dict, intensity: IntensityConfig, spacing, cache_dir,
         if absent:
             names = ", ".join(f"{v} ({classes[v]['name']})" for v in absent)
             raise MedSSLError(f"{_entry(path, i, name)}: class(es) {names} annotated in none of its labels")
-        dataset = LabelledDataset(name, dict(classes), cases)
-        n_val = int(round(val_fraction * len(cases))) if val_fraction > 0 else 0
-        if n_val >= 1 and len(cases) >= 2:
-            n_val = min(n_val, len(cases) - 1)
-            order = np.random.default_rng([seed, i]).permutation(len(cases))
-            held = set(order[:n_val].tolist())
-            dataset.cases = [c for k, c in enumerate(cases) if k not in held]
-            dataset.val_cases = [c for k, c in enumerate(cases) if k in held]
-        out.append(dataset)
+        out.append(_with_validation_cases(LabelledDataset(name, dict(classes), cases), val_fraction, [seed, i]))
     return out
+
+
+def _with_validation_cases(dataset: LabelledDataset, val_fraction: float, seed) -> LabelledDataset:
+    """``dataset`` with ``round(val_fraction * cases)`` of its cases (when >= 1, and at least one left for
+    training) moved to ``val_cases``, chosen with a generator seeded by ``seed``."""
+    cases = dataset.cases
+    n_val = int(round(val_fraction * len(cases))) if val_fraction > 0 else 0
+    if n_val >= 1 and len(cases) >= 2:
+        n_val = min(n_val, len(cases) - 1)
+        order = np.random.default_rng(seed).permutation(len(cases))
+        held = set(order[:n_val].tolist())
+        dataset.cases = [c for k, c in enumerate(cases) if k not in held]
+        dataset.val_cases = [c for k, c in enumerate(cases) if k in held]
+    return dataset
 
 
 def summary(datasets: list[LabelledDataset]) -> dict:
