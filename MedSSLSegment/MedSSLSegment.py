@@ -2,7 +2,8 @@
 
 Slicer glue only (module, parameter node, widget, self-test). The work is done by
 ``MedSSLSegmentLib.logic.MedSSLSegmentLogic`` (Qt-free) and the MedSSL backend in a child process; torch is
-never imported in Slicer's process.
+never imported in Slicer's process. The widget's lifecycle, parameter node, probe and install flow come from
+``MedSSLCommonLib.widget.MedSSLWidgetBase`` (the hidden MedSSLCommon module, a declared dependency).
 """
 
 import os
@@ -11,25 +12,14 @@ from typing import Annotated
 
 import ctk
 import numpy as np
-import vtk
 
 import slicer
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 
-from MedSSLSegmentLib import backend, gui, install, jobs, nodes
+from MedSSLCommonLib import backend, gui, jobs, nodes
+from MedSSLCommonLib.i18n import tr as _
+from MedSSLCommonLib.widget import MedSSLWidgetBase, describeModule
 from MedSSLSegmentLib.logic import MedSSLSegmentLogic, modelName
-
-try:
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-except ImportError:  # Slicer < 5.4
-    def _(text):
-        return text
-
-    def translate(_context, text):
-        return text
 
 try:
     from slicer import vtkMRMLScalarVolumeNode
@@ -43,19 +33,13 @@ __all__ = ["MedSSLSegment", "MedSSLSegmentWidget", "MedSSLSegmentLogic", "MedSSL
 class MedSSLSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = _("MedSSL Segment")
-        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
-        self.parent.contributors = ["MedSSL contributors"]
-        self.parent.helpText = _(
-            "Apply a MedSSL model to a volume. Segmentation models create a segmentation with the model's "
-            "segment names and colors; detection models create a point list (one point per finding, labelled "
-            "with class and score) and a findings table; classification models create a table of class "
-            "probabilities. The model runs in a separate process: Slicer stays responsive and Cancel stops it. "
-            "Models come from the MedSSL Trainer module or from colleagues (a model is a folder with "
-            "model.json and weights.safetensors).")
-        self.parent.acknowledgementText = _(
-            "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")
+        describeModule(self.parent, _("MedSSL Segment"), _("""
+Apply a MedSSL model to a volume. Segmentation models create a segmentation with the model's segment names
+and colors; detection models create a point list (one point per finding, labelled with class and score) and
+a findings table; classification models create a table of class probabilities. The model runs in a separate
+process: Slicer stays responsive and Cancel stops it. Models come from the MedSSL Trainer module or from
+colleagues (a model is a folder with model.json and weights.safetensors)."""))
+        self.parent.dependencies = ["MedSSLCommon"]  # provides MedSSLCommonLib
 
 
 if parameterNodeWrapper is not None:
@@ -69,138 +53,28 @@ if parameterNodeWrapper is not None:
         device: str = "auto"
         maxFindings: Annotated[int, Minimum(1)] = nodes.DEFAULT_MAX_FINDINGS  # detection: points shown at most
         allFindings: bool = False  # detection: the table lists every finding
+else:
+    MedSSLSegmentParameterNode = None
 
 
-def getParameterNode():
-    """The module's parameter node (wrapped), or None on Slicer versions without parameterNodeWrapper."""
-    if parameterNodeWrapper is None:
-        return None
-    logic = ScriptedLoadableModuleLogic()
-    logic.moduleName = "MedSSLSegment"
-    return MedSSLSegmentParameterNode(logic.getParameterNode())
+class MedSSLSegmentWidget(MedSSLWidgetBase):
+    parameterNodeClass = MedSSLSegmentParameterNode
+    logicClass = MedSSLSegmentLogic
 
-
-class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self.panel = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._environment = None
-        self._probe = None
+        MedSSLWidgetBase.__init__(self, parent)
         self._modelInfo = None
 
-    # ------------------------------------------------------------------ setup and parameter node
-
-    def setup(self):
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSSLSegment.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = MedSSLSegmentLogic()
-        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox, self.logic)
-        self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
+    def setupModule(self):
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.modelPathLineEdit.settingKey = "MedSSL/ApplyModelPath"
-        gui.fillDeviceComboBox(self.ui.deviceComboBox, None)
-        self.ui.installButton.hide()
-        self.strings = gui.StringBindings()
         self.strings.path(self.ui.modelPathLineEdit, "modelPath")
-        self.strings.combo(self.ui.deviceComboBox, "device")
-
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
-        self.ui.openJobFolderButton.connect("clicked(bool)", lambda: self.panel.openJobFolder())
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._checkCanApply)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._updateDeviceWarning)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
-        self.startProbe()
 
-    def cleanup(self):
-        if self.panel is not None and self.panel.busy:
-            self.panel.cancel()
-        self.removeObservers()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        # As the scripted-module template: stop syncing the GUI with the parameter node while another module
-        # is shown, but keep the node: a job that ends meanwhile stores its results there (_storeResults)
-        # and enter() shows them.
-        self._disconnectGui()
-
-    def onSceneStartClose(self, caller, event):
-        if self.panel.busy:
-            self.panel.cancel()  # its input volume is going away
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        parameterNode = getParameterNode()
-        if parameterNode is not None and not parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume:
-                parameterNode.inputVolume = firstVolume
-        self.setParameterNode(parameterNode)
-
-    def _disconnectGui(self):
-        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
-        self._parameterNodeGuiTag = None
-        self.strings.setParameterNode(None)
-
-    def _storeResults(self, **values):
-        """Job results (str parameters) into the parameter node, whichever module is shown, and into the
-        widgets; without parameterNodeWrapper (Slicer < 5.2) only into the widgets."""
-        parameterNode = self._parameterNode or getParameterNode()
-        for name, value in values.items():
-            if parameterNode is not None:
-                setattr(parameterNode, name, value)
-            self.strings.setWidget(name, value)
-
-    def setParameterNode(self, parameterNode):
-        self._disconnectGui()
-        self._parameterNode = parameterNode
-        self.strings.setParameterNode(parameterNode)
-        if self._parameterNode is not None:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
+    def parameterNodeChanged(self):
         self.onModelChanged()
-
-    # ------------------------------------------------------------------ environment
-
-    def startProbe(self):
-        """Check torch/MONAI/GPUs in a child process, in the background."""
-        self.ui.environmentLabel.text = gui.environmentSummary(None)
-        self._probe = gui.BackgroundCall(backend.probeEnvironment, self.onProbeDone)
-
-    def onProbeDone(self, environment, error):
-        self._probe = None
-        self._environment = environment
-        self.ui.environmentLabel.text = gui.environmentSummary(environment, error)
-        self.ui.installButton.visible = bool(environment and backend.missingDependencies(environment))
-        device = self.ui.deviceComboBox.currentData or "auto"
-        gui.fillDeviceComboBox(self.ui.deviceComboBox, environment, device)
-        self._updateDeviceWarning()
-
-    def onInstallButton(self):
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
-            self._environment = install.ensureBackendReady(self._environment)
-        self.onProbeDone(self._environment, None)
-
-    def _updateDeviceWarning(self, *_args):
-        self.ui.deviceWarningLabel.text = gui.deviceWarning(self._environment, self.ui.deviceComboBox.currentData)
 
     # ------------------------------------------------------------------ model and apply
 
@@ -226,20 +100,17 @@ class MedSSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                              "classification model.")
 
     def onApplyButton(self):
-        if self.panel.busy:
-            self.panel.cancel()
-            return
-        with slicer.util.tryWithErrorDisplay(_("MedSSL could not start."), waitCursor=True):
-            self._environment = install.ensureBackendReady(self._environment)
-            volume = self.ui.inputVolumeSelector.currentNode()
-            modelDir = self.ui.modelPathLineEdit.currentPath
-            self.ui.modelPathLineEdit.addCurrentPathToHistory()
-            self.logic.device = self.ui.deviceComboBox.currentData or "auto"
-            self.logic.maxFindings = max(1, int(self.ui.maxFindingsSpinBox.value))
-            self.logic.allFindingsInTable = bool(self.ui.allFindingsCheckBox.checked)
-            job = self.logic.apply(volume, modelDir, blocking=False)
-            title = _("Applying {model}").format(model=modelName(modelDir, self._modelInfo))
-            self.panel.start(job, self.ui.applyButton, title, onEnded=lambda j, v=volume: self.onJobEnded(j, v))
+        self.startOrCancel(_("MedSSL could not start."), self._apply)
+
+    def _apply(self):
+        volume = self.ui.inputVolumeSelector.currentNode()
+        modelDir = self.ui.modelPathLineEdit.currentPath
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        self.logic.maxFindings = max(1, int(self.ui.maxFindingsSpinBox.value))
+        self.logic.allFindingsInTable = bool(self.ui.allFindingsCheckBox.checked)
+        job = self.logic.apply(volume, modelDir, blocking=False)
+        title = _("Applying {model}").format(model=modelName(modelDir, self._modelInfo))
+        self.panel.start(job, self.ui.applyButton, title, onEnded=lambda j, v=volume: self.onJobEnded(j, v))
 
     def onJobEnded(self, job, volume):
         self._checkCanApply()

@@ -3,8 +3,9 @@ few painted slices.
 
 Slicer glue only (module, parameter node, widget, self-test). The work is done by
 ``MedSSLTrainerLib.logic.MedSSLTrainerLogic`` (Qt-free) and the MedSSL backend in a child process; torch is
-never imported in Slicer's process. Shared code (job runner, node<->file conversion, Qt job panel) comes from
-``MedSSLSegmentLib`` of the MedSSLSegment module, a declared dependency.
+never imported in Slicer's process. Shared code (job runner, node<->file conversion, Qt job panel, loss chart,
+and the widget's lifecycle, parameter node, probe and install flow in ``MedSSLWidgetBase``) comes from
+``MedSSLCommonLib`` of the hidden MedSSLCommon module, a declared dependency.
 """
 
 import os
@@ -13,28 +14,17 @@ from typing import Annotated
 import ctk
 import numpy as np
 import qt
-import vtk
 
 import slicer
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 
-from MedSSLSegmentLib import backend, gui, install, jobs, nodes
-from MedSSLSegmentLib.plots import LossCurve
+from MedSSLCommonLib import backend, gui, jobs, nodes
+from MedSSLCommonLib.i18n import tr as _
+from MedSSLCommonLib.plots import LossCurve
+from MedSSLCommonLib.widget import MedSSLWidgetBase, describeModule
 from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sparseLabels
 from MedSSLTrainerLib.datasets import methodTakesDatasets
 from MedSSLTrainerLib.logic import MedSSLTrainerLogic
-
-try:
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-except ImportError:  # Slicer < 5.4
-    def _(text):
-        return text
-
-    def translate(_context, text):
-        return text
 
 try:
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -54,20 +44,14 @@ INIT_CHOICES = [
 class MedSSLTrainer(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = _("MedSSL Trainer")
-        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = ["MedSSLSegment"]  # provides MedSSLSegmentLib
-        self.parent.contributors = ["MedSSL contributors"]
-        self.parent.helpText = _(
-            "Pretraining: learn from your own unlabeled CT/MR scans (volumes in the scene or a folder) with a "
-            "self-supervised method such as Models Genesis; best on a GPU, overnight. Few-shot segmentation: "
-            "paint a structure on a few slices in the Segment Editor, click Fine-tune: the network starts from "
-            "the pretrained model, learns from the painted slices and segments the whole volume into a new "
-            "segmentation for review. Suggest slices moves the views to where more paint helps most; paint "
-            "there and fine-tune again. Everything runs in a separate process: Slicer stays responsive and "
-            "Cancel stops it.")
-        self.parent.acknowledgementText = _(
-            "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")
+        describeModule(self.parent, _("MedSSL Trainer"), _("""
+Pretraining: learn from your own unlabeled CT/MR scans (volumes in the scene or a folder) with a
+self-supervised method such as Models Genesis; best on a GPU, overnight. Few-shot segmentation: paint a
+structure on a few slices in the Segment Editor, click Fine-tune: the network starts from the pretrained
+model, learns from the painted slices and segments the whole volume into a new segmentation for review.
+Suggest slices moves the views to where more paint helps most; paint there and fine-tune again. Everything
+runs in a separate process: Slicer stays responsive and Cancel stops it."""))
+        self.parent.dependencies = ["MedSSLCommon"]  # provides MedSSLCommonLib
 
 
 if parameterNodeWrapper is not None:
@@ -91,15 +75,8 @@ if parameterNodeWrapper is not None:
         finetuneSteps: Annotated[int, Minimum(0)] = 300
         finetuneMinutes: Annotated[float, Minimum(0)] = 0.0
         model: str = ""
-
-
-def getParameterNode():
-    """The module's parameter node (wrapped), or None on Slicer versions without parameterNodeWrapper."""
-    if parameterNodeWrapper is None:
-        return None
-    logic = ScriptedLoadableModuleLogic()
-    logic.moduleName = "MedSSLTrainer"
-    return MedSSLTrainerParameterNode(logic.getParameterNode())
+else:
+    MedSSLTrainerParameterNode = None
 
 
 def budget(stepsSpinBox, minutesSpinBox):
@@ -112,36 +89,23 @@ def budget(stepsSpinBox, minutesSpinBox):
     return steps, seconds
 
 
-class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class MedSSLTrainerWidget(MedSSLWidgetBase):
+    parameterNodeClass = MedSSLTrainerParameterNode
+    logicClass = MedSSLTrainerLogic
+    volumeParameter = "fewShotVolume"
+
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self.panel = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._environment = None
-        self._probe = None
+        MedSSLWidgetBase.__init__(self, parent)
         self._lossCurve = None
         self._suggestions = []
         self._cpuConfirmed = False
         self._chartShown = False
 
-    # ------------------------------------------------------------------ setup and parameter node
+    # ------------------------------------------------------------------ setup
 
-    def setup(self):
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSSLTrainer.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = MedSSLTrainerLogic()
-        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox, self.logic)
-        self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
+    def setupModule(self):
         self._setupWidgets()
-        self.strings = gui.StringBindings()
-        for widget, name in ((self.ui.deviceComboBox, "device"), (self.ui.methodComboBox, "method"),
-                             (self.ui.initComboBox, "initChoice")):
+        for widget, name in ((self.ui.methodComboBox, "method"), (self.ui.initComboBox, "initChoice")):
             self.strings.combo(widget, name)
         for widget, name in ((self.ui.dataFolderPathLineEdit, "dataFolder"),
                              (self.ui.datasetsSpecPathLineEdit, "datasetsSpec"), (self.ui.pretrainOutputPathLineEdit,
@@ -149,10 +113,6 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.modelPathLineEdit, "model")):
             self.strings.path(widget, name)
         self._connect()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
-        self.startProbe()
 
     def _setupWidgets(self):
         ui = self.ui
@@ -164,22 +124,17 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.datasetsSpecPathLineEdit.nameFilters = ["Labelled dataset specs (*.json)"]
         ui.datasetsSpecPathLineEdit.settingKey = "MedSSL/PretrainDatasetsSpec"
         ui.initModelPathLineEdit.settingKey = "MedSSL/InitModelPath"
-        gui.fillDeviceComboBox(ui.deviceComboBox, None)
         self._fillMethods(list(backend.DEFAULT_METHODS))
         for value, text in INIT_CHOICES:
             ui.initComboBox.addItem(text, value)
-        ui.installButton.hide()
 
     def _connect(self):
         ui = self.ui
         ui.pretrainButton.connect("clicked(bool)", self.onPretrainButton)
         ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
         ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
-        ui.installButton.connect("clicked(bool)", self.onInstallButton)
         ui.showChartButton.connect("clicked(bool)", self.onShowChartButton)
-        ui.openJobFolderButton.connect("clicked(bool)", lambda: self.panel.openJobFolder())
         ui.suggestionsListWidget.connect("currentRowChanged(int)", self.onSuggestionSelected)
-        ui.deviceComboBox.connect("currentIndexChanged(int)", self._updateDeviceWarning)
         ui.initComboBox.connect("currentIndexChanged(int)", self._updateInitWidgets)
         ui.useDataFolderCheckBox.connect("toggled(bool)", self._updateButtons)
         ui.methodComboBox.connect("currentIndexChanged(int)", self._updateButtons)
@@ -190,80 +145,22 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for selector in (ui.fewShotVolumeSelector, ui.fewShotSegmentationSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
 
-    def cleanup(self):
-        if self.panel is not None and self.panel.busy:
-            self.panel.cancel()
-        self.removeObservers()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        # As the scripted-module template: stop syncing the GUI with the parameter node while another module
-        # is shown, but keep the node: a job that ends meanwhile stores its results there (_storeResults)
-        # and enter() shows them.
-        self._disconnectGui()
-
-    def onSceneStartClose(self, caller, event):
-        if self.panel.busy:
-            self.panel.cancel()
+    def forgetSceneNodes(self):
         self._lossCurve = None
-        self.setParameterNode(None)
 
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        parameterNode = getParameterNode()
-        if parameterNode is not None and not parameterNode.fewShotVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume:
-                parameterNode.fewShotVolume = firstVolume
-        self.setParameterNode(parameterNode)
-
-    def _disconnectGui(self):
-        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
-        self._parameterNodeGuiTag = None
-        self.strings.setParameterNode(None)
-
-    def _storeResults(self, **values):
-        """Job results (str parameters) into the parameter node, whichever module is shown, and into the
-        widgets; without parameterNodeWrapper (Slicer < 5.2) only into the widgets."""
-        parameterNode = self._parameterNode or getParameterNode()
-        for name, value in values.items():
-            if parameterNode is not None:
-                setattr(parameterNode, name, value)
-            self.strings.setWidget(name, value)
-
-    def setParameterNode(self, parameterNode):
-        self._disconnectGui()
-        self._parameterNode = parameterNode
-        self.strings.setParameterNode(parameterNode)
-        if self._parameterNode is not None:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
+    def parameterNodeChanged(self):
         self._updateInitWidgets()
 
     # ------------------------------------------------------------------ environment
 
-    def startProbe(self):
-        """Check torch/MONAI/GPUs and list the backend's methods in a child process, in the background."""
-        self.ui.environmentLabel.text = gui.environmentSummary(None)
-        self._probe = gui.BackgroundCall(gui.probeBackend, self.onProbeDone)
+    def probeBackend(self) -> dict:
+        """Check torch/MONAI/GPUs and list the backend's methods (in a child process, in the background)."""
+        return gui.probeBackend()
 
-    def onProbeDone(self, answer, error):
-        self._probe = None
-        self._environment = answer["environment"] if answer else None
-        self.ui.environmentLabel.text = gui.environmentSummary(self._environment, error)
-        self.ui.installButton.visible = bool(self._environment and backend.missingDependencies(self._environment))
-        gui.fillDeviceComboBox(self.ui.deviceComboBox, self._environment, self.ui.deviceComboBox.currentData or "auto")
+    def backendProbed(self, answer):
         if answer:
             self._fillMethods(answer["methods"])
         self.strings.updateGui()
-        self._updateDeviceWarning()
 
     def _fillMethods(self, methods):
         combo = self.ui.methodComboBox
@@ -278,18 +175,8 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.setCurrentIndex(index if index >= 0 else 0)
         combo.blockSignals(False)
 
-    def onInstallButton(self):
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
-            self._environment = install.ensureBackendReady(self._environment)
-        self.startProbe()
-
-    def _updateDeviceWarning(self, *_args):
-        self.ui.deviceWarningLabel.text = gui.deviceWarning(self._environment, self.ui.deviceComboBox.currentData)
-
-    def _prepareRun(self):
-        """Dependencies present (offering to install them) and the device chosen. Raises if not ready."""
-        self._environment = install.ensureBackendReady(self._environment)
-        self.logic.device = self.ui.deviceComboBox.currentData or "auto"
+    def dependenciesInstalled(self):
+        self.startProbe()  # again: the methods list needs the backend's dependencies
 
     def _usesCpu(self):
         return self.logic.device == "cpu" or not (self._environment or {}).get("cuda")
@@ -379,33 +266,31 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ pretraining
 
     def onPretrainButton(self):
-        if self.panel.busy:
-            self.panel.cancel()
-            return
-        with slicer.util.tryWithErrorDisplay(_("Pretraining could not start."), waitCursor=True):
-            self._prepareRun()
-            if self._usesCpu() and not self._cpuConfirmed:
-                if not slicer.util.confirmOkCancelDisplay(gui.deviceWarning(self._environment, "cpu") + "\n\n"
-                                                          + _("Pretrain on the CPU anyway?")):
-                    return
-                self._cpuConfirmed = True
-            ui = self.ui
-            method = ui.methodComboBox.currentData or "genesis"
-            steps, maxTime = budget(ui.pretrainStepsSpinBox, ui.pretrainMinutesSpinBox)
-            options = dict(method=method, outputDir=ui.pretrainOutputPathLineEdit.currentPath or None, steps=steps,
-                           maxTime=maxTime, blocking=False, onEvent=self._onEvent)
-            if self._methodTakesDatasets():
-                ui.datasetsSpecPathLineEdit.addCurrentPathToHistory()
-                job = self.logic.pretrainOnDatasets(ui.datasetsSpecPathLineEdit.currentPath, **options)
+        self.startOrCancel(_("Pretraining could not start."), self._pretrain)
+
+    def _pretrain(self):
+        if self._usesCpu() and not self._cpuConfirmed:
+            if not slicer.util.confirmOkCancelDisplay(gui.deviceWarning(self._environment, "cpu") + "\n\n"
+                                                      + _("Pretrain on the CPU anyway?")):
+                return
+            self._cpuConfirmed = True
+        ui = self.ui
+        method = ui.methodComboBox.currentData or "genesis"
+        steps, maxTime = budget(ui.pretrainStepsSpinBox, ui.pretrainMinutesSpinBox)
+        options = dict(method=method, outputDir=ui.pretrainOutputPathLineEdit.currentPath or None, steps=steps,
+                       maxTime=maxTime, blocking=False, onEvent=self._onEvent)
+        if self._methodTakesDatasets():
+            ui.datasetsSpecPathLineEdit.addCurrentPathToHistory()
+            job = self.logic.pretrainOnDatasets(ui.datasetsSpecPathLineEdit.currentPath, **options)
+        else:
+            if ui.useDataFolderCheckBox.checked:
+                data = [ui.dataFolderPathLineEdit.currentPath]
+                ui.dataFolderPathLineEdit.addCurrentPathToHistory()
             else:
-                if ui.useDataFolderCheckBox.checked:
-                    data = [ui.dataFolderPathLineEdit.currentPath]
-                    ui.dataFolderPathLineEdit.addCurrentPathToHistory()
-                else:
-                    data = list(ui.pretrainVolumesSelector.checkedNodes())
-                job = self.logic.pretrain(data, **options)
-            self._lossCurveFor(_("Pretraining"))  # only once the job started: a failed start adds no node
-            self._start(job, ui.pretrainButton, _("Pretraining"), self.onPretrainEnded)
+                data = list(ui.pretrainVolumesSelector.checkedNodes())
+            job = self.logic.pretrain(data, **options)
+        self._lossCurveFor(_("Pretraining"))  # only once the job started: a failed start adds no node
+        self._start(job, ui.pretrainButton, _("Pretraining"), self.onPretrainEnded)
 
     def onPretrainEnded(self, job):
         if job.status != jobs.DONE:
@@ -422,18 +307,16 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return "none" if choice == "none" else (self.ui.initModelPathLineEdit.currentPath or None)
 
     def onFineTuneButton(self):
-        if self.panel.busy:
-            self.panel.cancel()
-            return
-        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
-            self._prepareRun()
-            ui = self.ui
-            volume = ui.fewShotVolumeSelector.currentNode()
-            steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
-            job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
-                                      steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
-            self._lossCurveFor(_("Fine-tuning"))
-            self._start(job, ui.fineTuneButton, _("Fine-tuning"), lambda j, v=volume: self.onFineTuneEnded(j, v))
+        self.startOrCancel(_("Fine-tuning could not start."), self._fineTune)
+
+    def _fineTune(self):
+        ui = self.ui
+        volume = ui.fewShotVolumeSelector.currentNode()
+        steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
+        job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
+                                  steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
+        self._lossCurveFor(_("Fine-tuning"))
+        self._start(job, ui.fineTuneButton, _("Fine-tuning"), lambda j, v=volume: self.onFineTuneEnded(j, v))
 
     def onFineTuneEnded(self, job, volume):
         if job.status != jobs.DONE:
@@ -449,15 +332,13 @@ class MedSSLTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ suggestions
 
     def onSuggestButton(self):
-        if self.panel.busy:
-            self.panel.cancel()
-            return
-        with slicer.util.tryWithErrorDisplay(_("Suggesting slices failed."), waitCursor=True):
-            self._prepareRun()
-            job = self.logic.suggestSlices(self.ui.fewShotVolumeSelector.currentNode(),
-                                           self.ui.modelPathLineEdit.currentPath, count=5, blocking=False,
-                                           segmentationNode=self.ui.fewShotSegmentationSelector.currentNode())
-            self._start(job, self.ui.suggestButton, _("Suggesting slices"), self.onSuggestEnded)
+        self.startOrCancel(_("Suggesting slices failed."), self._suggest)
+
+    def _suggest(self):
+        job = self.logic.suggestSlices(self.ui.fewShotVolumeSelector.currentNode(),
+                                       self.ui.modelPathLineEdit.currentPath, count=5, blocking=False,
+                                       segmentationNode=self.ui.fewShotSegmentationSelector.currentNode())
+        self._start(job, self.ui.suggestButton, _("Suggesting slices"), self.onSuggestEnded)
 
     def onSuggestEnded(self, job):
         if job.status != jobs.DONE:

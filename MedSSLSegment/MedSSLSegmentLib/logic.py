@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from . import backend, nodes
-from .runner import BackendRunner, removesUnstartedJobFolders
+from MedSSLCommonLib import backend, nodes
+from MedSSLCommonLib.runner import BackendRunner, removesUnstartedJobFolders
 
 
 class MedSSLSegmentLogic(BackendRunner):
@@ -23,7 +23,7 @@ class MedSSLSegmentLogic(BackendRunner):
         segmentation = MedSSLSegmentLogic().segment(getNode("CTChest"), "/path/to/bundle")
 
     Every method takes ``blocking``: True waits and returns the new node; False returns a running
-    :class:`~MedSSLSegmentLib.jobs.Job` to poll (its ``result`` is the node once ``job.status == "done"``).
+    :class:`~MedSSLCommonLib.jobs.Job` to poll (its ``result`` is the node once ``job.status == "done"``).
     Outputs are placed in the volume's subject-hierarchy study and under its parent transform.
     """
 

@@ -31,7 +31,7 @@ import logging
 
 import numpy as np
 
-from MedSSLSegmentLib import nodes
+from MedSSLCommonLib import nodes
 
 NOT_ANNOTATED = 255
 """Label value of voxels outside the painted planes."""

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from MedSSLSegmentLib import nodes
+from MedSSLCommonLib import nodes
 
 MAX_CLASSES = 254
 

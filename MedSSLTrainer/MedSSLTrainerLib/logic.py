@@ -2,7 +2,7 @@
 
 Usable from Slicer's Python console, scripts and tests with only ``slicer.mrmlScene`` set; no Qt, and torch
 only ever runs in the child process (``python -m MedSSL ...``). The job runner, node<->file conversion and
-backend discovery are shared with the MedSSLSegment module (``MedSSLSegmentLib``).
+backend discovery come from the shared library ``MedSSLCommonLib`` (hidden MedSSLCommon module).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import logging
 import os
 import shutil
 
-from MedSSLSegmentLib import backend, geometry, nodes
-from MedSSLSegmentLib.runner import BackendRunner, removesUnstartedJobFolders
+from MedSSLCommonLib import backend, geometry, nodes
+from MedSSLCommonLib.runner import BackendRunner, removesUnstartedJobFolders
 
 from .annotation import SLICE_AXIS_K, describePlanes, sparseLabels
 from .datasets import writeDatasetsSpec
@@ -33,7 +33,7 @@ class MedSSLTrainerLogic(BackendRunner):
         logic.lastOutputs["segmentation"]   # the whole volume segmented, for review
 
     ``blocking=True`` waits and returns the bundle folder; ``blocking=False`` returns a running
-    :class:`~MedSSLSegmentLib.jobs.Job` to poll from a timer (``job.poll()``), cancel (``job.cancel()``)
+    :class:`~MedSSLCommonLib.jobs.Job` to poll from a timer (``job.poll()``), cancel (``job.cancel()``)
     and read (``job.result`` once ``job.status == "done"``). Budgets: ``steps`` (optimizer steps) and/or
     ``maxTime`` (seconds); ``width`` is the network's base width; None leaves the backend's default.
     """

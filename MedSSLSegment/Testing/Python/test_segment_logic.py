@@ -31,7 +31,7 @@ def logic(scene, fake_backend):
 
 
 def test_segment(logic, scene, tmp_path):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     segmentation = logic.segment(volume, bundle(tmp_path, "segment"))
@@ -47,7 +47,7 @@ def test_segment(logic, scene, tmp_path):
 
 
 def test_detect_gives_ras_control_points_and_table(logic, scene, tmp_path):
-    from MedSSLSegmentLib import geometry, nodes
+    from MedSSLCommonLib import geometry, nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     logic.minVolumeMm3 = 0.0  # the phantom's lesion is 13 mm^3
@@ -89,7 +89,7 @@ def test_detections_are_a_handful_of_ranked_findings(logic, scene, tmp_path, mon
 
 def test_slicer_and_backend_detection_defaults_agree():
     from MedSSL.tasks.infer import detect
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     assert (nodes.DEFAULT_MIN_SCORE, nodes.DEFAULT_MIN_VOLUME_MM3, nodes.DEFAULT_MAX_FINDINGS) == (
         detect.DEFAULT_MIN_SCORE, detect.DEFAULT_MIN_VOLUME_MM3, detect.DEFAULT_MAX_FINDINGS)
@@ -109,7 +109,7 @@ def test_classify_and_apply_dispatch(logic, scene, tmp_path):
 
 
 def test_failure_reason_and_scene_untouched(logic, scene, tmp_path, monkeypatch):
-    from MedSSLSegmentLib import jobs
+    from MedSSLCommonLib import jobs
 
     volume = addVolume(scene, phantom(), name="ct")
     count = scene.GetNumberOfNodes()
@@ -142,7 +142,7 @@ def test_job_folders_keep_no_patient_data(scene, fake_backend, tmp_path, monkeyp
     """Issue 11 item 9: input copies are deleted in every outcome; by default a job's folder goes once its
     results are in the scene, and only log.txt stays after a failure; keepJobFiles keeps outputs and logs;
     a job that cannot start leaves no folder."""
-    from MedSSLSegmentLib import jobs
+    from MedSSLCommonLib import jobs
     from MedSSLSegmentLib.logic import MedSSLSegmentLogic
 
     volume = addVolume(scene, phantom(), name="ct")

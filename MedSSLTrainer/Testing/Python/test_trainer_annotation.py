@@ -8,7 +8,7 @@ from slicer_testing_helpers import addVolume, phantom
 
 def paint(scene, volume, masks):
     """A segmentation with one segment per (name, color, mask (k, j, i)) painted on ``volume``'s grid."""
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     labels = np.zeros(masks[0][2].shape, np.uint8)
     classes = {}
@@ -144,7 +144,7 @@ def test_nothing_painted_is_an_error(scene):
 def test_painting_on_a_different_grid_is_resampled(scene):
     """A segmentation whose own labelmap geometry differs (e.g. painted with another source volume) is
     resampled onto the volume's grid."""
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
     from MedSSLTrainerLib.annotation import sparseLabels
     from slicer_testing_helpers import obliqueMatrix
 

@@ -13,10 +13,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from slicer_testing_helpers import addModulePaths, obliqueMatrix
-
-addModulePaths()
-from MedSSLSegmentLib import backend  # noqa: E402
+from MedSSLCommonLib import backend
+from slicer_testing_helpers import bodyPhantom as phantom, obliqueMatrix
 
 
 def backendAvailable():
@@ -39,22 +37,11 @@ REASON = backendAvailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
-def phantom():
-    """(k, j, i) = (16, 32, 32) CT-like volume: body 60 HU, a 300 HU lesion, air elsewhere."""
-    array = np.full((16, 32, 32), -800, np.int16)
-    array[3:13, 6:26, 6:26] = 60
-    array[6:10, 12:19, 12:19] = 300
-    return array
-
-
-def test_finetune_segment_detect_suggest(scene, work_dir, monkeypatch, tmp_path):
-    from MedSSLSegmentLib import geometry, nodes
+def test_finetune_segment_detect_suggest(scene, real_backend):
+    from MedSSLCommonLib import geometry, nodes
     from MedSSLSegmentLib.logic import MedSSLSegmentLogic
     from MedSSLTrainerLib.logic import MedSSLTrainerLogic
 
-    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
-    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
     array = phantom()
     matrix = obliqueMatrix(spacing=(1.1, 0.9, 2.5))
     volume = nodes.addVolumeFromArray(array, matrix, "ct", scene=scene)
@@ -112,18 +99,15 @@ def test_finetune_segment_detect_suggest(scene, work_dir, monkeypatch, tmp_path)
 
 def test_environment_probe_runs_in_a_child():
     environment = backend.probeEnvironment()
-    assert environment["torch"] and environment["MedSSL"] and "torch" not in sys.modules.get("MedSSLSegmentLib.backend").__dict__
+    assert environment["torch"] and environment["MedSSL"] and "torch" not in sys.modules.get("MedSSLCommonLib.backend").__dict__
 
 
-def test_ark_pretraining_on_datasets_from_the_scene(scene, work_dir, monkeypatch, tmp_path):
+def test_ark_pretraining_on_datasets_from_the_scene(scene, real_backend, tmp_path):
     """Two datasets with different label sets, built from volume and segmentation nodes, pretrain one
     real Ark bundle whose classes are the union of theirs."""
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
     from MedSSLTrainerLib.logic import MedSSLTrainerLogic
 
-    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
-    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
     array = phantom()
     datasets = []
     for name, organ, value in (("bodies", "body", 60), ("lesions", "lesion", 300)):
@@ -140,16 +124,13 @@ def test_ark_pretraining_on_datasets_from_the_scene(scene, work_dir, monkeypatch
     assert os.path.isfile(os.path.join(bundle, "weights.safetensors"))
 
 
-def test_one_slice_volume_gets_a_2d_model(scene, work_dir, monkeypatch, tmp_path):
+def test_one_slice_volume_gets_a_2d_model(scene, real_backend):
     """A radiograph is a one-slice volume: painting it fine-tunes a 2D network, whose prediction comes
     back as a segmentation on the same one-slice geometry."""
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
     from MedSSLSegmentLib.logic import MedSSLSegmentLogic
     from MedSSLTrainerLib.logic import MedSSLTrainerLogic
 
-    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
-    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
     jj, ii = np.mgrid[:48, :48]
     disc = ((jj - 24) ** 2 + (ii - 20) ** 2 <= 100)
     array = np.where(disc, 400, -600).astype(np.int16)[None]  # (k, j, i) = (1, 48, 48)
@@ -168,14 +149,12 @@ def test_one_slice_volume_gets_a_2d_model(scene, work_dir, monkeypatch, tmp_path
     assert dice > 0.8, dice
 
 
-def test_fewshot_engine_on_sagittal_paint_and_a_correction_round(scene, work_dir, monkeypatch, tmp_path):
+def test_fewshot_engine_on_sagittal_paint_and_a_correction_round(scene, real_backend):
     """Paint the lesion on two sagittal planes (numpy axis 2 = ITK i): the default engine (few-shot) segments
     it in 3D; painting one more plane and fine-tuning again starts from the first round's model."""
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
     from MedSSLTrainerLib.logic import MedSSLTrainerLogic
 
-    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
-    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
     array = phantom()
     rng = np.random.default_rng(0)
     array = (array + rng.normal(0, 10, array.shape)).astype(np.int16)

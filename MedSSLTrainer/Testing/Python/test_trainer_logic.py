@@ -19,7 +19,7 @@ def logic(scene, fake_backend):
 
 
 def painted(scene, volume):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     labels = np.zeros(phantom().shape, np.uint8)
     labels[1, 2:8, 3:10] = 1
@@ -29,7 +29,7 @@ def painted(scene, volume):
 
 
 def test_finetune_then_predict(logic, scene, tmp_path):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     logic.keepJobFiles = True  # to read the stand-in's record of the predict arguments
@@ -87,7 +87,7 @@ def test_pretrain_from_nodes_and_folder(logic, scene, tmp_path):
 
 
 def test_suggest_slices_in_ras(logic, scene, tmp_path):
-    from MedSSLSegmentLib import geometry, nodes
+    from MedSSLCommonLib import geometry, nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     model = tmp_path / "m"
@@ -105,7 +105,7 @@ def test_suggested_slice_centres_are_world_ras_under_a_transform(logic, scene, t
     on the slice where the volume is shown, i.e. its centre through the transform."""
     import vtk
 
-    from MedSSLSegmentLib import geometry, nodes
+    from MedSSLCommonLib import geometry, nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
@@ -149,7 +149,7 @@ def test_jump_to_slice_centres_slice_views(scene):
 
 
 def _segmentation(scene, volume, labels, names, name):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     classes = {str(i): {"name": n, "color": [0.2 * i, 0.5, 0.5]} for i, n in enumerate(names, start=1)}
     return nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), classes, volume, name)
@@ -198,7 +198,7 @@ def test_finetune_label_file_holds_only_the_painted_planes_and_the_log_names_the
     backend reads (not every axial slice it crosses), and the job log says which planes were used."""
     import SimpleITK as sitk
 
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     shape = (10, 12, 14)
     volume = addVolume(scene, np.zeros(shape, np.int16), matrix=np.diag([0.8, 0.8, 2.0, 1.0]), name="mr")

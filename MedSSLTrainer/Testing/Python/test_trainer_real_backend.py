@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slicer_testing_helpers import addModulePaths, obliqueMatrix
-
-addModulePaths()
-from MedSSLSegmentLib import backend, jobs  # noqa: E402
+from MedSSLCommonLib import backend, jobs
+from slicer_testing_helpers import obliqueMatrix
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -25,19 +23,9 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
 @pytest.fixture
-def real_backend(work_dir, monkeypatch, tmp_path):
-    monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
-    monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+def real_backend(real_backend, monkeypatch):
+    """The root conftest's real backend, one thread per process here."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def phantom():
-    """(k, j, i) = (16, 32, 32): body 60 HU, a 300 HU lesion, air elsewhere."""
-    array = np.full((16, 32, 32), -800, np.int16)
-    array[3:13, 6:26, 6:26] = 60
-    array[6:10, 12:19, 12:19] = 300
-    return array
 
 
 def trainer_logic():
@@ -79,7 +67,7 @@ def test_pretrain_from_nodes_and_folders_then_fine_tune_from_that_model(scene, r
     the network path, where the initial model applies), and the new model segments it for review."""
     from MedSSL.data.phantom import make_phantom
     from MedSSL.io.volumes import write_volume
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     folder = tmp_path / "unlabeled"
     folder.mkdir()
@@ -133,7 +121,7 @@ def classifier(tmp_path) -> Path:
 
 
 def test_apply_classifies_model_info_of_a_pt_and_failures_are_one_line(scene, real_backend, tmp_path):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     sys.path.insert(0, str(REPO / "Testing" / "Python"))
     from medssl_testing import official_checkpoint
@@ -165,7 +153,7 @@ def test_apply_classifies_model_info_of_a_pt_and_failures_are_one_line(scene, re
 
 def test_a_running_job_is_polled_without_blocking_and_cancelled(scene, real_backend, tmp_path):
     """Event-driven: the job is cancelled as soon as it reports a training step; nothing is written."""
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = nodes.addVolumeFromArray(body_volume((32, 64, 64)), obliqueMatrix(spacing=(1.0, 1.0, 2.0)), "ct",
                                       scene=scene)

@@ -629,6 +629,8 @@ def scriptedLoadableModule(scene):
 
     class ScriptedLoadableModuleWidget:
         def __init__(self, parent=None):
+            name = type(self).__name__  # as Slicer: the class name without "Widget"
+            self.moduleName = name[:-len("Widget")] if name.endswith("Widget") else name
             self.parent = parent if isinstance(parent, FakeModuleWidgetParent) else FakeModuleWidgetParent()
             self.layout = mock.MagicMock(name="layout")
             self.developerMode = False

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from MedSSLSegmentLib import jobs
+from MedSSLCommonLib import jobs
 
 
 def script(tmp_path, body, name="child.py"):

@@ -34,7 +34,7 @@ def backendRoot() -> str | None:
     if os.environ.get("MEDSSL_BACKEND_PATH"):
         candidates.append(os.environ["MEDSSL_BACKEND_PATH"])
     here = os.path.dirname(os.path.abspath(__file__))
-    for _ in range(3):  # MedSSLSegmentLib -> module folder or qt-scripted-modules -> repository root
+    for _ in range(3):  # MedSSLCommonLib -> module folder or qt-scripted-modules -> repository root
         here = os.path.dirname(here)
         candidates.append(here)
     for folder in candidates:

@@ -58,7 +58,7 @@ def installPlan(environment: dict) -> list[str]:
 
 
 def requirementsPath() -> str:
-    """MedSSLSegment's ``Resources/requirements.txt`` (next to this package in the source and install trees)."""
+    """MedSSLCommon's ``Resources/requirements.txt`` (next to this package in the source and install trees)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.join(here, "Resources", "requirements.txt")
 

@@ -5,7 +5,7 @@ import pytest
 
 from slicer_testing_helpers import addVolume, obliqueMatrix, phantom
 
-from MedSSLSegmentLib import geometry
+from MedSSLCommonLib import geometry
 
 
 def test_itk_ras_conversion_round_trips_and_flips_x_y():
@@ -31,7 +31,7 @@ def test_voxel_positions_agree_with_simpleitk():
 
 
 def test_volume_node_round_trip_through_nrrd(scene, tmp_path):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     array = np.random.default_rng(3).integers(-1000, 3000, size=(5, 7, 9)).astype(np.int16)
     volume = addVolume(scene, array, name="oblique")
@@ -49,7 +49,7 @@ def test_volume_node_round_trip_through_nrrd(scene, tmp_path):
 
 def test_float_volume_and_axis_aligned_file_written_by_itk(scene, tmp_path):
     sitk = pytest.importorskip("SimpleITK")
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     image = sitk.GetImageFromArray(phantom().astype(np.float32))
     image.SetSpacing((0.5, 0.75, 3.0))

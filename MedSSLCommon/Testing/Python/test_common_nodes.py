@@ -15,7 +15,7 @@ def nodeClasses(scene):
 
 
 def test_segmentation_from_labelmap(scene):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     labels = np.zeros(phantom().shape, np.uint8)
@@ -40,7 +40,7 @@ def test_segmentation_from_labelmap(scene):
 
 def test_outputs_go_to_the_volume_study_and_transform(scene):
     import slicer
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
@@ -56,7 +56,7 @@ def test_outputs_go_to_the_volume_study_and_transform(scene):
 
 
 def test_markups_and_table_from_detections(scene):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     findings = [{"label": 2, "name": "nodule", "center_mm": [10.0, -20.0, 30.5], "score": 0.93, "volume_mm3": 12.5},
@@ -76,7 +76,7 @@ def test_markups_and_table_from_detections(scene):
 
 
 def test_classification_table(scene):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     table = nodes.tableFromClassification({"probabilities": {"normal": 0.2, "abnormal": 0.8}, "label": 1,
@@ -86,7 +86,7 @@ def test_classification_table(scene):
 
 
 def test_rollback_removes_partial_results(scene):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     count = scene.GetNumberOfNodes()
@@ -98,7 +98,7 @@ def test_rollback_removes_partial_results(scene):
 
 
 def test_removed_volume_is_detected(scene):
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
 
     volume = addVolume(scene, phantom(), name="ct")
     nodes.checkStillInScene(volume)
@@ -108,7 +108,7 @@ def test_removed_volume_is_detected(scene):
 
 
 def test_loss_curve_nodes(scene):
-    from MedSSLSegmentLib.plots import LossCurve
+    from MedSSLCommonLib.plots import LossCurve
 
     count = scene.GetNumberOfNodes()
     curve = LossCurve("pretrain")
@@ -138,7 +138,7 @@ def rotatedTransform(scene):
 def test_segmentation_of_a_volume_under_a_transform_lines_up(scene):
     """Issue 11 item 6: the segmentation's reference geometry is the volume's own (local) grid once the
     segmentation sits under the volume's transform, and the labels come back voxel for voxel."""
-    from MedSSLSegmentLib import nodes
+    from MedSSLCommonLib import nodes
     import slicer
 
     volume = addVolume(scene, phantom(), name="ct")

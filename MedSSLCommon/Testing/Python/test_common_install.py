@@ -44,11 +44,11 @@ def installer(monkeypatch):
 
     pytorchUtils.PyTorchUtilsLogic = PyTorchUtilsLogic
     monkeypatch.setitem(sys.modules, "PyTorchUtils", pytorchUtils)
-    sys.modules.pop("MedSSLSegmentLib.install", None)
-    from MedSSLSegmentLib import backend, install
+    sys.modules.pop("MedSSLCommonLib.install", None)
+    from MedSSLCommonLib import backend, install
 
     yield install, backend, calls
-    sys.modules.pop("MedSSLSegmentLib.install", None)
+    sys.modules.pop("MedSSLCommonLib.install", None)
 
 
 def probes(monkeypatch, backend, *results):
@@ -100,7 +100,7 @@ def test_extension_leaving_torch_too_old_stops_before_pip(installer, monkeypatch
 
 def test_version_parsing():
     slicer = importSlicer()  # noqa: F841 (backend needs no slicer, but keeps the suite's skip rule)
-    from MedSSLSegmentLib import backend
+    from MedSSLCommonLib import backend
 
     assert backend.versionTuple("2.5.1+cu121") == (2, 5, 1)
     assert backend.versionTuple("2.6.0.dev20250101") == (2, 6, 0)

@@ -1,0 +1,210 @@
+"""``MedSSLWidgetBase``: what the MedSSL module widgets share - the module lifecycle (setup, enter, exit,
+cleanup, scene close), the parameter node (GUI connection, str parameters bound by
+:class:`~MedSSLCommonLib.gui.StringBindings`, job results stored while another module is shown), the job
+panel and job settings, the background probe of the backend's environment, the device choice and the
+installation of the backend's dependencies.
+
+A module widget subclasses it and adds only its own parts: the parameter node class, the logic class, its
+widgets and buttons (:meth:`setupModule`), and what follows a new parameter node or probe. Both .ui files
+have the shared widgets (progressBar, statusLabel, logTextEdit, workDirPathLineEdit, keepJobFilesCheckBox,
+deviceComboBox, deviceWarningLabel, environmentLabel, installButton, openJobFolderButton).
+
+Needs the Slicer application (``slicer.ScriptedLoadableModule``, Qt through :mod:`.gui`): imported only by
+MedSSLSegment.py and MedSSLTrainer.py.
+"""
+
+from __future__ import annotations
+
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
+
+from . import backend, gui, install
+from .i18n import tr as _, translate
+
+
+def describeModule(parent, title, helpText):
+    """A MedSSL module's entry in Slicer's module list: title, category, contributors, help and
+    acknowledgement (each module file sets its own ``dependencies``)."""
+    parent.title = title
+    parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+    parent.contributors = ["MedSSL contributors"]
+    parent.helpText = helpText
+    parent.acknowledgementText = _(
+        "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")
+
+
+class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Base of MedSSLSegmentWidget and MedSSLTrainerWidget (``self.moduleName`` comes from the class name,
+    as for every scripted module widget: ``<Module>Widget``)."""
+
+    parameterNodeClass = None
+    """The module's ``@parameterNodeWrapper`` class (None: Slicer < 5.2)."""
+    logicClass = None
+    """The module's logic class (a :class:`~MedSSLCommonLib.runner.BackendRunner`)."""
+    volumeParameter = "inputVolume"
+    """The parameter set to the scene's first volume when it has none yet."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.panel = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._environment = None
+        self._probe = None
+
+    # ------------------------------------------------------------------ setup and parameter node
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = self.logicClass()
+        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox, self.logic)
+        self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, None)
+        self.ui.installButton.hide()
+        self.strings = gui.StringBindings()
+        self.strings.combo(self.ui.deviceComboBox, "device")
+        self.setupModule()
+        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
+        self.ui.openJobFolderButton.connect("clicked(bool)", lambda: self.panel.openJobFolder())
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._updateDeviceWarning)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.startProbe()
+
+    def setupModule(self):
+        """The module's own widgets: their settings, str parameter bindings (``self.strings``) and signals."""
+
+    def cleanup(self):
+        if self.panel is not None and self.panel.busy:
+            self.panel.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        # As the scripted-module template: stop syncing the GUI with the parameter node while another module
+        # is shown, but keep the node: a job that ends meanwhile stores its results there (_storeResults)
+        # and enter() shows them.
+        self._disconnectGui()
+
+    def onSceneStartClose(self, caller, event):
+        if self.panel.busy:
+            self.panel.cancel()  # its input volume is going away
+        self.forgetSceneNodes()
+        self.setParameterNode(None)
+
+    def forgetSceneNodes(self):
+        """The scene is closing: drop references to nodes the widget made (before the GUI is updated)."""
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def getParameterNode(self):
+        """The module's parameter node (its scripted module node, wrapped), or None on Slicer versions without
+        parameterNodeWrapper (the settings are then not kept with the scene)."""
+        if self.parameterNodeClass is None:
+            return None
+        logic = ScriptedLoadableModuleLogic()
+        logic.moduleName = self.moduleName
+        return self.parameterNodeClass(logic.getParameterNode())
+
+    def initializeParameterNode(self):
+        parameterNode = self.getParameterNode()
+        if parameterNode is not None and not getattr(parameterNode, self.volumeParameter):
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                setattr(parameterNode, self.volumeParameter, firstVolume)
+        self.setParameterNode(parameterNode)
+
+    def _disconnectGui(self):
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
+        self._parameterNodeGuiTag = None
+        self.strings.setParameterNode(None)
+
+    def _storeResults(self, **values):
+        """Job results (str parameters) into the parameter node, whichever module is shown, and into the
+        widgets; without parameterNodeWrapper (Slicer < 5.2) only into the widgets."""
+        parameterNode = self._parameterNode or self.getParameterNode()
+        for name, value in values.items():
+            if parameterNode is not None:
+                setattr(parameterNode, name, value)
+            self.strings.setWidget(name, value)
+
+    def setParameterNode(self, parameterNode):
+        self._disconnectGui()
+        self._parameterNode = parameterNode
+        self.strings.setParameterNode(parameterNode)
+        if self._parameterNode is not None:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
+        self.parameterNodeChanged()
+
+    def parameterNodeChanged(self):
+        """The widgets show a new parameter node (or none): update what depends on its values."""
+
+    # ------------------------------------------------------------------ environment
+
+    def startProbe(self):
+        """Check torch/MONAI/GPUs (and whatever :meth:`probeBackend` adds) in a child process, in the
+        background."""
+        self.ui.environmentLabel.text = gui.environmentSummary(None)
+        self._probe = gui.BackgroundCall(self.probeBackend, self.onProbeDone)
+
+    def probeBackend(self) -> dict:
+        """What the background probe asks the backend (runs in a thread): {"environment": ...}."""
+        return {"environment": backend.probeEnvironment()}
+
+    def onProbeDone(self, answer, error):
+        self._probe = None
+        self._environment = answer["environment"] if answer else None
+        self.ui.environmentLabel.text = gui.environmentSummary(self._environment, error)
+        self.ui.installButton.visible = bool(self._environment and backend.missingDependencies(self._environment))
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, self._environment, self.ui.deviceComboBox.currentData or "auto")
+        self.backendProbed(answer)
+        self._updateDeviceWarning()
+
+    def backendProbed(self, answer):
+        """The module's part of a finished probe (``answer`` is None when the probe failed)."""
+
+    def onInstallButton(self):
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+            self._environment = install.ensureBackendReady(self._environment)
+        self.dependenciesInstalled()
+
+    def dependenciesInstalled(self):
+        """After a successful install: show the environment the install checked."""
+        self.onProbeDone({"environment": self._environment}, None)
+
+    def _updateDeviceWarning(self, *_args):
+        self.ui.deviceWarningLabel.text = gui.deviceWarning(self._environment, self.ui.deviceComboBox.currentData)
+
+    # ------------------------------------------------------------------ jobs
+
+    def _prepareRun(self):
+        """Dependencies present (offering to install them) and the device chosen. Raises if not ready."""
+        self._environment = install.ensureBackendReady(self._environment)
+        self.logic.device = self.ui.deviceComboBox.currentData or "auto"
+
+    def startOrCancel(self, errorMessage, start):
+        """A job's start button: Cancel while a job runs; else check the dependencies, set the device and call
+        ``start()``, showing any error (``errorMessage`` as the title) in a dialog."""
+        if self.panel.busy:
+            self.panel.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(errorMessage, waitCursor=True):
+            self._prepareRun()
+            start()

@@ -1,0 +1,58 @@
+"""What the two module widgets share (MedSSLCommonLib.widget.MedSSLWidgetBase and the strict doubles that stand
+in for Slicer's GUI classes), checked outside Slicer with the ``slicer_app`` fixture of the root conftest.py:
+Qt, CTK, the scripted-module base classes and parameterNodeWrapper are strict doubles, MRML is real
+(slicer-core) and the backend is the stand-in CLI. They catch wiring mistakes (names, signatures, flows,
+bounds, results lost across exit/enter) that only Slicer would otherwise reveal; they do not show that the
+widgets look right - that needs Slicer itself (the modules' self-tests)."""
+
+import pytest
+
+from slicer_testing_helpers import WIDGET_MODULES, fakeUi, makeWidget
+
+
+def test_strict_doubles_refuse_unknown_attributes_and_model_connect_gui(slicer_app):
+    """The doubles fail where PythonQt would (issue 11 item 11): a misspelt property or method raises, and
+    connectGui overwrites an unannotated int's range with -2**31 .. 2**31-1 as Slicer's connector does."""
+    import typing
+
+    ui = fakeUi("MedSSLTrainer")
+    with pytest.raises(AttributeError):
+        ui.statusLabel.txt = "typo"
+    with pytest.raises(AttributeError):
+        ui.progressBar.setRangeX(0, 1)
+    with pytest.raises(AttributeError):
+        ui.pretrainButton.connect("clickd(bool)", print)
+    from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
+
+    class Plain:
+        pretrainSteps: int = 5
+        pretrainMinutes: typing.Annotated[float, Minimum(0)] = 0.0
+
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+    Wrapped = parameterNodeWrapper(Plain)
+    node = Wrapped(ScriptedLoadableModuleLogic().getParameterNode())
+    subset = type(ui)(pretrainStepsSpinBox=ui.pretrainStepsSpinBox, pretrainMinutesSpinBox=ui.pretrainMinutesSpinBox)
+    tag = node.connectGui(subset)
+    assert ui.pretrainStepsSpinBox.minimum == -2 ** 31 and ui.pretrainStepsSpinBox.value == 5
+    assert ui.pretrainMinutesSpinBox.minimum == 0
+    ui.pretrainStepsSpinBox.value = 7
+    assert node.pretrainSteps == 7
+    node.disconnectGui(tag)
+    ui.pretrainStepsSpinBox.value = 9
+    assert node.pretrainSteps == 7
+
+
+def test_job_folder_and_keep_files_settings_reach_the_logic(slicer_app, scene, tmp_path):
+    """Issue 11 item 9: the job folder is configurable in both modules and saved in Slicer's settings."""
+    slicer = slicer_app
+    for moduleName in WIDGET_MODULES:
+        _module, widget, ui = makeWidget(slicer, moduleName)
+        assert ui.workDirPathLineEdit.currentPath == str(tmp_path / "work")  # MEDSSL_WORK_DIR, else the setting
+        assert widget.logic.keepJobFiles is False and not ui.keepJobFilesCheckBox.checked
+        ui.workDirPathLineEdit.currentPath = str(tmp_path / "elsewhere")
+        ui.keepJobFilesCheckBox.checked = True
+        assert widget.logic.workDir == str(tmp_path / "elsewhere") and widget.logic.keepJobFiles is True
+        settings = slicer.app.userSettings.return_value
+        settings.setValue.assert_any_call("MedSSL/WorkDirectory", str(tmp_path / "elsewhere"))
+        settings.setValue.assert_any_call("MedSSL/KeepJobFiles", "true")
