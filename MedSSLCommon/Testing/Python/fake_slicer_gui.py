@@ -46,18 +46,17 @@ class StrictWidget:
         self.toolTip = ""
 
     @classmethod
+    def _inherited(cls, attribute):
+        """The union of ``attribute`` (PROPERTIES or SIGNALS) over the class and its bases."""
+        return set().union(*(getattr(klass, attribute, set()) for klass in cls.__mro__))
+
+    @classmethod
     def _allProperties(cls):
-        names = set()
-        for klass in cls.__mro__:
-            names |= getattr(klass, "PROPERTIES", set())
-        return names
+        return cls._inherited("PROPERTIES")
 
     @classmethod
     def _allSignals(cls):
-        names = set()
-        for klass in cls.__mro__:
-            names |= getattr(klass, "SIGNALS", set())
-        return names
+        return cls._inherited("SIGNALS")
 
     def __setattr__(self, name, value):
         if name.startswith("_") or name in self._allProperties() or isinstance(getattr(type(self), name, None), property):
@@ -250,25 +249,24 @@ class FakeSpinBox(StrictWidget):
         self.singleStep = 1
         self.decimals = 2
 
+    def _bound(self, value):
+        return self.cast(value) if math.isfinite(value) else value
+
     @property
     def minimum(self):
         return self._minimum
 
     @minimum.setter
-    def minimum(self, value):
-        self._minimum = self.cast(value) if math.isfinite(value) else value
-        self._maximum = max(self._maximum, self._minimum)
-        self.value = self._value
+    def minimum(self, value):  # a maximum below the new minimum follows it, as in Qt
+        self.setRange(value, max(self._maximum, self._bound(value)))
 
     @property
     def maximum(self):
         return self._maximum
 
     @maximum.setter
-    def maximum(self, value):
-        self._maximum = self.cast(value) if math.isfinite(value) else value
-        self._minimum = min(self._minimum, self._maximum)
-        self.value = self._value
+    def maximum(self, value):  # a minimum above the new maximum follows it
+        self.setRange(min(self._minimum, self._bound(value)), value)
 
     def setMinimum(self, value):
         self.minimum = value
@@ -277,7 +275,10 @@ class FakeSpinBox(StrictWidget):
         self.maximum = value
 
     def setRange(self, minimum, maximum):
-        self.minimum, self.maximum = minimum, maximum
+        """As QAbstractSpinBox: a maximum below the minimum becomes the minimum; the value is clamped."""
+        self._minimum = self._bound(minimum)
+        self._maximum = max(self._minimum, self._bound(maximum))
+        self.value = self._value
 
     @property
     def value(self):
