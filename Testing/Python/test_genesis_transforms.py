@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from MedSSL.errors import MedSSLError
+from MedSSL.transforms import flip_shuffle as FS
 from MedSSL.transforms import genesis as G
 from MedSSL.transforms.genesis import (
     GenesisTransformConfig,
@@ -164,8 +165,8 @@ def test_blocks_follow_last_write_wins_from_the_original(blocks):
     distinct voxels of one block read distinct voxels of that block, uncovered voxels keep theirs."""
     shape = (30, 30, 20)  # blocks up to 3 x 3 x 2
     v = 30 * 30 * 20
-    sides, corners = G._draw_shuffle_blocks(shape, gen(blocks), blocks, torch.device("cpu"))
-    src = G._shuffle_source(shape, sides, corners, gen(blocks + 1))
+    sides, corners = FS._draw_shuffle_blocks(shape, gen(blocks), blocks, torch.device("cpu"))
+    src = FS._shuffle_source(shape, sides, corners, gen(blocks + 1))
     winner = torch.full(shape, -1, dtype=torch.long)
     for b, ((x, y, z), (sx, sy, sz)) in enumerate(zip(corners.t().tolist(), sides.t().tolist())):
         winner[x : x + sx, y : y + sy, z : z + sz] = b
@@ -190,7 +191,7 @@ def test_block_permutation_is_uniform():
     g = gen(3)
     base = (corners[0] * 20 + corners[1]).view(100, 1) + torch.tensor([0, 1, 20, 21])
     for _ in range(30):
-        src = G._shuffle_source(shape, sides, corners, g)
+        src = FS._shuffle_source(shape, sides, corners, g)
         local = src[base] - base[:, :1]
         for row in local.tolist():
             counts[tuple(row)] = counts.get(tuple(row), 0) + 1
