@@ -24,7 +24,6 @@ tells which from the files' headers, before anything is read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +35,7 @@ from MedSSL.data.labels import classes_from_json, default_color
 from MedSSL.data.preprocess import IntensityConfig
 from MedSSL.data.spatial import is_one_slice_file
 from MedSSL.errors import MedSSLError
+from MedSSL.io.output import read_json
 
 SPEC_KEYS = {"datasets"}
 DATASET_KEYS = {"name", "classes", "cases"}
@@ -77,12 +77,7 @@ def read_spec(path) -> dict:
     spec = Path(path)
     if not spec.is_file():
         raise MedSSLError(f"--datasets {spec}: no such file")
-    try:
-        data = json.loads(spec.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise MedSSLError(f"{spec}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MedSSLError(f"{spec}: not valid JSON ({getattr(exc, 'msg', exc.__class__.__name__)})") from None
+    data = read_json(spec)
     if not isinstance(data, dict):
         raise MedSSLError(f'{spec}: expected a JSON object {{"datasets": [...]}}')
     _unknown_keys(data, SPEC_KEYS, str(spec))

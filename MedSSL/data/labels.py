@@ -21,7 +21,6 @@ Class names and colours come from, in order of precedence:
 from __future__ import annotations
 
 import colorsys
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from MedSSL.data.spatial import is_one_slice
 from MedSSL.errors import MedSSLError
+from MedSSL.io.output import read_json
 from MedSSL.io.volumes import VOLUME_SUFFIXES, Volume
 
 IGNORE = 255
@@ -115,14 +115,7 @@ def _check_unique_names(classes: dict[int, dict], where: str) -> None:
 
 
 def read_classes_file(path, allow_zero: bool = False) -> dict[int, dict]:
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise MedSSLError(f"{p}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MedSSLError(f"{p}: not valid JSON ({getattr(exc, 'msg', exc.__class__.__name__)})") from None
-    return classes_from_json(data, str(p), allow_zero)
+    return classes_from_json(read_json(path), str(path), allow_zero)
 
 
 def parse_classes(spec: str | None, allow_zero: bool = False) -> dict[int, dict] | None:

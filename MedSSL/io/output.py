@@ -1,4 +1,4 @@
-"""Writing evaluation results: atomic writes and JSON with NaN/inf as null."""
+"""JSON files: read with one-line errors, written atomically with NaN/inf as null."""
 
 from __future__ import annotations
 
@@ -10,6 +10,22 @@ import numpy as np
 
 from MedSSL.errors import MedSSLError
 from MedSSL.io.atomic import atomic_write
+
+
+def read_json(path):
+    """The parsed content of the JSON file ``path``; MedSSLError naming it when it is missing, unreadable,
+    not UTF-8 or not valid JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise MedSSLError(f"{path}: no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MedSSLError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise MedSSLError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise MedSSLError(f"{path}: not valid JSON ({exc.msg})") from None
 
 
 def clean_for_json(value):

@@ -23,14 +23,13 @@ accepted too.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from MedSSL.errors import MedSSLError
+from MedSSL.io.output import read_json
 
 FP_RATES = (0.5, 1, 2, 4, 8)
 
@@ -41,14 +40,7 @@ def _rate_key(rate: float) -> str:
 
 def read_detections(path) -> list[dict]:
     """Validated detections of one scan: a list of dicts with float ``center_mm`` (3,) and ``score``."""
-    p = Path(path)
-    if not p.is_file():
-        raise MedSSLError(f"{path}: no such file")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
-        raise MedSSLError(f"{path}: not valid JSON ({reason})") from None
+    data = read_json(path)
     if isinstance(data, dict) and isinstance(data.get("detections"), list):
         data = data["detections"]
     if not isinstance(data, list):
