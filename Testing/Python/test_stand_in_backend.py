@@ -1,4 +1,4 @@
-"""The stand-in backend of the Slicer tests (MedSSLSegment/Testing/Python/fake_medssl.py) cannot drift from the
+"""The stand-in backend of the Slicer tests (MedSSLCommon/Testing/Python/fake_medssl.py) cannot drift from the
 real CLI: the Slicer-side tests that drive the stand-in are run with every ``python -m MedSSL ...`` command
 line they start recorded, and each recorded command line must be accepted by the real parser (same
 sub-command, options and values). ``sleep`` is the stand-in's own test command (cancel tests) and is left out."""
@@ -16,7 +16,8 @@ from MedSSL.commands.cli import build_parser
 REPO = Path(__file__).resolve().parents[2]
 STAND_IN_TESTS = ["MedSSLSegment/Testing/Python/test_segment_logic.py",
                   "MedSSLSegment/Testing/Python/test_segment_widgets.py",
-                  "MedSSLTrainer/Testing/Python/test_trainer_logic.py"]
+                  "MedSSLTrainer/Testing/Python/test_trainer_logic.py",
+                  "MedSSLTrainer/Testing/Python/test_trainer_widgets.py"]
 RECORDER = '''
 import json, os, subprocess
 _LOG = os.environ["MEDSSL_ARGV_LOG"]
