@@ -1,54 +1,125 @@
-"""Options shared by several sub-commands."""
+"""Options shared by several sub-commands, and the argparse options generated from settings dataclasses
+(:mod:`MedSSL.io.settings`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 import torch
 
-from MedSSL.engine.loop import UNBOUNDED_STEPS, LoopConfig
+from MedSSL.io.settings import default_of, flag_of, jsonable
+from MedSSL.engine.loop import UNBOUNDED_STEPS, LoopConfig, RuntimeOptions
 from MedSSL.engine.progress import Progress
 
 
+def _shown(value) -> str:
+    """A default as the help text shows it: 64 64 32, 0.001, adam."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(_shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def add_options(parser, cls, instance=None, help_for: dict | None = None, skip=()) -> None:
+    """Add the argparse options of settings class ``cls``: one per :func:`~MedSSL.io.settings.option` field
+    (dest = the field name), its default the field's (``instance``'s, for a nested config a task declares
+    with its own defaults); a field holding a nested settings dataclass (e.g. ``loop``) adds that class's
+    options, with the help texts its field metadata overrides."""
+    help_for = help_for or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if not f.metadata.get("cli"):
+            nested = default_of(f) if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(nested):
+                add_options(parser, type(nested), nested, f.metadata.get("help"), skip)
+            continue
+        meta = f.metadata
+        default = default_of(f, instance)
+        text = help_for.get(f.name, meta["help"])
+        kwargs = {"dest": f.name, "help": argparse.SUPPRESS if text is None else text.replace("{default}", _shown(default))}
+        cli_default = meta["cli_default"]
+        kwargs["default"] = default if cli_default is dataclasses.MISSING else cli_default
+        if isinstance(kwargs["default"], tuple):
+            kwargs["default"] = list(kwargs["default"])
+        if meta["action"]:
+            kwargs["action"] = meta["action"]
+            if meta["action"] == "append":
+                kwargs["default"] = []
+        else:
+            for key in ("type", "choices", "nargs"):
+                if meta[key] is not None:
+                    kwargs[key] = meta[key]
+        if meta["metavar"] is not None:
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(flag_of(f), **kwargs)
+
+
+def settings_from_args(cls, args, instance=None, **given):
+    """An instance of settings class ``cls`` from parsed ``args``: option fields from their dest (an option
+    left out whose argparse default is None keeps the field's default), nested settings from their own
+    options, other fields from ``given``. The class's ``__post_init__`` checks the values."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif f.metadata.get("cli"):
+            if not hasattr(args, f.name):
+                continue
+            value = getattr(args, f.name)
+            if value is None and f.metadata["cli_default"] is None:
+                continue
+            values[f.name] = tuple(value) if isinstance(value, list) and f.metadata["action"] != "append" else value
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default_of(f)):
+            nested = default_of(f)
+            values[f.name] = settings_from_args(type(nested), args, nested)
+    if instance is not None:
+        return dataclasses.replace(instance, **values)
+    return cls(**values)
+
+
+def defaults_of(cls, instance=None) -> dict:
+    """{flag name without dashes: default} of the options of ``cls`` (nested settings included), as JSON values."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli"):
+            if f.metadata["help"] is not None:
+                out[flag_of(f)[2:]] = jsonable(default_of(f, instance))
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default_of(f)):
+            nested = default_of(f)
+            out.update(defaults_of(type(nested), nested))
+    return out
+
+
+def command_parser(sub, name: str, help: str, description: str, model_help: str | None = None):
+    """The sub-command parser ``name`` (``medssl NAME``); with ``model_help``, its ``--model DIR`` and
+    ``--image PATH`` (what predict and suggest apply to what)."""
+    parser = sub.add_parser(name, help=help, description=description)
+    if model_help is not None:
+        parser.add_argument("--model", required=True, type=Path, metavar="DIR", help=model_help)
+        parser.add_argument("--image", required=True, metavar="PATH", help="image volume or DICOM folder")
+    return parser
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default auto)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
-                        help="bar in a terminal (default), json = one JSON object per line on stdout, none")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # exit when the caller dies
+    add_options(parser, RuntimeOptions)
 
 
-def add_training_options(parser: argparse.ArgumentParser, steps: int, batch: int, lr: float, patch) -> None:
-    parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {steps}, or unlimited with --max-time)")
-    parser.add_argument("--max-time", type=float, default=None, metavar="SECONDS", help="stop after this many seconds (whichever of --steps/--max-time comes first)")
-    parser.add_argument("--batch-size", type=int, default=batch, help=f"cubes per step (default {batch})")
-    parser.add_argument("--patch", type=int, nargs=3, default=list(patch), metavar=("X", "Y", "Z"), help=f"cube size in voxels, multiples of 8 (default {' '.join(map(str, patch))})")
-    parser.add_argument("--width", type=int, default=32, help="base channels of the U-Net (32 = official Models Genesis; 8 or 16 for CPUs and small GPUs)")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="default adam")
-    parser.add_argument("--val-every", type=int, default=50, help="validate every N steps (default 50)")
-    parser.add_argument("--patience", type=int, default=20, help="early stopping after N validations without improvement (default 20; 0 = off)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps (default 100)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+def loop_config(args, default: LoopConfig) -> LoopConfig:
+    """The training budget of a command: its options over the command's own ``default``; ``--steps`` left
+    out means ``default.steps``, or unlimited (the schedule follows the time) when ``--max-time`` is given."""
+    steps = {} if args.steps is not None or not args.max_time else {"steps": UNBOUNDED_STEPS}
+    return settings_from_args(LoopConfig, args, default, **steps)
 
 
-def loop_config(args, default_steps: int) -> LoopConfig:
-    steps = args.steps if args.steps is not None else (UNBOUNDED_STEPS if args.max_time else default_steps)
-    for name in ("steps", "batch_size", "width", "val_every", "checkpoint_every"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            from MedSSL.errors import MedSSLError
-
-            raise MedSSLError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if args.max_time is not None and not args.max_time > 0:
-        from MedSSL.errors import MedSSLError
-
-        raise MedSSLError(f"--max-time {args.max_time:g}: must be more than 0 seconds (leave it out for no time limit)")
-    return LoopConfig(steps=steps, max_time=args.max_time, lr=args.lr, optimizer=args.optimizer,
-                      val_every=args.val_every, patience=args.patience or None,
-                      checkpoint_every=args.checkpoint_every, amp=not args.no_amp)
+def training_config(cls, args, **given):
+    """A task's settings (``cls``: PretrainConfig, FinetuneConfig) from ``args``, its ``loop`` built by
+    :func:`loop_config` over the task's own loop defaults."""
+    default = next(f for f in dataclasses.fields(cls) if f.name == "loop").default_factory()
+    return settings_from_args(cls, args, loop=loop_config(args, default), device=args.device, seed=args.seed, **given)
 
 
 def process_exists(pid: int) -> bool:

@@ -21,14 +21,15 @@ import sys
 from pathlib import Path
 
 from MedSSL.errors import MedSSLError
+from MedSSL.commands.common import command_parser
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "evaluate", help="score segmentations (Dice, HD95), detections (FROC) or classifications (AUC)",
-        description="Score a predicted label volume against a true one (--pred/--truth), detection JSON files "
-                    "against lesion label volumes (--detections/--truth), or classification scores (--classification). "
-                    "Truth voxels equal to --ignore-value (255) are not annotated and not scored.")
+    p = command_parser(
+        sub, "evaluate", "score segmentations (Dice, HD95), detections (FROC) or classifications (AUC)",
+        "Score a predicted label volume against a true one (--pred/--truth), detection JSON files against lesion "
+        "label volumes (--detections/--truth), or classification scores (--classification). Truth voxels equal to "
+        "--ignore-value (255) are not annotated and not scored.")
     p.add_argument("--pred", metavar="LABEL", help="predicted label volume (NIfTI, NRRD, MHA or DICOM folder)")
     p.add_argument("--truth", nargs="+", metavar="LABEL", help="true label volume(s): one with --pred, one per detection file with --detections")
     p.add_argument("--detections", nargs="+", metavar="DET.json", help="detection lists, one JSON file per scan: [{\"center_mm\": [x, y, z], \"score\": s, ...}]")

@@ -10,12 +10,36 @@ from MedSSL.io.bundle import is_bundle, read_meta
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="describe a model bundle or a Models Genesis .pt")
-    p.add_argument("model", metavar="BUNDLE_OR_PT")
+    p.add_argument("model", metavar="BUNDLE_OR_PT", nargs="?")
     p.add_argument("--json", action="store_true", help="print the bundle's model.json (or a JSON summary of a .pt)")
+    p.add_argument("--defaults", action="store_true",
+                   help="print the default of every option of pretrain, finetune, predict and suggest as JSON "
+                        '{"pretrain": {"steps": 1000, ...}, ...} (option names without dashes), for the Slicer modules')
     p.set_defaults(run=run)
 
 
+def command_defaults() -> dict:
+    """{command: {option name without dashes: default}}, read from the settings dataclasses the options come from."""
+    from MedSSL.commands.common import defaults_of
+    from MedSSL.commands.suggest import SuggestOptions
+    from MedSSL.engine.loop import RuntimeOptions
+    from MedSSL.tasks import FinetuneConfig, PretrainConfig
+    from MedSSL.tasks.infer import PredictOptions
+
+    runtime = defaults_of(RuntimeOptions)
+    return {name: {**defaults_of(cls), **runtime} for name, cls in (
+        ("pretrain", PretrainConfig), ("finetune", FinetuneConfig), ("predict", PredictOptions),
+        ("suggest", SuggestOptions))}
+
+
 def run(args) -> int:
+    if args.defaults:
+        print(json.dumps(command_defaults(), indent=2))
+        return 0
+    if args.model is None:
+        from MedSSL.errors import MedSSLError
+
+        raise MedSSLError("info: give a bundle folder or a .pt file (or --defaults)")
     path = Path(args.model)
     if is_bundle(path) or path.is_dir():
         meta = read_meta(path)

@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from MedSSL.commands.common import add_runtime_options, make_progress
+from MedSSL.commands.common import (add_options, add_runtime_options, command_parser, make_progress,
+                                    settings_from_args)
+from MedSSL.io.settings import at_least, option
+
+
+@dataclass(frozen=True)
+class SuggestOptions:
+    """``medssl suggest``'s options: the current annotation, where to write the JSON, how many slices, along which axis, how far apart; the sliding-window
+    memory target."""
+
+    label: Path | None = option(None, type=Path, metavar="PATH", help="the current annotation (255 = not annotated): "
+                                                                       "its annotated slices are not suggested")
+    out: Path | None = option(None, type=Path, metavar="JSON", help="also write the JSON to this file")
+    count: int = option(5, type=int, metavar="K", help="how many slices (default {default})")
+    axis: int = option(2, type=int, choices=(0, 1, 2), help="slice axis (default {default}: the Z index axis)")
+    min_gap: int = option(1, type=int, metavar="N", help="suggested slices are at least N apart (default {default})")
+    memory_mb: float = option(1024.0, type=float, help="sliding-window accumulator target (default {default})")
+
+    def __post_init__(self):
+        at_least(self, "min_gap", 1)
+
+
+DESCRIPTION = ("Prints JSON {\"slices\": [{\"axis\", \"index\", \"score\", \"center_mm\"}, ...]}: the slices with the "
+               "highest mean entropy of test-time-flipped predictions (axis = array axis in ITK index order; "
+               "center_mm = LPS position of the slice centre).")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "suggest", help="rank slices to annotate next by the model's uncertainty",
-        description="Prints JSON {\"slices\": [{\"axis\", \"index\", \"score\", \"center_mm\"}, ...]}: the slices with the "
-                    "highest mean entropy of test-time-flipped predictions (axis = array axis in ITK index order; "
-                    "center_mm = LPS position of the slice centre).")
-    p.add_argument("--model", required=True, type=Path, metavar="DIR", help="segmentation bundle")
-    p.add_argument("--image", required=True, metavar="PATH", help="image volume or DICOM folder")
-    p.add_argument("--count", type=int, default=5, metavar="K", help="how many slices (default 5)")
-    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis (default 2: the Z index axis)")
-    p.add_argument("--label", type=Path, default=None, metavar="PATH",
-                   help="the current annotation (255 = not annotated): its annotated slices are not suggested")
-    p.add_argument("--min-gap", type=int, default=1, metavar="N", help="suggested slices are at least N apart (default 1)")
-    p.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the JSON to this file")
-    p.add_argument("--memory-mb", type=float, default=1024.0, help="sliding-window accumulator target (default 1024)")
+    p = command_parser(sub, "suggest", "rank slices to annotate next by the model's uncertainty", DESCRIPTION, "segmentation bundle")
+    add_options(p, SuggestOptions)
     add_runtime_options(p)
     p.set_defaults(run=run)
 
@@ -37,14 +50,13 @@ def run(args) -> int:
 
     if args.out is not None:
         check_output_path(args.out, (".json",), "--out")
-    if args.min_gap < 1:
-        raise MedSSLError(f"--min-gap {args.min_gap}: must be at least 1")
+    options = settings_from_args(SuggestOptions, args)
     from MedSSL.tasks.fewshot.bundle import is_fewshot_bundle
 
     if is_fewshot_bundle(args.model):
         from MedSSL.tasks.fewshot.task import suggest_fewshot
 
-        result = suggest_fewshot(args.model, args.image, args.label, args.count, args.min_gap)
+        result = suggest_fewshot(args.model, args.image, args.label, options.count, options.min_gap)
         if args.out is not None:
             write_json(args.out, result)
         print(json.dumps(result))
@@ -56,7 +68,8 @@ def run(args) -> int:
     progress = make_progress(args)
     volume = read_volume(args.image)
     annotation = read_annotation(args.label, volume, args.image) if args.label else None
-    result = suggest(model, volume, args.image, args.count, args.axis, annotation, args.min_gap, progress, args.memory_mb)
+    result = suggest(model, volume, args.image, options.count, options.axis, annotation, options.min_gap, progress,
+                     options.memory_mb)
     if args.out is not None:
         write_json(args.out, result)
     if progress.mode == "json":

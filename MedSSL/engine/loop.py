@@ -19,28 +19,62 @@ from typing import Callable
 import torch
 from torch import nn
 
+from MedSSL.errors import MedSSLError
+from MedSSL.io.settings import at_least, one_of, option
 from MedSSL.engine.checkpoint import load_checkpoint, save_checkpoint
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import DistributedContext
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
-@dataclass
+
+@dataclass(frozen=True)
 class LoopConfig:
     """Budget and schedule. steps: optimiser steps; max_time: seconds for this invocation (None = no
-    limit); lr: peak learning rate; warmup: fraction of steps with linear warm-up; optimizer: adam|adamw|sgd."""
+    limit); lr: peak learning rate; warmup: fraction of steps with linear warm-up; optimizer: adam|adamw|sgd;
+    patience: validations without improvement before early stopping (None or 0 = off).
 
-    steps: int = 1000
-    max_time: float | None = None
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    The defaults are pretraining's; a task config with other defaults holds a ``LoopConfig(...)`` of its own
+    (see :class:`MedSSL.tasks.finetune.common.FinetuneConfig`). The command-line options are generated from
+    the fields that are :func:`~MedSSL.io.settings.option` s."""
+
+    steps: int = option(1000, type=int, cli_default=None,
+                        help="optimiser steps (default {default}, or unlimited with --max-time)")
+    max_time: float | None = option(None, type=float, metavar="SECONDS",
+                                    help="stop after this many seconds (whichever of --steps/--max-time comes first)")
+    lr: float = option(1e-3, type=float, help="peak learning rate (default {default})")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="default {default}")
     weight_decay: float = 0.0
     warmup: float = 0.02
     min_lr_ratio: float = 0.01
-    val_every: int = 50
-    patience: int | None = 20
-    checkpoint_every: int = 100
-    amp: bool = True
+    val_every: int = option(50, type=int, help="validate every N steps (default {default})")
+    patience: int | None = option(20, type=int, help="early stopping after N validations without improvement "
+                                                     "(default {default}; 0 = off)")
+    checkpoint_every: int = option(100, type=int, help="write a resumable checkpoint every N steps (default {default})")
+    amp: bool = option(True, flag="--no-amp", action="store_false", help="disable mixed precision on CUDA")
     grad_clip: float | None = 5.0
+
+    def __post_init__(self):
+        for name in ("steps", "val_every", "checkpoint_every"):
+            at_least(self, name, 1)
+        if self.max_time is not None and not self.max_time > 0:
+            raise MedSSLError(f"--max-time {self.max_time:g}: must be more than 0 seconds (leave it out for no time limit)")
+        one_of(self, "optimizer", OPTIMIZERS)
+        if not self.patience:
+            object.__setattr__(self, "patience", None)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how any job runs (``--device``, ``--seed``, ``--progress``, ``--threads``); task configs take
+    their ``device`` and ``seed`` defaults from here."""
+
+    device: str = option("auto", help="auto (CUDA when available), cpu or cuda (default {default})")
+    seed: int = option(0, type=int, help="random seed (default {default})")
+    progress: str | None = option(None, choices=("bar", "json", "none"),
+                                  help="bar in a terminal (default), json = one JSON object per line on stdout, none")
+    threads: int | None = option(None, type=int, help="CPU threads for torch (default: torch's choice)")
+    parent_pid: int | None = option(None, type=int, help=None)  # hidden: exit when the caller dies
 
 
 @dataclass

@@ -18,7 +18,6 @@ The method may replace model.json fields through :meth:`~MedSSL.methods.base.SSL
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,37 +37,9 @@ from MedSSL.models.initial_weights import apply_initial_weights, load_initial_we
 from MedSSL.engine.acceleration import compile_with_fallback, prepare_batch, use_channels_last
 from MedSSL.engine.prefetch import Prefetcher
 from MedSSL.engine.loop import LoopConfig, TrainingLoop, thin_history
+from MedSSL.tasks import PretrainConfig  # noqa: F401  (its settings live with the other tasks')
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import OutputLock, device_description, init_distributed, seed_everything
-
-
-@dataclass
-class PretrainConfig:
-    """Everything ``medssl pretrain`` takes. patch is (X, Y, Z) voxels, divisible by 8 (Z is ignored
-    for 2D methods on one-slice images). Exactly one of ``data`` (volumes, for methods of data kind
-    "cubes") and ``datasets`` (a spec file, for "labelled-datasets") is given."""
-
-    data: list | None
-    out: Path
-    method: str = "genesis"
-    method_settings: dict = field(default_factory=dict)
-    init: str | None = None
-    width: int = 32
-    patch: tuple = (64, 64, 32)
-    batch_size: int = 6
-    cubes_per_volume: int = 32
-    modality: str = "auto"
-    spacing: tuple | None = None
-    cache_dir: Path | None = None
-    val_fraction: float = 0.1
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    compile: bool = False
-    workers: int = 1
-    channels_last: bool = False
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    datasets: Path | None = None
 
 
 def check_data_kind(cls, data, datasets) -> None:

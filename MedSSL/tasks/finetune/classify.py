@@ -23,6 +23,7 @@ be a 2D model. A CSV mixing one-slice images and volumes is refused.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
     init = load_init(config.init)
     width = resolve_width(config.width, init)
     intensity, spacing = preprocessing_from_init(init, config.modality, config.spacing)
-    config.spacing = spacing
+    config = replace(config, spacing=spacing)
     device = resolve_device(config.device)
     progress.stage("preprocess", "reading the volumes listed in the CSV")
     images, targets, classes, class_values, summary, modalities, patch, spatial_dims = load_classification_data(
@@ -154,9 +155,9 @@ def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
         model = ClassifierNet(width, len(class_values), spatial_dims=spatial_dims).to(device)
         if init is not None:
             apply_initial_weights(model.backbone, init, what=f"--init {config.init}")
-        result = _train(config, progress, model, images, targets, device, out, majority(modalities))
+        result, loop_config = _train(config, progress, model, images, targets, device, out, majority(modalities))
         meta = common_meta(task="classify", width=width, out_channels=len(class_values), intensity=intensity,
-                           modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=config.loop,
+                           modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=loop_config,
                            result=result, batch_size=config.batch_size, seed=config.seed, device=device,
                            spatial_dims=spatial_dims)
         meta.update({
@@ -214,5 +215,4 @@ def _train(config, progress, model, images, targets, device, out, modality):
             return sum(losses) / n_val
 
     result = loop.run(step_fn, validate_fn)
-    config.loop = loop.config
-    return result
+    return result, loop.config

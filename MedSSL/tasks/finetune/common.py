@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,45 +18,8 @@ from MedSSL.errors import MedSSLError
 from MedSSL.io.volumes import Volume, read_volume
 from MedSSL.models.initial_weights import InitialWeights, load_initial_weights
 from MedSSL.engine.loop import LoopConfig
+from MedSSL.tasks import FinetuneConfig  # noqa: F401  (its settings live with the other tasks')
 from MedSSL.engine.runtime import device_description
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything ``medssl finetune`` takes.
-
-    images/labels: paired paths (segment); csv: the ``image,label`` table (classify). init: bundle or
-    official ``.pt`` (None = from scratch). width: None = the init's width, else 32. patch: (X, Y, Z)
-    voxels, multiples of 8 (None = automatic); for one-slice images (X, Y) or (X, Y, 1), kept as
-    (X, Y, 1). spacing: mm (None = the init bundle's, else the grid; one-slice images keep their own
-    slice thickness: only X and Y are resampled).
-    """
-
-    out: Path
-    task: str = "segment"
-    images: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
-    csv: Path | None = None
-    init: str | None = None
-    classes: str | None = None
-    width: int | None = None
-    patch: tuple | None = None
-    batch_size: int = 2
-    modality: str = "auto"
-    spacing: tuple | None = None
-    detection: bool = False
-    augment: bool = True
-    val_fraction: float = 0.0
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    #: which initial weights to copy: "all" (encoder and decoder, as Models Genesis) or "encoder"
-    transfer: str = "all"
-    #: batches of random patches used to recompute BatchNorm statistics after training (0 = keep them)
-    recalibrate_bn: int = 16
-    #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
-    steps_from_time: bool = False
 
 
 def fit_steps_to_time(loop: LoopConfig, step_fn, model, device, trials: int = 4) -> LoopConfig:

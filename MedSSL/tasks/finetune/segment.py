@@ -25,6 +25,7 @@ fits, ``inference.window: "plane"``). All images of a run are one-slice or all a
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +248,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     if config.steps_from_time and config.loop.max_time and not loop.step:
         loop.config = fit_steps_to_time(config.loop, step_fn, model, device)
         if ctx.enabled:  # every rank must run the same number of steps
-            loop.config.steps = max(1, int(round(ctx.mean(float(loop.config.steps), device))))
+            loop.config = replace(loop.config, steps=max(1, int(round(ctx.mean(float(loop.config.steps), device)))))
         progress.log(f"{loop.config.steps} steps fit in {config.loop.max_time:g} s")
     validate_fn = None
     if val_volumes:

@@ -24,29 +24,11 @@ from MedSSL.errors import MedSSLError
 from MedSSL.data.labels import label_array
 from MedSSL.io.volumes import WRITE_SUFFIXES, Volume, read_volume, resample_to_grid, write_volume
 from MedSSL.engine.progress import Progress
+from MedSSL.tasks.infer import PredictOptions  # noqa: F401  (kept light for the CLI)
 from MedSSL.tasks.infer.detect import find_detections
 from MedSSL.tasks.infer.model import LoadedModel, inference_window, prepare
 from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation, largest_component_per_class
 from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, run_slabs
-
-
-@dataclass
-class PredictOptions:
-    """tta: average flipped predictions; largest_component: keep each class's largest component;
-    annotation: path of the painted label map of this image (few-shot clean-up, see
-    :func:`~.postprocess.keep_connected_to_annotation`); overlap: sliding-window overlap (0..1);
-    memory_mb: target size of the sliding-window accumulator; min_volume_mm3: smallest detection;
-    window: sliding-window size (X, Y, Z) voxels, None = :func:`~.model.inference_window`."""
-
-    tta: bool = False
-    largest_component: bool = False
-    annotation: Path | None = None
-    overlap: float = 0.5
-    memory_mb: float = 1024.0
-    sw_batch_size: int = 2
-    min_volume_mm3: float = 0.0
-    window: tuple | None = None
-    select: object = None  # None, or a function filtering the detections list (``--min-score``, ``--max-findings``)
 
 
 @dataclass
