@@ -13,11 +13,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from MedSSL.methods.base import available_methods
+    from MedSSL.methods.settings import defaults
 
     methods = [{"name": m.name, "description": m.description, "published": m.published,
                 "data": "--datasets SPEC.json" if m.data_kind == "labelled-datasets" else "--data PATH...",
                 "supports_2d": m.supports_2d,
-                "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.defaults.items()}}
+                "settings": defaults(m.Settings)}
                for m in available_methods()]
     if args.json:
         print(json.dumps({"methods": methods}))

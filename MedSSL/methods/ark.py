@@ -1,3 +1,4 @@
+# One file over 300 lines: the module docstring (40 lines) explains the fusion rule the bundle relies on.
 """Ark (Ma et al., MICCAI 2023, "Foundation Ark: Accruing and Reusing Knowledge"), for segmentation in 3D,
 or in 2D when every case of the spec is a one-slice image with a one-slice label map (radiographs).
 
@@ -41,8 +42,7 @@ published release is the teacher), ``export`` "student" keeps the student's.
 
 from __future__ import annotations
 
-import copy
-import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,12 +50,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from MedSSL.data.labelled import union_classes
-from MedSSL.errors import MedSSLError
-from MedSSL.transforms.augment import AugmentConfig, augment_batch
 from MedSSL.data.labels import IGNORE, LabelMapping, classes_to_json
-from MedSSL.losses.segmentation import MaskedDiceCELoss
 from MedSSL.data.sampling import PatchSampler, TrainingVolume
+from MedSSL.engine.schedule import scheduled
+from MedSSL.errors import MedSSLError
+from MedSSL.losses.segmentation import MaskedDiceCELoss
 from MedSSL.methods.base import PretrainData, SSLMethod, register
+from MedSSL.models.heads import fold_heads
+from MedSSL.models.momentum import TeacherUpdates, copy_weights, frozen_copy, update_momentum
+from MedSSL.transforms.augment import AugmentConfig, augment_batch
+from MedSSL.transforms.intensity import JITTER_RANGES, student_jitter
 
 #: the geometric part of fine-tuning's augmentation (intensities untouched), shared by both views
 GEOMETRIC = AugmentConfig(contrast=(1.0, 1.0), brightness=0.0, gamma=(1.0, 1.0), noise_std=0.0)
@@ -64,57 +68,30 @@ FUSION_RULE = ("fused logit of a class = mean over the heads having it of (class
                "logit); fused background logit = 0")
 
 
-def cosine_ramp(start: float, end: float, step: int, total: int) -> float:
-    """``start`` at step 0 to ``end`` at ``total`` along a half cosine."""
-    f = min(max(step, 0), max(total, 1)) / max(total, 1)
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * f))
+@dataclass(frozen=True)
+class ArkSettings:
+    """Ark's settings: consistency weight c (cosine 0 -> ``consistency_max``), teacher momentum (cosine ->
+    1), the task loss weights, augmentation, the student's grey-level jitter (``auto``: CT limits when
+    most cases are CT) and which model the bundle exports."""
 
+    consistency_max: float = 0.5
+    teacher_momentum: float = 0.9
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    augment: bool = True
+    student_jitter_prob: float = 0.3
+    student_jitter: str = "auto"
+    export: str = "teacher"
 
-def fold_heads(heads, mappings: list[dict], n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dataset 1x1x1 heads -> (weight (1 + n_classes, C), bias (1 + n_classes,)) of one output layer.
-
-    ``mappings[h]`` maps head h's output channel (1..) to a global class (1..n_classes); see the module
-    docstring for the rule. A class no head has keeps a zero row.
-    """
-    first = heads[0].weight
-    c = first.shape[1]
-    weight = torch.zeros(1 + n_classes, c, dtype=torch.float32, device=first.device)
-    bias = torch.zeros(1 + n_classes, dtype=torch.float32, device=first.device)
-    count = torch.zeros(1 + n_classes, dtype=torch.float32, device=first.device)
-    for head, mapping in zip(heads, mappings):
-        w = head.weight.detach().float().reshape(head.weight.shape[0], c)
-        b = head.bias.detach().float()
-        for channel, g in mapping.items():
-            weight[g] += w[channel] - w[0]
-            bias[g] += b[channel] - b[0]
-            count[g] += 1
-    scale = 1.0 / count.clamp_min(1.0)
-    return weight * scale.unsqueeze(1), bias * scale
-
-
-#: the student's grey-level jitter: (contrast, brightness, gamma) limits. "published": albumentations'
-#: RandomBrightnessContrast / RandomGamma defaults on 8-bit radiographs; "ct": Hounsfield units are
-#: absolute and soft tissues differ by 10-50 HU, so +-0.2 of the [-1000, 1000] window (+-400 HU) would
-#: turn the liver into fat or bone: the fine-tuning CT limits (10-20 HU), no gamma
-JITTER_RANGES = {"published": (0.2, 0.2, 0.2), "ct": (0.03, 0.01, 0.0)}
-
-
-def student_jitter(x: torch.Tensor, p: float, generator: torch.Generator, limits=JITTER_RANGES["published"]) -> torch.Tensor:
-    """Per sample with probability ``p``, one of (half and half): brightness/contrast
-    ``x * (1 + U(-c, c)) + U(-b, b)`` or gamma ``x ** U(1 - g, 1 + g)``; clipped to [0, 1]. ``limits``
-    (c, b, g): see :data:`JITTER_RANGES` (published: 0.2 each)."""
-    c, b, g = (float(v) for v in limits)
-    n = x.shape[0]
-    shape = (n,) + (1,) * (x.dim() - 1)
-    dev = generator.device
-    u = torch.rand(5, n, generator=generator, device=dev).to(x.device)
-    on = (u[0] < p).view(shape)
-    use_gamma = (u[1] < 0.5).view(shape) if g > 0 else torch.zeros(shape, dtype=torch.bool, device=x.device)
-    alpha, beta = (c * (2 * u[2] - 1)).view(shape), (b * (2 * u[3] - 1)).view(shape)
-    gamma = (1.0 + g * (2 * u[4] - 1)).view(shape)
-    xc = x.clamp(0.0, 1.0)
-    jittered = torch.where(use_gamma, xc ** gamma, xc * (1 + alpha) + beta).clamp(0.0, 1.0)
-    return torch.where(on, jittered, x)
+    def __post_init__(self):
+        if not 0.0 <= float(self.consistency_max) <= 1.0:
+            raise MedSSLError("consistency_max must be in [0, 1]")
+        if not 0.0 <= float(self.teacher_momentum) <= 1.0:
+            raise MedSSLError("teacher_momentum must be in [0, 1]")
+        if self.export not in ("teacher", "student"):
+            raise MedSSLError("export must be teacher or student")
+        if self.student_jitter not in ("auto", *JITTER_RANGES):
+            raise MedSSLError(f"student_jitter must be auto, {' or '.join(JITTER_RANGES)}")
 
 
 @register
@@ -135,31 +112,14 @@ class Ark(SSLMethod):
     )
     data_kind = "labelled-datasets"
     supports_2d = True
-    defaults = {
-        "consistency_max": 0.5,
-        "teacher_momentum": 0.9,
-        "dice_weight": 1.0,
-        "ce_weight": 1.0,
-        "augment": True,
-        "student_jitter_prob": 0.3,
-        "student_jitter": "auto",
-        "export": "teacher",
-    }
+    Settings = ArkSettings
 
     def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
                  spatial_dims: int = 3):
         super().__init__(width, in_channels, settings, spatial_dims)
         s = self.settings
-        if not 0.0 <= float(s["consistency_max"]) <= 1.0:
-            raise MedSSLError("consistency_max must be in [0, 1]")
-        if not 0.0 <= float(s["teacher_momentum"]) <= 1.0:
-            raise MedSSLError("teacher_momentum must be in [0, 1]")
-        if s["export"] not in ("teacher", "student"):
-            raise MedSSLError("export must be teacher or student")
-        if s["student_jitter"] not in ("auto", *JITTER_RANGES):
-            raise MedSSLError(f"student_jitter must be auto, {' or '.join(JITTER_RANGES)}")
-        self.jitter = "published" if s["student_jitter"] == "auto" else s["student_jitter"]
-        self.loss_fn = MaskedDiceCELoss(float(s["dice_weight"]), float(s["ce_weight"]))
+        self.jitter = "published" if s.student_jitter == "auto" else s.student_jitter
+        self.loss_fn = MaskedDiceCELoss(float(s.dice_weight), float(s.ce_weight))
         self.heads = nn.ModuleList()
         self.teacher = None
         self.dataset_names: list[str] = []
@@ -170,7 +130,7 @@ class Ark(SSLMethod):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("batches_drawn", torch.zeros((), dtype=torch.long))
-        self._update_pending = False
+        self.teacher_updates = TeacherUpdates(self, self.copy_teacher, self.momentum_update)
 
     # ----- the data -------------------------------------------------------------------------------
     def setup(self, data: PretrainData) -> None:
@@ -180,7 +140,7 @@ class Ark(SSLMethod):
             raise MedSSLError("ark learns from labelled datasets: give them with --datasets SPEC.json")
         self.configure([d.name for d in datasets], [d.classes for d in datasets])
         self.to(next(self.backbone.parameters()).device)
-        if self.settings["student_jitter"] == "auto":  # CT limits when most cases are CT
+        if self.settings.student_jitter == "auto":  # CT limits when most cases are CT
             modalities = ((data.datasets or {}).get("summary") or {}).get("modalities") or {}
             self.jitter = "ct" if modalities and max(modalities, key=modalities.get) == "CT" else "published"
 
@@ -194,9 +154,7 @@ class Ark(SSLMethod):
         features = self.backbone.out_tr.final_conv.in_channels
         conv = nn.Conv3d if self.spatial_dims == 3 else nn.Conv2d
         self.heads = nn.ModuleList(conv(features, 1 + len(values), kernel_size=1) for values in self.dataset_values)
-        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "heads": copy.deepcopy(self.heads)})
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = frozen_copy(nn.ModuleDict({"backbone": self.backbone, "heads": self.heads}))
 
     def _samplers(self, datasets, which: str, patch, rng, shard=None) -> list[PatchSampler | None]:
         samplers = []
@@ -248,43 +206,23 @@ class Ark(SSLMethod):
     # ----- schedules and the teacher --------------------------------------------------------------
     def consistency_at(self, step: int, total: int) -> float:
         """c of step ``step`` (0-based) of ``total``: cosine from 0 to ``consistency_max``."""
-        return cosine_ramp(0.0, float(self.settings["consistency_max"]), step, total) if total > 0 else 0.0
+        return scheduled(0.0, float(self.settings.consistency_max), step, total)
 
     def teacher_momentum_at(self, step: int, total: int) -> float:
         """Momentum of the teacher update after step ``step`` (0-based): cosine from the setting to 1."""
-        m0 = float(self.settings["teacher_momentum"])
-        return cosine_ramp(m0, 1.0, step, total) if total > 0 else m0
+        return scheduled(float(self.settings.teacher_momentum), 1.0, step, total)
 
-    def _student_parts(self):
-        return list(self.backbone.parameters()) + list(self.heads.parameters())
-
-    @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
         """teacher <- m * teacher + (1 - m) * student, every parameter of the multi-head model."""
-        teacher = list(self.teacher["backbone"].parameters()) + list(self.teacher["heads"].parameters())
-        student = self._student_parts()
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1.0 - momentum)
+        update_momentum([*self.backbone.parameters(), *self.heads.parameters()], self.teacher.parameters(), momentum)
 
-    @torch.no_grad()
     def copy_teacher(self) -> None:
-        self.teacher["backbone"].load_state_dict(self.backbone.state_dict())
-        self.teacher["heads"].load_state_dict(self.heads.state_dict())
+        copy_weights([self.backbone, self.heads], [self.teacher["backbone"], self.teacher["heads"]])
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_done.fill_(int(step))
         self.total_steps.fill_(int(total_steps))
-        if self._update_pending:
-            self.momentum_update(self.teacher_momentum_at(int(step) - 1, int(total_steps)))
-            self._update_pending = False
-
-    def _prepare_teacher(self) -> None:
-        if not bool(self.teacher_ready):
-            self.copy_teacher()
-            self.teacher_ready.fill_(True)
-        elif self._update_pending:  # the trainer did not call after_step
-            self.momentum_update(self.teacher_momentum_at(int(self.steps_done), int(self.total_steps)))
-        self._update_pending = False
+        self.teacher_updates.after_optimizer_step(lambda: self.teacher_momentum_at(int(step) - 1, int(total_steps)))
 
     # ----- the loss -------------------------------------------------------------------------------
     @staticmethod
@@ -304,11 +242,12 @@ class Ark(SSLMethod):
             raise RuntimeError("ark: setup() was not called with the datasets")
         training = self.training and torch.is_grad_enabled()
         if training:
-            self._prepare_teacher()
+            self.teacher_updates.before_training_step(
+                lambda: self.teacher_momentum_at(int(self.steps_done), int(self.total_steps)))
         index, x, y = int(batch["dataset"]), batch["image"], batch["target"]
-        if self.settings["augment"]:
+        if self.settings.augment:
             x, y = self.augment(x, y, generator)
-        student_in = student_jitter(x, float(self.settings["student_jitter_prob"]), generator, JITTER_RANGES[self.jitter])
+        student_in = student_jitter(x, float(self.settings.student_jitter_prob), generator, JITTER_RANGES[self.jitter])
         feats = self.features(self.backbone, student_in)
         task, task_parts = self.loss_fn(self.heads[index](feats), y)
         with torch.no_grad():
@@ -317,7 +256,7 @@ class Ark(SSLMethod):
         c = self.consistency_at(int(self.steps_done), int(self.total_steps))
         loss = (1.0 - c) * task + c * consistency
         if training:
-            self._update_pending = True
+            self.teacher_updates.after_training_step()
         return loss, {"task": float(task.detach()), "consistency": float(consistency.detach()), "c": c,
                       "dataset": float(index), **task_parts}
 
@@ -332,7 +271,7 @@ class Ark(SSLMethod):
     def exported(self) -> tuple[nn.Module, nn.ModuleList]:
         """(backbone, heads) that go into the bundle: the teacher's once it exists, unless ``export``
         is "student"."""
-        if self.settings["export"] == "teacher" and self.teacher is not None and bool(self.teacher_ready):
+        if self.settings.export == "teacher" and self.teacher is not None and bool(self.teacher_ready):
             return self.teacher["backbone"], self.teacher["heads"]
         return self.backbone, self.heads
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from MedSSL.methods import settings as method_settings
 from MedSSL.models.genesis_unet import GenesisUNet
 
 _REGISTRY: dict[str, type["SSLMethod"]] = {}
@@ -50,11 +51,19 @@ class PretrainData:
         return own if len(own) else np.arange(n)
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """Settings of a method that has none."""
+
+
 class SSLMethod(nn.Module):
-    """Base class. Subclasses set ``name``, ``description`` and ``defaults`` and implement the loss.
+    """Base class. Subclasses set ``name``, ``description`` and ``Settings`` and implement the loss.
 
     Batches are (N, 1, X, Y, Z) float tensors in [0, 1] on the training device (X, Y, Z = the patch,
-    slice axis last). ``settings`` overrides ``defaults``; the merged dict is recorded in the bundle.
+    slice axis last). ``Settings`` is a frozen, validated dataclass (:mod:`MedSSL.methods.settings`);
+    the JSON ``settings`` given to the constructor override its defaults, and ``self.settings`` is the
+    resulting instance, recorded flat in the bundle. ``defaults`` (the flat JSON defaults) is derived
+    from it.
 
     2D: a method with ``supports_2d = True`` built through :func:`build_method` with ``spatial_dims=2``
     gets a 2D backbone (``GenesisUNet(spatial_dims=2)``, same keys, 2D kernels) and (N, 1, X, Y) batches
@@ -63,6 +72,8 @@ class SSLMethod(nn.Module):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
+    #: the flat JSON defaults of ``Settings`` (derived, for ``medssl methods`` and --method-settings)
     defaults: ClassVar[dict] = {}
     #: what the method was published with and how we differ (for ``medssl methods`` and the README)
     published: ClassVar[str] = ""
@@ -74,18 +85,24 @@ class SSLMethod(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if spatial_dims == 2 and not self.supports_2d:
             raise ValueError(f"method {self.name} has no 2D variant")
-        unknown = set(settings or {}) - set(self.defaults)
+        unknown = method_settings.unknown_keys(self.Settings, settings or {})
         if unknown:
-            raise ValueError(f"unknown setting(s) for method {self.name}: {', '.join(sorted(unknown))}")
-        self.settings = {**self.defaults, **(settings or {})}
+            raise ValueError(f"unknown setting(s) for method {self.name}: {', '.join(unknown)}")
+        self.settings = method_settings.from_json(self.Settings, settings)
         self.spatial_dims = spatial_dims
         self.backbone = GenesisUNet(in_channels=in_channels, out_channels=in_channels, width=width,
                                spatial_dims=self.spatial_dims)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.defaults = method_settings.defaults(cls.Settings)
 
     #: "cubes" (unlabeled cubes from --data) or "labelled-datasets" (from --datasets SPEC.json)
     data_kind: ClassVar[str] = "cubes"
     #: True when the method also runs on one-slice images with a 2D backbone and (N, 1, X, Y) batches
     supports_2d: ClassVar[bool] = False
+    #: True for a method without validation: the default batches are drawn from the validation cubes too
+    trains_on_validation_data: ClassVar[bool] = False
 
     def setup(self, data: PretrainData) -> None:
         """Called by the trainer once the data is known, before the optimiser is built and before a
@@ -96,13 +113,17 @@ class SSLMethod(nn.Module):
                      device: torch.device) -> Callable[[], Any]:
         """A function returning one training batch per call. Default: ``batch_size`` random cubes as a
         (N, 1, X, Y, Z) float tensor on ``device`` ((N, 1, X, Y) for a 2D method). Methods needing
-        pseudo-labels or views override."""
-
-        own = data.shard(len(data.train))
+        pseudo-labels or views override. With ``trains_on_validation_data`` the validation cubes are drawn
+        from as well."""
+        cubes = data.train
+        if self.trains_on_validation_data and data.val is not None and len(data.val):
+            val = data.val
+            cubes = type(cubes)(cubes.files + val.files, cubes.infos + val.infos, cubes.selections + val.selections)
+        own = data.shard(len(cubes))
 
         def next_batch() -> torch.Tensor:
             idx = np.sort(rng.choice(own, size=batch_size))
-            return self.as_batch(data.train.get(idx)).to(device, non_blocking=True)
+            return self.as_batch(cubes.get(idx)).to(device, non_blocking=True)
 
         return next_batch
 
@@ -148,8 +169,8 @@ class SSLMethod(nn.Module):
         """Called after each optimiser step (momentum teachers, queues, schedules). Default: nothing."""
 
     def describe(self) -> dict:
-        """The bundle's ``method`` entry: name plus settings."""
-        return {"name": self.name, **self.settings}
+        """The bundle's ``method`` entry: name plus settings (flat JSON)."""
+        return {"name": self.name, **method_settings.to_json(self.settings)}
 
     def bundle_meta(self) -> dict:
         """model.json fields that replace the trainer's (default: none). A method whose bundle is not a

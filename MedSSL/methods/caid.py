@@ -2,15 +2,15 @@
 
 Instance discrimination (MoCo-v2: a momentum encoder, a queue of negatives, InfoNCE) plus context
 restoration: the online U-Net restores the un-augmented crop behind its own view. Loss = 1 * InfoNCE +
-10 * MSE. The machinery is shared with DiRA (:class:`._contrastive.MoCoRestorationMethod`); CAiD is
+10 * MSE. The machinery is shared with DiRA (:class:`.contrastive_base.MoCoRestorationMethod`); CAiD is
 that method with no extra term. On one-slice images (radiographs, as published) it runs in 2D: the 2D
 U-Net, 2D resized crops and the Genesis perturbations of one-slice cubes as views.
 """
 
 from __future__ import annotations
 
-from MedSSL.methods._contrastive import MoCoRestorationMethod, view_transform_defaults
 from MedSSL.methods.base import register
+from MedSSL.methods.contrastive_base import MoCoRestorationMethod
 
 
 @register
@@ -25,4 +25,3 @@ class CAiD(MoCoRestorationMethod):
         "emulated by normalising key sub-batches separately"
     )
     supports_2d = True
-    defaults = {**MoCoRestorationMethod.common_defaults, **view_transform_defaults()}

@@ -1,9 +1,9 @@
 """DiRA (Haghighi et al., CVPR 2022): discriminative, restorative and adversarial learning, in 3D
 (and in 2D on one-slice images such as radiographs: 2D U-Net, 2D views, 2D PatchGAN).
 
-* Discriminative: MoCo-v2 between two views of a cube (shared with CAiD, :mod:`._contrastive`).
+* Discriminative: MoCo-v2 between two views of a cube (shared with CAiD, :mod:`.contrastive_base`).
 * Restorative: the online U-Net restores the un-augmented crop behind view 1 (MSE).
-* Adversarial: a small 3D PatchGAN-like discriminator D (2D convolutions for a 2D method) tells
+* Adversarial: a small 3D PatchGAN-like discriminator D (:class:`~MedSSL.models.heads.Discriminator`) (2D convolutions for a 2D method) tells
   restorations from originals (least-squares GAN: targets 1 for real, 0 for restored).
 
 Generator loss 1 * InfoNCE + 10 * MSE + 0.001 * MSE(D(restored), 1); discriminator loss
@@ -29,56 +29,30 @@ trainer's optimiser and learning rate (``discriminator_weight`` scales its loss)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
 
 from MedSSL.errors import MedSSLError
-from MedSSL.methods._contrastive import MoCoRestorationMethod, view_transform_defaults
+from MedSSL.losses.adversarial import discriminator_loss, generator_loss
 from MedSSL.methods.base import PretrainData, register
+from MedSSL.methods.contrastive_base import MoCoRestorationMethod, MoCoSettings
+from MedSSL.models.heads import Discriminator
 
 
-class Discriminator(nn.Module):
-    """PatchGAN-like discriminator, 3D or (``spatial_dims=2``) 2D as published (published 2D:
-    64-128-256-512 channels, three stride-2 convs and one stride-1 conv with LeakyReLU 0.2 and
-    InstanceNorm after the first, then a 1-channel conv).
+@dataclass(frozen=True)
+class DiRASettings(MoCoSettings):
+    """MoCo's settings plus the adversary's (published 0.001 adversarial weight)."""
 
-    Kernels 3x3x3 (3x3 in 2D). Input (N, C, X, Y, Z) (or (N, C, X, Y)), output a one-channel patch
-    map of the same number of dimensions. An axis is only strided while it is at least 4 voxels, so
-    small cubes (down to 8 voxels) keep at least 2 voxels per axis for the InstanceNorm. Weights
-    N(0, 0.02) as published. The 2D and 3D state dicts have the same keys.
-    """
+    adv_weight: float = 0.001
+    discriminator_weight: float = 1.0
+    adversarial_warmup: float = 0.5
+    discriminator_width: int | None = None
 
-    def __init__(self, in_channels: int = 1, width: int = 16, spatial_dims: int = 3):
-        super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        self.spatial_dims = spatial_dims
-        conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if spatial_dims == 3 else (nn.Conv2d, nn.InstanceNorm2d)
-        chans = [in_channels, width, 2 * width, 4 * width, 8 * width]
-        self.convs = nn.ModuleList(conv(chans[i], chans[i + 1], 3, padding=1) for i in range(4))
-        self.norms = nn.ModuleList(norm(chans[i + 1]) for i in range(1, 4))
-        self.out = conv(chans[4], 1, 3, padding=1)
-        self.strided = (True, True, True, False)
-        for m in self.modules():
-            if isinstance(m, conv):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"a {self.spatial_dims}D discriminator takes (N, C, {'X, Y, Z' if self.spatial_dims == 3 else 'X, Y'}), "
-                             f"got shape {tuple(x.shape)}")
-        conv_nd = F.conv3d if self.spatial_dims == 3 else F.conv2d
-        for i, conv in enumerate(self.convs):
-            stride = tuple(2 if (self.strided[i] and s >= 4) else 1 for s in x.shape[2:])
-            x = conv_nd(x, conv.weight, conv.bias, stride=stride, padding=1)
-            if i > 0:
-                x = self.norms[i - 1](x)
-            x = F.leaky_relu(x, 0.2)
-        return self.out(x)
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= float(self.adversarial_warmup) <= 1.0:
+            raise MedSSLError("adversarial_warmup must be a fraction of the steps in [0, 1]")
 
 
 @register
@@ -94,22 +68,13 @@ class DiRA(MoCoRestorationMethod):
         "optimiser (detach tricks, see dira.py), queue 4096"
     )
     supports_2d = True
-    defaults = {
-        **MoCoRestorationMethod.common_defaults,
-        "adv_weight": 0.001,
-        "discriminator_weight": 1.0,
-        "adversarial_warmup": 0.5,
-        "discriminator_width": None,
-        **view_transform_defaults(),
-    }
+    Settings = DiRASettings
 
     def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
                  spatial_dims: int = 3):
         super().__init__(width, in_channels, settings, spatial_dims)
-        warm = float(self.settings["adversarial_warmup"])
-        if not 0.0 <= warm <= 1.0:
-            raise MedSSLError("adversarial_warmup must be a fraction of the steps in [0, 1]")
-        d_width = self.settings["discriminator_width"] or 2 * width
+        warm = float(self.settings.adversarial_warmup)
+        d_width = self.settings.discriminator_width or 2 * width
         self.discriminator = Discriminator(in_channels, int(d_width), self.spatial_dims)
         self._adversarial_on = warm <= 0.0
         self._told_total = False
@@ -117,13 +82,12 @@ class DiRA(MoCoRestorationMethod):
         self._training_calls = 0
         self._log = print
 
-    def batch_source(self, data: PretrainData, batch_size: int, rng, device):
+    def setup(self, data: PretrainData) -> None:
         self._log = data.log
-        return super().batch_source(data, batch_size, rng, device)
 
     def adversarial_active(self, step: int, total_steps: int) -> bool:
         """The adversary is on from step ``ceil(adversarial_warmup * total)`` on."""
-        return step >= math.ceil(float(self.settings["adversarial_warmup"]) * total_steps)
+        return step >= math.ceil(float(self.settings.adversarial_warmup) * total_steps)
 
     def after_step(self, step: int, total_steps: int) -> None:
         super().after_step(step, total_steps)
@@ -143,16 +107,12 @@ class DiRA(MoCoRestorationMethod):
                           "start; training DiR (discriminative + restorative) only")
                 self._warned = True
             return None, {"adv_g": 0.0, "adv_d": 0.0, "adv_on": 0.0}
-        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-        fake_for_g = functional_call(self.discriminator, frozen, (restored,)).float()
-        adv_g = F.mse_loss(fake_for_g, torch.ones_like(fake_for_g))
-        extra = float(s["adv_weight"]) * adv_g
+        adv_g = generator_loss(self.discriminator, restored)
+        extra = float(s.adv_weight) * adv_g
         parts = {"adv_g": float(adv_g.detach()), "adv_on": 1.0}
         if training:
-            real = self.discriminator(target).float()
-            fake = self.discriminator(restored.detach()).float()
-            adv_d = 0.5 * (F.mse_loss(real, torch.ones_like(real)) + F.mse_loss(fake, torch.zeros_like(fake)))
-            extra = extra + float(s["discriminator_weight"]) * adv_d
+            adv_d = discriminator_loss(self.discriminator, target, restored)
+            extra = extra + float(s.discriminator_weight) * adv_d
             parts["adv_d"] = float(adv_d.detach())
         else:
             parts["adv_d"] = 0.0

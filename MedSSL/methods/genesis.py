@@ -23,16 +23,11 @@ class ModelsGenesis(SSLMethod):
         "collapses to a constant output for some users), standard BatchNorm"
     )
     supports_2d = True
-    defaults = {field: value for field, value in GenesisTransformConfig().__dict__.items()}
-
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
-                 spatial_dims: int = 3):
-        super().__init__(width, in_channels, settings, spatial_dims)
-        self.transform_config = GenesisTransformConfig(**self.settings)
+    Settings = GenesisTransformConfig
 
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """batch (N, 1, X, Y, Z) in [0, 1] (or (N, 1, X, Y) in 2D) -> MSE of the restoration."""
-        inputs, targets = genesis_transform(batch, self.transform_config, generator)  # 2D: as one-slice cubes
+        inputs, targets = genesis_transform(batch, self.settings, generator)  # 2D: as one-slice cubes
         restored = torch.sigmoid(self.backbone(inputs).float())
         loss = F.mse_loss(restored, targets)
         return loss, {"mse": float(loss.detach())}

@@ -1,9 +1,9 @@
 """Semantic Genesis (Haghighi et al., MICCAI 2020): self-discovery, self-classification, self-restoration.
 
-1. Self-discovery (:mod:`._discovery`, run once in :meth:`SemanticGenesis.batch_source` and cached):
+1. Self-discovery (:mod:`.self_discovery`, run once in :meth:`SemanticGenesis.batch_source` and cached):
    pattern classes = cubes at the same normalised place in the nearest neighbours (by auto-encoder
    features) of a reference volume.
-2. Self-classification: a head on the bottleneck (:class:`._restoration.ClassificationHead`) predicts
+2. Self-classification: a head on the bottleneck (:class:`~MedSSL.models.heads.ClassificationHead`) predicts
    the pattern class; cross-entropy.
 3. Self-restoration: the U-Net restores the pattern cube from a perturbed copy (exactly one of local
    shuffling, Bezier intensity, in-painting, out-painting; optional in-plane elastic warp first); MSE.
@@ -15,65 +15,74 @@ the same method with its own defaults.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from MedSSL.errors import MedSSLError
-from MedSSL.methods._discovery import PatternSet, discover_patterns
-from MedSSL.methods._restoration import ClassificationHead, elastic_inplane, one_of_four, restoration_mse
+from MedSSL.losses.restoration import restoration_mse
 from MedSSL.methods.base import PretrainData, SSLMethod, register
+from MedSSL.methods.self_discovery.discover import discover_patterns
+from MedSSL.methods.self_discovery.patterns import PatternSet
+from MedSSL.models.heads import ClassificationHead
+from MedSSL.transforms.restoration import elastic_inplane, one_of_four
 
-SELF_DISCOVERY_DEFAULTS = {
+@dataclass(frozen=True)
+class SelfDiscoverySettings:
+    """Semantic Genesis' settings: the self-discovery (``classes`` ... ``resolution_shift``, see
+    :mod:`.self_discovery`) and the training (loss weights, the perturbations and the elastic warp)."""
+
     # self-discovery
-    "classes": 44,
-    "instances": "auto",
-    "val_instances": 30,
-    "features": "autoencoder",
-    "feature_grid": [64, 64, 32],
-    "ae_width": 8,
-    "ae_steps": 200,
-    "ae_batch": 4,
-    "ae_lr": 1e-3,
-    "min_class_distance": 0.05,
-    "max_tries": 200,
-    "resolutions": 1,
-    "resolution_size": [50 / 64, 80 / 64],
-    "resolution_shift": 10 / 64,
+    classes: int = 44
+    instances: int | str = "auto"
+    val_instances: int = 30
+    features: str = "autoencoder"
+    feature_grid: tuple = (64, 64, 32)
+    ae_width: int = 8
+    ae_steps: int = 200
+    ae_batch: int = 4
+    ae_lr: float = 1e-3
+    min_class_distance: float = 0.05
+    max_tries: int = 200
+    resolutions: int = 1
+    resolution_size: tuple = (50 / 64, 80 / 64)
+    resolution_shift: float = 10 / 64
     # training
-    "mse_weight": 1.0,
-    "ce_weight": 0.01,
-    "shuffle_blocks": 5,
-    "perturbation_probabilities": [0.25, 0.25, 0.25, 0.25],
-    "paint_fill": "noise",
-    "elastic": False,
-    "elastic_alpha": 991.0,
-    "elastic_sigma": 8.0,
-}
+    mse_weight: float = 1.0
+    ce_weight: float = 0.01
+    shuffle_blocks: int = 5
+    perturbation_probabilities: tuple = (0.25, 0.25, 0.25, 0.25)
+    paint_fill: str = "noise"
+    elastic: bool = False
+    elastic_alpha: float = 991.0
+    elastic_sigma: float = 8.0
+
+    def __post_init__(self):
+        if int(self.classes) < 1:
+            raise MedSSLError("classes must be >= 1")
+        if int(self.resolutions) < 1:
+            raise MedSSLError("resolutions must be >= 1 (1 = single resolution, 3 = published multi-resolution)")
+        if any(int(g) < 8 or int(g) % 8 for g in self.feature_grid) or len(self.feature_grid) != 3:
+            raise MedSSLError("feature_grid must be three multiples of 8")
+        if self.features not in ("autoencoder", "backbone"):
+            raise MedSSLError('features must be "autoencoder" or "backbone"')
+        if self.instances != "auto" and int(self.instances) < 1:
+            raise MedSSLError('instances must be "auto" or >= 1')
 
 
 class SelfDiscoveryMethod(SSLMethod):
     """The shared Semantic Genesis / TransVW method; subclasses set name, texts and defaults."""
 
-    defaults = SELF_DISCOVERY_DEFAULTS
+    Settings = SelfDiscoverySettings
 
     def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
                  spatial_dims: int = 3):
         super().__init__(width, in_channels, settings, spatial_dims)
         s = self.settings
-        if int(s["classes"]) < 1:
-            raise MedSSLError("classes must be >= 1")
-        if int(s["resolutions"]) < 1:
-            raise MedSSLError("resolutions must be >= 1 (1 = single resolution, 3 = published multi-resolution)")
-        if any(int(g) < 8 or int(g) % 8 for g in s["feature_grid"]) or len(s["feature_grid"]) != 3:
-            raise MedSSLError("feature_grid must be three multiples of 8")
-        if s["features"] not in ("autoencoder", "backbone"):
-            raise MedSSLError('features must be "autoencoder" or "backbone"')
-        if s["instances"] != "auto" and int(s["instances"]) < 1:
-            raise MedSSLError('instances must be "auto" or >= 1')
         channels = self.backbone.bottleneck_channels
-        self.clc_out = ClassificationHead(channels, 2 * channels, int(s["classes"]))
+        self.clc_out = ClassificationHead(channels, 2 * channels, int(s.classes))
         self.patterns: PatternSet | None = None
         self._log = print
 
@@ -101,11 +110,11 @@ class SelfDiscoveryMethod(SSLMethod):
     def ensure_patterns(self, data: PretrainData, device) -> PatternSet:
         if self.patterns is None:
             self._log = data.log
-            digest = self._backbone_digest() if self.settings["features"] == "backbone" else None
+            digest = self._backbone_digest() if self.settings.features == "backbone" else None
             self.patterns = discover_patterns(data, self.settings, device, self._backbone_features, digest)
             found = self.patterns.info["classes_found"]
-            if found < int(self.settings["classes"]):
-                data.log(f"{self.name}: {found} of {self.settings['classes']} classes found; the other outputs of "
+            if found < int(self.settings.classes):
+                data.log(f"{self.name}: {found} of {self.settings.classes} classes found; the other outputs of "
                          "the classification head stay unused")
         return self.patterns
 
@@ -140,9 +149,9 @@ class SelfDiscoveryMethod(SSLMethod):
         """The restoration input: optional elastic warp, then exactly one of the four perturbations."""
         s = self.settings
         x = cubes
-        if s["elastic"]:
-            x = elastic_inplane(x, generator, float(s["elastic_alpha"]), float(s["elastic_sigma"]))
-        x, _ = one_of_four(x, generator, int(s["shuffle_blocks"]), s["perturbation_probabilities"], s["paint_fill"])
+        if s.elastic:
+            x = elastic_inplane(x, generator, float(s.elastic_alpha), float(s.elastic_sigma))
+        x, _ = one_of_four(x, generator, int(s.shuffle_blocks), s.perturbation_probabilities, s.paint_fill)
         return x
 
     def training_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -153,7 +162,7 @@ class SelfDiscoveryMethod(SSLMethod):
         mse, _ = restoration_mse(logits, cubes)
         scores = self.clc_out(bottleneck).float()
         ce = F.cross_entropy(scores, labels)
-        loss = float(self.settings["mse_weight"]) * mse + float(self.settings["ce_weight"]) * ce
+        loss = float(self.settings.mse_weight) * mse + float(self.settings.ce_weight) * ce
         acc = (scores.argmax(dim=1) == labels).float().mean()
         return loss, {"mse": float(mse.detach()), "ce": float(ce.detach()), "cls_acc": float(acc)}
 
@@ -179,4 +188,3 @@ class SemanticGenesis(SelfDiscoveryMethod):
         "auto-encoder = width-8 Genesis U-Net (skips zeroed) 200 steps on 64x64x32, K = min(200, volumes), "
         "single resolution and no elastic warp by default (both settings)"
     )
-    defaults = dict(SELF_DISCOVERY_DEFAULTS)

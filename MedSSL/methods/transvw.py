@@ -7,8 +7,17 @@ also cropped at two other in-plane scales, resized) are on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from MedSSL.methods.base import register
-from MedSSL.methods.semantic_genesis import SELF_DISCOVERY_DEFAULTS, SelfDiscoveryMethod
+from MedSSL.methods.semantic_genesis import SelfDiscoveryMethod, SelfDiscoverySettings
+
+
+@dataclass(frozen=True)
+class TransVWSettings(SelfDiscoverySettings):
+    """Semantic Genesis' settings with multi-resolution visual words on."""
+
+    resolutions: int = 3
 
 
 @register
@@ -21,4 +30,4 @@ class TransVW(SelfDiscoveryMethod):
         "1 MSE + 0.01 CE, Adam 1e-3 batch 64; ours: as our semantic-genesis with 3 resolutions on by default "
         "(in-plane 0.78-1.25 of the cube, shifted up to 0.16 of it, resized), no elastic warp by default"
     )
-    defaults = {**SELF_DISCOVERY_DEFAULTS, "resolutions": 3}
+    Settings = TransVWSettings

@@ -15,7 +15,7 @@ from MedSSL.io.bundle import load_bundle
 from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import Volume, write_volume
-from MedSSL.methods._contrastive import random_resized_crop3d
+from MedSSL.transforms.views import random_resized_crop3d
 from MedSSL.methods.base import build_method, method_class
 from MedSSL.models.genesis_unet import GenesisUNet
 
@@ -183,7 +183,7 @@ def test_2d_short_run_lowers_the_loss_and_writes_a_2d_bundle(name, settings, rad
     mse = [r["mse"] for r in meta["history"]]
     assert len(mse) == 40
     # restoration MSE, mean of the first / last 8 steps (the InfoNCE against the queue rises while the queue
-    # fills, see _contrastive.py); seeds 0-3: late / early 0.49-0.79 for both methods
+    # fills, see methods/contrastive_base.py); seeds 0-3: late / early 0.49-0.79 for both methods
     early, late = float(np.mean(mse[:8])), float(np.mean(mse[-8:]))
     assert late < 0.9 * early, (early, late)
 

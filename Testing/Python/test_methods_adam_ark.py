@@ -2,6 +2,7 @@
 Ark's spec checks, round robin, schedules, ignored voxels, folded heads and union of classes; short runs on
 phantoms, prediction with the Ark bundle and fine-tuning from both bundles."""
 
+import dataclasses
 import json
 import math
 
@@ -185,7 +186,7 @@ def test_adam_exports_the_teacher_encoder():
     assert torch.equal(state["backbone.down_tr128.ops.1.conv1.weight"], teacher["1.ops.1.conv1.weight"])
     assert not torch.equal(state["backbone.down_tr128.ops.1.conv1.weight"], method.backbone.down_tr128.ops[1].conv1.weight)
     assert torch.equal(state["backbone.up_tr64.ops.0.conv1.weight"], method.backbone.up_tr64.ops[0].conv1.weight)
-    method.settings["export"] = "student"
+    method.settings = dataclasses.replace(method.settings, export="student")
     assert torch.equal(method.transferable_state_dict()["backbone.down_tr128.ops.1.conv1.weight"],
                        method.backbone.down_tr128.ops[1].conv1.weight)
 
@@ -359,7 +360,7 @@ def test_ark_ignores_not_annotated_voxels(ark_data, tmp_path):
 
 
 def test_ark_student_jitter_limits():
-    from MedSSL.methods.ark import JITTER_RANGES, student_jitter
+    from MedSSL.transforms.intensity import JITTER_RANGES, student_jitter
 
     x = torch.rand(64, 1, 4, 4, 4)
     ct = student_jitter(x, 1.0, torch.Generator().manual_seed(0), JITTER_RANGES["ct"])

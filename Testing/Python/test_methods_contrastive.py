@@ -1,6 +1,7 @@
 """DiRA and CAiD: views, restoration targets, the MoCo queue and momentum teacher, loss weights, the
 one-optimiser adversarial game, the warm-up, and short runs on phantoms."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,8 +12,12 @@ import torch.nn.functional as F
 from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
-from MedSSL.methods._contrastive import FeatureQueue, info_nce, random_resized_crop3d
+from MedSSL.losses.contrastive import info_nce
+from MedSSL.models.momentum import FeatureQueue
+from MedSSL.transforms.views import random_resized_crop3d
+from MedSSL.errors import MedSSLError
 from MedSSL.methods.base import available_methods, method_class
+from MedSSL.methods.settings import from_json, to_json
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
 from MedSSL.models.genesis_unet import GenesisUNet
 
@@ -36,6 +41,31 @@ def test_the_four_methods_are_registered_with_texts():
     assert names["caid"].defaults["mse_weight"] == 10.0 and names["caid"].defaults["nce_weight"] == 1.0
     assert names["caid"].defaults["temperature"] == 0.2 and names["caid"].defaults["momentum"] == 0.999
     assert "adv_weight" not in names["caid"].defaults
+
+
+def test_every_method_has_frozen_settings_whose_json_round_trips():
+    """Settings are frozen dataclasses; their flat JSON (``medssl methods --json``, model.json) reads back
+    to the same settings, lists as lists."""
+    for cls in available_methods():
+        settings = from_json(cls.Settings, cls.defaults)
+        assert settings == cls.Settings() and to_json(settings) == cls.defaults
+        assert json.loads(json.dumps(cls.defaults)) == cls.defaults
+        field = dataclasses.fields(settings)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(settings, field, None)
+
+
+def test_view_settings_are_the_flat_view_keys_of_one_nested_transform():
+    method = method_class("caid")(width=4, settings={"view_local_rate": 0.0, "crop_scale": [0.5, 1.0]})
+    assert method.settings.view.local_rate == 0.0 and method.settings.view.paint_rate == 0.35
+    assert method.settings.crop_scale == (0.5, 1.0)
+    described = method.describe()
+    assert described["view_local_rate"] == 0.0 and described["crop_scale"] == [0.5, 1.0]
+    assert list(described)[1:] == list(method_class("caid").defaults)
+    with pytest.raises(ValueError, match="view_nope"):
+        method_class("caid")(width=4, settings={"view_nope": 1})
+    with pytest.raises(MedSSLError, match="local_rate"):
+        method_class("dira")(width=4, settings={"view_local_rate": 2.0})
 
 
 def test_identity_crop_and_views_come_from_the_same_cube():

@@ -12,8 +12,11 @@ from MedSSL.data.cubes import CubeSettings, prepare_cubes
 from MedSSL.data.phantom import make_phantom
 from MedSSL.data.preprocess import IntensityConfig
 from MedSSL.io.volumes import Volume, write_volume
-from MedSSL.methods._discovery import crop_box, discover_patterns, nearest_neighbours, plan_classes
-from MedSSL.methods._restoration import elastic_inplane, one_of_four
+from MedSSL.methods.self_discovery.discover import discover_patterns
+from MedSSL.methods.settings import from_json
+from MedSSL.methods.self_discovery.geometry import crop_box, nearest_neighbours
+from MedSSL.methods.self_discovery.planning import plan_classes
+from MedSSL.transforms.restoration import elastic_inplane, one_of_four
 from MedSSL.methods.base import PretrainData, method_class
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
 from MedSSL.models.genesis_unet import GenesisUNet
@@ -54,7 +57,8 @@ def _data(ramps, logs):
 
 
 def _settings(name, **extra):
-    return {**method_class(name).defaults, **SMALL, **extra}
+    cls = method_class(name)
+    return from_json(cls.Settings, {**cls.defaults, **SMALL, **extra})
 
 
 def test_pattern_classes_share_normalised_coordinates_across_neighbours(ramps):
@@ -136,7 +140,7 @@ def test_one_volume_degrades_gracefully(ramps, tmp_path):
 def test_cache_is_reused_and_multi_resolution_adds_crops(ramps):
     logs = []
     s = _settings("transvw", classes=3, instances=2, val_instances=0)
-    assert s["resolutions"] == 3
+    assert s.resolutions == 3
     first = discover_patterns(_data(ramps, logs), s, torch.device("cpu"))
     logs.clear()
     again = discover_patterns(_data(ramps, logs), s, torch.device("cpu"))

@@ -1,5 +1,5 @@
-"""Shared restoration parts: the restoration loss, the self-classification head, Semantic Genesis'
-one-of-four perturbation and its elastic deformation.
+"""Semantic Genesis' (and TransVW's) restoration inputs: the one-of-four perturbation and the in-plane
+elastic deformation, on (N, C, X, Y, Z) batches.
 
 The perturbations reuse the batched Models Genesis building blocks of :mod:`MedSSL.transforms.genesis`.
 """
@@ -10,37 +10,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from MedSSL.errors import MedSSLError
 from MedSSL.transforms.genesis import bezier_intensity, inpaint, local_pixel_shuffle, outpaint
-
-
-def restoration_mse(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MSE between sigmoid(logits) and target, the restoration itself) in float32."""
-    restored = torch.sigmoid(logits.float())
-    return F.mse_loss(restored, target.float()), restored
-
-
-class ClassificationHead(nn.Module):
-    """Semantic Genesis' self-classification head on the bottleneck.
-
-    Conv3d(16w -> 32w, k 3, padding 1) -> BatchNorm -> ReLU -> global average pool -> Linear(32w -> C),
-    logits (the published head ends in a softmax fed to log + NLL, i.e. plain cross-entropy on logits).
-    Published at width 32: 512 -> 1024 -> C; the attribute names (``conv1``, ``bn1``, ``fc1``) are the
-    published ones (``clc_out.*``).
-    """
-
-    def __init__(self, in_channels: int, hidden: int, classes: int):
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, hidden, kernel_size=3, padding=1)
-        self.bn1 = nn.BatchNorm3d(hidden)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.fc1 = nn.Linear(hidden, classes)
-
-    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.bn1(self.conv1(bottleneck)))
-        return self.fc1(x.float().mean(dim=(2, 3, 4)))
 
 
 def one_of_four(x: torch.Tensor, generator: torch.Generator, shuffle_blocks: int = 5,
