@@ -36,15 +36,17 @@ def run(args) -> int:
         except json.JSONDecodeError as exc:
             raise MedSSLError(f"--method-settings: not valid JSON ({exc.msg})") from None
     from MedSSL.methods.base import method_class
+    from MedSSL.methods.settings import from_json, unknown_keys
     from MedSSL.tasks.pretrain import pretrain
 
     try:
         cls = method_class(args.method)
     except KeyError as exc:
         raise MedSSLError(f"--method {args.method}: {exc.args[0]}") from None
-    unknown = set(settings) - set(cls.defaults)
+    unknown = unknown_keys(cls.Settings, settings)
     if unknown:
-        raise MedSSLError(f"--method-settings: unknown setting(s) for {args.method}: {', '.join(sorted(unknown))}")
+        raise MedSSLError(f"--method-settings: unknown setting(s) for {args.method}: {', '.join(unknown)}")
+    from_json(cls.Settings, settings)  # invalid values fail here (one-line MedSSLError), before any data is read
     config = training_config(PretrainConfig, args, data=args.data, datasets=args.datasets, out=args.out,
                              method_settings=settings)
     progress = make_progress(args)

@@ -249,3 +249,16 @@ def test_torchrun_finetune_two_cpu_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-8000:]
     meta = read_meta(out)
     assert meta["world_size"] == 2 and meta["task"] == "segment"
+
+
+def test_method_settings_are_checked_before_any_data_is_read(tmp_path, capsys):
+    """An unknown key or an invalid value of --method-settings is a one-line error naming it, given before
+    the (here missing) data is looked at; the view_* keys are accepted."""
+    missing = str(tmp_path / "no-such-volume.nii.gz")
+    for settings, expected in (('{"view_nope": 1}', "unknown setting(s) for caid: view_nope"),
+                               ('{"momentum": 2}', "momentum must be in [0, 1)"),
+                               ('{"view_local_rate": 2}', "local_rate must be a probability")):
+        assert main(["pretrain", "--data", missing, "--method", "caid", "--method-settings", settings,
+                     "--out", str(tmp_path / "out"), "--device", "cpu", "--progress", "none"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
