@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from MedSSL.io.bundle import is_bundle, read_meta
+from MedSSL.io.bundle import BundleMeta, is_bundle, open_bundle
 
 
 def add_parser(sub) -> None:
@@ -42,48 +42,43 @@ def run(args) -> int:
         raise MedSSLError("info: give a bundle folder or a .pt file (or --defaults)")
     path = Path(args.model)
     if is_bundle(path) or path.is_dir():
-        meta = read_meta(path)
-        from MedSSL.io.bundle import load_bundle
-
-        _, state = load_bundle(path)
-        meta = {**meta, "parameters": int(sum(t.numel() for t in state.values() if t.is_floating_point()))}
-    else:
-        from MedSSL.models.initial_weights import load_initial_weights
-
-        init = load_initial_weights(path)
-        meta = {"source": "official-pt", "architecture": {"name": "unet3d", "width": init.width},
-                "tensors": len(init.state_dict),
-                "parameters": int(sum(t.numel() for t in init.state_dict.values() if t.is_floating_point()))}
-    if args.json:
-        print(json.dumps(meta, indent=2))
+        meta, state = open_bundle(path)
+        parameters = int(sum(t.numel() for t in state.values() if t.is_floating_point()))
+        if args.json:
+            print(json.dumps({**meta.to_json(), "parameters": parameters}, indent=2))
+        else:
+            _print_summary(meta, parameters)
         return 0
-    _print_summary(meta)
+    from MedSSL.models.initial_weights import load_initial_weights
+
+    init = load_initial_weights(path)
+    parameters = int(sum(t.numel() for t in init.state_dict.values() if t.is_floating_point()))
+    if args.json:
+        print(json.dumps({"source": "official-pt", "architecture": {"name": "unet3d", "width": init.width},
+                          "tensors": len(init.state_dict), "parameters": parameters}, indent=2))
+        return 0
+    print(f"architecture : unet3d width {init.width} (1 in, ? out), {parameters:,} parameters")
+    print("source       : official-pt (usable as --init)")
     return 0
 
 
-def _print_summary(meta: dict) -> None:
-    arch = meta.get("architecture", {})
-    print(f"architecture : {arch.get('name')} width {arch.get('width')} "
-          f"({arch.get('in_channels', 1)} in, {arch.get('out_channels', '?')} out), {meta.get('parameters', 0):,} parameters")
-    if "source" in meta:
-        print(f"source       : {meta['source']} (usable as --init)")
-        return
-    method = meta.get("method") or {}
-    print(f"task         : {meta.get('task')}")
-    print(f"method       : {method.get('name')}")
-    if meta.get("classes"):
-        names = ", ".join(f"{k}={v.get('name') if isinstance(v, dict) else v}" for k, v in meta["classes"].items())
+def _print_summary(meta: BundleMeta, parameters: int) -> None:
+    arch = meta.architecture
+    print(f"architecture : {arch.name} width {arch.width or None} "
+          f"({meta.in_channels} in, {arch.out_channels or '?'} out), {parameters:,} parameters")
+    print(f"task         : {meta.task or None}")
+    print(f"method       : {meta.method_name}")
+    if meta.classes:
+        names = ", ".join(f"{k}={v.get('name')}" for k, v in meta.class_table.items())
         print(f"classes      : {names}")
-    print(f"patch        : {meta.get('patch_size')}")
-    prep = meta.get("preprocessing") or {}
-    print(f"preprocessing: {json.dumps(prep)}")
-    training = meta.get("training") or {}
+    print(f"patch        : {meta.patch_size or None}")
+    print(f"preprocessing: {json.dumps(meta.preprocessing or {})}")
+    training = meta.training or {}
     if training:
         print(f"training     : {training.get('steps')} steps ({training.get('stopped_by')}), best val loss "
               f"{training.get('best_val_loss')}, {training.get('seconds')} s on {training.get('device')}")
-    data = meta.get("data_summary") or {}
+    data = meta.data_summary or {}
     if data:
         counts = [f"{data[k]} {k}" for k in ("volumes", "cubes", "datasets", "cases") if data.get(k) is not None]
         print(f"data         : {', '.join(counts) or 'not recorded'}")
-    versions = meta.get("versions") or {}
-    print(f"versions     : {', '.join(f'{k} {v}' for k, v in versions.items())}")
+    print(f"versions     : {', '.join(f'{k} {v}' for k, v in (meta.versions or {}).items())}")

@@ -89,7 +89,7 @@ def run(args) -> int:
         return _run_fewshot(args)
     device = resolve_device(args.device)
     model = load_model(args.model, device)
-    options = options_from_args(args, (model.meta.get("inference") or {}).get("overlap"))
+    options = options_from_args(args, model.meta.inference_setting("overlap"))
     progress = make_progress(args)
     outputs = predict_files(model, args.image, args.out, options, progress, detections=args.detections,
                             probabilities=args.probabilities)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from MedSSL.io.bundle import is_bundle, load_bundle
+from MedSSL.io.bundle import BundleMeta, is_bundle, open_bundle
 from MedSSL.errors import MedSSLError
 from MedSSL.models.genesis_unet import spatial_dims_from_state_dict, width_from_state_dict
 
@@ -28,24 +28,29 @@ class InitialWeights:
     """GenesisUNet weights to start from.
 
     state_dict: GenesisUNet key -> tensor (prefixes stripped). width: base channels. source: "bundle" or
-    "official-pt". meta: the bundle's model.json (empty for .pt files). spatial_dims: 3, or 2 for a
+    "official-pt". bundle: the bundle's model.json (None for .pt files). spatial_dims: 3, or 2 for a
     network of 2D kernels (pretrained or fine-tuned on one-slice images), read from the kernels.
     """
 
     state_dict: dict
     width: int
     source: str
-    meta: dict
+    bundle: BundleMeta | None
     spatial_dims: int = 3
+
+    @property
+    def meta(self) -> dict:
+        """model.json as a dict (empty for .pt files)."""
+        return self.bundle.to_json() if self.bundle is not None else {}
 
     def describe(self) -> dict:
         """What to record in a bundle about the initialisation (no paths)."""
         info = {"source": self.source, "width": self.width}
         if self.spatial_dims != 3:
             info["spatial_dims"] = self.spatial_dims
-        if self.meta:
-            info["method"] = (self.meta.get("method") or {}).get("name")
-            info["task"] = self.meta.get("task")
+        if self.bundle is not None:
+            info["method"] = self.bundle.method_name
+            info["task"] = self.bundle.task or None
         return info
 
 
@@ -87,13 +92,13 @@ def load_initial_weights(path) -> InitialWeights:
     if p.is_dir():
         if not is_bundle(p):
             raise MedSSLError(f"{path}: not a model bundle (no model.json)")
-        meta, state = load_bundle(p)
+        meta, state = open_bundle(p)
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")} or state
         source = "bundle"
     else:
         if p.stat().st_size == 0:
             raise MedSSLError(f"{path}: the model file is empty")
-        meta, state, source = {}, load_official_checkpoint(p), "official-pt"
+        meta, state, source = None, load_official_checkpoint(p), "official-pt"
     try:
         width = width_from_state_dict(state)
     except KeyError:

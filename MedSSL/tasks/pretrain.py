@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from MedSSL.io.bundle import save_bundle
+from MedSSL.io.bundle import Architecture, BundleMeta, save_bundle
 from MedSSL.data import labelled
 from MedSSL.data.cubes import CubeSettings, default_cache_dir, prepare_cubes
 from MedSSL.data.preprocess import IntensityConfig
@@ -145,26 +145,23 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         method.load_state_dict(result.best_state)
     state = method.transferable_state_dict()
     settings = data.settings
-    meta = {
-        "architecture": {"name": "unet3d", "width": config.width, "in_channels": 1, "out_channels": 1,
-                         "spatial_dims": method.spatial_dims},
-        "task": "pretrain",
-        "method": method.describe(),
-        "preprocessing": {"intensity": settings.intensity.to_dict(), "target_spacing_mm": config.spacing,
-                          "modality": modality},
-        "patch_size": list(patch),
-        "training": {"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": config.batch_size,
-                     "optimizer": config.loop.optimizer, "lr": config.loop.lr, "best_val_loss": result.best_val,
-                     "seed": config.seed, "device": device_description(device), "init": init_info,
-                     "seconds": round(result.seconds, 1)},
-        "history": thin_history(result.history),
-        "data_summary": summary,
-        "world_size": ctx.world_size,
-    }
-    extra = dict(method.bundle_meta() or {})
-    if "architecture" in extra:
-        meta["architecture"] = {**meta["architecture"], **extra.pop("architecture")}
-    meta.update(extra)
+    meta = BundleMeta(
+        architecture=Architecture("unet3d", width=config.width, in_channels=1, out_channels=1,
+                                  spatial_dims=method.spatial_dims),
+        task="pretrain",
+        method=method.describe(),
+        preprocessing={"intensity": settings.intensity.to_dict(), "target_spacing_mm": config.spacing,
+                       "modality": modality},
+        patch_size=list(patch),
+        training={"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": config.batch_size,
+                  "optimizer": config.loop.optimizer, "lr": config.loop.lr, "best_val_loss": result.best_val,
+                  "seed": config.seed, "device": device_description(device), "init": init_info,
+                  "seconds": round(result.seconds, 1)},
+        history=thin_history(result.history),
+        data_summary=summary,
+        world_size=ctx.world_size,
+    )
+    meta = meta.merged(method.bundle_meta() or {}, f"--method {method.name}: bundle_meta()")
     save_bundle(out, state, meta)
     return out
 

@@ -60,7 +60,7 @@ def choose_engine(config, engine: str) -> str:
 def _classes(config, values: list[int]) -> dict:
     """The bundle's classes: ``--classes``, else the label's sidecar file, else defaults (as the network path)."""
     from MedSSL.data.labels import classes_to_json, resolve_classes
-    from MedSSL.tasks.finetune.segment import given_classes
+    from MedSSL.tasks.finetune.segment_data import given_classes
 
     given, where = given_classes(config)
     return classes_to_json(resolve_classes(values, given, where))
@@ -70,10 +70,9 @@ def _initial(config, progress: Progress):
     """(previous few-shot model or None, backbone or None, its intensity or None) from ``--init``."""
     if config.init is None or str(config.init).lower() == "none":
         return None, None, None
-    from MedSSL.io.bundle import is_bundle, read_meta
-    from MedSSL.tasks.fewshot.bundle import is_fewshot_meta, load_fewshot_bundle
+    from MedSSL.tasks.fewshot.bundle import is_fewshot_bundle, load_fewshot_bundle
 
-    if is_bundle(config.init) and is_fewshot_meta(read_meta(config.init)):
+    if is_fewshot_bundle(config.init):
         previous, _ = load_fewshot_bundle(config.init, "--init")
         progress.log(f"correction round: starting from the few-shot model {config.init}")
         return previous, None, None
@@ -143,7 +142,7 @@ def predict_fewshot(model_path, image_path, out, annotation_path, progress: Prog
     fg_prob = np.where(result.labels > 0, result.probability, 1.0 - result.probability).astype(np.float32)
     found = None
     if detections:
-        names = {int(k): v["name"] for k, v in (meta.get("classes") or {}).items()}
+        names = {value: entry["name"] for value, entry in meta.class_table.items()}
         found = find_detections(result.labels, np.where(result.labels > 0, fg_prob, 0).astype(np.float16), image,
                                 names, min_volume_mm3)
         found = select(found) if select else found

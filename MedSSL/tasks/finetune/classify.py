@@ -160,13 +160,11 @@ def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
                            modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=loop_config,
                            result=result, batch_size=config.batch_size, seed=config.seed, device=device,
                            spatial_dims=spatial_dims)
-        meta.update({
-            "classes": classes_to_json(classes),
-            "class_values": class_values,
-            "head": f"gap -> linear({model.backbone.bottleneck_channels}, 1024) -> relu -> linear(1024, {len(class_values)})",
-            "input_fit": "resize",
-            "data_summary": {**summary, "modalities": {m: modalities.count(m) for m in set(modalities)}},
-        })
+        meta = replace(
+            meta, classes=classes_to_json(classes), class_values=class_values,
+            head=f"gap -> linear({model.backbone.bottleneck_channels}, 1024) -> relu -> linear(1024, {len(class_values)})",
+            input_fit="resize",
+            data_summary={**summary, "modalities": {m: modalities.count(m) for m in set(modalities)}})
         save_bundle(out, result.best_state or model.state_dict(), meta)
     return out
 

@@ -15,6 +15,7 @@ import torch
 from MedSSL.data.preprocess import IntensityConfig, normalize_intensity, resample_to_spacing
 from MedSSL.data.spatial import image_dims
 from MedSSL.errors import MedSSLError
+from MedSSL.io.bundle import Architecture, BundleMeta
 from MedSSL.io.volumes import Volume, read_volume
 from MedSSL.models.initial_weights import InitialWeights, load_initial_weights
 from MedSSL.engine.loop import LoopConfig
@@ -76,11 +77,12 @@ def preprocessing_from_init(init: InitialWeights | None, modality: str, spacing)
     what it learned on; Models Genesis' CT window for official ``.pt`` files and scratch. An explicit
     ``--modality`` / ``--spacing`` overrides.
     """
-    prep = (init.meta.get("preprocessing") or {}) if init is not None else {}
-    intensity = IntensityConfig.from_dict(prep.get("intensity")) if prep.get("intensity") else IntensityConfig()
+    bundle = init.bundle if init is not None else None
+    recorded = bundle.preprocessing_setting("intensity") if bundle else None
+    intensity = IntensityConfig.from_dict(recorded) if recorded else IntensityConfig()
     if modality and modality != "auto":
         intensity = IntensityConfig(modality=modality, ct_window=intensity.ct_window, mr_percentiles=intensity.mr_percentiles)
-    target = spacing if spacing is not None else prep.get("target_spacing_mm")
+    target = spacing if spacing is not None or not bundle else bundle.preprocessing_setting("target_spacing_mm")
     if target is not None:
         target = tuple(float(s) for s in np.broadcast_to(np.asarray(target, dtype=np.float64).reshape(-1), (3,)))
         if not all(s > 0 for s in target):
@@ -108,26 +110,27 @@ def majority(values) -> str | None:
 
 def common_meta(*, task: str, width: int, out_channels: int, intensity: IntensityConfig, modality: str | None,
                 spacing, patch, init: InitialWeights | None, loop: LoopConfig, result, batch_size: int,
-                seed: int, device, spatial_dims: int = 3) -> dict:
-    """The model.json fields every fine-tuned bundle has (no paths, no identifiers). ``spatial_dims``
-    2: a 2D network for one-slice images (``patch_size`` [X, Y, 1], as 2D pretraining bundles)."""
+                seed: int, device, spatial_dims: int = 3) -> BundleMeta:
+    """The model.json fields every fine-tuned bundle has (no paths, no identifiers); the task adds its own
+    with ``dataclasses.replace``. ``spatial_dims`` 2: a 2D network for one-slice images (``patch_size``
+    [X, Y, 1], as 2D pretraining bundles)."""
     from MedSSL.engine.loop import thin_history
 
     resolved = IntensityConfig(modality=modality or intensity.modality, ct_window=intensity.ct_window,
                                mr_percentiles=intensity.mr_percentiles)
-    return {
-        "architecture": {"name": "unet3d", "width": width, "in_channels": 1, "out_channels": out_channels,
-                         "spatial_dims": spatial_dims},
-        "task": task,
-        "method": {"name": "finetune", "init_method": (init.describe().get("method") if init else None)},
-        "init": init.describe() if init is not None else {"source": "scratch"},
-        "preprocessing": {"intensity": resolved.to_dict(), "target_spacing_mm": list(spacing) if spacing else None,
-                          "modality": modality},
-        "patch_size": list(patch),
-        "training": {"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": batch_size,
-                     "optimizer": loop.optimizer, "lr": loop.lr, "max_time_s": loop.max_time,
-                     "best_val_loss": result.best_val, "seed": seed, "device": device_description(device),
-                     "seconds": round(result.seconds, 1)},
-        "history": thin_history(result.history),
-        "world_size": 1,
-    }
+    return BundleMeta(
+        architecture=Architecture("unet3d", width=width, in_channels=1, out_channels=out_channels,
+                                  spatial_dims=spatial_dims),
+        task=task,
+        method={"name": "finetune", "init_method": (init.describe().get("method") if init else None)},
+        init=init.describe() if init is not None else {"source": "scratch"},
+        preprocessing={"intensity": resolved.to_dict(), "target_spacing_mm": list(spacing) if spacing else None,
+                       "modality": modality},
+        patch_size=list(patch),
+        training={"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": batch_size,
+                  "optimizer": loop.optimizer, "lr": loop.lr, "max_time_s": loop.max_time,
+                  "best_val_loss": result.best_val, "seed": seed, "device": device_description(device),
+                  "seconds": round(result.seconds, 1)},
+        history=thin_history(result.history),
+        world_size=1,
+    )

@@ -33,8 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from MedSSL.io.bundle import save_bundle
-from MedSSL.data.preprocess import resample_to_spacing
-from MedSSL.data.spatial import image_dims, validate_patch
+from MedSSL.data.spatial import validate_patch
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims
 from MedSSL.models.genesis_unet import GenesisUNet
@@ -44,76 +43,11 @@ from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import DistributedContext, OutputLock, device_description, init_distributed, seed_everything
 from MedSSL.transforms.augment import AugmentConfig, augment_batch
 from MedSSL.tasks.finetune.common import (FinetuneConfig, common_meta, encoder_only, fit_steps_to_time, load_init, majority,
-                     normalize, preprocessing_from_init, resolve_width)
-from MedSSL.data.labels import (IGNORE, LabelMapping, annotation_summary, classes_to_json, label_array, parse_classes,
-                     present_values, read_classes_file, resolve_classes, sidecar_path)
+                     preprocessing_from_init, resolve_width)
+from MedSSL.tasks.finetune.segment_data import load_segmentation_data, mapping_and_classes
+from MedSSL.data.labels import LabelMapping, classes_to_json
 from MedSSL.losses.segmentation import MaskedDiceCELoss
-from MedSSL.data.sampling import PatchSampler, TrainingVolume, auto_patch, auto_patch_2d
-
-
-def _resample_label(label, spacing):
-    """Nearest-neighbour resampling of a label volume; voxels from outside the grid become 255."""
-    shifted = label.with_array(label.array.astype(np.uint16) + 1)
-    out = resample_to_spacing(shifted, spacing, nearest=True)
-    values = out.array.astype(np.int32) - 1
-    out.array = np.where(values < 0, IGNORE, values).astype(np.uint8)
-    return out
-
-
-def given_classes(config: FinetuneConfig) -> tuple[dict | None, str]:
-    """Classes from ``--classes`` or the first label's sidecar, and where they came from."""
-    if config.classes is not None:
-        return parse_classes(config.classes), f"--classes {config.classes}"
-    sidecar = sidecar_path(config.labels[0])
-    if sidecar.is_file():
-        return read_classes_file(sidecar), str(sidecar)
-    return None, "labels"
-
-
-def load_segmentation_data(config: FinetuneConfig, intensity, spacing):
-    """Read, check and preprocess every (image, label) pair.
-
-    Returns (volumes as :class:`TrainingVolume` with label values still original, summary dict,
-    modalities list, spatial dims: 2 when every image is one-slice (X, Y, 1), 3 when every image is a
-    volume). Raises MedSSLError naming the offending file (a mix of both included).
-    """
-    from MedSSL.io.volumes import read_volume
-
-    if not config.images:
-        raise MedSSLError("finetune --task segment: give at least one --image PATH --label PATH pair")
-    if len(config.images) != len(config.labels):
-        raise MedSSLError(f"--image/--label: {len(config.images)} image(s) but {len(config.labels)} label(s); give them in pairs")
-    volumes, summary, modalities = [], {"volumes": 0, "shapes": [], "spacings_mm": [], "annotations": []}, []
-    first = None
-    for image_path, label_path in zip(config.images, config.labels):
-        raw_image = read_volume(image_path)
-        dims = image_dims(raw_image.shape, image_path, first)
-        first = first or (dims, image_path)
-        raw_label = read_volume(label_path)
-        labels = label_array(raw_label, raw_image, label_path, image_path)
-        summary["annotations"].append(annotation_summary(labels))
-        image = raw_image
-        if spacing is not None:  # one-slice images: in-plane only (resample_to_spacing)
-            image = resample_to_spacing(raw_image, spacing)
-            labels = _resample_label(raw_label.with_array(labels), spacing).array
-        array, modality = normalize(image, intensity)
-        modalities.append(modality)
-        volumes.append(TrainingVolume(array.astype(np.float16), labels))
-        summary["volumes"] += 1
-        summary["shapes"].append(list(image.shape))
-        summary["spacings_mm"].append([round(float(s), 4) for s in image.spacing])
-    return volumes, summary, modalities, first[0]
-
-
-def _mapping_and_classes(volumes, config: FinetuneConfig) -> tuple[LabelMapping, dict]:
-    values = sorted(set().union(*(present_values(v.target) for v in volumes)))
-    if not values:
-        raise MedSSLError(
-            f"{config.labels[0] if len(config.labels) == 1 else '--label'}: no class voxels in any label "
-            "(only background 0 and not-annotated 255); paint at least one structure"
-        )
-    given, where = given_classes(config)
-    return LabelMapping(values), resolve_classes(values, given, where)
+from MedSSL.data.sampling import PatchSampler, auto_patch, auto_patch_2d
 
 
 def slice_axes(annotations: list[dict]) -> tuple:
@@ -193,7 +127,7 @@ def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, de
     if init is not None:
         check_initial_dims(init, spatial_dims, f"--init {config.init}",
                            "the --image inputs" if len(config.images) > 1 else f"--image {config.images[0]}")
-    mapping, classes = _mapping_and_classes(volumes, config)
+    mapping, classes = mapping_and_classes(volumes, config)
     for v in volumes:
         v.target = mapping.to_channels(v.target)
     if config.patch:
@@ -276,17 +210,14 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
                        result=result, batch_size=config.batch_size, seed=config.seed, device=device,
                        spatial_dims=spatial_dims)
     sparse = all(a["kind"] == "slices" for a in summary["annotations"])
-    meta.update({
-        "classes": classes_to_json(classes),
-        "channels": [int(v) for v in mapping.channel_values()],
-        "detection": bool(config.detection),
-        "inference": {"overlap": 0.5, "blend": "gaussian",
-                      **({"window": "plane"} if sparse or spatial_dims == 2 else {})},
-        "world_size": ctx.world_size,
-        "transfer": config.transfer if init is not None else None,
-        "batchnorm": (f"statistics recomputed on {config.recalibrate_bn} batches of training patches after training"
-                      if config.recalibrate_bn else "running statistics from training"),
-        "fewshot": {
+    meta = replace(
+        meta, classes=classes_to_json(classes), channels=[int(v) for v in mapping.channel_values()],
+        detection=bool(config.detection),
+        inference={"overlap": 0.5, "blend": "gaussian", **({"window": "plane"} if sparse or spatial_dims == 2 else {})},
+        world_size=ctx.world_size, transfer=config.transfer if init is not None else None,
+        batchnorm=(f"statistics recomputed on {config.recalibrate_bn} batches of training patches after training"
+                   if config.recalibrate_bn else "running statistics from training"),
+        fewshot={
             "annotation": "slices" if sparse else "dense",
             "sampling": "class-balanced: an annotated voxel of each channel in turn, within 40% of the patch "
                         "around its centre, anywhere along the painted axis",
@@ -295,9 +226,8 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
             "loss": "dice+ce, not-annotated (255) voxels masked",
             "postprocess": {"connected_to_annotation": sparse},
         },
-        "data_summary": {**summary, "modalities": _counts(modalities),
-                         "class_voxels": _class_voxels(train_volumes + val_volumes, mapping)},
-    })
+        data_summary={**summary, "modalities": _counts(modalities),
+                      "class_voxels": _class_voxels(train_volumes + val_volumes, mapping)})
     save_bundle(out, state, meta)
     return out
 

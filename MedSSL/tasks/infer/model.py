@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from MedSSL.io.bundle import load_bundle
+from MedSSL.io.bundle import BundleMeta, open_bundle
 from MedSSL.data.preprocess import IntensityConfig, detect_modality, normalize_intensity, resample_to_spacing
 from MedSSL.data.spatial import validate_patch
 from MedSSL.errors import MedSSLError
@@ -34,7 +34,7 @@ class LoadedModel:
     the one trained on). spatial_dims: 3, or 2 for a network on one-slice images.
     """
 
-    meta: dict
+    meta: BundleMeta
     network: nn.Module
     task: str
     classes: dict
@@ -54,46 +54,43 @@ class LoadedModel:
 def load_model(bundle_dir, device: torch.device, allowed=TASKS, what: str = "--model") -> LoadedModel:
     """Read a bundle and build its network. Raises MedSSLError for pretraining bundles (nothing to
     predict yet), unknown tasks or architectures, and weights that do not fit the description."""
-    meta, state = load_bundle(bundle_dir)
-    task = meta.get("task")
+    meta, state = open_bundle(bundle_dir)
+    task, arch = meta.task or None, meta.architecture
     if task not in allowed:
         hint = " (a pretraining bundle: fine-tune it first with `medssl finetune --init`)" if task == "pretrain" else ""
         raise MedSSLError(f"{what} {bundle_dir}: task {task!r}{hint}; expected {' or '.join(allowed)}")
-    arch = meta.get("architecture") or {}
-    if arch.get("name") != "unet3d":
-        raise MedSSLError(f"{what} {bundle_dir}: unknown architecture {arch.get('name')!r}")
-    classes = {int(k): (v if isinstance(v, dict) else {"name": str(v)}) for k, v in (meta.get("classes") or {}).items()}
-    dims = int(arch.get("spatial_dims", 3))
+    if arch.name != "unet3d":
+        raise MedSSLError(f"{what} {bundle_dir}: unknown architecture {arch.name!r}")
+    if not arch.width or not arch.out_channels:
+        raise MedSSLError(f"{what} {bundle_dir}: model.json gives no architecture width or out_channels")
+    classes, dims = meta.class_table, meta.spatial_dims
     if dims not in (2, 3):
         raise MedSSLError(f"{what} {bundle_dir}: spatial_dims {dims} in model.json; expected 2 or 3")
     if task == "segment":
-        network = GenesisUNet(int(arch.get("in_channels", 1)), int(arch["out_channels"]), int(arch["width"]), spatial_dims=dims)
+        network = GenesisUNet(meta.in_channels, arch.out_channels, arch.width, spatial_dims=dims)
     else:
         from MedSSL.models.classifier import ClassifierNet
 
-        network = ClassifierNet(int(arch["width"]), int(arch["out_channels"]), int(arch.get("in_channels", 1)), dims)
+        network = ClassifierNet(arch.width, arch.out_channels, meta.in_channels, dims)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise MedSSLError(f"{what} {bundle_dir}: the weights do not match model.json ({str(exc).splitlines()[0][:120]})") from None
     network.to(device).eval()
-    prep = meta.get("preprocessing") or {}
-    intensity = IntensityConfig.from_dict(prep.get("intensity"))
-    if prep.get("modality") in ("CT", "MR"):
-        intensity = IntensityConfig(prep["modality"], intensity.ct_window, intensity.mr_percentiles)
-    spacing = prep.get("target_spacing_mm")
-    patch = tuple(int(p) for p in meta.get("patch_size") or ((64, 64, 1) if dims == 2 else (64, 64, 32)))
-    if dims == 2:
-        patch = (*patch[:2], 1)
-    model = LoadedModel(meta, network, task, classes, patch, tuple(float(s) for s in spacing) if spacing else None,
+    intensity = IntensityConfig.from_dict(meta.preprocessing_setting("intensity"))
+    modality = meta.preprocessing_setting("modality")
+    if modality in ("CT", "MR"):
+        intensity = IntensityConfig(modality, intensity.ct_window, intensity.mr_percentiles)
+    spacing = meta.preprocessing_setting("target_spacing_mm")
+    model = LoadedModel(meta, network, task, classes, meta.patch, tuple(float(s) for s in spacing) if spacing else None,
                         intensity, device, spatial_dims=dims)
     if task == "segment":
-        values = meta.get("channels") or [0, *sorted(classes)]
-        if len(values) != int(arch["out_channels"]):
-            raise MedSSLError(f"{what} {bundle_dir}: model.json lists {len(values)} channels for {arch['out_channels']} outputs")
+        values = meta.channel_values
+        if len(values) != arch.out_channels:
+            raise MedSSLError(f"{what} {bundle_dir}: model.json lists {len(values)} channels for {arch.out_channels} outputs")
         model.channel_values = np.asarray(values, dtype=np.uint8)
     else:
-        model.class_values = [int(v) for v in meta.get("class_values") or sorted(classes)]
+        model.class_values = meta.output_values
     return model
 
 
@@ -115,14 +112,14 @@ def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: i
     training patch (96 or 128 did not help: window borders remained inside the body).
     """
     if requested is None:
-        requested = (model.meta.get("inference") or {}).get("window")
+        requested = model.meta.inference_setting("window")
     if requested is None:
         return tuple(model.patch)
     if requested != "plane":
         return validate_patch(requested, model.spatial_dims, what="--window")
     px, py, pz = model.patch
-    arch = model.meta.get("architecture") or {}
-    per_voxel = 4 * (6 * int(arch.get("width", 32)) + int(arch.get("out_channels", 2))) * max(1, sw_batch_size)
+    arch = model.meta.architecture
+    per_voxel = 4 * (6 * arch.width + arch.out_channels) * max(1, sw_batch_size)
     limit = WINDOW_MEMORY_MB * 2**20 / per_voxel / pz  # in-plane voxels
     full = [max(p, 8 * -(-int(s) // 8)) for p, s in zip((px, py), shape[:2])]
     if full[0] * full[1] <= limit:
@@ -134,11 +131,9 @@ def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: i
 def check_image(model: LoadedModel, volume: Volume, path) -> None:
     """The image must suit the network: one channel (scalar); a 3D volume for a 3D network, a one-slice
     image (X, Y, 1) for a 2D one."""
-    arch = model.meta.get("architecture") or {}
-    in_channels = int(arch.get("in_channels", 1))
+    in_channels, dims = model.meta.in_channels, model.meta.spatial_dims
     if in_channels != 1:
         raise MedSSLError(f"{path}: the model expects {in_channels} input channels; the image has 1 (a scalar volume)")
-    dims = int(arch.get("spatial_dims", 3))
     shape = "x".join(map(str, volume.shape))
     single = min(volume.shape) < 2
     if dims == 3 and single:
