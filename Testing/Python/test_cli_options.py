@@ -23,11 +23,8 @@ TINY = ["--width", "4", "--patch", "16", "16", "8", "--batch-size", "2", "--cube
 
 
 @pytest.fixture(scope="module")
-def volumes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("volumes")
-    for seed in range(2):
-        write_volume(make_phantom(seed, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0)).image, folder / f"v{seed}.nii.gz")
-    return folder
+def volumes(small_phantoms):
+    return small_phantoms
 
 
 def loops(monkeypatch):

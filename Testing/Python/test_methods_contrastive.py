@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from MedSSL.commands.cli import main
-from MedSSL.data.phantom import make_phantom
-from MedSSL.io.volumes import write_volume
 from MedSSL.losses.contrastive import info_nce
 from MedSSL.models.momentum import FeatureQueue
 from MedSSL.transforms.views import random_resized_crop3d
@@ -217,11 +215,8 @@ def test_discriminator_handles_small_cubes():
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("phantoms")
-    for seed in range(3):
-        write_volume(make_phantom(seed, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0)).image, folder / f"p{seed}.nii.gz")
-    return folder
+def phantoms(large_phantoms):
+    return large_phantoms
 
 
 @pytest.mark.parametrize("name,settings", [("caid", {}), ("dira", {"adversarial_warmup": 0.0})])

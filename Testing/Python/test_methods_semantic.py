@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from MedSSL.commands.cli import main
 from MedSSL.data.cubes import CubeSettings, prepare_cubes
-from MedSSL.data.phantom import make_phantom
 from MedSSL.data.preprocess import IntensityConfig
 from MedSSL.io.volumes import Volume, write_volume
 from MedSSL.methods.self_discovery.discover import discover_patterns
@@ -191,11 +190,8 @@ def test_target_is_the_original_and_loss_weights():
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("phantoms")
-    for seed in range(3):
-        write_volume(make_phantom(seed, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0)).image, folder / f"p{seed}.nii.gz")
-    return folder
+def phantoms(large_phantoms):
+    return large_phantoms
 
 
 @pytest.mark.parametrize("name", ["semantic-genesis", "transvw"])

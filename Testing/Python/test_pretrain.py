@@ -26,11 +26,8 @@ TINY = ["--width", "4", "--patch", "32", "32", "16", "--batch-size", "2", "--cub
 
 
 @pytest.fixture(scope="module")
-def volumes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("unlabeled")
-    for seed in range(3):
-        write_volume(make_phantom(seed, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0)).image, folder / f"case_{seed}.nii.gz")
-    return folder
+def volumes(large_phantoms):
+    return large_phantoms
 
 
 def pretrain_args(volumes, out, cache, *extra):

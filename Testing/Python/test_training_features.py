@@ -5,19 +5,13 @@ weights, patience stops a run, an interrupted and resumed run ends where an unin
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from MedSSL.io.bundle import load_bundle, read_meta
 from MedSSL.commands.cli import main
-from MedSSL.data.phantom import make_phantom
-from MedSSL.io.volumes import write_volume
 from MedSSL.methods.base import method_class
-from MedSSL.engine import loop as loop_module
-from MedSSL.engine.loop import LoopConfig, TrainingLoop
-from MedSSL.engine.progress import Progress
-from medssl_testing import official_checkpoint
+from MedSSL.engine.loop import TrainingLoop
 
 torch.set_num_threads(1)
 TINY = ["--width", "4", "--patch", "16", "16", "8", "--batch-size", "2", "--cubes-per-volume", "4",
@@ -25,11 +19,8 @@ TINY = ["--width", "4", "--patch", "16", "16", "8", "--batch-size", "2", "--cube
 
 
 @pytest.fixture(scope="module")
-def volumes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("volumes")
-    for seed in range(3):
-        write_volume(make_phantom(seed, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0)).image, folder / f"v{seed}.nii.gz")
-    return folder
+def volumes(small_phantoms):
+    return small_phantoms
 
 
 def pretrain(volumes, out, cache, *extra):
