@@ -12,7 +12,8 @@ slicer_testing_helpers.py). The shared fixtures are defined here, once:
 * ``real_backend`` - the repository's real backend, run by this Python, with its cube cache in a temporary
   folder;
 * ``slicer_app`` - slicer.app, qt, ctk, the scripted-module classes and parameterNodeWrapper faked (strict
-  doubles), MRML real: the module widgets run outside Slicer.
+  doubles), MRML real: the module widgets run outside Slicer (the environment probe answers
+  ``slicer_testing_helpers.ENVIRONMENT``; the backend's option defaults come from the stand-in).
 
 The backend's own tests (``Testing/Python``) use none of these and import none of these folders.
 """
@@ -65,6 +66,7 @@ def fake_backend(tmp_path, monkeypatch, work_dir):
     shutil.copy(os.path.join(HELPERS, "fake_medssl.py"), root / "MedSSL" / "__main__.py")
     monkeypatch.setenv("MEDSSL_BACKEND_PATH", str(root))
     monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
+    _forgetCachedDefaults(monkeypatch)
     return root
 
 
@@ -74,6 +76,15 @@ def real_backend(work_dir, monkeypatch, tmp_path):
     monkeypatch.delenv("MEDSSL_BACKEND_PATH", raising=False)
     monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)
     monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    _forgetCachedDefaults(monkeypatch)
+
+
+def _forgetCachedDefaults(monkeypatch):
+    """The backend's option defaults are cached per Python (MedSSLCommonLib.backend.commandDefaults): each test's
+    backend answers ``info --defaults`` afresh."""
+    from MedSSLCommonLib import backend
+
+    monkeypatch.setattr(backend, "_DEFAULTS_CACHE", {})
 
 
 WIDGET_MODULES = ("MedSSLCommonLib.gui", "MedSSLCommonLib.install", "MedSSLCommonLib.widget", "MedSSLSegment",

@@ -50,7 +50,7 @@ if parameterNodeWrapper is not None:
 
         inputVolume: vtkMRMLScalarVolumeNode
         modelPath: str = ""
-        device: str = "auto"
+        device: str = ""  # "": the backend's default device (info --defaults), until one is chosen
         maxFindings: Annotated[int, Minimum(1)] = nodes.DEFAULT_MAX_FINDINGS  # detection: points shown at most
         allFindings: bool = False  # detection: the table lists every finding
 else:

@@ -60,19 +60,21 @@ if parameterNodeWrapper is not None:
     class MedSSLTrainerParameterNode:
         """The module's settings, saved with the scene."""
 
-        device: str = "auto"
+        device: str = ""  # "": the backend's default device (info --defaults), until one is chosen
         useDataFolder: bool = False
         dataFolder: str = ""
         datasetsSpec: str = ""
         method: str = "genesis"
-        pretrainSteps: Annotated[int, Minimum(0)] = 2000  # 0: no step limit ("no limit" shows)
+        # step budgets: the deliberate differences of backend.GUI_DEFAULTS, else the backend's defaults once
+        # the probe has them (bindDefault); 0: no step limit ("no limit" shows)
+        pretrainSteps: Annotated[int, Minimum(0)] = backend.initialGuiDefault("pretrain", "steps")
         pretrainMinutes: Annotated[float, Minimum(0)] = 0.0  # 0: no time limit
         pretrainOutput: str = ""
         fewShotVolume: vtkMRMLScalarVolumeNode
         fewShotSegmentation: vtkMRMLSegmentationNode
         initChoice: str = "bundle"
         initModel: str = ""
-        finetuneSteps: Annotated[int, Minimum(0)] = 300
+        finetuneSteps: Annotated[int, Minimum(0)] = backend.initialGuiDefault("finetune", "steps")
         finetuneMinutes: Annotated[float, Minimum(0)] = 0.0
         model: str = ""
 else:
@@ -112,6 +114,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
                              "pretrainOutput"), (self.ui.initModelPathLineEdit, "initModel"),
                              (self.ui.modelPathLineEdit, "model")):
             self.strings.path(widget, name)
+        self.bindDefault(self.ui.pretrainStepsSpinBox, "pretrainSteps", "pretrain", "steps")
+        self.bindDefault(self.ui.finetuneStepsSpinBox, "finetuneSteps", "finetune", "steps")
         self._connect()
 
     def _setupWidgets(self):
@@ -154,8 +158,9 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
     # ------------------------------------------------------------------ environment
 
     def probeBackend(self) -> dict:
-        """Check torch/MONAI/GPUs and list the backend's methods (in a child process, in the background)."""
-        return gui.probeBackend()
+        """Check torch/MONAI/GPUs, read the backend's option defaults and list its methods (in child processes, in
+        the background)."""
+        return gui.probeBackend(methods=True)
 
     def backendProbed(self, answer):
         if answer:
@@ -277,6 +282,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui = self.ui
         method = ui.methodComboBox.currentData or "genesis"
         steps, maxTime = budget(ui.pretrainStepsSpinBox, ui.pretrainMinutesSpinBox)
+        steps = self.optionValue("pretrain", "steps", steps)  # the backend's default: left out
         options = dict(method=method, outputDir=ui.pretrainOutputPathLineEdit.currentPath or None, steps=steps,
                        maxTime=maxTime, blocking=False, onEvent=self._onEvent)
         if self._methodTakesDatasets():
@@ -313,6 +319,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui = self.ui
         volume = ui.fewShotVolumeSelector.currentNode()
         steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
+        steps = self.optionValue("finetune", "steps", steps)
         job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
                                   steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
         self._lossCurveFor(_("Fine-tuning"))
@@ -336,7 +343,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
 
     def _suggest(self):
         job = self.logic.suggestSlices(self.ui.fewShotVolumeSelector.currentNode(),
-                                       self.ui.modelPathLineEdit.currentPath, count=5, blocking=False,
+                                       self.ui.modelPathLineEdit.currentPath, blocking=False,
                                        segmentationNode=self.ui.fewShotSegmentationSelector.currentNode())
         self._start(job, self.ui.suggestButton, _("Suggesting slices"), self.onSuggestEnded)
 

@@ -95,6 +95,11 @@ def budgetArgs(steps=None, maxTime=None, width=None, device=None, seed=None) -> 
     return args
 
 
+def deviceArgs(device=None) -> list[str]:
+    """``--device DEVICE``, or nothing when ``device`` is None (the backend's default applies)."""
+    return ["--device", str(device)] if device else []
+
+
 def parseJsonOutput(text: str):
     """The JSON a command printed: the whole output (indented JSON), else its last line that parses."""
     try:
@@ -248,6 +253,80 @@ def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[
         return [dict(m) for m in DEFAULT_METHODS]
     return [{"name": str(m["name"]), "description": str(m.get("description", "")),
              "data": str(m.get("data", "--data PATH..."))} for m in methods]
+
+
+# --------------------------------------------------------------------------------- option defaults
+
+GUI_DEFAULTS = {
+    # Pretraining from the Trainer panel: a 2000-step budget, more than the CLI's default, because pretraining
+    # from the panel is meant to run unattended on a GPU, overnight (the module's help says so). A GUI choice
+    # made with the first Trainer panel and kept; remove the entry to show the backend's default instead.
+    "pretrain": {"steps": 2000},
+    # Few-shot fine-tuning from a painting: 300 steps, the few-shot engine's own default (what the backend runs
+    # when --steps is left out of a painting's fine-tuning). `info --defaults` reports the network engine's
+    # default for finetune --steps instead, which the panel must not show for a painting.
+    "finetune": {"steps": 300},
+}
+"""Where the Slicer panels deliberately differ from the backend's option defaults, all in this one place
+({command: {option without dashes: value}}); every other default a panel shows is the backend's own
+(:func:`commandDefaults`), and the logic leaves options at their backend defaults out of its command lines."""
+
+_DEFAULTS_CACHE: dict = {}
+
+
+def commandDefaults(python: str | None = None, timeout: float = 120.0) -> dict:
+    """The backend's option defaults, ``info --defaults``: {"pretrain": {"steps": 1000, "batch-size": 6, ...},
+    "finetune": {...}, "predict": {...}, "suggest": {...}} (option names without dashes; run-time-decided ones
+    are None). Asked once per Python executable and cached (:func:`cachedDefaults`); raises ``RuntimeError``
+    when the backend cannot answer (nothing is cached then)."""
+    executable = python or pythonExecutable()
+    try:
+        code, out, err = jobs.runQuick(command("info", "--defaults", python=executable), childEnvironment(), timeout)
+        answer = parseJsonOutput(out) if code == 0 else None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise RuntimeError(f"the backend's option defaults could not be read: {exc}") from None
+    if not isinstance(answer, dict) or not all(isinstance(v, dict) for v in answer.values()):
+        reason = (jobs.errorReason(err) or "exit status " + str(code)) if code != 0 else "unexpected answer"
+        raise RuntimeError(f"the backend's option defaults could not be read: {reason}")
+    _DEFAULTS_CACHE[executable] = answer
+    return answer
+
+
+def cachedDefaults(python: str | None = None) -> dict | None:
+    """What :func:`commandDefaults` last answered for this Python (None: not asked yet, or it failed)."""
+    return _DEFAULTS_CACHE.get(python or pythonExecutable())
+
+
+def guiDefault(defaults: dict | None, subcommand: str, option: str):
+    """The value a panel shows for ``option`` of ``subcommand``: the deliberate difference in
+    :data:`GUI_DEFAULTS` if there is one, else the backend's default from ``defaults`` (None when unknown)."""
+    if option in GUI_DEFAULTS.get(subcommand, {}):
+        return GUI_DEFAULTS[subcommand][option]
+    return ((defaults or {}).get(subcommand) or {}).get(option)
+
+
+def runtimeDefault(defaults: dict | None, option: str):
+    """The backend's default of an option every command shares (``device``, ``seed``, ...): the value when all
+    commands that have the option agree, else None."""
+    values = {json.dumps(options[option]) for options in (defaults or {}).values() if option in options}
+    return json.loads(values.pop()) if len(values) == 1 else None
+
+
+def initialGuiDefault(subcommand: str, option: str):
+    """What a panel shows for a budget option before the backend has answered: the deliberate difference in
+    :data:`GUI_DEFAULTS`, else 0 ("no limit": the option is then left out, so the backend's default applies
+    anyway)."""
+    value = guiDefault(None, subcommand, option)
+    return 0 if value is None else value
+
+
+def unlessDefault(defaults: dict | None, subcommand: str, option: str, value):
+    """``value``, or None when it is the backend's default for that option (so the option is left out and the
+    backend's default applies); unchanged when the defaults are not known."""
+    known = (defaults or {}).get(subcommand) or {}
+    if value is not None and option in known and known[option] is not None and known[option] == value:
+        return None
+    return value
 
 
 def bundleInfo(modelDir, python: str | None = None, timeout: float = 120.0) -> dict:

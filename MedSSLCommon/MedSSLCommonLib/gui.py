@@ -189,11 +189,27 @@ class BackgroundCall:
         self._onDone(self.result, self.error)
 
 
-def probeBackend() -> dict:
-    """Environment probe and method list in one background call: {"environment": ..., "methods": [...]}."""
+def probeDefaults(environment: dict) -> dict | None:
+    """The backend's option defaults (``info --defaults``; asked once, then the answer cached by
+    :func:`backend.commandDefaults` serves both modules), or None when the backend does not import or cannot
+    answer (the panels then keep what they show)."""
+    if not environment.get("MedSSL"):
+        return None
+    try:
+        return backend.cachedDefaults() or backend.commandDefaults()
+    except RuntimeError as exc:
+        logging.warning("MedSSL: %s", exc)
+        return None
+
+
+def probeBackend(methods: bool = False) -> dict:
+    """Environment probe, the backend's option defaults and (``methods``) its method list in one background
+    call: {"environment": ..., "defaults": {...} or None, "methods": [...]}."""
     environment = backend.probeEnvironment()
-    methods = backend.availableMethods() if environment.get("MedSSL") else list(backend.DEFAULT_METHODS)
-    return {"environment": environment, "methods": methods}
+    answer = {"environment": environment, "defaults": probeDefaults(environment)}
+    if methods:
+        answer["methods"] = backend.availableMethods() if environment.get("MedSSL") else list(backend.DEFAULT_METHODS)
+    return answer
 
 
 def fillDeviceComboBox(comboBox, environment: dict | None, current: str = "auto") -> None:

@@ -37,7 +37,8 @@ class BackendRunner:
 
     scene: MRML scene (default ``slicer.mrmlScene`` at call time). python: the child's Python (default
     :func:`backend.pythonExecutable`). workDir: base of job folders and default outputs (default
-    :func:`backend.workDirectory`). device: ``--device`` value, "auto" | "cuda" | "cpu".
+    :func:`backend.workDirectory`). device: ``--device`` value, "auto" | "cuda" | "cpu", or None (default:
+    ``--device`` is left out and the backend's default applies, see ``medssl info --defaults``).
     """
 
     keepJobFiles = False
@@ -45,7 +46,7 @@ class BackendRunner:
     only its log.txt stays after a failure. True: outputs and logs stay. Input copies (patient data) are
     deleted when the job ends either way."""
 
-    def __init__(self, scene=None, python: str | None = None, workDir: str | None = None, device: str = "auto"):
+    def __init__(self, scene=None, python: str | None = None, workDir: str | None = None, device: str | None = None):
         self._scene = scene
         self.python = python
         self.workDir = workDir

@@ -1,8 +1,9 @@
 """``MedSSLWidgetBase``: what the MedSSL module widgets share - the module lifecycle (setup, enter, exit,
 cleanup, scene close), the parameter node (GUI connection, str parameters bound by
 :class:`~MedSSLCommonLib.gui.StringBindings`, job results stored while another module is shown), the job
-panel and job settings, the background probe of the backend's environment, the device choice and the
-installation of the backend's dependencies.
+panel and job settings, the background probe of the backend's environment and option defaults (spin boxes
+bound with :meth:`MedSSLWidgetBase.bindDefault` show the backend's default until the user changes them), the
+device choice and the installation of the backend's dependencies.
 
 A module widget subclasses it and adds only its own parts: the parameter node class, the logic class, its
 widgets and buttons (:meth:`setupModule`), and what follows a new parameter node or probe. Both .ui files
@@ -56,6 +57,9 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._environment = None
         self._probe = None
+        self._defaults = None  # the backend's option defaults (info --defaults), once the probe has them
+        self._defaultBindings = []  # (widget, parameter, subcommand, option, initial)
+        self._shownDefaults = {}  # parameter -> the default last shown
 
     # ------------------------------------------------------------------ setup and parameter node
 
@@ -151,10 +155,44 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.strings.updateGui)
+        self.showDefaults()
         self.parameterNodeChanged()
 
     def parameterNodeChanged(self):
         """The widgets show a new parameter node (or none): update what depends on its values."""
+
+    # ------------------------------------------------------------------ backend option defaults
+
+    def bindDefault(self, spinBox, parameter: str, subcommand: str, option: str):
+        """``spinBox`` (bound to the int/float ``parameter``) shows the default of the backend's ``subcommand
+        --option`` until the user changes it: :func:`backend.guiDefault` (the backend's answer to ``info
+        --defaults``, or a deliberate difference of :data:`backend.GUI_DEFAULTS`). Before the backend
+        answers it shows :func:`backend.initialGuiDefault`, which must be the parameter's default."""
+        initial = backend.initialGuiDefault(subcommand, option)
+        self._defaultBindings.append((spinBox, parameter, subcommand, option, initial))
+        spinBox.value = initial
+        self._shownDefaults[parameter] = initial
+
+    def showDefaults(self):
+        """Show the defaults of the bound options (see :meth:`bindDefault`) where the value is still the
+        default shown before (the user has not changed it)."""
+        for spinBox, parameter, subcommand, option, initial in self._defaultBindings:
+            value = backend.guiDefault(self._defaults, subcommand, option)
+            if value is None:
+                continue
+            node = self._parameterNode
+            current = getattr(node, parameter) if node is not None else spinBox.value
+            if current in (initial, self._shownDefaults.get(parameter)) and current != value:
+                if node is not None:
+                    setattr(node, parameter, value)  # the parameter node updates the spin box
+                else:
+                    spinBox.value = value
+            self._shownDefaults[parameter] = value
+
+    def optionValue(self, subcommand: str, option: str, value):
+        """``value`` for a logic call, or None when it is the backend's default (the logic then leaves the
+        option out of the command line and the backend's default applies)."""
+        return backend.unlessDefault(self._defaults, subcommand, option, value)
 
     # ------------------------------------------------------------------ environment
 
@@ -165,15 +203,19 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probe = gui.BackgroundCall(self.probeBackend, self.onProbeDone)
 
     def probeBackend(self) -> dict:
-        """What the background probe asks the backend (runs in a thread): {"environment": ...}."""
-        return {"environment": backend.probeEnvironment()}
+        """What the background probe asks the backend (runs in a thread): {"environment": ..., "defaults":
+        ...} (see :func:`gui.probeBackend`)."""
+        return gui.probeBackend()
 
     def onProbeDone(self, answer, error):
         self._probe = None
         self._environment = answer["environment"] if answer else None
+        if answer and answer.get("defaults"):
+            self._defaults = answer["defaults"]
         self.ui.environmentLabel.text = gui.environmentSummary(self._environment, error)
         self.ui.installButton.visible = bool(self._environment and backend.missingDependencies(self._environment))
-        gui.fillDeviceComboBox(self.ui.deviceComboBox, self._environment, self.ui.deviceComboBox.currentData or "auto")
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, self._environment, self._shownDevice())
+        self.showDefaults()
         self.backendProbed(answer)
         self._updateDeviceWarning()
 
@@ -189,6 +231,12 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """After a successful install: show the environment the install checked."""
         self.onProbeDone({"environment": self._environment}, None)
 
+    def _shownDevice(self):
+        """The device to select: the one chosen (kept in the parameter node), else the backend's default,
+        else the current choice."""
+        chosen = getattr(self._parameterNode, "device", "") if self._parameterNode is not None else ""
+        return chosen or backend.runtimeDefault(self._defaults, "device") or self.ui.deviceComboBox.currentData
+
     def _updateDeviceWarning(self, *_args):
         self.ui.deviceWarningLabel.text = gui.deviceWarning(self._environment, self.ui.deviceComboBox.currentData)
 
@@ -197,7 +245,8 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _prepareRun(self):
         """Dependencies present (offering to install them) and the device chosen. Raises if not ready."""
         self._environment = install.ensureBackendReady(self._environment)
-        self.logic.device = self.ui.deviceComboBox.currentData or "auto"
+        device = self.ui.deviceComboBox.currentData or None
+        self.logic.device = None if device == backend.runtimeDefault(self._defaults, "device") else device
 
     def startOrCancel(self, errorMessage, start):
         """A job's start button: Cancel while a job runs; else check the dependencies, set the device and call

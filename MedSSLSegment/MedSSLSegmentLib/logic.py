@@ -91,7 +91,7 @@ class MedSSLSegmentLogic(BackendRunner):
         detections = os.path.join(jobDir, "detections.json") if kind == "detect" else None
         args = ["--model", self.checkModel(modelDir), "--image", image, "--out", out]
         args += ["--detections", detections] if detections else []
-        args += ["--device", self.device, "--progress", "json"]
+        args += backend.deviceArgs(self.device) + ["--progress", "json"]
         name = name or f"{volumeNode.GetName()} {modelName(modelDir, info)}"
         importer = {"segment": self._importSegmentation, "detect": self._importDetections,
                     "classify": self._importClassification}[kind]

@@ -161,7 +161,7 @@ class MedSSLTrainerLogic(BackendRunner):
         if predict:
             commands.append(self.command("predict", "--model", outputDir, "--image", image, "--out", prediction,
                                          *(["--annotation", label] if cleanup else []),
-                                         "--device", self.device, "--progress", "json"))
+                                         *backend.deviceArgs(self.device), "--progress", "json"))
 
         def onFinished(job):
             bundle = _bundleOf(job, outputDir)
@@ -175,19 +175,20 @@ class MedSSLTrainerLogic(BackendRunner):
         return self.run(jobDir, commands, onFinished, blocking, onEvent, [inputs])
 
     @removesUnstartedJobFolders
-    def suggestSlices(self, volumeNode, modelDir, count=5, blocking=True, onEvent=None, segmentationNode=None,
+    def suggestSlices(self, volumeNode, modelDir, count=None, blocking=True, onEvent=None, segmentationNode=None,
                       sliceAxis=SLICE_AXIS_K):
         """Slices worth annotating next, best first: [{"axis", "index", "score", "center_mm" (LPS, the
         volume's own frame), "center_ras" (world RAS, mm, through the volume's parent transforms)}] (axis:
         ITK index axis, 2 = k). With ``segmentationNode`` (the current painting)
-        its annotated slices are not suggested again."""
+        its annotated slices are not suggested again. ``count``: how many (None: the backend's default)."""
         self.checkVolume(volumeNode)
         jobDir = self.newJobDirectory("suggest")
         inputs = os.path.join(jobDir, "inputs")
         image = nodes.writeVolume(volumeNode, os.path.join(inputs, "image.nrrd"))
         out = os.path.join(jobDir, "suggestions.json")
-        args = ["--model", self.checkModel(modelDir), "--image", image, "--count", int(count), "--axis", int(sliceAxis),
-                "--out", out, "--device", self.device, "--progress", "json"]
+        args = ["--model", self.checkModel(modelDir), "--image", image, "--axis", int(sliceAxis), "--out", out]
+        args += ["--count", int(count)] if count is not None else []
+        args += backend.deviceArgs(self.device) + ["--progress", "json"]
         labels = _paintedLabelsOrNone(segmentationNode, volumeNode)
         if labels is not None:
             label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, "label.nrrd"))

@@ -3,7 +3,8 @@
 It speaks the CLI contract (JSON-lines progress, ``medssl: error:`` + exit 2, bundle folders with model.json)
 with trivial "models", so the tests check the Slicer side - files, geometry, node import - in a second,
 without torch. Behaviour switches (environment): FAKE_MEDSSL_FAIL=<reason> (fail every command),
-FAKE_MEDSSL_STEP_S=<seconds per step>, FAKE_MEDSSL_STEPS=<steps>, FAKE_MEDSSL_CHILD_PID=<file> (start a
+FAKE_MEDSSL_STEP_S=<seconds per step>, FAKE_MEDSSL_STEPS=<steps>, FAKE_MEDSSL_DEFAULTS=<JSON> (what
+``info --defaults`` answers differently from the real backend), FAKE_MEDSSL_CHILD_PID=<file> (start a
 sleeping grandchild and write its pid there), FAKE_MEDSSL_IGNORE_TERM=1 (ignore SIGTERM), FAKE_MEDSSL_TASK
 (task written by finetune: segment | detect | classify).
 """
@@ -18,6 +19,35 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
+
+
+DEFAULTS = {
+    "pretrain": {"method": "genesis", "init": None, "width": 32, "patch": [64, 64, 32], "batch-size": 6,
+                 "cubes-per-volume": 32, "modality": "auto", "spacing": None, "cache": None, "resume": False,
+                 "compile": False, "workers": 1, "channels-last": False, "steps": 1000, "max-time": None,
+                 "lr": 0.001, "optimizer": "adam", "val-every": 50, "patience": 20, "checkpoint-every": 100,
+                 "no-amp": True, "device": "auto", "seed": 0, "progress": None, "threads": None},
+    "finetune": {"task": "segment", "image": [], "label": [], "csv": None, "init": None, "classes": None,
+                 "width": None, "patch": None, "batch-size": 2, "modality": "auto", "spacing": None,
+                 "detection": False, "no-augment": True, "val-fraction": 0.0, "resume": False, "steps": 500,
+                 "max-time": None, "lr": 0.001, "optimizer": "adam", "val-every": 50, "patience": 20,
+                 "checkpoint-every": 100, "no-amp": True, "transfer": "all", "bn-recalibration": 16,
+                 "engine": "auto", "device": "auto", "seed": 0, "progress": None, "threads": None},
+    "predict": {"annotation": None, "tta": False, "largest-component": False, "overlap": 0.5, "window": None,
+                "min-volume": 0.0, "min-score": None, "max-findings": None, "memory-mb": 1024.0,
+                "device": "auto", "seed": 0, "progress": None, "threads": None},
+    "suggest": {"label": None, "out": None, "count": 5, "axis": 2, "min-gap": 1, "memory-mb": 1024.0,
+                "device": "auto", "seed": 0, "progress": None, "threads": None},
+}
+"""What the real ``medssl info --defaults`` answers (test_common_defaults.py checks they agree); the stand-in's
+own options take their defaults from here. FAKE_MEDSSL_DEFAULTS='{"pretrain": {"steps": 7}}' changes some."""
+
+
+def defaults():
+    answer = {command: dict(options) for command, options in DEFAULTS.items()}
+    for command, options in json.loads(os.environ.get("FAKE_MEDSSL_DEFAULTS") or "{}").items():
+        answer[command].update(options)
+    return answer
 
 
 def emit(**event):
@@ -173,6 +203,12 @@ def cmd_suggest(args):
     print(json.dumps(answer))
 
 
+def cmd_info(args):
+    if not args.defaults:
+        fail("info: the stand-in only answers --defaults")
+    print(json.dumps(defaults(), indent=2))
+
+
 def cmd_sleep(args):
     """Used by the cancel tests: progress forever, with a grandchild in the same process group."""
     if os.environ.get("FAKE_MEDSSL_IGNORE_TERM"):
@@ -216,10 +252,14 @@ def main():
     p = sub.add_parser("suggest", parents=[common])
     p.add_argument("--model", required=True)
     p.add_argument("--image", required=True)
-    p.add_argument("--count", type=int, default=5)
-    p.add_argument("--axis", type=int, default=2)
+    p.add_argument("--count", type=int, default=defaults()["suggest"]["count"])
+    p.add_argument("--axis", type=int, default=defaults()["suggest"]["axis"])
     p.add_argument("--label")
     p.add_argument("--out")
+    p = sub.add_parser("info")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--defaults", action="store_true")
     sub.add_parser("sleep", parents=[common])
     args = parser.parse_args()
     if os.environ.get("FAKE_MEDSSL_FAIL"):
