@@ -74,7 +74,7 @@ if parameterNodeWrapper is not None:
         fewShotSegmentation: vtkMRMLSegmentationNode
         initChoice: str = "bundle"
         initModel: str = ""
-        finetuneSteps: Annotated[int, Minimum(0)] = backend.initialGuiDefault("finetune", "steps")
+        finetuneSteps: Annotated[int, Minimum(0)] = backend.initialGuiDefault("fewshot", "steps")
         finetuneMinutes: Annotated[float, Minimum(0)] = 0.0
         model: str = ""
 else:
@@ -115,7 +115,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
                              (self.ui.modelPathLineEdit, "model")):
             self.strings.path(widget, name)
         self.bindDefault(self.ui.pretrainStepsSpinBox, "pretrainSteps", "pretrain", "steps")
-        self.bindDefault(self.ui.finetuneStepsSpinBox, "finetuneSteps", "finetune", "steps")
+        # the Trainer fine-tunes on one painted volume: the few-shot engine, whose --steps default is "fewshot"
+        self.bindDefault(self.ui.finetuneStepsSpinBox, "finetuneSteps", "fewshot", "steps")
         self._connect()
 
     def _setupWidgets(self):
@@ -319,7 +320,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui = self.ui
         volume = ui.fewShotVolumeSelector.currentNode()
         steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
-        steps = self.optionValue("finetune", "steps", steps)
+        steps = self.optionValue("fewshot", "steps", steps)
         job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
                                   steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
         self._lossCurveFor(_("Fine-tuning"))

@@ -87,7 +87,10 @@ def defaults_of(cls, instance=None) -> dict:
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli"):
             if f.metadata["help"] is not None:
-                out[flag_of(f)[2:]] = jsonable(default_of(f, instance))
+                value = default_of(f, instance)
+                if f.metadata.get("action") == "store_false":  # --no-amp for amp=True: the flag is off by default
+                    value = not value
+                out[flag_of(f)[2:]] = jsonable(value)
         elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default_of(f)):
             nested = default_of(f)
             out.update(defaults_of(type(nested), nested))

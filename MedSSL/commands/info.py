@@ -19,17 +19,23 @@ def add_parser(sub) -> None:
 
 
 def command_defaults() -> dict:
-    """{command: {option name without dashes: default}}, read from the settings dataclasses the options come from."""
+    """{command: {option name without dashes: default}}, read from the settings dataclasses the options come from;
+    "fewshot" holds the defaults of ``finetune`` when it runs the few-shot engine (one painted image)."""
     from MedSSL.commands.common import defaults_of
     from MedSSL.commands.suggest import SuggestOptions
     from MedSSL.engine.loop import RuntimeOptions
     from MedSSL.tasks import FinetuneConfig, PretrainConfig
     from MedSSL.tasks.infer import PredictOptions
 
+    from MedSSL.tasks.fewshot.engine import FewShotSettings
+
     runtime = defaults_of(RuntimeOptions)
-    return {name: {**defaults_of(cls), **runtime} for name, cls in (
+    out = {name: {**defaults_of(cls), **runtime} for name, cls in (
         ("pretrain", PretrainConfig), ("finetune", FinetuneConfig), ("predict", PredictOptions),
         ("suggest", SuggestOptions))}
+    # `finetune` on a painting runs the few-shot engine, whose --steps (appearance-MLP steps) default differs
+    out["fewshot"] = {"steps": FewShotSettings.steps}
+    return out
 
 
 def run(args) -> int:

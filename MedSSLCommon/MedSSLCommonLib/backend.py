@@ -262,10 +262,6 @@ GUI_DEFAULTS = {
     # from the panel is meant to run unattended on a GPU, overnight (the module's help says so). A GUI choice
     # made with the first Trainer panel and kept; remove the entry to show the backend's default instead.
     "pretrain": {"steps": 2000},
-    # Few-shot fine-tuning from a painting: 300 steps, the few-shot engine's own default (what the backend runs
-    # when --steps is left out of a painting's fine-tuning). `info --defaults` reports the network engine's
-    # default for finetune --steps instead, which the panel must not show for a painting.
-    "finetune": {"steps": 300},
 }
 """Where the Slicer panels deliberately differ from the backend's option defaults, all in this one place
 ({command: {option without dashes: value}}); every other default a panel shows is the backend's own

@@ -26,18 +26,19 @@ DEFAULTS = {
                  "cubes-per-volume": 32, "modality": "auto", "spacing": None, "cache": None, "resume": False,
                  "compile": False, "workers": 1, "channels-last": False, "steps": 1000, "max-time": None,
                  "lr": 0.001, "optimizer": "adam", "val-every": 50, "patience": 20, "checkpoint-every": 100,
-                 "no-amp": True, "device": "auto", "seed": 0, "progress": None, "threads": None},
+                 "no-amp": False, "device": "auto", "seed": 0, "progress": None, "threads": None},
     "finetune": {"task": "segment", "image": [], "label": [], "csv": None, "init": None, "classes": None,
                  "width": None, "patch": None, "batch-size": 2, "modality": "auto", "spacing": None,
-                 "detection": False, "no-augment": True, "val-fraction": 0.0, "resume": False, "steps": 500,
+                 "detection": False, "no-augment": False, "val-fraction": 0.0, "resume": False, "steps": 500,
                  "max-time": None, "lr": 0.001, "optimizer": "adam", "val-every": 50, "patience": 20,
-                 "checkpoint-every": 100, "no-amp": True, "transfer": "all", "bn-recalibration": 16,
+                 "checkpoint-every": 100, "no-amp": False, "transfer": "all", "bn-recalibration": 16,
                  "engine": "auto", "device": "auto", "seed": 0, "progress": None, "threads": None},
     "predict": {"annotation": None, "tta": False, "largest-component": False, "overlap": 0.5, "window": None,
                 "min-volume": 0.0, "min-score": None, "max-findings": None, "memory-mb": 1024.0,
                 "device": "auto", "seed": 0, "progress": None, "threads": None},
     "suggest": {"label": None, "out": None, "count": 5, "axis": 2, "min-gap": 1, "memory-mb": 1024.0,
                 "device": "auto", "seed": 0, "progress": None, "threads": None},
+    "fewshot": {"steps": 300},
 }
 """What the real ``medssl info --defaults`` answers (test_common_defaults.py checks they agree); the stand-in's
 own options take their defaults from here. FAKE_MEDSSL_DEFAULTS='{"pretrain": {"steps": 7}}' changes some."""

@@ -81,12 +81,14 @@ def test_user_values_are_kept_when_the_backend_answers(slicer_app, scene, monkey
 
 def test_deliberate_differences_stay_and_are_passed(slicer_app, scene, monkeypatch):
     """The panel's own budgets (GUI_DEFAULTS) are shown whatever the backend answers, and passed since they
-    differ from the backend's default; suggest leaves --count and the backend's device out."""
+    differ from the backend's default; the fine-tuning budget is the few-shot engine's default (the backend's
+    "fewshot" answer, not the network's "finetune" one) and is left out; suggest leaves --count and the
+    backend's device out."""
     monkeypatch.setenv("FAKE_MEDSSL_DEFAULTS", json.dumps({"pretrain": {"steps": 1234}, "finetune": {"steps": 777},
-                                                           "suggest": {"count": 3}}))
+                                                           "fewshot": {"steps": 321}, "suggest": {"count": 3}}))
     _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")
     assert ui.pretrainStepsSpinBox.value == backend.GUI_DEFAULTS["pretrain"]["steps"]
-    assert ui.finetuneStepsSpinBox.value == backend.GUI_DEFAULTS["finetune"]["steps"]
+    assert ui.finetuneStepsSpinBox.value == 321
     volume = addVolume(scene, phantom(), name="ct")
     ui.fewShotVolumeSelector.setCurrentNode(volume)
     ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))
@@ -95,7 +97,7 @@ def test_deliberate_differences_stay_and_are_passed(slicer_app, scene, monkeypat
     runPanel(widget)
     assert widget.panel.job.status == "done", widget.panel.job.error
     finetune, predict = widget.panel.job.commands
-    assert option(finetune, "--steps") == str(backend.GUI_DEFAULTS["finetune"]["steps"])
+    assert option(finetune, "--steps") is None
     assert option(finetune, "--device") is None and option(predict, "--device") is None
     widget.onSuggestButton()
     runPanel(widget)
@@ -144,7 +146,8 @@ def test_probe_returns_the_real_backends_defaults(real_backend, monkeypatch):
     done = subprocess.run([sys.executable, "-c", script], env=backend.childEnvironment(), capture_output=True,
                           text=True, timeout=300, check=True)
     assert answer == json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(answer) == {"pretrain", "finetune", "predict", "suggest"}
+    assert set(answer) == {"pretrain", "finetune", "predict", "suggest", "fewshot"}
+    assert answer["pretrain"]["no-amp"] is False  # flags that switch something off are off by default
     assert answer["pretrain"]["patch"] and isinstance(answer["pretrain"]["steps"], int)
     assert answer == fake_medssl.DEFAULTS, "update fake_medssl.DEFAULTS to what `medssl info --defaults` prints"
     assert backend.cachedDefaults() == answer
