@@ -228,10 +228,6 @@ def classes_to_json(classes: dict[int, dict]) -> dict:
     return {str(v): {"name": e["name"], "color": list(e["color"])} for v, e in sorted(classes.items())}
 
 
-def classes_from_bundle(meta: dict) -> dict[int, dict]:
-    return {int(k): (v if isinstance(v, dict) else {"name": str(v)}) for k, v in (meta.get("classes") or {}).items()}
-
-
 def _longest_run(flags: np.ndarray) -> int:
     best = run = 0
     for flag in flags:

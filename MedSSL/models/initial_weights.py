@@ -38,11 +38,6 @@ class InitialWeights:
     bundle: BundleMeta | None
     spatial_dims: int = 3
 
-    @property
-    def meta(self) -> dict:
-        """model.json as a dict (empty for .pt files)."""
-        return self.bundle.to_json() if self.bundle is not None else {}
-
     def describe(self) -> dict:
         """What to record in a bundle about the initialisation (no paths)."""
         info = {"source": self.source, "width": self.width}

@@ -36,7 +36,7 @@ from MedSSL.methods.base import PretrainData, build_method, method_class
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
 from MedSSL.engine.acceleration import compile_with_fallback, prepare_batch, use_channels_last
 from MedSSL.engine.prefetch import Prefetcher
-from MedSSL.engine.loop import LoopConfig, TrainingLoop, thin_history
+from MedSSL.engine.loop import TrainingLoop, thin_history
 from MedSSL.tasks import PretrainConfig  # noqa: F401  (its settings live with the other tasks')
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import OutputLock, device_description, init_distributed, seed_everything

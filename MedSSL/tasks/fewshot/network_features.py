@@ -28,8 +28,8 @@ def build_backbone(init: InitialWeights) -> GenesisUNet:
 
 
 def intensity_of(init: InitialWeights) -> IntensityConfig:
-    prep = (init.meta.get("preprocessing") or {}) if init.meta else {}
-    return IntensityConfig.from_dict(prep.get("intensity")) if prep.get("intensity") else IntensityConfig()
+    recorded = init.bundle.preprocessing_setting("intensity") if init.bundle is not None else None
+    return IntensityConfig.from_dict(recorded) if recorded else IntensityConfig()
 
 
 @torch.inference_mode()

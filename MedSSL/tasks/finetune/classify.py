@@ -41,7 +41,8 @@ from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import OutputLock, device_description, resolve_device, seed_everything
 from MedSSL.transforms.augment import AugmentConfig, augment_batch
-from MedSSL.tasks.finetune.common import (FinetuneConfig, fit_steps_to_time, common_meta, load_init, majority, normalize,
+from MedSSL.tasks import FinetuneConfig
+from MedSSL.tasks.finetune.common import (fit_steps_to_time, common_meta, load_init, majority, normalize,
                      preprocessing_from_init, read_image, resolve_width)
 from MedSSL.data.labels import classes_to_json, default_color, parse_classes
 

@@ -7,7 +7,6 @@ import copy
 import time
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,6 @@ from MedSSL.io.bundle import Architecture, BundleMeta
 from MedSSL.io.volumes import Volume, read_volume
 from MedSSL.models.initial_weights import InitialWeights, load_initial_weights
 from MedSSL.engine.loop import LoopConfig
-from MedSSL.tasks import FinetuneConfig  # noqa: F401  (its settings live with the other tasks')
 from MedSSL.engine.runtime import device_description
 
 

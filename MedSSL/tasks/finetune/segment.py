@@ -42,7 +42,8 @@ from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import DistributedContext, OutputLock, device_description, init_distributed, seed_everything
 from MedSSL.transforms.augment import AugmentConfig, augment_batch
-from MedSSL.tasks.finetune.common import (FinetuneConfig, common_meta, encoder_only, fit_steps_to_time, load_init, majority,
+from MedSSL.tasks import FinetuneConfig
+from MedSSL.tasks.finetune.common import (common_meta, encoder_only, fit_steps_to_time, load_init, majority,
                      preprocessing_from_init, resolve_width)
 from MedSSL.tasks.finetune.segment_data import load_segmentation_data, mapping_and_classes
 from MedSSL.data.labels import LabelMapping, classes_to_json

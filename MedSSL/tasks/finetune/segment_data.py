@@ -10,7 +10,8 @@ from MedSSL.data.preprocess import resample_to_spacing
 from MedSSL.data.sampling import TrainingVolume
 from MedSSL.data.spatial import image_dims
 from MedSSL.errors import MedSSLError
-from MedSSL.tasks.finetune.common import FinetuneConfig, normalize
+from MedSSL.tasks import FinetuneConfig
+from MedSSL.tasks.finetune.common import normalize
 
 
 def _resample_label(label, spacing):
