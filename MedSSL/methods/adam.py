@@ -1,4 +1,4 @@
-# One file over 300 lines: the docstring (50 lines) and the settings' checks document the published recipe.
+# One file over 300 lines: the docstring (50 lines) and the settings' descriptions and checks document the published recipe.
 """Adam-v2 (Hosseinzadeh Taher et al., CVPR 2024): localizability, composability and decomposability
 of anatomy, learned coarse to fine, here in 3D (or 2D) on the Genesis U-Net encoder.
 
@@ -72,30 +72,55 @@ class AdamSettings:
     """Adam-v2's settings (published values unless the module docstring says otherwise)."""
 
     loc_weight: float = 1.0
+    """Weight of the localizability (DINO self-distillation) loss (published 1)."""
     comp_weight: float = 1.0
+    """Weight of the composability loss (published 1)."""
     decomp_weight: float = 1.0
+    """Weight of the decomposability loss (published 1)."""
     out_dim: int = 4096
+    """Prototypes of the localizability head, the size of the DINO softmax (published 65,536)."""
     head_hidden: int = 2048
+    """Hidden width of the localizability head's MLP (published 2048)."""
     head_bottleneck: int = 256
+    """Width of the head's L2-normalised output before the prototypes (published 256)."""
     student_temperature: float = 0.1
+    """Student softmax temperature tau_s, > 0 (published 0.1)."""
     teacher_temperature: float = 0.04
+    """Teacher softmax temperature tau_t (sharpening), > 0 (published 0.04)."""
     center_momentum: float = 0.9
+    """EMA momentum of the center subtracted from the teacher's outputs, in [0, 1] (published 0.9)."""
     teacher_momentum: float = 0.996
+    """Teacher EMA momentum at the start, raised to 1 on a cosine over the run, in [0, 1] (published 0.996)."""
     granularity_levels: tuple = (0, 1, 2)
+    """Curriculum levels g in turn; the anchor's sides are 2^-g of the cube's (published 0, 1, 2)."""
     granularity_steps: tuple = (10, 90, 165)
+    """Each level's share of the optimiser steps, relative weights >= 0 (published 10, 90, 165 epochs)."""
     parts: tuple = (2, 2, 1)
+    """Parts of the anchor per axis (X, Y, Z) for (de)composability, counts >= 1 (published 2 x 2 in 2D)."""
     global_scale: tuple = (0.8, 1.0)
+    """[low, high] fraction of the anchor's volume (area in 2D) in the student's global crop (published 0.8-1)."""
     local_scale_bins: tuple = PUBLISHED_LOCAL_BINS
+    """One nested local crop per [low, high] volume-fraction bin of the anchor (published 8: 0.05-0.1 ... 0.7-0.8)."""
     local_size: float = 0.5
+    """Local crops' side as a fraction of the patch's, rounded down to a multiple of 8 (published 96 of 224 px)."""
     rotation_deg: float = 10.0
+    """Largest in-plane rotation, in degrees, of the student's global and local crops (uniform +-)."""
     jitter_prob: float = 0.8
+    """Probability of the grey-level jitter (brightness, then contrast) of each view (published 0.8)."""
     brightness: float = 0.4
+    """Brightness jitter: intensities times U(1 - b, 1 + b) (published 0.4)."""
     contrast: float = 0.4
+    """Contrast jitter about the view's mean by U(1 - c, 1 + c) (published 0.4)."""
     blur_prob: tuple = (0.1, 1.0, 0.5)
+    """Gaussian blur probability of the teacher's anchor, the global and the local views (published 0.1, 1, 0.5)."""
     blur_sigma: tuple = (0.1, 2.0)
+    """[low, high] blur sigma in pixels of a 224-pixel image, scaled to the patch (published 0.1-2)."""
     decompose_norm: str = "whole"
+    """Decompose head's L2 norm: over its whole output ("whole", published) or each part's slice ("part")."""
     mse: str = "sum"
+    """(De)composability distance: "sum" over the embedding (2 - 2 cos), or "mean" over it (MSELoss's default)."""
     export: str = "teacher"
+    """The encoder the bundle's backbone.* holds: "teacher" (published) or "student"."""
 
     def __post_init__(self):
         s = self

@@ -75,13 +75,21 @@ class ArkSettings:
     most cases are CT) and which model the bundle exports."""
 
     consistency_max: float = 0.5
+    """Final consistency weight c, reached on a cosine from 0 over the run, in [0, 1] (published 0.5)."""
     teacher_momentum: float = 0.9
+    """Teacher EMA momentum at the start, raised to 1 on a cosine over the run, in [0, 1] (published 0.9)."""
     dice_weight: float = 1.0
+    """Weight of Dice in the task loss (published: multi-label BCE instead)."""
     ce_weight: float = 1.0
+    """Weight of cross-entropy in the task loss (255 = not annotated, ignored)."""
     augment: bool = True
+    """Give student and teacher fine-tuning's geometric augmentation (rotation, scaling, flips; same draw)."""
     student_jitter_prob: float = 0.3
+    """Probability of the student's grey-level jitter (brightness/contrast or gamma) per patch."""
     student_jitter: str = "auto"
+    """Jitter limits: "published" (+-0.2), "ct" (about 10-20 HU) or "auto" (ct when most cases are CT)."""
     export: str = "teacher"
+    """The network the bundle holds: "teacher" (published) or "student"."""
 
     def __post_init__(self):
         if not 0.0 <= float(self.consistency_max) <= 1.0:

@@ -43,15 +43,25 @@ class MoCoSettings:
     """DiRA's and CAiD's common settings (published: 1 NCE + 10 MSE, T 0.2, m 0.999, 128-d MLP head)."""
 
     nce_weight: float = 1.0
+    """Weight of the InfoNCE (instance discrimination) loss (published 1)."""
     mse_weight: float = 10.0
+    """Weight of the restoration MSE of view 1's crop (published 10)."""
     temperature: float = 0.2
+    """InfoNCE softmax temperature, > 0 (published 0.2)."""
     momentum: float = 0.999
+    """EMA momentum of the key encoder (encoder + head), in [0, 1) (published 0.999)."""
     queue_size: int = 4096
+    """Negative keys held in the queue (published 65,536; fewer suit small datasets)."""
     embedding_dim: int = 128
+    """Size of the projected, L2-normalised embeddings q and k (published 128)."""
     mlp_head: bool = True
+    """Projection head: true = MLP Linear-ReLU-Linear (MoCo-v2, published), false = one Linear."""
     crop_scale: tuple = (0.3, 1.0)
+    """[low, high] fraction of the cube's volume (area in 2D) kept by each random resized crop, within (0, 1]."""
     shuffle_bn_groups: int = 2
+    """Key sub-batches normalised separately, a stand-in for shuffle-BN (1 = off; at most half the batch)."""
     view: GenesisTransformConfig = nested("view_", view_transform)
+    """The Genesis perturbations of the views (JSON keys view_*; defaults: see view_transform)."""
 
     def __post_init__(self):
         if not 0.0 <= float(self.momentum) < 1.0:

@@ -45,9 +45,13 @@ class DiRASettings(MoCoSettings):
     """MoCo's settings plus the adversary's (published 0.001 adversarial weight)."""
 
     adv_weight: float = 0.001
+    """Weight of the generator's adversarial term MSE(D(restored), 1) (published 0.001)."""
     discriminator_weight: float = 1.0
+    """Weight of the discriminator's loss in the shared loss (published: D has its own Adam 2e-4)."""
     adversarial_warmup: float = 0.5
+    """Fraction of the steps, in [0, 1], before the adversarial terms switch on (published: a DiR stage first)."""
     discriminator_width: int | None = None
+    """Channels of the discriminator's first convolution (null = twice the backbone's width; published 64)."""
 
     def __post_init__(self):
         super().__post_init__()

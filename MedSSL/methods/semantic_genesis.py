@@ -36,28 +36,50 @@ class SelfDiscoverySettings:
 
     # self-discovery
     classes: int = 44
+    """Pattern classes to discover, >= 1; fewer may be found (published 44)."""
     instances: int | str = "auto"
+    """Nearest training volumes per class, >= 1, or "auto" = min(200, training volumes) (published 200)."""
     val_instances: int = 30
+    """Nearest validation volumes per class, at most the validation volumes there are (published 30)."""
     features: str = "autoencoder"
+    """Features ranking the neighbours: "autoencoder" (trained here) or "backbone" (its encoder; with --init)."""
     feature_grid: tuple = (64, 64, 32)
+    """Grid (X, Y, Z) the volumes are resized to for the features, multiples of 8 (published 128 x 128 x 64)."""
     ae_width: int = 8
+    """Width of the feature auto-encoder (a Genesis U-Net with its skips zeroed)."""
     ae_steps: int = 200
+    """Adam steps of the feature auto-encoder's training."""
     ae_batch: int = 4
+    """Volumes per auto-encoder training step."""
     ae_lr: float = 1e-3
+    """Learning rate of the auto-encoder's Adam."""
     min_class_distance: float = 0.05
+    """Least distance between class centres, in normalised coordinates (fractions of each axis; published 5 voxels)."""
     max_tries: int = 200
+    """Centre draws per reference volume before the next reference is tried."""
     resolutions: int = 1
+    """Crops per training instance: the cube plus resolutions - 1 rescaled in-plane crops, >= 1 (published 3)."""
     resolution_size: tuple = (50 / 64, 80 / 64)
+    """[low, high] in-plane size of the extra crops, fractions of the cube (published [50, 80) of 64 voxels)."""
     resolution_shift: float = 10 / 64
+    """Largest in-plane shift of the extra crops, a fraction of the cube (published 10 of 64 voxels)."""
     # training
     mse_weight: float = 1.0
+    """Weight of the self-restoration MSE (published 1)."""
     ce_weight: float = 0.01
+    """Weight of the self-classification cross-entropy (published 0.01)."""
     shuffle_blocks: int = 5
+    """Blocks of the local pixel shuffling perturbation (published 5)."""
     perturbation_probabilities: tuple = (0.25, 0.25, 0.25, 0.25)
+    """Relative odds of the one perturbation: shuffling, Bezier intensity, in-, out-painting (published 0.25 each)."""
     paint_fill: str = "noise"
+    """In-/out-painting fill: "noise" (U[0, 1) per voxel) or "constant" (one U[0, 1) value per box / outside)."""
     elastic: bool = False
+    """Warp each cube elastically in-plane before the perturbation (published: on)."""
     elastic_alpha: float = 991.0
+    """Elastic displacement scale for a 64-voxel plane, scaled with the cube (published 991)."""
     elastic_sigma: float = 8.0
+    """Elastic smoothing sigma in voxels of a 64-voxel plane, scaled with the cube (published 8)."""
 
     def __post_init__(self):
         if int(self.classes) < 1:

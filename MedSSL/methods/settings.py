@@ -6,11 +6,17 @@ A field whose value is itself a settings dataclass (the contrastive methods' vie
 :class:`~MedSSL.transforms.genesis.GenesisTransformConfig`) is written flat in JSON, its keys prefixed
 with ``metadata["prefix"]`` (``view_flip_rate``...), after the plain fields. JSON lists are held as
 tuples (the dataclasses are frozen) and written back as lists, so a bundle's model.json reads as before.
+Each field is described by an attribute docstring (a string literal on the line after it), which
+:func:`field_docs` reads back for ``medssl methods``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 from typing import Any
 
 
@@ -75,3 +81,36 @@ def from_json(cls, given: dict | None):
 def nested(prefix: str, factory) -> dataclasses.Field:
     """A nested settings field written flat in JSON with keys ``prefix + key``."""
     return dataclasses.field(default_factory=factory, metadata={"prefix": prefix})
+
+
+@functools.lru_cache(maxsize=None)
+def _attribute_docs(cls) -> dict:
+    """{field: docstring} of the attribute docstrings written in ``cls``'s own body ({} without source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def field_docs(cls) -> dict:
+    """{flat JSON key: one-line description} of settings class ``cls``, keys in the order of
+    :func:`defaults`: each field's attribute docstring (a subclass's wins over its base's; "" where there
+    is none); a nested field's keys take the descriptions of the nested class's fields."""
+    own: dict = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            own.update(_attribute_docs(klass))
+    fields = dataclasses.fields(cls)
+    out = {f.name: own.get(f.name, "") for f in fields if _nested(f) is None}
+    base = cls()
+    for f in fields:
+        if _nested(f) is not None:
+            out.update({_nested(f) + k: v for k, v in field_docs(type(getattr(base, f.name))).items()})
+    return out

@@ -99,45 +99,34 @@ class GenesisTransformConfig:
     """Probabilities and counts of the Models Genesis transformations; defaults = the official code.
 
     Sources: ``pytorch/config.py`` / ``keras/config.py`` (rates) and ``pytorch/utils.py`` (counts) of the
-    Models Genesis repository, see the module docstring for the size rules.
-
-    Attributes:
-        flip_rate: probability of each of up to three successive flips (official ``flip_rate`` 0.4; the
-            flip loop continues while a uniform draw is below it, at most 3 times).
-        local_rate: probability of local pixel shuffling (official ``local_rate`` 0.5).
-        nonlinear_rate: probability of the non-linear Bezier intensity map (official ``nonlinear_rate``
-            0.9); half of the applied maps are inverted (official code, fixed 0.5).
-        paint_rate: probability of painting, in- or out- (official ``paint_rate`` 0.9).
-        inpaint_rate: probability that a painted cube is in-painted rather than out-painted (official
-            ``inpaint_rate = 1 - outpaint_rate = 1 - 0.8 = 0.2``; overall in-painting 0.18, out-painting
-            0.72, neither 0.10).
-        shuffle_blocks: blocks per shuffled cube (official ``num_block = 10000`` in
-            ``local_pixel_shuffling``).
-        inpaint_max_boxes: at most this many in-painting boxes (official ``cnt = 5`` in
-            ``image_in_painting``); each box, the first included, is drawn only while a uniform draw is
-            below ``box_continue_prob``, so a cube gets 0-5 boxes (P(5) = 0.95^5 = 0.77).
-        outpaint_max_windows: at most this many out-painting windows (official: one window always, then
-            ``cnt = 4`` more, each while a uniform draw is below ``box_continue_prob``).
-        box_continue_prob: the continuation probability of both box loops (official 0.95).
-        flip_z: False = the official behaviour: each flip picks one of the three leading axes of the
-            (1, X, Y, Z) sample, and axis 0 is the channel, so X or Y is flipped (or nothing), never Z.
-            True = pick among X, Y and Z (the nnU-Net ``competition/`` variant of the official code).
-        paint_fill: "noise" = the official code: boxes (in-painting) or the outside of the windows
-            (out-painting) get i.i.d. uniform [0, 1) noise per voxel. "constant" = the paper's wording:
-            one uniform value per in-painting box, one for the whole outside of the out-painting windows.
+    Models Genesis repository, see the module docstring for the size rules. Each field's docstring says
+    what it does and its official value. With the official rates a cube is in-painted with probability
+    0.18, out-painted 0.72, neither 0.10. The official flip picks one of the three leading axes of the
+    (1, X, Y, Z) sample, and axis 0 is the channel: X, Y or nothing is flipped, never Z.
     """
 
     flip_rate: float = 0.4
+    """Probability of each of up to 3 flips in turn, stopping at the first miss (Models Genesis 0.4)."""
     local_rate: float = 0.5
+    """Probability of local pixel shuffling (Models Genesis 0.5)."""
     nonlinear_rate: float = 0.9
+    """Probability of the Bezier intensity map, half of the applied maps inverted (Models Genesis 0.9)."""
     paint_rate: float = 0.9
+    """Probability of painting, in- or out- (Models Genesis 0.9)."""
     inpaint_rate: float = 0.2
+    """Probability that a painted cube is in- rather than out-painted (Models Genesis 1 - outpaint_rate 0.8 = 0.2)."""
     shuffle_blocks: int = 10000
+    """Blocks shuffled per cube by local pixel shuffling, >= 0 (Models Genesis num_block 10,000)."""
     inpaint_max_boxes: int = 5
+    """At most this many in-painting boxes, each drawn while a draw is below box_continue_prob (Models Genesis 5)."""
     outpaint_max_windows: int = 5
+    """Out-painting windows kept, 1 to this many: the first always, more as the boxes (Models Genesis 5)."""
     box_continue_prob: float = 0.95
+    """Continuation probability of both box loops (Models Genesis 0.95: 0-5 boxes, P(5) = 0.77)."""
     flip_z: bool = False
+    """False: flips pick X or Y, never the slice axis Z (Models Genesis); true: X, Y or Z (nnU-Net competition/)."""
     paint_fill: str = "noise"
+    """Fill: "noise" = U[0, 1) per painted voxel (Models Genesis code) or "constant" = one per box / outside (paper)."""
 
     def __post_init__(self):
         for name in ("flip_rate", "local_rate", "nonlinear_rate", "paint_rate", "inpaint_rate", "box_continue_prob"):

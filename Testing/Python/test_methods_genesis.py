@@ -131,3 +131,33 @@ def test_a_short_run_lowers_the_restoration_loss_on_held_out_cubes(phantom_folde
     assert constant == pytest.approx(0.052, abs=0.01)
     assert trained < 0.8 * constant, (trained, constant)
     assert trained < 0.6 * untrained, (trained, untrained)
+
+
+def test_every_setting_of_every_method_is_described_and_listed(capsys):
+    """Each settings field has an attribute docstring (nested ``view_*`` keys take the Genesis transform's);
+    ``medssl methods`` prints every setting with its default and description; ``--json`` keeps its keys
+    and adds the descriptions under ``setting_descriptions``."""
+    import json
+    import re
+
+    from MedSSL.methods.base import available_methods
+    from MedSSL.methods.settings import defaults, field_docs
+
+    assert main(["methods"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["methods", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)["methods"]}
+    for cls in available_methods():
+        docs = field_docs(cls.Settings)
+        assert list(docs) == list(defaults(cls.Settings)), cls.name
+        undocumented = [k for k, text in docs.items() if not text or "\n" in text]
+        assert not undocumented, f"{cls.name}: {undocumented}"
+        entry = listed[cls.name]
+        assert set(entry) == {"name", "description", "published", "data", "supports_2d", "settings",
+                              "setting_descriptions"}
+        assert entry["settings"] == defaults(cls.Settings) and entry["setting_descriptions"] == docs
+        section = plain[re.search(rf"^{re.escape(cls.name)} ", plain, re.M).start():]  # its header line on
+        for key, text in docs.items():
+            assert any(line.split()[:3] == [key, "=", json.dumps(defaults(cls.Settings)[key]).split()[0]]
+                       and line.endswith(text) for line in section.splitlines()), (cls.name, key)
+    assert field_docs(GenesisTransformConfig)["flip_rate"] == field_docs(method_class("caid").Settings)["view_flip_rate"]
