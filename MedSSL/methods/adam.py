@@ -173,9 +173,7 @@ class Adam(SSLMethod):
     #: no validation (see the module docstring): the held-out cubes are trained on too
     trains_on_validation_data = True
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
-                 spatial_dims: int = 3):
-        super().__init__(width, in_channels, settings, spatial_dims)
+    def build_modules(self) -> None:
         s = self.settings
         d = self.backbone.bottleneck_channels
         self.n_parts = int(np.prod([int(g) for g in s.parts][: self.spatial_dims]))

@@ -122,9 +122,7 @@ class Ark(SSLMethod):
     supports_2d = True
     Settings = ArkSettings
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
-                 spatial_dims: int = 3):
-        super().__init__(width, in_channels, settings, spatial_dims)
+    def build_modules(self) -> None:
         s = self.settings
         self.jitter = "published" if s.student_jitter == "auto" else s.student_jitter
         self.loss_fn = MaskedDiceCELoss(float(s.dice_weight), float(s.ce_weight))

@@ -57,7 +57,8 @@ class NoSettings:
 
 
 class SSLMethod(nn.Module):
-    """Base class. Subclasses set ``name``, ``description`` and ``Settings`` and implement the loss.
+    """Base class. Subclasses set ``name``, ``description`` and ``Settings``, build their own modules in
+    :meth:`build_modules` and implement the loss.
 
     Batches are (N, 1, X, Y, Z) float tensors in [0, 1] on the training device (X, Y, Z = the patch,
     slice axis last). ``Settings`` is a frozen, validated dataclass (:mod:`MedSSL.methods.settings`);
@@ -92,6 +93,12 @@ class SSLMethod(nn.Module):
         self.spatial_dims = spatial_dims
         self.backbone = GenesisUNet(in_channels=in_channels, out_channels=in_channels, width=width,
                                spatial_dims=self.spatial_dims)
+        self.build_modules()
+
+    def build_modules(self) -> None:
+        """Build the method's own modules and buffers (heads, teachers, queues) from ``self.settings`` and
+        ``self.backbone`` (``width``, ``in_channels``, ``bottleneck_channels``). Called once, at the end
+        of the constructor, so that methods need no constructor of their own. Default: nothing."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

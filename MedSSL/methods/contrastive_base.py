@@ -87,9 +87,7 @@ class MoCoRestorationMethod(SSLMethod):
 
     Settings = MoCoSettings
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
-                 spatial_dims: int = 3):
-        super().__init__(width, in_channels, settings, spatial_dims)
+    def build_modules(self) -> None:
         s = self.settings
         channels = self.backbone.bottleneck_channels
         self.projection = ProjectionHead(channels, int(s.embedding_dim), channels, bool(s.mlp_head))

@@ -74,12 +74,11 @@ class DiRA(MoCoRestorationMethod):
     supports_2d = True
     Settings = DiRASettings
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
-                 spatial_dims: int = 3):
-        super().__init__(width, in_channels, settings, spatial_dims)
+    def build_modules(self) -> None:
+        super().build_modules()
         warm = float(self.settings.adversarial_warmup)
-        d_width = self.settings.discriminator_width or 2 * width
-        self.discriminator = Discriminator(in_channels, int(d_width), self.spatial_dims)
+        d_width = self.settings.discriminator_width or 2 * self.backbone.width
+        self.discriminator = Discriminator(self.backbone.in_channels, int(d_width), self.spatial_dims)
         self._adversarial_on = warm <= 0.0
         self._told_total = False
         self._warned = False

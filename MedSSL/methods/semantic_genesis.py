@@ -99,9 +99,7 @@ class SelfDiscoveryMethod(SSLMethod):
 
     Settings = SelfDiscoverySettings
 
-    def __init__(self, width: int = 32, in_channels: int = 1, settings: dict | None = None,
-                 spatial_dims: int = 3):
-        super().__init__(width, in_channels, settings, spatial_dims)
+    def build_modules(self) -> None:
         s = self.settings
         channels = self.backbone.bottleneck_channels
         self.clc_out = ClassificationHead(channels, 2 * channels, int(s.classes))
