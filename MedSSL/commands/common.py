@@ -23,6 +23,14 @@ def _shown(value) -> str:
     return str(value)
 
 
+def _nested_settings(f):
+    """The default instance of a field that holds a nested settings dataclass (e.g. ``loop``), else None."""
+    if f.metadata.get("cli") or f.default_factory is dataclasses.MISSING:
+        return None
+    nested = default_of(f)
+    return nested if dataclasses.is_dataclass(nested) else None
+
+
 def add_options(parser, cls, instance=None, help_for: dict | None = None, skip=()) -> None:
     """Add the argparse options of settings class ``cls``: one per :func:`~MedSSL.io.settings.option` field
     (dest = the field name), its default the field's (``instance``'s, for a nested config a task declares
@@ -33,8 +41,8 @@ def add_options(parser, cls, instance=None, help_for: dict | None = None, skip=(
         if f.name in skip:
             continue
         if not f.metadata.get("cli"):
-            nested = default_of(f) if f.default_factory is not dataclasses.MISSING else None
-            if dataclasses.is_dataclass(nested):
+            nested = _nested_settings(f)
+            if nested is not None:
                 add_options(parser, type(nested), nested, f.metadata.get("help"), skip)
             continue
         meta = f.metadata
@@ -73,8 +81,7 @@ def settings_from_args(cls, args, instance=None, **given):
             if value is None and f.metadata["cli_default"] is None:
                 continue
             values[f.name] = tuple(value) if isinstance(value, list) and f.metadata["action"] != "append" else value
-        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default_of(f)):
-            nested = default_of(f)
+        elif (nested := _nested_settings(f)) is not None:
             values[f.name] = settings_from_args(type(nested), args, nested)
     if instance is not None:
         return dataclasses.replace(instance, **values)
@@ -91,8 +98,7 @@ def defaults_of(cls, instance=None) -> dict:
                 if f.metadata.get("action") == "store_false":  # --no-amp for amp=True: the flag is off by default
                     value = not value
                 out[flag_of(f)[2:]] = jsonable(value)
-        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default_of(f)):
-            nested = default_of(f)
+        elif (nested := _nested_settings(f)) is not None:
             out.update(defaults_of(type(nested), nested))
     return out
 
