@@ -1,17 +1,73 @@
-"""Optional speed-ups for the GPU path, each behind a flag and each with a fallback.
+"""How a training network runs fast on its device: memory format, mixed precision, compilation.
 
-* channels-last 3D memory format (``--channels-last``): weights in NDHWC order, which cuDNN's 3D
-  convolutions often prefer with mixed precision; inputs are converted batch by batch.
+* channels-last 3D memory format: weights in NDHWC order. On the CPU always for 3D networks (oneDNN's
+  3D convolutions and their backward pass: 1.3-1.5x per training step, measured with
+  ``Testing/Benchmarks/bench_speed.py``); on CUDA with ``--channels-last`` (cuDNN often prefers it with
+  mixed precision). Numerically the same network: only the order of the summations changes.
+* mixed precision (on unless ``--no-amp``): autocast to bf16 on CUDA where supported (else fp16 with a
+  grad scaler), and to bf16 on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where oneDNN's
+  bf16 convolutions roughly double the step rate again; CPUs without it emulate bf16 slower than fp32,
+  so they stay in fp32. Losses that need fp32 cast their inputs (``logits.float()``). Not on the CPU for
+  3D inputs whose first axis is under :data:`CPU_BF16_MIN_FIRST_AXIS` voxels: there oneDNN (torch 2.13)
+  computes the bottleneck convolutions' bf16 weight gradients non-deterministically (bottleneck extent
+  <= 2 along X; a pretraining run on 16 x 16 x 8 cubes reached NaN at step 3), so those train in fp32.
 * ``torch.compile`` (``--compile``): compiled on first use; if compilation fails (no compiler, an
   unsupported operation), the module falls back to eager mode with a log line instead of stopping the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes in bf16 natively (AVX512-BF16 or AMX tiles); False when unknown."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without these probes: assume emulated bf16
+        return False
+
+
+#: smallest first spatial axis (voxels) of a 3D training input for bf16 on the CPU (bottleneck >= 3)
+CPU_BF16_MIN_FIRST_AXIS = 24
+
+
+def amp_for_inputs(device: torch.device, requested: bool, input_sizes) -> bool:
+    """Whether mixed precision stays on for a network trained on inputs of ``input_sizes`` (spatial
+    voxel sizes, 2 or 3 axes): off on the CPU when a 3D input is under :data:`CPU_BF16_MIN_FIRST_AXIS`
+    along its first axis (see the module docstring)."""
+    if not requested or device.type != "cpu":
+        return requested
+    return all(len(size) < 3 or int(size[0]) >= CPU_BF16_MIN_FIRST_AXIS for size in input_sizes)
+
+
+def mixed_precision(device: torch.device, enabled: bool):
+    """(autocast context, grad scaler or None) for training steps on ``device``; see the module docstring."""
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return torch.autocast("cuda", dtype=dtype), scaler
+    if enabled and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16), None
+    return contextlib.nullcontext(), None
+
+
+def precision_name(device: torch.device, enabled: bool) -> str:
+    """What :func:`mixed_precision` chooses, in words ("bf16 autocast", "fp16 autocast", "fp32")."""
+    context, _ = mixed_precision(device, enabled)
+    return f"{str(context.fast_dtype).removeprefix('torch.')} autocast" if isinstance(context, torch.autocast) else "fp32"
+
+
+def prepare_for_training(module: nn.Module, device: torch.device, spatial_dims: int, channels_last: bool,
+                         log: Callable[[str], None]) -> bool:
+    """Put a 3D training network (already on ``device``) into channels-last where it pays: always on
+    the CPU, on CUDA when ``channels_last`` (``--channels-last``) asks. True if it is channels-last."""
+    wanted = spatial_dims == 3 and (device.type == "cpu" or channels_last)
+    return wanted and use_channels_last(module, log)
 
 
 def use_channels_last(module: nn.Module, log: Callable[[str], None]) -> bool:

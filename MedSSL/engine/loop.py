@@ -1,14 +1,14 @@
 """The training loop shared by pretraining and fine-tuning.
 
 It owns what every job needs and no method-specific logic: the step/time budget (whichever ends
-first), AMP on CUDA (bf16 where supported, else fp16 with a grad scaler), learning-rate warm-up and
+first), mixed precision (``engine.acceleration.mixed_precision``: bf16 or fp16 on CUDA, bf16 on CPUs that
+compute it natively), learning-rate warm-up and
 cosine decay, validation with early stopping and best-weights tracking, atomic checkpoints every N
 steps, resume from the last checkpoint, progress reporting, and torchrun (only rank 0 writes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -21,6 +21,7 @@ from torch import nn
 
 from MedSSL.errors import MedSSLError
 from MedSSL.io.settings import at_least, one_of, option
+from MedSSL.engine.acceleration import mixed_precision
 from MedSSL.engine.checkpoint import load_checkpoint, save_checkpoint
 from MedSSL.engine.progress import Progress
 from MedSSL.engine.runtime import DistributedContext
@@ -51,7 +52,8 @@ class LoopConfig:
     patience: int | None = option(20, type=int, help="early stopping after N validations without improvement "
                                                      "(default {default}; 0 = off)")
     checkpoint_every: int = option(100, type=int, help="write a resumable checkpoint every N steps (default {default})")
-    amp: bool = option(True, flag="--no-amp", action="store_false", help="disable mixed precision on CUDA")
+    amp: bool = option(True, flag="--no-amp", action="store_false",
+                       help="train in fp32 (default: bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16)")
     grad_clip: float | None = 5.0
 
     def __post_init__(self):
@@ -123,14 +125,6 @@ def lr_factor(step: int, config: LoopConfig, fraction: float | None = None) -> f
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
-
-
 class TrainingLoop:
     """Runs ``step_fn`` under a budget; see the module docstring.
 
@@ -179,7 +173,7 @@ class TrainingLoop:
     def run(self, step_fn: Callable[[int], tuple[torch.Tensor, dict]],
             validate_fn: Callable[[], float] | None = None) -> LoopResult:
         cfg = self.config
-        autocast, scaler = _autocast(self.device, cfg.amp)
+        autocast, scaler = mixed_precision(self.device, cfg.amp)
         start = time.monotonic()
         by_time = scheduled_by_time(cfg)
         budget = f"{cfg.max_time:g} s" if by_time else f"{cfg.steps} steps" + (f", at most {cfg.max_time:g} s" if cfg.max_time else "")
@@ -200,7 +194,8 @@ class TrainingLoop:
             with autocast:
                 loss, parts = step_fn(self.step)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {float(loss)} at step {self.step}; lower --lr")
+                hint = " or train in fp32 (--no-amp)" if isinstance(autocast, torch.autocast) else ""
+                raise FloatingPointError(f"the loss became {float(loss.detach())} at step {self.step}; lower --lr{hint}")
             self.optimizer.zero_grad(set_to_none=True)
             (scaler.scale(loss) if scaler else loss).backward()
             if scaler:

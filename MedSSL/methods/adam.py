@@ -201,6 +201,10 @@ class Adam(SSLMethod):
         index = int(np.count_nonzero(np.cumsum(shares) * total <= step * shares.sum()))
         return levels[min(index, len(levels) - 1)]
 
+    def input_sizes(self, patch: tuple) -> list[tuple]:
+        """The patch and the local crops' size."""
+        return [tuple(patch), tuple(local_size(patch, float(self.settings.local_size)))]
+
     def teacher_momentum_at(self, step: int, total: int) -> float:
         """Teacher momentum for the update after step ``step`` (0-based): cosine from the setting to 1."""
         return scheduled(float(self.settings.teacher_momentum), 1.0, step, total)

@@ -158,6 +158,11 @@ class SSLMethod(nn.Module):
         """
         raise NotImplementedError
 
+    def input_sizes(self, patch: tuple) -> list[tuple]:
+        """The spatial sizes (voxels) of the inputs the backbone sees in training: by default the patch;
+        a method with smaller views (Adam's local crops) adds them. Read to choose the precision."""
+        return [tuple(patch)]
+
     def transferable_state_dict(self) -> dict:
         """What the bundle stores: the whole method state (the U-Net under ``backbone.*``)."""
         return self.state_dict()

@@ -46,7 +46,7 @@ class PretrainConfig:
                            help="torch.compile the U-Net (falls back to eager mode if compilation fails)")
     workers: int = option(1, type=int, help="loader threads preparing batches while the GPU trains (default {default}; 0 = none)")
     channels_last: bool = option(False, action="store_true",
-                                 help="channels-last 3D memory format (often faster on GPUs with AMP)")
+                                 help="channels-last 3D memory format on CUDA (often faster with AMP; the CPU always uses it for 3D networks)")
     loop: LoopConfig = field(default_factory=LoopConfig)
     datasets: Path | None = None
 

@@ -1,4 +1,5 @@
-"""GPU-path options on CPU: channels-last pretraining works; a failing torch.compile falls back to eager."""
+"""How training networks are prepared: channels-last on the CPU (and on CUDA when asked), the precision
+recorded in the bundle; a failing torch.compile falls back to eager."""
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,8 @@ from MedSSL.io.bundle import read_meta
 from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
-from MedSSL.engine.acceleration import compile_with_fallback, prepare_batch
+from MedSSL.engine.acceleration import compile_with_fallback, precision_name, prepare_batch, prepare_for_training
+from MedSSL.models.genesis_unet import GenesisUNet
 
 torch.set_num_threads(1)
 
@@ -18,7 +20,10 @@ def test_channels_last_pretraining(tmp_path, capsys):
     assert main(["pretrain", "--device", "cpu", "--data", str(tmp_path / "a.nii.gz"), "--out", str(tmp_path / "b"), "--cache", str(tmp_path / "c"),
                  "--width", "4", "--patch", "32", "32", "16", "--batch-size", "2", "--steps", "3", "--channels-last",
                  "--progress", "none"]) == 0
-    assert read_meta(tmp_path / "b")["training"]["steps"] == 3
+    training = read_meta(tmp_path / "b")["training"]
+    assert training["steps"] == 3
+    # 32 x 32 x 16 cubes: bf16 autocast where the CPU computes it natively, else fp32
+    assert training["precision"] == precision_name(torch.device("cpu"), True)
     batch = prepare_batch(torch.rand(2, 1, 8, 8, 8), channels_last=True)
     assert batch.is_contiguous(memory_format=torch.channels_last_3d)
 
@@ -58,3 +63,21 @@ def test_prefetcher_keeps_the_order_and_passes_errors_on():
     with pytest.raises(ValueError, match="unreadable cube"):
         failing()
     failing.close()
+
+
+def test_training_networks_are_channels_last_on_the_cpu_only_where_it_pays():
+    conv = "down_tr64.ops.1.conv1.weight"  # 2 input channels: the layouts differ
+    net = GenesisUNet(1, 2, 2)
+    assert prepare_for_training(net, torch.device("cpu"), 3, False, print)
+    assert net.state_dict()[conv].is_contiguous(memory_format=torch.channels_last_3d)
+    assert not net.state_dict()[conv].is_contiguous()
+    flat = GenesisUNet(1, 2, 2, spatial_dims=2)  # 2D networks keep their layout
+    assert not prepare_for_training(flat, torch.device("cpu"), 2, False, print)
+    cuda_net = GenesisUNet(1, 2, 2)  # CUDA only with --channels-last (nothing runs on the device here)
+    assert not prepare_for_training(cuda_net, torch.device("cuda"), 3, False, print)
+    assert cuda_net.state_dict()[conv].is_contiguous()
+    # the same network: only the memory layout differs
+    x = torch.rand(1, 1, 16, 16, 8)
+    plain = GenesisUNet(1, 2, 2).eval()
+    plain.load_state_dict(net.state_dict())
+    assert torch.allclose(plain(x), net.eval()(x), atol=1e-5)

@@ -11,6 +11,8 @@ import torch
 
 from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
+from MedSSL.engine import acceleration
+from MedSSL.engine.acceleration import mixed_precision, precision_name
 from MedSSL.engine import sliding_window as sliding
 from MedSSL.io.volumes import write_volume
 from MedSSL.engine import loop as loop_module
@@ -56,19 +58,35 @@ def test_optimizer_option_picks_the_optimiser(name, cls, state_key, volumes, tmp
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_no_amp_turns_mixed_precision_off(volumes, tmp_path, monkeypatch):
-    """On CPU there is no mixed precision either way; the option reaches the loop, whose CUDA autocast it
-    disables (checked with a CUDA device that need not exist: nothing runs on it)."""
+    """The option reaches the loop, whose autocast it disables: on CUDA (checked with a CUDA device that
+    need not exist: nothing runs on it) and on a CPU with native bf16 (probe patched); a CPU without it
+    trains in fp32 either way."""
     built = loops(monkeypatch)
     for extra, amp in (([], True), (["--no-amp"], False)):
         assert main(["pretrain", "--data", str(volumes), "--out", str(tmp_path / f"amp{amp}"), "--cache",
-                     str(tmp_path / "cache"), *TINY, "--steps", "1", *extra]) == 0
+                     str(tmp_path / "cache"), *TINY, "--patch", "24", "16", "8", "--steps", "1", *extra]) == 0
         assert built[-1].config.amp is amp
+    # 3D inputs under 24 voxels along X train in fp32 on the CPU (oneDNN's bf16 weight gradients there)
+    assert main(["pretrain", "--data", str(volumes), "--out", str(tmp_path / "small"), "--cache",
+                 str(tmp_path / "cache"), *TINY, "--steps", "1"]) == 0
+    assert built[-1].config.amp is False
+    cpu = torch.device("cpu")
+    assert acceleration.amp_for_inputs(cpu, True, [(24, 16, 8)]) and acceleration.amp_for_inputs(cpu, True, [(16, 16)])
+    assert not acceleration.amp_for_inputs(cpu, True, [(64, 64, 32), (16, 32, 16)])
+    assert acceleration.amp_for_inputs(torch.device("cuda"), True, [(16, 16, 8)])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cuda = torch.device("cuda")
-    context, scaler = loop_module._autocast(cuda, enabled=True)
+    context, scaler = mixed_precision(cuda, enabled=True)
     assert isinstance(context, torch.autocast) and scaler is None  # bf16: no grad scaler
-    context, scaler = loop_module._autocast(cuda, enabled=False)
+    context, scaler = mixed_precision(cuda, enabled=False)
     assert not isinstance(context, torch.autocast) and scaler is None
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda native=native: native)
+        context, scaler = mixed_precision(cpu, enabled=True)
+        assert isinstance(context, torch.autocast) is native and scaler is None
+        assert precision_name(cpu, True) == ("bfloat16 autocast" if native else "fp32")
+        assert not isinstance(mixed_precision(cpu, enabled=False)[0], torch.autocast)
 
 
 def test_workers_prefetch_in_threads_and_keep_the_run_reproducible(volumes, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from MedSSL.errors import MedSSLError
 from MedSSL.io.bundle import Architecture, BundleMeta
 from MedSSL.io.volumes import Volume, read_volume
 from MedSSL.models.initial_weights import InitialWeights, load_initial_weights
+from MedSSL.engine.acceleration import mixed_precision, precision_name
 from MedSSL.engine.loop import LoopConfig
 from MedSSL.engine.runtime import device_description
 
@@ -25,15 +26,18 @@ def fit_steps_to_time(loop: LoopConfig, step_fn, model, device, trials: int = 4)
     """The loop config with ``steps`` = how many steps fit ``loop.max_time`` seconds.
 
     The learning-rate schedule (warm-up, cosine decay) is laid out over ``steps``, so a time budget
-    alone ("train for 60 s") needs a step count: a few forward/backward passes are timed (no optimiser
-    step; weights and BatchNorm statistics are restored afterwards) and the median is used.
+    alone ("train for 60 s") needs a step count: a few forward/backward passes are timed in the loop's
+    precision (no optimiser step; weights and BatchNorm statistics are restored afterwards) and the
+    median is used.
     """
     saved = copy.deepcopy(model.state_dict())
     model.train()
+    autocast, _ = mixed_precision(device, loop.amp)
     times = []
     for _ in range(trials):
         start = time.monotonic()
-        loss, _ = step_fn(0)
+        with autocast:
+            loss, _ = step_fn(0)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -128,7 +132,7 @@ def common_meta(*, task: str, width: int, out_channels: int, intensity: Intensit
         training={"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": batch_size,
                   "optimizer": loop.optimizer, "lr": loop.lr, "max_time_s": loop.max_time,
                   "best_val_loss": result.best_val, "seed": seed, "device": device_description(device),
-                  "seconds": round(result.seconds, 1)},
+                  "precision": precision_name(device, loop.amp), "seconds": round(result.seconds, 1)},
         history=thin_history(result.history),
         world_size=1,
     )
