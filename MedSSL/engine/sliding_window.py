@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from MedSSL.engine.acceleration import mixed_precision
 from monai.inferers import sliding_window_inference
 
 #: flips used by test-time augmentation: identity and one flip per axis (dims of (N, C, X, Y, Z));
@@ -60,11 +62,14 @@ def plan_slabs(depth: int, patch_z: int, channels: int, plane_voxels: int, memor
     return slabs
 
 
-def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = False) -> Callable:
+def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = False,
+                   low_precision: bool = True) -> Callable:
     """Window function for MONAI: (B, 1, X, Y, Z) -> (B, C [+1], X, Y, Z) probabilities (float32 on the
     CPU, float16 on a GPU); for a 2D
     network (B, 1, X, Y) -> (B, C [+1], X, Y).
 
+    The network runs under :func:`~MedSSL.engine.acceleration.mixed_precision` when ``low_precision``
+    (bf16 on CPUs with native bf16, bf16/fp16 on CUDA), else in fp32; softmax and accumulation are fp32.
     Softmax of the network's logits, averaged over :data:`TTA_FLIPS` when ``tta`` (2D: the X and Y
     flips); with ``entropy`` a
     last channel holds the predictive entropy of those (averaged) probabilities divided by log(C), in
@@ -72,6 +77,8 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
     """
 
     network, channels_last = _cpu_inference_network(network)
+    params = list(network.parameters())
+    autocast, _ = mixed_precision(params[0].device if params else torch.device("cpu"), low_precision)
 
     @torch.inference_mode()
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +89,7 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
         total = None
         for dims in flips:
             xi = x.flip(dims) if dims else x
-            with _autocast(x.device):
+            with autocast:
                 logits = network(xi)
             probs = _softmax_(logits.float())
             probs = probs.flip(dims) if dims else probs
@@ -123,14 +130,6 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 1 computed in place (no second (N, C, X, Y, Z) float32 tensor)."""
     logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
     return logits.div_(logits.sum(dim=1, keepdim=True))
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 @torch.inference_mode()

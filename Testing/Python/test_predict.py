@@ -200,6 +200,32 @@ def test_annotation_and_largest_component_options(trained, tmp_path):
     assert ndimage.label(read_volume(tmp_path / "b.nrrd").array == 1)[1] <= 1
 
 
+def test_fp32_option_reaches_the_network(trained, tmp_path, monkeypatch):
+    """--fp32 runs the network without autocast; by default it runs under the loop's reduced precision
+    (bf16 where the CPU computes it natively, so on other CPUs the two runs agree exactly)."""
+    from MedSSL.engine import sliding_window
+    from MedSSL.engine.acceleration import cpu_has_native_bf16
+
+    folder, _ = trained
+    seen = []
+    real = sliding_window.mixed_precision
+
+    def recording(device, enabled):
+        seen.append(enabled)
+        return real(device, enabled)
+
+    monkeypatch.setattr(sliding_window, "mixed_precision", recording)
+    outputs = {}
+    for name, extra in (("default", []), ("fp32", ["--fp32"])):
+        out = tmp_path / f"{name}.nrrd"
+        assert main(["predict", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out", str(out),
+                     "--progress", "none", *extra]) == 0
+        outputs[name] = read_volume(out).array
+    assert seen == [True, False]
+    changed = float((outputs["default"] != outputs["fp32"]).mean())
+    assert changed < 0.01 if cpu_has_native_bf16() else changed == 0.0
+
+
 def test_load_model_reads_the_bundle(tmp_path):
     segment_bundle(tmp_path / "m", values=(0, 3, 117), names={3: "a", 117: "b"})
     model = load_model(tmp_path / "m", torch.device("cpu"))

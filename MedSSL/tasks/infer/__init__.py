@@ -20,7 +20,8 @@ class PredictOptions:
     :func:`~.postprocess.keep_connected_to_annotation`); overlap: sliding-window overlap (0..0.95; the
     command's default is the bundle's); memory_mb: target size of the sliding-window accumulator;
     min_volume_mm3: smallest detection; window: sliding-window size (X, Y, Z) voxels or "plane", None =
-    :func:`~.model.inference_window`; min_score / max_findings: which detections to report. The
+    :func:`~.model.inference_window`; min_score / max_findings: which detections to report; fp32: no
+    reduced-precision network (see :func:`~MedSSL.engine.sliding_window.make_predictor`). The
     :func:`~MedSSL.io.settings.option` fields are ``medssl predict``'s options."""
 
     annotation: Path | None = option(None, type=Path, metavar="LABEL",
@@ -45,6 +46,9 @@ class PredictOptions:
     max_findings: int | None = option(None, type=int, metavar="N", help="report at most the N best detections (default: all)")
     memory_mb: float = option(1024.0, type=float, help="target size of the sliding-window accumulator; larger volumes "
                                                        "are processed in slabs (default {default})")
+    fp32: bool = option(False, action="store_true",
+                        help="run the network in fp32 (default: bf16 on CPUs that compute it natively, bf16 or fp16 "
+                             "on CUDA; probabilities are accumulated in fp32 on the CPU either way)")
     sw_batch_size: int = 2
     select: object = None  # None, or a function filtering the detections list (``--min-score``, ``--max-findings``)
 

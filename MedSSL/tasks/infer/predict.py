@@ -85,7 +85,7 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
     if progress:
         progress.stage("predict", f"sliding window over {'x'.join(map(str, work.shape))} voxels", total=1)
     window = inference_window(model, work.shape, options.window, options.sw_batch_size)
-    run_slabs(array, make_predictor(model.network, options.tta), window, n, reducer, overlap=options.overlap,
+    run_slabs(array, make_predictor(model.network, options.tta, low_precision=not options.fp32), window, n, reducer, overlap=options.overlap,
               sw_batch_size=options.sw_batch_size, memory_mb=options.memory_mb, device=model.device,
               on_slab=(lambda i, k: progress.update(i, k)) if progress else None, spatial_dims=model.spatial_dims)
     del array
