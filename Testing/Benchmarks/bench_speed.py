@@ -11,12 +11,16 @@ One run measures:
   calls are timed and counted; FLOPs per window are counted once with ``torch.utils.flop_counter``.
   Reported: seconds per Mvoxel, achieved GFLOP/s of the forward passes (FLOPs / time inside
   ``forward``), that as a fraction of ``matmul_gflops``, the share of wall time outside the network
-  (I/O, normalisation, blending, accumulation, reduction, writing) and peak RSS.
-* ``train``: one pretraining step (Models Genesis: transform + forward + backward + Adam, batch 6)
-  and one fine-tuning step (cross-entropy on a random crop of a labelled volume, batch 2), each the
-  mean of ``--steps`` steps after a warm-up: achieved GFLOP/s of forward + backward (counted), its
-  fraction of the matmul rate, and the loader share (the batch's preparation: the Genesis transform,
-  or the crop) of the step.
+  (I/O, normalisation, blending, accumulation, reduction, writing) and peak RSS; in predict's default
+  precision (bf16 on CPUs with native bf16), or in fp32 with ``--fp32``.
+* ``train``: one pretraining step (Models Genesis: transform in a loader thread + forward + backward +
+  Adam, batch 6) and one fine-tuning step (Dice + cross-entropy on an augmented random crop of a
+  labelled volume, batch 2), set up as the commands set them up (channels-last on the CPU, the loop's
+  mixed precision), each the mean of ``--steps`` steps after a warm-up: achieved GFLOP/s of forward +
+  backward (counted), its fraction of the fp32 matmul rate, and the loader wait (the time the step
+  waits for its batch: the loader thread's queue, or the crop and augmentation) as a share of the
+  step. Where the default precision is not fp32 (bf16 on CPUs that compute it natively), both are
+  measured.
 
 Random weights: speed does not depend on what the network learned. ``os.getloadavg()`` is reported
 next to every figure (the CPU is shared). The last stdout line is the JSON result.
@@ -146,7 +150,8 @@ def predict_child(args) -> None:
         return y
 
     GenesisUNet.forward = timed
-    options = PredictOptions(overlap=args.overlap, memory_mb=args.memory_mb, sw_batch_size=args.sw_batch_size)
+    options = PredictOptions(overlap=args.overlap, memory_mb=args.memory_mb, sw_batch_size=args.sw_batch_size,
+                             fp32=args.fp32)
     predict_files(model, args.image, args.out, options, Progress("none"))
     wall = time.perf_counter() - start
     GenesisUNet.forward = forward
@@ -163,7 +168,8 @@ def bench_predict(tmp: Path, image: Path, shape, width: int, classes: int, args,
     make_bundle(bundle, classes, width, args.patch)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--bundle", str(bundle), "--image", str(image),
            "--out", str(tmp / "labels.nrrd"), "--threads", str(args.threads), "--device", args.device,
-           "--overlap", str(args.overlap), "--memory-mb", str(args.memory_mb), "--sw-batch-size", str(args.sw_batch_size)]
+           "--overlap", str(args.overlap), "--memory-mb", str(args.memory_mb), "--sw-batch-size", str(args.sw_batch_size),
+           *(["--fp32"] if args.fp32 else [])]
     load_before = load()
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     if done.returncode != 0:
@@ -171,7 +177,10 @@ def bench_predict(tmp: Path, image: Path, shape, width: int, classes: int, args,
     child = json.loads(done.stdout.strip().splitlines()[-1])
     mvox = float(np.prod(shape)) / 1e6
     gflops = child["flops_per_window"] * child["windows"] / max(child["network_s"], 1e-9) / 1e9
+    from MedSSL.engine.acceleration import precision_name
+
     row = {"width": width, "classes": classes, "shape": list(shape), "mvoxels": round(mvox, 3),
+           "precision": precision_name(torch.device(args.device), not args.fp32),
            "wall_s": round(child["wall_s"], 2), "s_per_mvoxel": round(child["wall_s"] / mvox, 2),
            "network_s": round(child["network_s"], 2), "windows": child["windows"],
            "gflop_per_window": round(child["flops_per_window"] / 1e9, 3),
@@ -179,7 +188,7 @@ def bench_predict(tmp: Path, image: Path, shape, width: int, classes: int, args,
            "achieved_gflops": round(gflops, 2), "fraction_of_matmul": round(gflops / rate, 3),
            "outside_network_share": round(1 - child["network_s"] / child["wall_s"], 3),
            "peak_rss_mb": round(child["peak_rss_mb"], 1), "load_before": load_before, "load_after": load()}
-    log(f"predict w{width} c{classes} {'x'.join(map(str, shape))}: {row['s_per_mvoxel']} s/Mvoxel, "
+    log(f"predict w{width} c{classes} {'x'.join(map(str, shape))} {row['precision']}: {row['s_per_mvoxel']} s/Mvoxel, "
         f"{row['achieved_gflops']} GFLOP/s ({row['fraction_of_matmul']:.0%} of the first matmul), "
         f"outside network {row['outside_network_share']:.0%}, peak RSS {row['peak_rss_mb']} MB, load {row['load_after']}")
     return row
@@ -189,33 +198,48 @@ def bench_predict(tmp: Path, image: Path, shape, width: int, classes: int, args,
 
 
 def bench_train(kind: str, width: int, classes: int, batch: int, patch, steps: int, device: torch.device,
-                rate: float) -> dict:
-    """One pretraining (Genesis) or fine-tuning (cross-entropy) step: mean of ``steps`` after a warm-up."""
-    import torch.nn.functional as F
-
+                rate: float, amp: bool = True) -> dict:
+    """One pretraining (Genesis) or fine-tuning (Dice + cross-entropy) step as ``medssl pretrain`` and
+    ``medssl finetune`` run it: the network prepared by ``engine.acceleration`` (channels-last on the
+    CPU), the loop's precision (``amp`` False = ``--no-amp``), the batch from a loader thread
+    (pretraining, ``--workers 1``) or drawn and augmented in the step (fine-tuning). Mean of ``steps``
+    steps after a warm-up."""
+    from MedSSL.engine.acceleration import amp_for_inputs, mixed_precision, precision_name, prepare_for_training
+    from MedSSL.engine.prefetch import Prefetcher
+    from MedSSL.losses.segmentation import MaskedDiceCELoss
     from MedSSL.models.genesis_unet import GenesisUNet
+    from MedSSL.transforms.augment import AugmentConfig, augment_batch
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     out_channels = 1 if kind == "pretrain" else classes
     model = GenesisUNet(1, out_channels, width).to(device).train()
+    prepare_for_training(model, device, 3, False, log)
+    amp = amp_for_inputs(device, amp, [tuple(patch)])
+    autocast, scaler = mixed_precision(device, amp)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     if kind == "pretrain":
+        import torch.nn.functional as F
+
         from MedSSL.transforms.genesis import GenesisTransformConfig, genesis_transform
 
         config = GenesisTransformConfig()
         cubes = torch.rand(batch, 1, *patch, generator=generator)
 
-        def make_batch():
+        def draw():
             inputs, targets = genesis_transform(cubes, config, generator)
             return inputs.to(device), targets.to(device)
 
+        make_batch = Prefetcher(draw, workers=1)
+
         def loss_fn(output, target):
-            return F.mse_loss(torch.sigmoid(output), target)
+            return F.mse_loss(torch.sigmoid(output.float()), target)
     else:
         big = [s * 2 for s in patch]
         volume = torch.rand(1, *big, generator=generator)
         labels = torch.randint(0, classes, tuple(big), generator=generator)
+        augment = AugmentConfig.for_task("segment", "CT")
+        dice_ce = MaskedDiceCELoss()
 
         def make_batch():
             xs, ys = [], []
@@ -224,16 +248,17 @@ def bench_train(kind: str, width: int, classes: int, batch: int, patch, steps: i
                 sl = tuple(slice(a, a + p) for a, p in zip(o, patch))
                 xs.append(volume[(slice(None), *sl)])
                 ys.append(labels[sl])
-            return torch.stack(xs).to(device), torch.stack(ys).to(device)
+            return augment_batch(torch.stack(xs).to(device), torch.stack(ys).to(device), augment, generator)
 
         def loss_fn(output, target):
-            return F.cross_entropy(output, target)
+            return dice_ce(output, target)[0]
 
     def network_step(inputs, targets):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
+        with autocast:
+            loss = loss_fn(model(inputs), targets)
+        (scaler.scale(loss) if scaler else loss).backward()
+        (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
 
     inputs, targets = make_batch()
     flops = count_flops(lambda: loss_fn(model(inputs), targets).backward())
@@ -250,14 +275,17 @@ def bench_train(kind: str, width: int, classes: int, batch: int, patch, steps: i
         if step:
             step_times.append(t2 - t0)
             loader_times.append(t1 - t0)
+    if isinstance(make_batch, Prefetcher):
+        make_batch.close()
     step_s = float(np.mean(step_times))
     loader_s = float(np.mean(loader_times))
     gflops = flops / (step_s - loader_s) / 1e9
     row = {"kind": kind, "width": width, "classes": out_channels, "batch": batch, "patch": list(patch), "steps": steps,
-           "step_s": round(step_s, 3), "gflop_per_step": round(flops / 1e9, 2), "achieved_gflops": round(gflops, 2),
-           "fraction_of_matmul": round(gflops / rate, 3), "loader_share": round(loader_s / step_s, 3), "load": load()}
-    log(f"train {kind} w{width}: {row['step_s']} s/step, {row['achieved_gflops']} GFLOP/s "
-        f"({row['fraction_of_matmul']:.0%} of the first matmul), loader {row['loader_share']:.0%}, load {row['load']}")
+           "precision": precision_name(device, amp), "step_s": round(step_s, 3), "gflop_per_step": round(flops / 1e9, 2),
+           "achieved_gflops": round(gflops, 2), "fraction_of_matmul": round(gflops / rate, 3),
+           "loader_share": round(loader_s / step_s, 3), "load": load()}
+    log(f"train {kind} w{width} {row['precision']}: {row['step_s']} s/step, {row['achieved_gflops']} GFLOP/s "
+        f"({row['fraction_of_matmul']:.0%} of the first matmul), loader wait {row['loader_share']:.0%}, load {row['load']}")
     return row
 
 
@@ -284,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-width", type=int, default=8)
     ap.add_argument("--train-patch", type=int, nargs=3, default=[64, 64, 32])
     ap.add_argument("--steps", type=int, default=2, help="timed training steps of each kind (after one warm-up)")
+    ap.add_argument("--fp32", action="store_true", help="predict with medssl predict --fp32 (default: its default "
+                                                        "precision, bf16 on CPUs with native bf16)")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-predict", action="store_true")
     ap.add_argument("--matmul-n", type=int, default=2048)
@@ -317,9 +347,16 @@ def main(argv=None) -> int:
                 for classes in args.classes:
                     result["predict"].append(bench_predict(tmp, image, args.shape, width, classes, args, rate))
     if not args.no_train:
-        result["train"].append(bench_train("pretrain", args.train_width, 1, 6, args.train_patch, args.steps, device, rate))
-        result["train"].append(bench_train("finetune", args.train_width, max(args.classes), 2, args.train_patch, args.steps,
-                                           device, rate))
+        from MedSSL.engine.acceleration import amp_for_inputs, mixed_precision
+
+        # the default precision, and fp32 (--no-amp) when the default is another
+        precisions = [True, False] if isinstance(mixed_precision(device, amp_for_inputs(
+            device, True, [tuple(args.train_patch)]))[0], torch.autocast) else [True]
+        for amp in precisions:
+            result["train"].append(bench_train("pretrain", args.train_width, 1, 6, args.train_patch, args.steps, device,
+                                               rate, amp))
+            result["train"].append(bench_train("finetune", args.train_width, max(args.classes), 2, args.train_patch,
+                                               args.steps, device, rate, amp))
     result["matmul_gflops_end"] = round(matmul_gflops(device, args.matmul_n), 1)
     # the load moves the GEMM rate too: fractions are of the better of the two measurements
     result["matmul_gflops_reference"] = reference = max(rate, result["matmul_gflops_end"])
