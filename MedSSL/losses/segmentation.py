@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 
 from MedSSL.data.labels import IGNORE
 
@@ -27,7 +26,6 @@ class MaskedDiceCELoss(torch.nn.Module):
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0):
         super().__init__()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
-        self.dice = DiceLoss(include_background=True, softmax=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits = logits.float()
@@ -36,10 +34,26 @@ class MaskedDiceCELoss(torch.nn.Module):
         if not mask.any():
             zero = logits.sum() * 0.0
             return zero, {"dice_loss": 0.0, "ce": 0.0}
-        ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
-        probs = torch.softmax(logits, dim=1)
-        m = mask.unsqueeze(1).to(probs.dtype)
-        onehot = F.one_hot(torch.where(mask, target, 0), logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-        dice = self.dice(probs * m, onehot * m)
+        log_probs = F.log_softmax(logits, dim=1)  # once for both terms
+        ce = F.nll_loss(log_probs, target, ignore_index=IGNORE)
+        dice = masked_dice_loss(log_probs.exp(), target, mask)
         loss = self.dice_weight * dice + self.ce_weight * ce
         return loss, {"dice_loss": float(dice.detach()), "ce": float(ce.detach())}
+
+
+def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """MONAI's ``DiceLoss(include_background=True, batch=True, smooth_nr=smooth, smooth_dr=smooth)`` of
+    ``probs * mask`` against ``one_hot(target) * mask``, without building the one-hot tensor.
+
+    probs (N, C, *S) float probabilities; target (N, *S) long class indices (any value where ``mask``
+    is False); mask (N, *S) bool annotated voxels. Returns the mean over the C classes of
+    1 - (2 I_c + smooth) / (P_c + G_c + smooth), with I_c the summed probability of class c on the
+    voxels annotated c, P_c the summed probability of class c on the annotated voxels and G_c their count.
+    """
+    classes = probs.shape[1]
+    labels = target[mask]  # (M,)
+    own = probs.movedim(1, -1)[mask].gather(1, labels[:, None])[:, 0]  # (M,) probability of the own class
+    intersection = torch.zeros(classes, dtype=probs.dtype, device=probs.device).index_add(0, labels, own)
+    predicted = (probs * mask.unsqueeze(1).to(probs.dtype)).sum(dim=[0, *range(2, probs.dim())])
+    truth = torch.bincount(labels, minlength=classes).to(probs.dtype)
+    return (1.0 - (2.0 * intersection + smooth) / (predicted + truth + smooth)).mean()

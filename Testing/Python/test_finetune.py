@@ -56,6 +56,37 @@ def test_ignored_voxels_change_neither_loss_nor_gradient():
     assert not torch.allclose(loss, MaskedDiceCELoss()(logits.detach(), as_background)[0])
 
 
+@pytest.mark.parametrize("classes,channels_last", [(3, False), (7, True)])
+def test_masked_dice_is_monais_dice_on_masked_one_hot_targets(classes, channels_last):
+    """The hand-written Dice (no one-hot tensor) gives MONAI's DiceLoss value and gradient."""
+    import torch.nn.functional as F
+    from monai.losses import DiceLoss
+
+    from MedSSL.losses.segmentation import masked_dice_loss
+
+    torch.manual_seed(classes)
+    logits = torch.randn(2, classes, 8, 6, 4)
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last_3d)
+    target = torch.randint(0, classes - 1, (2, 8, 6, 4))  # the last class is absent: its term is 0/0-smoothed
+    target[0, :3] = IGNORE
+    mask = target != IGNORE
+    grads = []
+    for hand_written in (True, False):
+        x = logits.clone().requires_grad_()
+        probs = torch.softmax(x, dim=1)
+        if hand_written:
+            loss = masked_dice_loss(probs, target, mask)
+        else:
+            m = mask.unsqueeze(1).float()
+            onehot = F.one_hot(torch.where(mask, target, 0), classes).movedim(-1, 1).float()
+            loss = DiceLoss(include_background=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)(probs * m, onehot * m)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
 def test_training_on_annotated_ends_does_not_learn_the_unannotated_middle(tmp_path):
     """Bright blobs everywhere; only both ends of X are annotated (blob = 1, the rest 0), the middle
     60 % is 255. Were 255 taken as background (or as a class), the blobs in the middle would be
