@@ -52,6 +52,27 @@ def test_bench_pretrain_memory_quick(capsys):
     assert result["results"][0]["peak_rss_mb"] > 0
 
 
+def test_bench_speed_quick(capsys):
+    assert bench("bench_speed").main(["--quick"]) == 0
+    result = last_json(capsys)
+    assert result["benchmark"] == "speed" and result["matmul_gflops"] > 0
+    assert [(r["width"], r["classes"]) for r in result["predict"]] == [(2, 2), (2, 5)]
+    assert all(r["achieved_gflops"] > 0 and 0 <= r["outside_network_share"] < 1 for r in result["predict"])
+    assert {r["kind"] for r in result["train"]} == {"pretrain", "finetune"}
+    assert all(r["precision"] == "fp32" for r in result["train"])  # 16-voxel patches train in fp32 on the CPU
+
+
+def test_bench_precision_smoke(capsys):
+    module = bench("bench_precision")
+    if not module.DATA.is_dir():
+        pytest.skip(f"{module.DATA} absent")
+    assert module.main(["--cases", "spleen_ct", "--width", "2", "--steps", "2", "--pretrain-steps", "2"]) == 0
+    result = last_json(capsys)
+    assert [r["arm"] for r in result["finetune"]] == ["bf16", "fp32"] and len(result["pretrain"]) == 2
+    assert result["finetune"][1]["precision"] == "fp32" and 0 <= result["finetune"][1]["dice_unpainted"] <= 1
+    assert result["summary"]["predict"]["models"] == 1
+
+
 @pytest.fixture
 def c_locale():
     """The C locale (ASCII text files by default), as in a bare container or after a library reset it: the
