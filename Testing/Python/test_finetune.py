@@ -87,6 +87,25 @@ def test_masked_dice_is_monais_dice_on_masked_one_hot_targets(classes, channels_
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
+def test_loss_is_the_same_for_channels_last_logits():
+    """The CPU training network is channels-last; the loss must not depend on the memory layout."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 8, 6, 4)
+    target = torch.randint(0, 5, (2, 8, 6, 4))
+    target[1, :, :2] = IGNORE
+    results = []
+    for x in (logits.clone(), logits.contiguous(memory_format=torch.channels_last_3d)):
+        x.requires_grad_()
+        loss, parts = MaskedDiceCELoss()(x, target)
+        loss.backward()
+        results.append((loss.detach(), x.grad, parts))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-7)
+    import torch.nn.functional as F
+
+    assert abs(results[0][2]["ce"] - float(F.cross_entropy(logits, target, ignore_index=IGNORE))) < 1e-5
+
+
 def test_training_on_annotated_ends_does_not_learn_the_unannotated_middle(tmp_path):
     """Bright blobs everywhere; only both ends of X are annotated (blob = 1, the rest 0), the middle
     60 % is 255. Were 255 taken as background (or as a class), the blobs in the middle would be
