@@ -43,6 +43,26 @@ class Slab:
     core_stop: int
 
 
+def plan_strips(size: int, patch: int, overlap: float, bytes_per_index: int, memory_mb: float) -> list[Slab]:
+    """Cut the X axis (``size`` voxels) into strips whose rolling accumulator (``bytes_per_index`` per X
+    index) fits ``memory_mb``; [] when no strip of at least one window of kept voxels fits.
+
+    Kept ranges (``core_*``) start on the window grid (multiples of the scan interval, as MONAI's
+    ``int(patch * (1 - overlap))``) and each strip adds ``patch - interval`` voxels of context on its
+    inner sides: exactly the windows the whole-volume pass runs over the kept voxels."""
+    interval = max(1, int(patch * (1 - overlap)))
+    margin = patch - interval
+    widest = int(memory_mb * 2**20 // max(1, bytes_per_index))
+    core = (widest - 2 * margin) // interval * interval
+    if core < patch:
+        return []
+    strips = []
+    for core_start in range(0, size, core):
+        core_stop = min(size, core_start + core)
+        strips.append(Slab(max(0, core_start - margin), min(size, core_stop + margin), core_start, core_stop))
+    return strips
+
+
 def plan_slabs(depth: int, patch_z: int, channels: int, plane_voxels: int, memory_mb: float) -> list[Slab]:
     """Cut ``depth`` slices into slabs whose sliding-window working set fits ``memory_mb`` where
     possible. The working set is counted as twice the fp16 accumulator (``channels`` + 1 count map):
@@ -139,8 +159,14 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
               on_slab: Callable[[int, int], None] | None = None, spatial_dims: int = 3) -> None:
     """Slide ``predictor`` over ``array`` (float32 (X, Y, Z)) slab by slab.
 
-    ``reduce(block, z0, z1)`` receives each slab's kept part: float16 (channels, X, Y, z1 - z0) for
-    slices ``[z0, z1)`` of the volume. ``channels`` is what the predictor returns. ``on_slab(i, n)`` is
+    ``reduce(block, z0, z1, x0=0)`` receives each kept part: (channels, X', Y, z1 - z0) probabilities
+    for slices ``[z0, z1)`` and X indices ``[x0, x0 + X')`` of the volume (float32 from the rolling
+    accumulator, float16 from MONAI's slabs).
+
+    Memory: the whole plane's rolling accumulator when it fits ``memory_mb``; else X strips of it (each
+    with half a window of context on its inner sides, aligned to the window grid, so every kept voxel
+    sees the windows and weights of the whole-volume pass; at most 2x the compute); else, when not even
+    a strip fits, Z slabs of MONAI's sliding window with recomputed margins. ``channels`` is what the predictor returns. ``on_slab(i, n)`` is
     called after each slab (progress). ``spatial_dims`` 2: ``array`` is a one-slice image (X, Y, 1),
     ``patch`` (X, Y, 1) or (X, Y), and ``predictor`` takes (B, 1, X, Y) windows (see the module doc).
     """
@@ -158,9 +184,23 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
         return
     x_size, y_size, depth = array.shape
     roi = tuple(int(p) for p in patch)
-    rolling_mb = (channels + 1) * x_size * y_size * roi[2] * 4 / 2**20  # float32 (channels + count) x one window's depth
-    if all(s >= r for s, r in zip(array.shape, roi)) and rolling_mb <= memory_mb:
+    per_x = (channels + 1) * y_size * roi[2] * 4  # bytes of the rolling float32 accumulator per X index
+    fits = all(s >= r for s, r in zip(array.shape, roi))
+    if fits and x_size * per_x / 2**20 <= memory_mb:
         _run_rolling(array, predictor, roi, channels, reduce, overlap, sw_batch_size, device, on_slab)
+        return
+    strips = plan_strips(x_size, roi[0], overlap, per_x, memory_mb) if fits else []
+    for i, strip in enumerate(strips):
+        lo, hi = strip.core_start - strip.start, strip.core_stop - strip.start
+
+        def strip_reduce(block, z0, z1, lo=lo, hi=hi, x0=strip.core_start):
+            reduce(block[:, lo:hi], z0, z1, x0)
+
+        _run_rolling(array[strip.start:strip.stop], predictor, roi, channels, strip_reduce, overlap, sw_batch_size,
+                     device, None)
+        if on_slab is not None:
+            on_slab(i + 1, len(strips))
+    if strips:
         return
     slabs = plan_slabs(depth, int(patch[2]), channels, x_size * y_size, memory_mb)
     for i, slab in enumerate(slabs):
@@ -245,14 +285,16 @@ class SegmentationReducer:
         self.fg_prob = np.zeros(shape, dtype=np.float16)
         self.entropy = np.zeros(shape, dtype=np.float16) if entropy else None
 
-    def __call__(self, block: torch.Tensor, z0: int, z1: int) -> None:
+    def __call__(self, block: torch.Tensor, z0: int, z1: int, x0: int = 0) -> None:
+        """block (channels, X', Y, z1 - z0): X indices [x0, x0 + X'), slices [z0, z1)."""
+        xs = slice(x0, x0 + block.shape[1])
         for a in range(0, z1 - z0, self.chunk):
             b = min(z1 - z0, a + self.chunk)
             part = block[..., a:b].float()
             probs = part[: self.n_channels]
             best, arg = probs.max(dim=0)
-            self.channel[:, :, z0 + a:z0 + b] = arg.to(torch.uint8).cpu().numpy()
-            self.max_prob[:, :, z0 + a:z0 + b] = best.half().cpu().numpy()
-            self.fg_prob[:, :, z0 + a:z0 + b] = (1.0 - probs[0]).clamp(0, 1).half().cpu().numpy()
+            self.channel[xs, :, z0 + a:z0 + b] = arg.to(torch.uint8).cpu().numpy()
+            self.max_prob[xs, :, z0 + a:z0 + b] = best.half().cpu().numpy()
+            self.fg_prob[xs, :, z0 + a:z0 + b] = (1.0 - probs[0]).clamp(0, 1).half().cpu().numpy()
             if self.entropy is not None:
-                self.entropy[:, :, z0 + a:z0 + b] = part[self.n_channels].half().cpu().numpy()
+                self.entropy[xs, :, z0 + a:z0 + b] = part[self.n_channels].half().cpu().numpy()

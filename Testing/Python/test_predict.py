@@ -67,6 +67,18 @@ def test_slab_plan_bounds_the_accumulator():
     assert plan_slabs(depth=40, patch_z=16, channels=3, plane_voxels=100, memory_mb=512) == [plan_slabs(40, 16, 3, 100, 512)[0]]
 
 
+def test_strip_plan_follows_the_window_grid_and_the_budget():
+    from MedSSL.engine.sliding_window import plan_strips
+
+    per_x = 63 * 512 * 32 * 4  # 62 classes + count, a 512-voxel Y axis, 32-slice windows, float32
+    strips = plan_strips(512, 64, 0.5, per_x, 1024.0)
+    assert [(s.start, s.stop, s.core_start, s.core_stop) for s in strips] == [
+        (0, 224, 0, 192), (160, 416, 192, 384), (352, 512, 384, 512)]
+    assert all((s.stop - s.start) * per_x <= 1024 * 2**20 for s in strips)
+    assert all(s.start % 32 == 0 and s.core_start % 32 == 0 for s in strips)  # on the window grid
+    assert plan_strips(512, 64, 0.5, per_x, 200.0) == []  # not one window of kept voxels fits: Z slabs
+
+
 def test_slabs_agree_with_one_pass():
     torch.manual_seed(0)
     net = GenesisUNet(1, 5, 4).eval()

@@ -33,15 +33,23 @@ def phantom():
 
 
 @pytest.mark.parametrize("low_precision", [False, True], ids=["fp32", "default"])
-@pytest.mark.parametrize("classes,memory_mb,tol", [(5, 1024.0, 2e-3), (2, 1024.0, 2e-3), (5, 0.05, 1e-2)])
-def test_labels_unchanged(classes, memory_mb, tol, low_precision):
+# 1024 MB: the whole plane's rolling accumulator; 0.22 MB: three X strips of it; 0.05 MB: MONAI's Z slabs
+@pytest.mark.parametrize("classes,memory_mb,tol", [(5, 1024.0, 2e-3), (2, 1024.0, 2e-3), (5, 0.22, 2e-3),
+                                                   (5, 0.05, 1e-2)])
+def test_labels_unchanged(classes, memory_mb, tol, low_precision, monkeypatch):
     tol = tol if not low_precision else max(tol, 1e-2)
+    from MedSSL.engine import sliding_window
+
+    plans = []
+    real_plan = sliding_window.plan_strips
+    monkeypatch.setattr(sliding_window, "plan_strips", lambda *a: plans.append(real_plan(*a)) or plans[-1])
     torch.manual_seed(classes)
     net = GenesisUNet(1, classes, 4).eval()
     image = phantom()
     ref = reference(net, image, 0.5)
     reducer = SegmentationReducer(image.shape, classes)
     run_slabs(image, make_predictor(net, low_precision=low_precision), PATCH, classes, reducer, overlap=0.5, memory_mb=memory_mb)
+    assert [len(p) for p in plans] == {1024.0: [], 0.22: [3], 0.05: [0]}[memory_mb]  # the path under test
     ordered = np.sort(ref, axis=0)
     gap = ordered[-1] - ordered[-2]
     differ = reducer.channel != ref.argmax(0)
