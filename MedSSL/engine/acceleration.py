@@ -62,12 +62,16 @@ def precision_name(device: torch.device, enabled: bool) -> str:
     return f"{str(context.fast_dtype).removeprefix('torch.')} autocast" if isinstance(context, torch.autocast) else "fp32"
 
 
-def prepare_for_training(module: nn.Module, device: torch.device, spatial_dims: int, channels_last: bool,
-                         log: Callable[[str], None]) -> bool:
-    """Put a 3D training network (already on ``device``) into channels-last where it pays: always on
-    the CPU, on CUDA when ``channels_last`` (``--channels-last``) asks. True if it is channels-last."""
-    wanted = spatial_dims == 3 and (device.type == "cpu" or channels_last)
-    return wanted and use_channels_last(module, log)
+def prepare_for_training(module: nn.Module, device: torch.device, spatial_dims: int, input_sizes, amp: bool,
+                         channels_last: bool, log: Callable[[str], None]) -> tuple[bool, bool]:
+    """The one set-up every training task runs on its network (already on ``device``): channels-last
+    where it pays (a 3D network: always on the CPU, on CUDA when ``channels_last``, ``--channels-last``,
+    asks), mixed precision for its ``input_sizes`` (:func:`amp_for_inputs`; ``amp`` = not ``--no-amp``),
+    and one log line saying which. Returns (amp for the loop's config, channels-last?)."""
+    converted = spatial_dims == 3 and (device.type == "cpu" or channels_last) and use_channels_last(module, log)
+    amp = amp_for_inputs(device, amp, input_sizes)
+    log(f"training in {precision_name(device, amp)}{', channels-last' if converted else ''}")
+    return amp, converted
 
 
 def use_channels_last(module: nn.Module, log: Callable[[str], None]) -> bool:

@@ -97,8 +97,8 @@ def make_predictor(network: torch.nn.Module, tta: bool = False, entropy: bool = 
     """
 
     network, channels_last = _cpu_inference_network(network)
-    params = list(network.parameters())
-    autocast, _ = mixed_precision(params[0].device if params else torch.device("cpu"), low_precision)
+    first = next(network.parameters(), None)
+    autocast, _ = mixed_precision(first.device if first is not None else torch.device("cpu"), low_precision)
 
     @torch.inference_mode()
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -163,11 +163,13 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
     for slices ``[z0, z1)`` and X indices ``[x0, x0 + X')`` of the volume (float32 from the rolling
     accumulator, float16 from MONAI's slabs).
 
-    Memory: the whole plane's rolling accumulator when it fits ``memory_mb``; else X strips of it (each
-    with half a window of context on its inner sides, aligned to the window grid, so every kept voxel
-    sees the windows and weights of the whole-volume pass; at most 2x the compute); else, when not even
-    a strip fits, Z slabs of MONAI's sliding window with recomputed margins. ``channels`` is what the predictor returns. ``on_slab(i, n)`` is
-    called after each slab (progress). ``spatial_dims`` 2: ``array`` is a one-slice image (X, Y, 1),
+    ``channels`` is what the predictor returns. ``on_slab(i, n)`` is called after each slab or strip
+    (progress).
+
+    Memory: the whole plane's rolling accumulator when it fits ``memory_mb``; else X strips of it (see
+    :func:`plan_strips`: aligned to the window grid with the context the windows need, so every kept
+    voxel sees the windows and weights of the whole-volume pass; at most 2x the compute); else, when not
+    even a strip fits, Z slabs of MONAI's sliding window with recomputed margins. ``spatial_dims`` 2: ``array`` is a one-slice image (X, Y, 1),
     ``patch`` (X, Y, 1) or (X, Y), and ``predictor`` takes (B, 1, X, Y) windows (see the module doc).
     """
     monai_predictor = lambda x: predictor(x).contiguous()  # noqa: E731 (MONAI blends faster in the default layout)

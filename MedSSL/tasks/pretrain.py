@@ -35,7 +35,7 @@ from MedSSL.io.volumes import find_volumes
 from MedSSL.io.privacy import redact_paths
 from MedSSL.methods.base import PretrainData, build_method, method_class
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
-from MedSSL.engine.acceleration import amp_for_inputs, compile_with_fallback, precision_name, prepare_batch, prepare_for_training
+from MedSSL.engine.acceleration import compile_with_fallback, precision_name, prepare_batch, prepare_for_training
 from MedSSL.engine.prefetch import Prefetcher
 from MedSSL.engine.loop import TrainingLoop, thin_history
 from MedSSL.tasks import PretrainConfig  # noqa: F401  (its settings live with the other tasks')
@@ -102,13 +102,12 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         apply_initial_weights(method.backbone, init, what=f"--init {config.init}")
         init_info = init.describe()
     method.setup(data)
-    channels_last = prepare_for_training(method.backbone, device, spatial_dims, config.channels_last, progress.log)
+    amp, channels_last = prepare_for_training(method.backbone, device, spatial_dims, method.input_sizes(patch),
+                                              config.loop.amp, config.channels_last, progress.log)
     if config.compile:
         compile_with_fallback(method.backbone, progress.log)
-    loop_config = replace(config.loop, amp=amp_for_inputs(device, config.loop.amp, method.input_sizes(patch)))
-    progress.log(f"training in {precision_name(device, loop_config.amp)}{', channels-last' if channels_last else ''}")
     wrapped = DistributedDataParallel(method, find_unused_parameters=True) if ctx.enabled else method
-    loop = TrainingLoop(method, loop_config, device, progress, out, "pretrain", ctx)
+    loop = TrainingLoop(method, replace(config.loop, amp=amp), device, progress, out, "pretrain", ctx)
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, ctx.rank, loop.step])

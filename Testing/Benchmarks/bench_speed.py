@@ -204,7 +204,7 @@ def bench_train(kind: str, width: int, classes: int, batch: int, patch, steps: i
     CPU), the loop's precision (``amp`` False = ``--no-amp``), the batch from a loader thread
     (pretraining, ``--workers 1``) or drawn and augmented in the step (fine-tuning). Mean of ``steps``
     steps after a warm-up."""
-    from MedSSL.engine.acceleration import amp_for_inputs, mixed_precision, precision_name, prepare_for_training
+    from MedSSL.engine.acceleration import mixed_precision, precision_name, prepare_for_training
     from MedSSL.engine.prefetch import Prefetcher
     from MedSSL.losses.segmentation import MaskedDiceCELoss
     from MedSSL.models.genesis_unet import GenesisUNet
@@ -214,8 +214,7 @@ def bench_train(kind: str, width: int, classes: int, batch: int, patch, steps: i
     generator = torch.Generator().manual_seed(0)
     out_channels = 1 if kind == "pretrain" else classes
     model = GenesisUNet(1, out_channels, width).to(device).train()
-    prepare_for_training(model, device, 3, False, log)
-    amp = amp_for_inputs(device, amp, [tuple(patch)])
+    amp, _ = prepare_for_training(model, device, 3, [tuple(patch)], amp, False, log)
     autocast, scaler = mixed_precision(device, amp)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     if kind == "pretrain":
@@ -347,11 +346,11 @@ def main(argv=None) -> int:
                 for classes in args.classes:
                     result["predict"].append(bench_predict(tmp, image, args.shape, width, classes, args, rate))
     if not args.no_train:
-        from MedSSL.engine.acceleration import amp_for_inputs, mixed_precision
+        from MedSSL.engine.acceleration import amp_for_inputs, precision_name
 
         # the default precision, and fp32 (--no-amp) when the default is another
-        precisions = [True, False] if isinstance(mixed_precision(device, amp_for_inputs(
-            device, True, [tuple(args.train_patch)]))[0], torch.autocast) else [True]
+        default = precision_name(device, amp_for_inputs(device, True, [tuple(args.train_patch)]))
+        precisions = [True, False] if default != "fp32" else [True]
         for amp in precisions:
             result["train"].append(bench_train("pretrain", args.train_width, 1, 6, args.train_patch, args.steps, device,
                                                rate, amp))

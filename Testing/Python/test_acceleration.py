@@ -68,13 +68,14 @@ def test_prefetcher_keeps_the_order_and_passes_errors_on():
 def test_training_networks_are_channels_last_on_the_cpu_only_where_it_pays():
     conv = "down_tr64.ops.1.conv1.weight"  # 2 input channels: the layouts differ
     net = GenesisUNet(1, 2, 2)
-    assert prepare_for_training(net, torch.device("cpu"), 3, False, print)
+    amp, channels_last = prepare_for_training(net, torch.device("cpu"), 3, [(16, 16, 8)], True, False, print)
+    assert channels_last and amp is False  # 16 voxels along X: fp32 on the CPU (see amp_for_inputs)
     assert net.state_dict()[conv].is_contiguous(memory_format=torch.channels_last_3d)
     assert not net.state_dict()[conv].is_contiguous()
     flat = GenesisUNet(1, 2, 2, spatial_dims=2)  # 2D networks keep their layout
-    assert not prepare_for_training(flat, torch.device("cpu"), 2, False, print)
+    assert not prepare_for_training(flat, torch.device("cpu"), 2, [(16, 16)], True, False, print)[1]
     cuda_net = GenesisUNet(1, 2, 2)  # CUDA only with --channels-last (nothing runs on the device here)
-    assert not prepare_for_training(cuda_net, torch.device("cuda"), 3, False, print)
+    assert prepare_for_training(cuda_net, torch.device("cuda"), 3, [(16, 16, 8)], True, False, print) == (True, False)
     assert cuda_net.state_dict()[conv].is_contiguous()
     # the same network: only the memory layout differs
     x = torch.rand(1, 1, 16, 16, 8)

@@ -15,7 +15,6 @@ from MedSSL.engine import acceleration
 from MedSSL.engine.acceleration import mixed_precision, precision_name
 from MedSSL.engine import sliding_window as sliding
 from MedSSL.io.volumes import write_volume
-from MedSSL.engine import loop as loop_module
 from MedSSL.tasks import pretrain as pretrain_module
 from MedSSL.engine.loop import TrainingLoop
 
@@ -80,7 +79,6 @@ def test_no_amp_turns_mixed_precision_off(volumes, tmp_path, monkeypatch):
     assert isinstance(context, torch.autocast) and scaler is None  # bf16: no grad scaler
     context, scaler = mixed_precision(cuda, enabled=False)
     assert not isinstance(context, torch.autocast) and scaler is None
-    cpu = torch.device("cpu")
     for native in (True, False):
         monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda native=native: native)
         context, scaler = mixed_precision(cpu, enabled=True)

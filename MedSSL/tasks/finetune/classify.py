@@ -36,7 +36,7 @@ from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims
 from MedSSL.models.classifier import ClassifierNet
 from MedSSL.transforms.resize import fit_to_patch
-from MedSSL.engine.acceleration import amp_for_inputs, precision_name, prepare_for_training
+from MedSSL.engine.acceleration import prepare_for_training
 from MedSSL.engine.checkpoint import load_checkpoint
 from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.progress import Progress
@@ -157,7 +157,6 @@ def finetune_classification(config: FinetuneConfig, progress: Progress) -> Path:
         model = ClassifierNet(width, len(class_values), spatial_dims=spatial_dims).to(device)
         if init is not None:
             apply_initial_weights(model.backbone, init, what=f"--init {config.init}")
-        prepare_for_training(model, device, spatial_dims, False, progress.log)
         result, loop_config = _train(config, progress, model, images, targets, device, out, majority(modalities))
         meta = common_meta(task="classify", width=width, out_channels=len(class_values), intensity=intensity,
                            modality=majority(modalities), spacing=spacing, patch=patch, init=init, loop=loop_config,
@@ -185,15 +184,15 @@ def _train(config, progress, model, images, targets, device, out, modality):
     n_val = int(round(config.val_fraction * n)) if config.val_fraction > 0 and n >= 4 else 0
     val_idx, train_idx = order[:n_val], order[n_val:]
     train_x, train_y = images[train_idx], targets[train_idx]
-    loop = TrainingLoop(model, replace(config.loop, amp=amp_for_inputs(device, config.loop.amp, [tuple(images.shape[2:])])),
-                        device, progress, out, "finetune")
+    amp, _ = prepare_for_training(model, device, images.dim() - 2, [tuple(images.shape[2:])], config.loop.amp, False,
+                                  progress.log)
+    loop = TrainingLoop(model, replace(config.loop, amp=amp), device, progress, out, "finetune")
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step])
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step)
     augment = AugmentConfig.for_task("classify", modality)
-    progress.log(f"{len(train_idx)} training and {n_val} validation volume(s) on {device_description(device)}, "
-                 f"{precision_name(device, loop.config.amp)}")
+    progress.log(f"{len(train_idx)} training and {n_val} validation volume(s) on {device_description(device)}")
 
     def step_fn(step):
         idx = _balanced_indices(train_y, config.batch_size, rng)

@@ -37,7 +37,7 @@ from MedSSL.data.spatial import validate_patch
 from MedSSL.errors import MedSSLError
 from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims
 from MedSSL.models.genesis_unet import GenesisUNet
-from MedSSL.engine.acceleration import amp_for_inputs, precision_name, prepare_for_training
+from MedSSL.engine.acceleration import prepare_for_training
 from MedSSL.engine.checkpoint import load_checkpoint
 from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.progress import Progress
@@ -156,11 +156,11 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     model = GenesisUNet(in_channels=1, out_channels=mapping.n_channels, width=width, spatial_dims=spatial_dims).to(device)
     if init is not None:
         apply_initial_weights(model, init if config.transfer == "all" else encoder_only(init), what=f"--init {config.init}")
-    prepare_for_training(model, device, spatial_dims, False, progress.log)
+    amp, _ = prepare_for_training(model, device, spatial_dims, [patch[:spatial_dims]], config.loop.amp, False,
+                                  progress.log)
     train_volumes, val_volumes = _split(volumes, config.val_fraction, config.seed)
     wrapped = DistributedDataParallel(model) if ctx.enabled else model
-    loop = TrainingLoop(model, replace(config.loop, amp=amp_for_inputs(device, config.loop.amp, [patch[:spatial_dims]])),
-                        device, progress, out, "finetune", ctx)
+    loop = TrainingLoop(model, replace(config.loop, amp=amp), device, progress, out, "finetune", ctx)
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
     rng = np.random.default_rng([config.seed, loop.step, ctx.rank])
@@ -172,8 +172,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     loss_fn = MaskedDiceCELoss()
     progress.log(f"{len(train_volumes)} training {'image' if spatial_dims == 2 else 'volume'}(s), "
                  f"{mapping.n_channels - 1} class(es), {'2D ' if spatial_dims == 2 else ''}patch {patch}, "
-                 f"width {width}, init {init.source if init else 'scratch'}, on {device_description(device)}, "
-                 f"{precision_name(device, loop.config.amp)}")
+                 f"width {width}, init {init.source if init else 'scratch'}, on {device_description(device)}")
 
     def step_fn(step):
         images, targets = sampler.sample(config.batch_size)
