@@ -24,7 +24,6 @@ stdout line is JSON: every record, the mean paired difference (bf16 - fp32) and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_label_efficiency import medssl  # noqa: E402  (one command in this process: (status, seconds))
 from fewshot_cases import DATA, dice_unpainted, every_other, load_cases  # noqa: E402
 
 ARMS = {"bf16": [], "fp32": ["--no-amp"]}
@@ -47,16 +47,6 @@ CT_VOLUMES = ["itkelastix_thorax_ct/thorax_ct_00_2xdown.nii.gz", "totalseg_examp
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def medssl(argv: list[str], logfile: Path) -> int:
-    """One medssl command in this process, its output appended to ``logfile``; the exit status."""
-    from MedSSL.commands.cli import main
-
-    with open(logfile, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-        fh.write(f"$ medssl {' '.join(argv)}\n")
-        fh.flush()
-        return main(argv)
 
 
 def training_record(bundle: Path) -> dict:
@@ -74,10 +64,10 @@ def finetune_case(case, arm: str, args, tmp: Path) -> dict:
     write_volume(Volume(sparse, case.spacing, np.zeros(3), np.eye(3)), folder / "painted.nii.gz")
     classes = ",".join(f"{k}={v}" for k, v in case.classes.items())
     logfile = folder / "log.txt"
-    status = medssl(["finetune", "--engine", "network", "--image", str(folder / "image.nii.gz"), "--label",
-                     str(folder / "painted.nii.gz"), "--classes", classes, "--out", str(folder / "model"),
-                     "--width", str(args.width), "--steps", str(args.steps), "--seed", str(args.seed),
-                     "--progress", "none", *ARMS[arm]], logfile)
+    status, _ = medssl(["finetune", "--engine", "network", "--image", str(folder / "image.nii.gz"), "--label",
+                       str(folder / "painted.nii.gz"), "--classes", classes, "--out", str(folder / "model"),
+                       "--width", str(args.width), "--steps", str(args.steps), "--seed", str(args.seed),
+                       "--progress", "none", *ARMS[arm]], logfile)
     if status != 0:
         raise SystemExit(f"{case.name} {arm}: finetune failed (exit {status}); see {logfile}")
     predictions = {}
@@ -85,12 +75,11 @@ def finetune_case(case, arm: str, args, tmp: Path) -> dict:
         if predict_arm == "default" and arm != "fp32":
             continue
         out = folder / f"prediction_{predict_arm}.nii.gz"
-        start = time.monotonic()
-        status = medssl(["predict", "--model", str(folder / "model"), "--image", str(folder / "image.nii.gz"),
-                         "--out", str(out), "--progress", "none", *extra], logfile)
+        status, seconds = medssl(["predict", "--model", str(folder / "model"), "--image", str(folder / "image.nii.gz"),
+                                  "--out", str(out), "--progress", "none", *extra], logfile)
         if status != 0:
             raise SystemExit(f"{case.name} {arm}: predict failed (exit {status}); see {logfile}")
-        predictions[predict_arm] = (read_volume(out).array, round(time.monotonic() - start, 1))
+        predictions[predict_arm] = (read_volume(out).array, round(seconds, 1))
     prediction, predict_s = predictions["fp32"]
     record = {"case": case.name, "arm": arm, "dice_unpainted": round(dice_unpainted(prediction, case.truth, case.axis,
                                                                                     painted), 4),
@@ -112,10 +101,10 @@ def pretrain_arm(arm: str, args, tmp: Path) -> dict:
     folder = tmp / f"pretrain_{arm}"
     folder.mkdir(parents=True)
     data = [str(DATA / v) for v in CT_VOLUMES if (DATA / v).is_file()]
-    status = medssl(["pretrain", *sum((["--data", d] for d in data), []), "--out", str(folder / "model"), "--cache",
-                     str(tmp / "cubes"), "--width", str(args.width), "--steps", str(args.pretrain_steps),
-                     "--val-every", str(max(1, args.pretrain_steps // 4)), "--seed", str(args.seed),
-                     "--progress", "none", *ARMS[arm]], folder / "log.txt")
+    status, _ = medssl(["pretrain", *sum((["--data", d] for d in data), []), "--out", str(folder / "model"), "--cache",
+                       str(tmp / "cubes"), "--width", str(args.width), "--steps", str(args.pretrain_steps),
+                       "--val-every", str(max(1, args.pretrain_steps // 4)), "--seed", str(args.seed),
+                       "--progress", "none", *ARMS[arm]], folder / "log.txt")
     if status != 0:
         raise SystemExit(f"pretrain {arm}: failed (exit {status}); see {folder / 'log.txt'}")
     record = {"arm": arm, **training_record(folder / "model"), "load": round(os.getloadavg()[0], 2)}
