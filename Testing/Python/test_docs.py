@@ -147,3 +147,23 @@ def test_evaluate_info_and_methods_take_no_device(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, *MINIMAL[command], "--device", "cpu"])
     assert "unrecognized arguments: --device" in capsys.readouterr().err
+
+
+def command_options():
+    """(command, --flag) for every visible option of every sub-command of the real parser."""
+    import argparse
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subparsers.choices.items():
+        for action in parser._actions:
+            if action.help != argparse.SUPPRESS:
+                for flag in action.option_strings:
+                    if flag.startswith("--") and flag != "--help":
+                        yield name, flag
+
+
+def test_every_option_is_documented_in_cli_md():
+    """docs/cli.md names every option `medssl COMMAND --help` lists (hidden ones aside)."""
+    text = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    missing = sorted({f"{name} {flag}" for name, flag in command_options() if not re.search(re.escape(flag) + r"(?![\w-])", text)})
+    assert not missing, f"options missing from docs/cli.md: {missing}"
