@@ -9,7 +9,7 @@ Run from the repository root (no installation needed)::
 
 The study, run like one:
 
-1. **Pretraining** (``medssl pretrain``, Models Genesis) on the unlabeled CTs of ``/work/shared/data``
+1. **Pretraining** (``medssl pretrain``, Models Genesis) on the unlabeled CTs of ``../shared/data``
    (``--data-root``): the ITKElastix thorax CT, TotalSegmentator's abdominal CT and its DICOM series,
    the aorta and pulmonary CTA crops. The evaluation scan (``msd_spleen_ivadomed/``) is left out, and
    the script refuses to start if any pretraining path lies under its folder. ``--pretrain-width``
@@ -77,7 +77,7 @@ for extra in (ROOT, ROOT / "Testing" / "Python"):
 
 import numpy as np
 
-DATA_ROOT = Path("/work/shared/data")
+DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 EVAL_FOLDER = "msd_spleen_ivadomed"
 EVAL_IMAGE = "msd_spleen_ivadomed/sub-spleen2_ct.nii.gz"
 EVAL_LABEL = "msd_spleen_ivadomed/sub-spleen2_ct_seg-manual.nii.gz"
