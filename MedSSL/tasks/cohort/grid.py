@@ -1,8 +1,8 @@
 """The working grid of the cohort network: coarse enough for a CPU, fine enough for the structure.
 
-A U-Net's cost grows with the voxels it sees: a 0.625 mm left-atrium MR (2.5 Mvoxel) costs a width-16
-network about 8 times what the same scan at 1.25 mm does, for a structure 30-60 mm across that 1.25 mm
-still draws with 25-50 voxels. :func:`working_spacing` coarsens the finest axes of the median training
+A U-Net's cost grows with the voxels it sees: a 0.625 mm left-atrium MR (2.5 Mvoxel) costs about 15 times
+what the same scan at 1.5 mm does, for a structure 30-60 mm across that 1.5 mm still draws with 20-40
+voxels. :func:`working_spacing` coarsens the finest axes of the median training
 spacing (never past the coarsest axis, as nnU-Net's low-resolution stage) until the median scan has at most
 ``max_voxels``, but keeps every class at least ``min_extent`` voxels across (its equivalent-sphere diameter
 in the training labels). Prediction resamples back to each input's grid (``model.json``
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 #: voxels of the median scan on the working grid (chosen on the cohorts, see docs/cohort.md)
-MAX_VOXELS = 600_000
+MAX_VOXELS = 300_000
 #: smallest class diameter on the working grid, in voxels
 MIN_EXTENT = 16.0
 

@@ -24,7 +24,7 @@ from MedSSL.tasks.finetune.common import load_init, preprocessing_from_init
 from MedSSL.tasks.finetune.segment import finetune_segmentation
 
 #: U-Net width of a cohort network trained from scratch (``--width`` overrides; ``--init`` sets its own)
-DEFAULT_WIDTH = 16
+DEFAULT_WIDTH = 8
 
 
 def painted_diameters_mm(labels: np.ndarray, spacing) -> list[float]:
