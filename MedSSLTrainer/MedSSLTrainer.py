@@ -24,7 +24,7 @@ from MedSSLCommonLib.plots import LossCurve
 from MedSSLCommonLib.widget import MedSSLWidgetBase, describeModule
 from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sparseLabels
 from MedSSLTrainerLib.datasets import methodTakesDatasets
-from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+from MedSSLTrainerLib.logic import MedSSLTrainerLogic, describeRound
 
 try:
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -152,6 +152,11 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
 
     def forgetSceneNodes(self):
         self._lossCurve = None
+
+    def cleanup(self):
+        MedSSLWidgetBase.cleanup(self)
+        if self.logic is not None:
+            self.logic.correctionRounds.stopWatching()
 
     def parameterNodeChanged(self):
         self._updateInitWidgets()
@@ -324,7 +329,9 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
                                   steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
         self._lossCurveFor(_("Fine-tuning"))
-        self._start(job, ui.fineTuneButton, _("Fine-tuning"), lambda j, v=volume: self.onFineTuneEnded(j, v))
+        title = _("Fine-tuning, round {number}").format(number=self.logic.lastRound["round"])
+        self._start(job, ui.fineTuneButton, title, lambda j, v=volume: self.onFineTuneEnded(j, v))
+        ui.statusLabel.text = _("Fine-tuning: {round}").format(round=describeRound(self.logic.lastRound))
 
     def onFineTuneEnded(self, job, volume):
         if job.status != jobs.DONE:
