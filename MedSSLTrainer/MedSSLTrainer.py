@@ -35,10 +35,19 @@ except ImportError:  # Slicer < 5.2: the settings are simply not kept with the s
 __all__ = ["MedSSLTrainer", "MedSSLTrainerWidget", "MedSSLTrainerLogic", "MedSSLTrainerTest"]
 
 INIT_CHOICES = [
-    ("bundle", "MedSSL model (pretrained or fine-tuned)"),
-    ("genesis-pt", "Official Models Genesis .pt file"),
-    ("none", "None (train from scratch)"),
+    ("none", _("No initial model (learn from the painting alone)")),
+    ("bundle", _("Start from a MedSSL model (pretrained or fine-tuned)")),
+    ("genesis-pt", _("Start from an official Models Genesis .pt file")),
 ]
+"""Initial-model choices (item data, text), the default first: the few-shot engine needs no initial model."""
+
+BUTTON_TIPS = {
+    "pretrainButton": _("Pretrain in the background; the button turns into Cancel."),
+    "fineTuneButton": _("Train on the painted slices, then segment the whole volume into a new segmentation for "
+                        "review."),
+    "suggestButton": _("Move the slice views to the slices where more annotation should help most."),
+}
+"""The tooltips of the start buttons while they can be clicked (else the tooltip says what is missing)."""
 
 
 class MedSSLTrainer(ScriptedLoadableModule):
@@ -72,7 +81,7 @@ if parameterNodeWrapper is not None:
         pretrainOutput: str = ""
         fewShotVolume: vtkMRMLScalarVolumeNode
         fewShotSegmentation: vtkMRMLSegmentationNode
-        initChoice: str = "bundle"
+        initChoice: str = "none"  # the few-shot engine needs no initial model
         initModel: str = ""
         finetuneSteps: Annotated[int, Minimum(0)] = backend.initialGuiDefault("fewshot", "steps")
         finetuneMinutes: Annotated[float, Minimum(0)] = 0.0
@@ -216,20 +225,47 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui.datasetsSpecLabel.visible = ui.datasetsSpecPathLineEdit.visible = labelled
         ui.pretrainVolumesSelector.enabled = not useFolder
         ui.dataFolderPathLineEdit.enabled = useFolder
-        if labelled:
-            hasData = bool(ui.datasetsSpecPathLineEdit.currentPath)
-        else:
-            hasData = bool(ui.dataFolderPathLineEdit.currentPath) if useFolder else bool(ui.pretrainVolumesSelector.checkedNodes())
-        hasInit = ui.initComboBox.currentData == "none" or bool(ui.initModelPathLineEdit.currentPath)
-        canFineTune = bool(ui.fewShotVolumeSelector.currentNode() and ui.fewShotSegmentationSelector.currentNode() and hasInit)
-        canSuggest = bool(ui.fewShotVolumeSelector.currentNode() and ui.modelPathLineEdit.currentPath)
-        ui.pretrainButton.enabled = (hasData and not busy) or (busy and self._runningButton == ui.pretrainButton)
-        ui.fineTuneButton.enabled = (canFineTune and not busy) or (busy and self._runningButton == ui.fineTuneButton)
-        ui.suggestButton.enabled = (canSuggest and not busy) or (busy and self._runningButton == ui.suggestButton)
+        missing = [(ui.pretrainButton, self._pretrainMissing(labelled, useFolder)),
+                   (ui.fineTuneButton, self._fineTuneMissing()), (ui.suggestButton, self._suggestMissing())]
+        for button, reason in missing:
+            if busy:
+                button.enabled = self._runningButton == button
+                continue
+            button.enabled = not reason
+            button.toolTip = (_("Disabled: {reason}.").format(reason=reason) if reason
+                              else BUTTON_TIPS[button.objectName])
         ui.showChartButton.enabled = self._lossCurve is not None
 
     _runningButton = None
     _datasetMethods = frozenset()
+
+    def _pretrainMissing(self, labelled, useFolder) -> str:
+        """Why pretraining cannot start ('' when it can)."""
+        ui = self.ui
+        if labelled:
+            return "" if ui.datasetsSpecPathLineEdit.currentPath else _("choose the datasets' SPEC.json")
+        if useFolder:
+            return "" if ui.dataFolderPathLineEdit.currentPath else _("choose the folder of scans")
+        return "" if ui.pretrainVolumesSelector.checkedNodes() else _("check the volumes to pretrain on")
+
+    def _fineTuneMissing(self) -> str:
+        """Why fine-tuning cannot start ('' when it can)."""
+        ui = self.ui
+        if not ui.fewShotVolumeSelector.currentNode():
+            return _("choose the volume to segment")
+        if not ui.fewShotSegmentationSelector.currentNode():
+            return _("choose the segmentation painted on it (paint a few slices in the Segment Editor)")
+        if ui.initComboBox.currentData != "none" and not ui.initModelPathLineEdit.currentPath:
+            return _("choose the initial model, or 'No initial model'")
+        return ""
+
+    def _suggestMissing(self) -> str:
+        """Why suggesting slices cannot start ('' when it can)."""
+        if not self.ui.fewShotVolumeSelector.currentNode():
+            return _("choose the volume")
+        if not self.ui.modelPathLineEdit.currentPath:
+            return _("fine-tune first (or choose a model)")
+        return ""
 
     def _methodTakesDatasets(self) -> bool:
         """Whether the chosen method learns from labelled datasets (SPEC.json) instead of volumes."""

@@ -20,6 +20,7 @@ sources (v5.6-5.8):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import types
@@ -99,13 +100,26 @@ class StrictWidget:
 
     # --- test helpers
     def emit(self, signal, *args):
+        """Call the connected slots; as PythonQt, a slot that takes fewer arguments than the signal carries
+        gets the first ones (the scripted-module template connects ``clicked(bool)`` to ``onApplyButton(self)``)."""
         if self._blocked:
             return
         for slot in list(self._slots.get(signal, [])):
-            slot(*args)
+            slot(*args[:_positionalCount(slot, len(args))])
 
     def connections(self, signal) -> int:
         return len(self._slots.get(signal, []))
+
+
+def _positionalCount(slot, available: int) -> int:
+    """How many positional arguments ``slot`` takes, at most ``available``."""
+    try:
+        parameters = inspect.signature(slot).parameters.values()
+    except (TypeError, ValueError):
+        return available
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return available
+    return min(available, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters))
 
 
 class FakeLabel(StrictWidget):

@@ -35,3 +35,29 @@ def test_module_says_which_round_runs_and_the_next_patient_starts_at_round_one(s
     assert ui.statusLabel.text.startswith("Fine-tuning: round 1 on this painting, from no initial model")
     runPanel(widget)
     assert widget.panel.job.status == "done", widget.panel.job.error
+
+
+def test_fine_tune_is_enabled_from_the_defaults_and_says_why_when_not(slicer_app, scene):
+    """Item 2: from the module's defaults (no switching first), a painted volume is enough: the default initial
+    model is none, as the few-shot engine needs; a disabled button's tooltip says what is missing."""
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")
+    assert ui.initComboBox.currentData == "none" and ui.initComboBox.currentIndex == 0
+    assert ui.initComboBox.currentText == "No initial model (learn from the painting alone)"
+    assert not ui.initModelPathLineEdit.visible
+    assert not ui.fineTuneButton.enabled and ui.fineTuneButton.toolTip == "Disabled: choose the volume to segment."
+    assert ui.suggestButton.toolTip == "Disabled: choose the volume."
+    assert ui.pretrainButton.toolTip == "Disabled: check the volumes to pretrain on."
+    volume = addVolume(scene, phantom(), name="ct")
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    assert ui.fineTuneButton.toolTip.startswith("Disabled: choose the segmentation painted on it")
+    ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))
+    assert ui.fineTuneButton.enabled and ui.fineTuneButton.toolTip.startswith("Train on the painted slices")
+    ui.initComboBox.setCurrentIndex(ui.initComboBox.findData("bundle"))
+    assert not ui.fineTuneButton.enabled
+    assert ui.fineTuneButton.toolTip == "Disabled: choose the initial model, or 'No initial model'."
+    ui.initComboBox.setCurrentIndex(ui.initComboBox.findData("none"))
+    ui.fineTuneButton.click()
+    assert ui.fineTuneButton.text == "Cancel"
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    assert widget.logic.lastInit == "none"
