@@ -127,6 +127,15 @@ def workDirectory() -> str:
     return os.path.abspath(os.path.expanduser(folder))
 
 
+KEEP_JOB_FILES_SETTING = "MedSSL/KeepJobFiles"
+"""Slicer application setting (the modules' "Keep job outputs and logs"): "true" keeps job folders."""
+
+
+def keepJobFilesSetting() -> bool:
+    """The "Keep job outputs and logs" setting (False outside Slicer or when unset)."""
+    return str(_slicerSetting(KEEP_JOB_FILES_SETTING)).strip().lower() in ("true", "1")
+
+
 def _slicerSetting(key: str) -> str | None:
     """A non-empty string setting of the Slicer application (None outside Slicer or when unset)."""
     if not insideSlicerApplication():

@@ -312,32 +312,37 @@ class StringBindings:
             setattr(self._parameterNode, name, str(value))
 
 
-KEEP_JOB_FILES_SETTING = "MedSSL/KeepJobFiles"
-
-
-def bindJobSettings(pathLineEdit, checkBox, logic) -> None:
+def bindJobSettings(pathLineEdit, checkBox) -> None:
     """The "Job folder" and "Keep job outputs and logs" widgets: shown from, and saved to, the Slicer
-    application settings (shared by both modules), and applied to ``logic`` (``workDir``, ``keepJobFiles``)."""
+    application settings, shared by both modules. The logic reads the settings at each job
+    (:func:`backend.workDirectory`, :func:`backend.keepJobFilesSetting`), so a change in one module applies to
+    the next job of either; :func:`showJobSettings` refreshes the widgets when a module is shown."""
     import ctk
 
     settings = slicer.app.userSettings()
     pathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
-    pathLineEdit.currentPath = backend.workDirectory()
-    keep = settings.value(KEEP_JOB_FILES_SETTING)
-    checkBox.checked = str(keep).lower() in ("true", "1")
-    logic.workDir = pathLineEdit.currentPath or None
-    logic.keepJobFiles = bool(checkBox.checked)
+    showJobSettings(pathLineEdit, checkBox)
 
     def onPath(path):
-        settings.setValue(backend.WORK_DIR_SETTING, path)
-        logic.workDir = path or None
+        if path:
+            settings.setValue(backend.WORK_DIR_SETTING, path)
 
     def onKeep(checked):
-        settings.setValue(KEEP_JOB_FILES_SETTING, "true" if checked else "false")
-        logic.keepJobFiles = bool(checked)
+        settings.setValue(backend.KEEP_JOB_FILES_SETTING, "true" if checked else "false")
 
     pathLineEdit.connect("currentPathChanged(QString)", onPath)
     checkBox.connect("toggled(bool)", onKeep)
+
+
+def showJobSettings(pathLineEdit, checkBox) -> None:
+    """Show the current job settings (the other module may have changed them) without saving them again."""
+    for widget, value in ((pathLineEdit, backend.workDirectory()), (checkBox, backend.keepJobFilesSetting())):
+        widget.blockSignals(True)
+        if widget is checkBox:
+            widget.checked = value
+        else:
+            widget.currentPath = value
+        widget.blockSignals(False)
 
 
 def showChart(chartNode) -> None:

@@ -70,7 +70,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = self.logicClass()
-        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox, self.logic)
+        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox)
         self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
         gui.fillDeviceComboBox(self.ui.deviceComboBox, None)
         self.ui.installButton.hide()
@@ -94,6 +94,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        gui.showJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox)  # maybe changed elsewhere
         self.initializeParameterNode()
 
     def exit(self):

@@ -465,6 +465,19 @@ def fakeUi(root, module):
     return types.SimpleNamespace(**widgets)
 
 
+class FakeSettings:
+    """QSettings (``slicer.app.userSettings()``): string values by key; ``value(key)`` is None when unset."""
+
+    def __init__(self):
+        self.values = {}
+
+    def value(self, key, default=None):
+        return self.values.get(key, default)
+
+    def setValue(self, key, value):
+        self.values[key] = value
+
+
 # ----------------------------------------------------------------------------------- parameterNodeWrapper
 
 

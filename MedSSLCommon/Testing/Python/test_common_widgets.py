@@ -5,6 +5,8 @@ Qt, CTK, the scripted-module base classes and parameterNodeWrapper are strict do
 bounds, results lost across exit/enter) that only Slicer would otherwise reveal; they do not show that the
 widgets look right - that needs Slicer itself (the modules' self-tests)."""
 
+import os
+
 import pytest
 
 from slicer_testing_helpers import WIDGET_MODULES, fakeUi, makeWidget
@@ -43,16 +45,33 @@ def test_strict_doubles_refuse_unknown_attributes_and_model_connect_gui(slicer_a
     assert node.pretrainSteps == 7
 
 
-def test_job_folder_and_keep_files_settings_reach_the_logic(slicer_app, scene, tmp_path):
-    """Issue 11 item 9: the job folder is configurable in both modules and saved in Slicer's settings."""
+def test_job_folder_and_keep_files_settings_reach_the_logic(slicer_app, scene, tmp_path, monkeypatch):
+    """Issue 11 item 9 and issue 19 item 3: the job folder is configurable in both modules, saved in Slicer's
+    settings and read at each job: changed in the Trainer, MedSSL Segment's next job uses it too (no
+    restart), and its panel shows it when it is shown again."""
+    from fake_slicer_gui import FakeSettings, leaveModule, showModule
+    from slicer_testing_helpers import addVolume, phantom, runPanel
+
     slicer = slicer_app
-    for moduleName in WIDGET_MODULES:
-        _module, widget, ui = makeWidget(slicer, moduleName)
-        assert ui.workDirPathLineEdit.currentPath == str(tmp_path / "work")  # MEDSSL_WORK_DIR, else the setting
-        assert widget.logic.keepJobFiles is False and not ui.keepJobFilesCheckBox.checked
-        ui.workDirPathLineEdit.currentPath = str(tmp_path / "elsewhere")
-        ui.keepJobFilesCheckBox.checked = True
-        assert widget.logic.workDir == str(tmp_path / "elsewhere") and widget.logic.keepJobFiles is True
-        settings = slicer.app.userSettings.return_value
-        settings.setValue.assert_any_call("MedSSL/WorkDirectory", str(tmp_path / "elsewhere"))
-        settings.setValue.assert_any_call("MedSSL/KeepJobFiles", "true")
+    monkeypatch.delenv("MEDSSL_WORK_DIR")  # the setting decides
+    settings = slicer.app.userSettings.return_value = FakeSettings()
+    settings.setValue("MedSSL/WorkDirectory", str(tmp_path / "work"))
+    widgets = {name: makeWidget(slicer, name) for name in WIDGET_MODULES}
+    _module, segment, segmentUi = widgets["MedSSLSegment"]
+    _module, trainer, trainerUi = widgets["MedSSLTrainer"]
+    assert segmentUi.workDirPathLineEdit.currentPath == str(tmp_path / "work") and not segmentUi.keepJobFilesCheckBox.checked
+    leaveModule(segment)
+    trainerUi.workDirPathLineEdit.currentPath = str(tmp_path / "encrypted")
+    trainerUi.keepJobFilesCheckBox.checked = True
+    assert settings.values == {"MedSSL/WorkDirectory": str(tmp_path / "encrypted"), "MedSSL/KeepJobFiles": "true"}
+    showModule(segment)
+    assert segmentUi.workDirPathLineEdit.currentPath == str(tmp_path / "encrypted") and segmentUi.keepJobFilesCheckBox.checked
+    bundle = tmp_path / "model"
+    bundle.mkdir()
+    (bundle / "model.json").write_text('{"task": "segment", "classes": {"1": {"name": "tissue"}}}')
+    segmentUi.inputVolumeSelector.setCurrentNode(addVolume(scene, phantom(), name="ct"))
+    segmentUi.modelPathLineEdit.currentPath = str(bundle)
+    segment.onApplyButton()
+    assert segment.panel.job.jobDir.startswith(str(tmp_path / "encrypted" / "jobs"))
+    runPanel(segment)
+    assert segment.panel.job.status == "done" and os.path.isdir(segment.panel.job.jobDir)  # kept: the setting
