@@ -235,8 +235,12 @@ def missingDependencies(probe: dict) -> list[str]:
     return missing
 
 
-def deviceChoices(probe: dict) -> list[tuple[str, str]]:
-    """[(value for --device, label)] for a device selector: auto first, naming what it will use."""
+def deviceChoices(probe: dict | None, checking: bool = False) -> list[tuple[str, str]]:
+    """[(value for --device, label)] for a device selector: auto first, naming what it will use. ``probe``
+    None: not known yet (``checking``: the probe is still running) or the check failed."""
+    if probe is None:
+        auto = "auto (checking...)" if checking else "auto (unknown: the environment check failed)"
+        return [("auto", auto), ("cpu", "cpu")]
     gpus = probe.get("cuda") or []
     if gpus:
         auto = f"auto ({gpus[0]['name']}, {gpus[0].get('memory_gb', '?')} GB)"

@@ -212,11 +212,12 @@ def probeBackend(methods: bool = False) -> dict:
     return answer
 
 
-def fillDeviceComboBox(comboBox, environment: dict | None, current: str = "auto") -> None:
-    """Device choices (item data = --device value), auto naming the GPU it will use."""
+def fillDeviceComboBox(comboBox, environment: dict | None, current: str = "auto", checking: bool = False) -> None:
+    """Device choices (item data = --device value), auto naming the GPU it will use ("checking..." while
+    the probe runs: ``environment`` None and ``checking``)."""
     comboBox.blockSignals(True)
     comboBox.clear()
-    for value, label in backend.deviceChoices(environment or {}):
+    for value, label in backend.deviceChoices(environment, checking):
         comboBox.addItem(label, value)
     index = comboBox.findData(current)
     comboBox.setCurrentIndex(index if index >= 0 else 0)

@@ -72,7 +72,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = self.logicClass()
         gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox)
         self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
-        gui.fillDeviceComboBox(self.ui.deviceComboBox, None)
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, None, checking=True)
         self.ui.installButton.hide()
         self.strings = gui.StringBindings()
         self.strings.combo(self.ui.deviceComboBox, "device")
@@ -201,6 +201,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Check torch/MONAI/GPUs (and whatever :meth:`probeBackend` adds) in a child process, in the
         background."""
         self.ui.environmentLabel.text = gui.environmentSummary(None)
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, None, self._shownDevice(), checking=True)
         self._probe = gui.BackgroundCall(self.probeBackend, self.onProbeDone)
 
     def probeBackend(self) -> dict:
@@ -224,7 +225,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The module's part of a finished probe (``answer`` is None when the probe failed)."""
 
     def onInstallButton(self):
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed.")):  # dialogs: no wait cursor
             self._environment = install.ensureBackendReady(self._environment)
         self.dependenciesInstalled()
 
@@ -244,17 +245,26 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ jobs
 
     def _prepareRun(self):
-        """Dependencies present (offering to install them) and the device chosen. Raises if not ready."""
+        """Dependencies present (offering to install them) and the device chosen. Raises if not ready. Uses
+        the background probe's answer: the GUI thread never waits for the backend."""
         self._environment = install.ensureBackendReady(self._environment)
         device = self.ui.deviceComboBox.currentData or None
         self.logic.device = None if device == backend.runtimeDefault(self._defaults, "device") else device
 
     def startOrCancel(self, errorMessage, start):
         """A job's start button: Cancel while a job runs; else check the dependencies, set the device and call
-        ``start()``, showing any error (``errorMessage`` as the title) in a dialog."""
+        ``start()``, showing any error (``errorMessage`` as the title) in a dialog. Before the background
+        probe has answered, it only says so (and checks again if the last check failed): probing here would
+        freeze Slicer for up to minutes."""
         if self.panel.busy:
             self.panel.cancel()
             return
-        with slicer.util.tryWithErrorDisplay(errorMessage, waitCursor=True):
+        if self._environment is None:
+            if self._probe is None:
+                self.startProbe()
+            self.ui.statusLabel.text = _("Still checking torch, MONAI and GPUs: start again when the check has "
+                                         "answered (above).")
+            return
+        with slicer.util.tryWithErrorDisplay(errorMessage):  # no wait cursor: confirmation dialogs may show
             self._prepareRun()
             start()

@@ -6,6 +6,7 @@ bounds, results lost across exit/enter) that only Slicer would otherwise reveal;
 widgets look right - that needs Slicer itself (the modules' self-tests)."""
 
 import os
+from unittest import mock
 
 import pytest
 
@@ -75,3 +76,60 @@ def test_job_folder_and_keep_files_settings_reach_the_logic(slicer_app, scene, t
     assert segment.panel.job.jobDir.startswith(str(tmp_path / "encrypted" / "jobs"))
     runPanel(segment)
     assert segment.panel.job.status == "done" and os.path.isdir(segment.panel.job.jobDir)  # kept: the setting
+
+
+def test_no_backend_call_on_the_gui_thread_before_the_probe_answers(slicer_app, scene, monkeypatch):
+    """Issue 19 item 9: until the background probe answers, the device box says "checking...", not "no CUDA
+    GPU", and a start button only says that the check is running: nothing probes on the GUI thread (that
+    froze Slicer for up to 180 s); once the probe answers, the start goes ahead without a wait cursor."""
+    from MedSSLCommonLib import backend, gui
+    from slicer_testing_helpers import ENVIRONMENT, addVolume, paintedSegmentation, phantom, runPanel
+
+    pending = []
+
+    class PendingCall:  # the probe's thread has not returned yet
+        def __init__(self, function, onDone, intervalMs=200):
+            pending.append((function, onDone))
+
+    monkeypatch.setattr(gui, "BackgroundCall", PendingCall)
+    monkeypatch.setattr(backend, "probeEnvironment", mock.MagicMock(side_effect=AssertionError("probed on the GUI thread")))
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")
+    assert ui.deviceComboBox.itemText(0) == "auto (checking...)" and ui.deviceWarningLabel.text == ""
+    volume = addVolume(scene, phantom(), name="ct")
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))
+    ui.fineTuneButton.click()
+    assert widget.panel.job is None and ui.statusLabel.text.startswith("Still checking torch, MONAI and GPUs")
+    assert len(pending) == 1  # the running probe, not a second one
+    function, onDone = pending.pop()
+    onDone({"environment": dict(ENVIRONMENT), "defaults": None, "methods": list(backend.DEFAULT_METHODS)}, None)
+    assert ui.deviceComboBox.itemText(0) == "auto (NVIDIA RTX A4000, 15.7 GB)"
+    ui.fineTuneButton.click()
+    assert widget.panel.busy
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    assert backend.probeEnvironment.call_count == 0
+
+
+def test_start_buttons_show_dialogs_without_a_wait_cursor(slicer_app, scene, monkeypatch):
+    """Issue 19 item 9: the CPU confirmation (and the install plan) must not appear under a wait cursor."""
+    import contextlib
+
+    from slicer_testing_helpers import addVolume, phantom
+
+    slicer = slicer_app
+    cursors = []
+
+    def tryWithErrorDisplay(message=None, waitCursor=False):
+        cursors.append(waitCursor)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", tryWithErrorDisplay)
+    slicer.util.confirmOkCancelDisplay.return_value = False  # the user reads the CPU warning and declines
+    _module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
+    ui.deviceComboBox.setCurrentIndex(ui.deviceComboBox.findData("cpu"))
+    ui.pretrainVolumesSelector.setCheckedNodes([addVolume(scene, phantom(), name="ct")])
+    ui.pretrainButton.click()
+    widget.onInstallButton()
+    assert slicer.util.confirmOkCancelDisplay.call_count == 1 and widget.panel.job is None
+    assert cursors == [False, False]
