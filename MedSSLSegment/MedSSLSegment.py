@@ -60,6 +60,7 @@ else:
 class MedSSLSegmentWidget(MedSSLWidgetBase):
     parameterNodeClass = MedSSLSegmentParameterNode
     logicClass = MedSSLSegmentLogic
+    startButtonNames = ("applyButton",)
 
     def __init__(self, parent=None):
         MedSSLWidgetBase.__init__(self, parent)
@@ -94,10 +95,13 @@ class MedSSLSegmentWidget(MedSSLWidgetBase):
     def _checkCanApply(self, *_args):
         task = backend.bundleTask(self._modelInfo) if self._modelInfo else None
         ready = bool(self.ui.inputVolumeSelector.currentNode()) and task in ("segment", "detect", "classify")
-        self.ui.applyButton.enabled = ready or self.panel.busy
+        self.ui.applyButton.enabled = (ready or self.panel.busy) and not self._installing
         if not self.panel.busy:
             self.ui.applyButton.toolTip = "" if ready else _("Select a volume and a segmentation, detection or "
                                                              "classification model.")
+
+    def updateStartButtons(self):
+        self._checkCanApply()
 
     def onApplyButton(self):
         self.startOrCancel(_("MedSSL could not start."), self._apply)

@@ -104,6 +104,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
     parameterNodeClass = MedSSLTrainerParameterNode
     logicClass = MedSSLTrainerLogic
     volumeParameter = "fewShotVolume"
+    startButtonNames = ("pretrainButton", "fineTuneButton", "suggestButton")
 
     def __init__(self, parent=None):
         MedSSLWidgetBase.__init__(self, parent)
@@ -228,8 +229,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         missing = [(ui.pretrainButton, self._pretrainMissing(labelled, useFolder)),
                    (ui.fineTuneButton, self._fineTuneMissing()), (ui.suggestButton, self._suggestMissing())]
         for button, reason in missing:
-            if busy:
-                button.enabled = self._runningButton == button
+            if self._installing or busy:
+                button.enabled = busy and self._runningButton == button
                 continue
             button.enabled = not reason
             button.toolTip = (_("Disabled: {reason}.").format(reason=reason) if reason
@@ -238,6 +239,9 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
 
     _runningButton = None
     _datasetMethods = frozenset()
+
+    def updateStartButtons(self):
+        self._updateButtons()
 
     def _pretrainMissing(self, labelled, useFolder) -> str:
         """Why pretraining cannot start ('' when it can)."""

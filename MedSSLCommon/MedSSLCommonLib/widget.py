@@ -47,6 +47,9 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module's logic class (a :class:`~MedSSLCommonLib.runner.BackendRunner`)."""
     volumeParameter = "inputVolume"
     """The parameter set to the scene's first volume when it has none yet."""
+    startButtonNames = ()
+    """The module's job start buttons (disabled while dependencies install)."""
+    _installing = False
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -225,9 +228,33 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The module's part of a finished probe (``answer`` is None when the probe failed)."""
 
     def onInstallButton(self):
+        if self._installing:
+            return
         with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed.")):  # dialogs: no wait cursor
-            self._environment = install.ensureBackendReady(self._environment)
+            self._ensureBackendReady()
         self.dependenciesInstalled()
+
+    def _ensureBackendReady(self):
+        """:func:`install.ensureBackendReady` with the install and start buttons disabled meanwhile: pip's
+        output processes events on every line, so a second click would start a nested install."""
+        if self._installing:
+            raise RuntimeError(_("An installation is already running."))
+        self._installing = True
+        self._enableButtons(False)
+        try:
+            self._environment = install.ensureBackendReady(self._environment)
+        finally:
+            self._installing = False
+            self._enableButtons(True)
+
+    def _enableButtons(self, enabled: bool):
+        for name in ("installButton",) + tuple(self.startButtonNames):
+            getattr(self.ui, name).enabled = enabled
+        if enabled:
+            self.updateStartButtons()
+
+    def updateStartButtons(self):
+        """The module's start buttons enabled as its inputs allow (after an installation)."""
 
     def dependenciesInstalled(self):
         """After a successful install: show the environment the install checked."""
@@ -247,7 +274,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _prepareRun(self):
         """Dependencies present (offering to install them) and the device chosen. Raises if not ready. Uses
         the background probe's answer: the GUI thread never waits for the backend."""
-        self._environment = install.ensureBackendReady(self._environment)
+        self._ensureBackendReady()
         device = self.ui.deviceComboBox.currentData or None
         self.logic.device = None if device == backend.runtimeDefault(self._defaults, "device") else device
 
@@ -258,6 +285,8 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         freeze Slicer for up to minutes."""
         if self.panel.busy:
             self.panel.cancel()
+            return
+        if self._installing:
             return
         if self._environment is None:
             if self._probe is None:

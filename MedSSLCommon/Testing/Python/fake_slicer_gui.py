@@ -141,6 +141,9 @@ class FakePushButton(StrictWidget):
         self.checked = False
 
     def click(self):
+        """As QAbstractButton::click: nothing happens while the button is disabled."""
+        if not self.enabled:
+            return
         self.emit("clicked(bool)", False)
         self.emit("clicked()")
 

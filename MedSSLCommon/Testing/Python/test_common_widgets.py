@@ -133,3 +133,30 @@ def test_start_buttons_show_dialogs_without_a_wait_cursor(slicer_app, scene, mon
     widget.onInstallButton()
     assert slicer.util.confirmOkCancelDisplay.call_count == 1 and widget.panel.job is None
     assert cursors == [False, False]
+
+
+def test_buttons_are_disabled_during_an_install_and_a_second_click_starts_nothing(slicer_app, scene, monkeypatch):
+    """Issue 19 item 7: slicer.util.pip_install processes events on every output line; a click on Install or a
+    start button meanwhile must not start a nested install or a job."""
+    from MedSSLCommonLib import backend, install
+    from slicer_testing_helpers import ENVIRONMENT, addVolume, phantom
+
+    slicer = slicer_app
+    slicer.app.majorVersion, slicer.app.minorVersion = 5, 8
+    slicer.app.testingEnabled.return_value = False
+    _module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
+    ui.pretrainVolumesSelector.setCheckedNodes([addVolume(scene, phantom(), name="ct")])
+    widget._environment = dict(ENVIRONMENT, monai=None)
+    seen = []
+
+    def pipInstall(args):  # what the user can do while pip prints its lines
+        seen.append((ui.installButton.enabled, ui.pretrainButton.enabled, ui.fineTuneButton.enabled))
+        ui.installButton.click()
+        ui.pretrainButton.click()
+
+    monkeypatch.setattr(slicer.util, "pip_install", pipInstall, raising=False)
+    monkeypatch.setattr(backend, "probeEnvironment", lambda *a, **k: dict(ENVIRONMENT))
+    widget.onInstallButton()
+    assert seen == [(False, False, False)]  # one pip call: the clicks during it started nothing
+    assert widget.panel.job is None and ui.installButton.enabled and ui.pretrainButton.enabled
+    assert install.unsupportedReason(ENVIRONMENT) == ""
