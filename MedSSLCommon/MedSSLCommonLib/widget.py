@@ -31,7 +31,7 @@ def describeModule(parent, title, helpText):
     acknowledgement (each module file sets its own ``dependencies``)."""
     parent.title = title
     parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-    parent.contributors = ["MedSSL contributors"]
+    parent.contributors = ["MedSSL contributors (MedSSL project)"]  # as EXTENSION_CONTRIBUTORS
     parent.helpText = helpText
     parent.acknowledgementText = _(
         "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")
