@@ -366,6 +366,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         volume = ui.fewShotVolumeSelector.currentNode()
         steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
         steps = self.optionValue("fewshot", "steps", steps)
+        if ui.initComboBox.currentData != "none" and ui.initModelPathLineEdit.currentPath:
+            ui.initModelPathLineEdit.addCurrentPathToHistory()
         job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
                                   steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
         self._lossCurveFor(_("Fine-tuning"))

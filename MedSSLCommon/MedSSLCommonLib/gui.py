@@ -272,7 +272,9 @@ class StringBindings:
         self.updateGui()
 
     def updateGui(self, *_args) -> None:
-        """Parameter node -> widgets."""
+        """Parameter node -> widgets. An empty path parameter leaves the path widget as it is: a
+        ctkPathLineEdit with a ``settingKey`` shows the most recent path of its saved history, which the
+        parameter node of a new scene must not wipe."""
         if self._parameterNode is None:
             return
         self._updating = True
@@ -283,7 +285,7 @@ class StringBindings:
                     index = widget.findData(value)
                     if index >= 0 and index != widget.currentIndex:
                         widget.setCurrentIndex(index)
-                elif widget.currentPath != value:
+                elif value and widget.currentPath != value:
                     widget.currentPath = value
         finally:
             self._updating = False

@@ -374,8 +374,16 @@ class FakeComboBox(StrictWidget):
         return self._items[self._index][0] if 0 <= self._index < len(self._items) else ""
 
 
+PATH_HISTORY: dict = {}
+"""ctkPathLineEdit's history in the application settings: settingKey -> [paths], most recent first."""
+
+
 class FakePathLineEdit(StrictWidget):
-    PROPERTIES = {"filters", "nameFilters", "settingKey", "showHistoryButton"}
+    """ctkPathLineEdit: setting ``settingKey`` retrieves the history saved under it and, when no path is set,
+    shows its most recent entry without emitting currentPathChanged (ctkPathLineEdit::retrieveHistory);
+    ``addCurrentPathToHistory`` saves the current path first in that history."""
+
+    PROPERTIES = {"filters", "nameFilters", "showHistoryButton"}
     SIGNALS = {"currentPathChanged(QString)"}
 
     def __init__(self, name):
@@ -383,8 +391,18 @@ class FakePathLineEdit(StrictWidget):
         self._path = ""
         self.filters = 0
         self.nameFilters = []
-        self.settingKey = ""
-        self._history = []
+        self._settingKey = ""
+
+    @property
+    def settingKey(self):
+        return self._settingKey
+
+    @settingKey.setter
+    def settingKey(self, key):
+        self._settingKey = str(key)
+        history = PATH_HISTORY.get(self._settingKey) or []
+        if history and not self._path:
+            self._path = history[0]  # signals blocked, as retrieveHistory does
 
     @property
     def currentPath(self):
@@ -398,7 +416,12 @@ class FakePathLineEdit(StrictWidget):
             self.emit("currentPathChanged(QString)", value)
 
     def addCurrentPathToHistory(self):
-        self._history.append(self._path)
+        if self._settingKey and self._path:
+            history = [p for p in PATH_HISTORY.get(self._settingKey, []) if p != self._path]
+            PATH_HISTORY[self._settingKey] = [self._path] + history
+
+    def history(self):  # test helper
+        return list(PATH_HISTORY.get(self._settingKey, []))
 
 
 class FakeNodeComboBox(StrictWidget):

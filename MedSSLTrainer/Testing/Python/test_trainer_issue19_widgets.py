@@ -61,3 +61,31 @@ def test_fine_tune_is_enabled_from_the_defaults_and_says_why_when_not(slicer_app
     runPanel(widget)
     assert widget.panel.job.status == "done", widget.panel.job.error
     assert widget.logic.lastInit == "none"
+
+
+def test_saved_path_history_survives_opening_the_module_and_the_initial_model_joins_it(slicer_app, scene, tmp_path,
+                                                                                      monkeypatch):
+    """Item 12: ctkPathLineEdit restores the last path from its settingKey; the parameter node's empty string
+    must not wipe it, and a fine-tune from an initial model adds that model to the history."""
+    import fake_slicer_gui
+
+    pretrained, other = tmp_path / "pretrained", tmp_path / "other"
+    for folder in (pretrained, other):
+        folder.mkdir()
+        (folder / "model.json").write_text('{"task": "pretrain"}')
+    monkeypatch.setattr(fake_slicer_gui, "PATH_HISTORY", {"MedSSL/InitModelPath": [str(pretrained)],
+                                                          "MedSSL/ApplyModelPath": [str(pretrained)]})
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")
+    assert ui.initModelPathLineEdit.currentPath == str(pretrained)
+    _module, segment, segmentUi = makeWidget(slicer_app, "MedSSLSegment")
+    assert segmentUi.modelPathLineEdit.currentPath == str(pretrained)
+    volume = addVolume(scene, phantom(), name="ct")
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))
+    ui.initComboBox.setCurrentIndex(ui.initComboBox.findData("bundle"))
+    ui.initModelPathLineEdit.currentPath = str(other)
+    ui.fineTuneButton.click()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    assert widget.logic.lastInit == str(other)
+    assert ui.initModelPathLineEdit.history() == [str(other), str(pretrained)]
