@@ -200,7 +200,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         self.startProbe()  # again: the methods list needs the backend's dependencies
 
     def _usesCpu(self):
-        return self.logic.device == "cpu" or not (self._environment or {}).get("cuda")
+        environment = self._environment or {}
+        return self.logic.device == "cpu" or not (environment.get("cuda") or environment.get("mps"))
 
     # ------------------------------------------------------------------ widget state
 

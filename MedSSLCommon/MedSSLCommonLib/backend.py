@@ -235,24 +235,6 @@ def missingDependencies(probe: dict) -> list[str]:
     return missing
 
 
-def deviceChoices(probe: dict | None, checking: bool = False) -> list[tuple[str, str]]:
-    """[(value for --device, label)] for a device selector: auto first, naming what it will use. ``probe``
-    None: not known yet (``checking``: the probe is still running) or the check failed."""
-    if probe is None:
-        auto = "auto (checking...)" if checking else "auto (unknown: the environment check failed)"
-        return [("auto", auto), ("cpu", "cpu")]
-    gpus = probe.get("cuda") or []
-    if gpus:
-        auto = f"auto ({gpus[0]['name']}, {gpus[0].get('memory_gb', '?')} GB)"
-    else:
-        auto = "auto (CPU: no CUDA GPU found - slow)"
-    choices = [("auto", auto)]
-    if gpus:
-        choices.append(("cuda", f"cuda ({gpus[0]['name']})"))
-    choices.append(("cpu", "cpu (slow)"))
-    return choices
-
-
 def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[dict]:
     """The backend's pretraining methods (``methods --json``): [{"name", "description", "data"}] (data:
     ``"--data PATH..."`` or ``"--datasets SPEC.json"``, what the method learns from). Falls back to

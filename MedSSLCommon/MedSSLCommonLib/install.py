@@ -27,6 +27,7 @@ import tempfile
 import slicer
 
 from . import backend
+from .i18n import tr as _
 
 SLICER_MINIMUM = (5, 6)
 """The oldest Slicer supported (Python 3.9; see docs/slicer.md)."""
@@ -56,11 +57,11 @@ def unsupportedReason(environment: dict, slicerVersion=None) -> str:
         slicerVersion = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
     python = backend.versionTuple(environment.get("python"))
     if tuple(slicerVersion) < SLICER_MINIMUM:
-        return (f"MedSSL needs Slicer {'.'.join(map(str, SLICER_MINIMUM))} or newer; this is Slicer "
-                f"{'.'.join(map(str, slicerVersion))}: install a newer Slicer.")
+        return _("MedSSL needs Slicer {minimum} or newer; this is Slicer {version}: install a newer Slicer.").format(
+            minimum=".".join(map(str, SLICER_MINIMUM)), version=".".join(map(str, slicerVersion)))
     if python and python[:2] < PYTHON_MINIMUM:
-        return (f"MedSSL needs Python {'.'.join(map(str, PYTHON_MINIMUM))} or newer in Slicer; this Slicer's Python is "
-                f"{environment.get('python')}.")
+        return _("MedSSL needs Python {minimum} or newer in Slicer; this Slicer's Python is {version}.").format(
+            minimum=".".join(map(str, PYTHON_MINIMUM)), version=environment.get("python"))
     return ""
 
 MONAI_FOR_TORCH = [
@@ -126,10 +127,10 @@ def ensureBackendReady(environment: dict | None = None) -> dict:
     if slicer.app.testingEnabled():
         raise RuntimeError(f"missing Python packages {', '.join(missing)} (not installed in testing mode)")
     plan = installPlan(environment)
-    message = (f"MedSSL needs Python packages that are missing or too old in Slicer's Python: {', '.join(missing)}."
-               "\n\nThis will install:\n" + "\n".join(f"- {line}" for line in plan) +
-               "\n\nInstall now? It can take several minutes. Slicer may need a restart afterwards.")
-    if not slicer.util.confirmOkCancelDisplay(message, "MedSSL: install dependencies"):
+    message = _("MedSSL needs Python packages that are missing or too old in Slicer's Python: {names}.\n\n"
+                "This will install:\n{plan}\n\nInstall now? It can take several minutes. Slicer may need a "
+                "restart afterwards.").format(names=", ".join(missing), plan="\n".join(f"- {line}" for line in plan))
+    if not slicer.util.confirmOkCancelDisplay(message, _("MedSSL: install dependencies")):
         raise RuntimeError(f"missing Python packages: {', '.join(missing)}")
     if not environment.get("torch") or backend.torchTooOld(environment):
         installTorch(environment.get("python"))
@@ -191,5 +192,5 @@ def _runPythonModule(module: str, args: list[str], what: str) -> None:
 def _failure(what: str, exc) -> str:
     """One readable line for a failed install (instead of pip's ``CalledProcessError``)."""
     status = f"exit status {exc.returncode}" if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-    return (f"installing {what} failed ({status}): check the internet connection (or proxy settings) and try "
-            "again; pip's messages are in the Python console")
+    return _("installing {what} failed ({status}): check the internet connection (or proxy settings) and try "
+             "again; pip's messages are in the Python console").format(what=what, status=status)
