@@ -65,13 +65,15 @@ def pythonExecutable() -> str:
 
 def childEnvironment(extra: dict | None = None) -> dict:
     """Environment for a backend child process: this process's, with the backend folder first on
-    ``PYTHONPATH``, unbuffered UTF-8 output, and ``extra`` on top."""
+    ``PYTHONPATH``, unbuffered UTF-8 output, torch's per-operation CPU fallback on the Apple GPU (MPS), and
+    ``extra`` on top."""
     env = dict(os.environ)
     root = backendRoot()
     if root:
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
+    env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # Apple GPU: an operation MPS lacks runs on the CPU
     env.update(extra or {})
     return env
 
