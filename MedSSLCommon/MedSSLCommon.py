@@ -26,7 +26,7 @@ class MedSSLCommon(ScriptedLoadableModule):
         self.parent.categories = ["Developer Tools"]
         self.parent.dependencies = []
         self.parent.hidden = True  # a library for MedSSLSegment and MedSSLTrainer, not a module of its own
-        self.parent.contributors = ["MedSSL contributors"]
+        self.parent.contributors = ["MedSSL contributors (MedSSL project)"]  # as EXTENSION_CONTRIBUTORS
         self.parent.helpText = _("Shared code of the MedSSL Segment and MedSSL Trainer modules (no user interface).")
         self.parent.acknowledgementText = _(
             "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")

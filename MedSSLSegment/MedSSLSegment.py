@@ -60,6 +60,7 @@ else:
 class MedSSLSegmentWidget(MedSSLWidgetBase):
     parameterNodeClass = MedSSLSegmentParameterNode
     logicClass = MedSSLSegmentLogic
+    startButtonNames = ("applyButton",)
 
     def __init__(self, parent=None):
         MedSSLWidgetBase.__init__(self, parent)
@@ -94,10 +95,13 @@ class MedSSLSegmentWidget(MedSSLWidgetBase):
     def _checkCanApply(self, *_args):
         task = backend.bundleTask(self._modelInfo) if self._modelInfo else None
         ready = bool(self.ui.inputVolumeSelector.currentNode()) and task in ("segment", "detect", "classify")
-        self.ui.applyButton.enabled = ready or self.panel.busy
+        self.ui.applyButton.enabled = (ready or self.panel.busy) and not self._installing
         if not self.panel.busy:
             self.ui.applyButton.toolTip = "" if ready else _("Select a volume and a segmentation, detection or "
                                                              "classification model.")
+
+    def updateStartButtons(self):
+        self._checkCanApply()
 
     def onApplyButton(self):
         self.startOrCancel(_("MedSSL could not start."), self._apply)
@@ -136,14 +140,18 @@ def describeModel(info: dict) -> str:
     """One line about a bundle for the panel: task, classes, method."""
     task = backend.bundleTask(info)
     classes = nodes.normaliseClasses(info.get("classes"))
-    names = ", ".join(c["name"] for c in classes.values()) or "no classes"
+    names = ", ".join(c["name"] for c in classes.values()) or _("no classes")
     method = (info.get("method") or {}).get("name", "?")
     if task == "pretrain":
-        return f"Pretrained model ({method}): fine-tune it in MedSSL Trainer before applying it."
+        return _("Pretrained model ({method}): fine-tune it in MedSSL Trainer before applying it.").format(method=method)
     if task == "fewshot":
-        return (f"Few-shot model: {names}. It completes the painting it was trained with (MedSSL Trainer); it "
-                "cannot be applied to a volume here.")
-    return f"{task.capitalize()} model: {names} (pretraining: {method})."
+        return _("Few-shot model: {names}. It completes the painting it was trained with (MedSSL Trainer); it "
+                 "cannot be applied to a volume here.").format(names=names)
+    kinds = {"segment": _("Segment model: {names} (pretraining: {method})."),
+             "detect": _("Detect model: {names} (pretraining: {method})."),
+             "classify": _("Classify model: {names} (pretraining: {method}).")}
+    return kinds.get(task, _("{task} model: {names} (pretraining: {method}).")).format(task=task.capitalize(),
+                                                                                      names=names, method=method)
 
 
 class MedSSLSegmentTest(ScriptedLoadableModuleTest):

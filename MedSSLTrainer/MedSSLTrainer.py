@@ -24,7 +24,7 @@ from MedSSLCommonLib.plots import LossCurve
 from MedSSLCommonLib.widget import MedSSLWidgetBase, describeModule
 from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sparseLabels
 from MedSSLTrainerLib.datasets import methodTakesDatasets
-from MedSSLTrainerLib.logic import MedSSLTrainerLogic
+from MedSSLTrainerLib.logic import MedSSLTrainerLogic, describeRound
 
 try:
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -35,10 +35,19 @@ except ImportError:  # Slicer < 5.2: the settings are simply not kept with the s
 __all__ = ["MedSSLTrainer", "MedSSLTrainerWidget", "MedSSLTrainerLogic", "MedSSLTrainerTest"]
 
 INIT_CHOICES = [
-    ("bundle", "MedSSL model (pretrained or fine-tuned)"),
-    ("genesis-pt", "Official Models Genesis .pt file"),
-    ("none", "None (train from scratch)"),
+    ("none", _("No initial model (learn from the painting alone)")),
+    ("bundle", _("Start from a MedSSL model (pretrained or fine-tuned)")),
+    ("genesis-pt", _("Start from an official Models Genesis .pt file")),
 ]
+"""Initial-model choices (item data, text), the default first: the few-shot engine needs no initial model."""
+
+BUTTON_TIPS = {
+    "pretrainButton": _("Pretrain in the background; the button turns into Cancel."),
+    "fineTuneButton": _("Train on the painted slices, then segment the whole volume into a new segmentation for "
+                        "review."),
+    "suggestButton": _("Move the slice views to the slices where more annotation should help most."),
+}
+"""The tooltips of the start buttons while they can be clicked (else the tooltip says what is missing)."""
 
 
 class MedSSLTrainer(ScriptedLoadableModule):
@@ -72,7 +81,7 @@ if parameterNodeWrapper is not None:
         pretrainOutput: str = ""
         fewShotVolume: vtkMRMLScalarVolumeNode
         fewShotSegmentation: vtkMRMLSegmentationNode
-        initChoice: str = "bundle"
+        initChoice: str = "none"  # the few-shot engine needs no initial model
         initModel: str = ""
         finetuneSteps: Annotated[int, Minimum(0)] = backend.initialGuiDefault("fewshot", "steps")
         finetuneMinutes: Annotated[float, Minimum(0)] = 0.0
@@ -95,6 +104,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
     parameterNodeClass = MedSSLTrainerParameterNode
     logicClass = MedSSLTrainerLogic
     volumeParameter = "fewShotVolume"
+    startButtonNames = ("pretrainButton", "fineTuneButton", "suggestButton")
 
     def __init__(self, parent=None):
         MedSSLWidgetBase.__init__(self, parent)
@@ -153,6 +163,11 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
     def forgetSceneNodes(self):
         self._lossCurve = None
 
+    def cleanup(self):
+        MedSSLWidgetBase.cleanup(self)
+        if self.logic is not None:
+            self.logic.correctionRounds.stopWatching()
+
     def parameterNodeChanged(self):
         self._updateInitWidgets()
 
@@ -185,7 +200,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         self.startProbe()  # again: the methods list needs the backend's dependencies
 
     def _usesCpu(self):
-        return self.logic.device == "cpu" or not (self._environment or {}).get("cuda")
+        environment = self._environment or {}
+        return self.logic.device == "cpu" or not (environment.get("cuda") or environment.get("mps"))
 
     # ------------------------------------------------------------------ widget state
 
@@ -211,20 +227,50 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui.datasetsSpecLabel.visible = ui.datasetsSpecPathLineEdit.visible = labelled
         ui.pretrainVolumesSelector.enabled = not useFolder
         ui.dataFolderPathLineEdit.enabled = useFolder
-        if labelled:
-            hasData = bool(ui.datasetsSpecPathLineEdit.currentPath)
-        else:
-            hasData = bool(ui.dataFolderPathLineEdit.currentPath) if useFolder else bool(ui.pretrainVolumesSelector.checkedNodes())
-        hasInit = ui.initComboBox.currentData == "none" or bool(ui.initModelPathLineEdit.currentPath)
-        canFineTune = bool(ui.fewShotVolumeSelector.currentNode() and ui.fewShotSegmentationSelector.currentNode() and hasInit)
-        canSuggest = bool(ui.fewShotVolumeSelector.currentNode() and ui.modelPathLineEdit.currentPath)
-        ui.pretrainButton.enabled = (hasData and not busy) or (busy and self._runningButton == ui.pretrainButton)
-        ui.fineTuneButton.enabled = (canFineTune and not busy) or (busy and self._runningButton == ui.fineTuneButton)
-        ui.suggestButton.enabled = (canSuggest and not busy) or (busy and self._runningButton == ui.suggestButton)
+        missing = [(ui.pretrainButton, self._pretrainMissing(labelled, useFolder)),
+                   (ui.fineTuneButton, self._fineTuneMissing()), (ui.suggestButton, self._suggestMissing())]
+        for button, reason in missing:
+            if self._installing or busy:
+                button.enabled = busy and self._runningButton == button
+                continue
+            button.enabled = not reason
+            button.toolTip = (_("Disabled: {reason}.").format(reason=reason) if reason
+                              else BUTTON_TIPS[button.objectName])
         ui.showChartButton.enabled = self._lossCurve is not None
 
     _runningButton = None
     _datasetMethods = frozenset()
+
+    def updateStartButtons(self):
+        self._updateButtons()
+
+    def _pretrainMissing(self, labelled, useFolder) -> str:
+        """Why pretraining cannot start ('' when it can)."""
+        ui = self.ui
+        if labelled:
+            return "" if ui.datasetsSpecPathLineEdit.currentPath else _("choose the datasets' SPEC.json")
+        if useFolder:
+            return "" if ui.dataFolderPathLineEdit.currentPath else _("choose the folder of scans")
+        return "" if ui.pretrainVolumesSelector.checkedNodes() else _("check the volumes to pretrain on")
+
+    def _fineTuneMissing(self) -> str:
+        """Why fine-tuning cannot start ('' when it can)."""
+        ui = self.ui
+        if not ui.fewShotVolumeSelector.currentNode():
+            return _("choose the volume to segment")
+        if not ui.fewShotSegmentationSelector.currentNode():
+            return _("choose the segmentation painted on it (paint a few slices in the Segment Editor)")
+        if ui.initComboBox.currentData != "none" and not ui.initModelPathLineEdit.currentPath:
+            return _("choose the initial model, or 'No initial model'")
+        return ""
+
+    def _suggestMissing(self) -> str:
+        """Why suggesting slices cannot start ('' when it can)."""
+        if not self.ui.fewShotVolumeSelector.currentNode():
+            return _("choose the volume")
+        if not self.ui.modelPathLineEdit.currentPath:
+            return _("fine-tune first (or choose a model)")
+        return ""
 
     def _methodTakesDatasets(self) -> bool:
         """Whether the chosen method learns from labelled datasets (SPEC.json) instead of volumes."""
@@ -321,10 +367,14 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         volume = ui.fewShotVolumeSelector.currentNode()
         steps, maxTime = budget(ui.finetuneStepsSpinBox, ui.finetuneMinutesSpinBox)
         steps = self.optionValue("fewshot", "steps", steps)
+        if ui.initComboBox.currentData != "none" and ui.initModelPathLineEdit.currentPath:
+            ui.initModelPathLineEdit.addCurrentPathToHistory()
         job = self.logic.finetune(volume, ui.fewShotSegmentationSelector.currentNode(), initModel=self._initModel(),
                                   steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
         self._lossCurveFor(_("Fine-tuning"))
-        self._start(job, ui.fineTuneButton, _("Fine-tuning"), lambda j, v=volume: self.onFineTuneEnded(j, v))
+        title = _("Fine-tuning, round {number}").format(number=self.logic.lastRound["round"])
+        self._start(job, ui.fineTuneButton, title, lambda j, v=volume: self.onFineTuneEnded(j, v))
+        ui.statusLabel.text = _("Fine-tuning: {round}").format(round=describeRound(self.logic.lastRound))
 
     def onFineTuneEnded(self, job, volume):
         if job.status != jobs.DONE:

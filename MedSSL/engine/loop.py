@@ -71,7 +71,8 @@ class RuntimeOptions:
     """Where and how any job runs (``--device``, ``--seed``, ``--progress``, ``--threads``); task configs take
     their ``device`` and ``seed`` defaults from here."""
 
-    device: str = option("auto", help="auto (CUDA when available), cpu or cuda (default {default})")
+    device: str = option("auto", help="auto (CUDA, else the Apple GPU (MPS), when available), cpu, cuda or mps "
+                         "(default {default})")
     seed: int = option(0, type=int, help="random seed (default {default})")
     progress: str | None = option(None, choices=("bar", "json", "none"),
                                   help="bar in a terminal (default), json = one JSON object per line on stdout, none")

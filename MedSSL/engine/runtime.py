@@ -15,20 +15,34 @@ import torch.distributed as dist
 from MedSSL.errors import MedSSLError
 
 
+def mps_available() -> bool:
+    """True when torch can use the Apple GPU (Metal Performance Shaders) of this Mac."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> CUDA when available else CPU; "cuda" without a GPU is an error."""
+    """"auto" -> CUDA when available, else the Apple GPU (MPS) when available, else CPU; "cuda" or "mps" without
+    that GPU is an error. On MPS, operations torch lacks there run on the CPU one by one when the process was
+    started with ``PYTORCH_ENABLE_MPS_FALLBACK=1`` (the Slicer modules set it for their child processes)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MedSSLError(f"--device {name}: no CUDA GPU is available to this Python (torch {torch.__version__})")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise MedSSLError(f"--device {name}: expected auto, cpu or cuda")
+    if name == "mps" and not mps_available():
+        raise MedSSLError(f"--device mps: no Apple GPU (MPS) is available to this Python (torch {torch.__version__})")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise MedSSLError(f"--device {name}: expected auto, cpu, cuda or mps")
     return torch.device(name)
 
 
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "mps (Apple GPU)"
     return "cpu"
 
 

@@ -65,13 +65,15 @@ def pythonExecutable() -> str:
 
 def childEnvironment(extra: dict | None = None) -> dict:
     """Environment for a backend child process: this process's, with the backend folder first on
-    ``PYTHONPATH``, unbuffered UTF-8 output, and ``extra`` on top."""
+    ``PYTHONPATH``, unbuffered UTF-8 output, torch's per-operation CPU fallback on the Apple GPU (MPS), and
+    ``extra`` on top."""
     env = dict(os.environ)
     root = backendRoot()
     if root:
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
+    env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # Apple GPU: an operation MPS lacks runs on the CPU
     env.update(extra or {})
     return env
 
@@ -125,6 +127,15 @@ def workDirectory() -> str:
     setting :data:`WORK_DIR_SETTING` (in Slicer), else ``~/MedSSL``."""
     folder = os.environ.get("MEDSSL_WORK_DIR") or _slicerSetting(WORK_DIR_SETTING) or os.path.join("~", "MedSSL")
     return os.path.abspath(os.path.expanduser(folder))
+
+
+KEEP_JOB_FILES_SETTING = "MedSSL/KeepJobFiles"
+"""Slicer application setting (the modules' "Keep job outputs and logs"): "true" keeps job folders."""
+
+
+def keepJobFilesSetting() -> bool:
+    """The "Keep job outputs and logs" setting (False outside Slicer or when unset)."""
+    return str(_slicerSetting(KEEP_JOB_FILES_SETTING)).strip().lower() in ("true", "1")
 
 
 def _slicerSetting(key: str) -> str | None:
@@ -224,20 +235,6 @@ def missingDependencies(probe: dict) -> list[str]:
     if torchTooOld(probe):
         missing.insert(0, "torch")
     return missing
-
-
-def deviceChoices(probe: dict) -> list[tuple[str, str]]:
-    """[(value for --device, label)] for a device selector: auto first, naming what it will use."""
-    gpus = probe.get("cuda") or []
-    if gpus:
-        auto = f"auto ({gpus[0]['name']}, {gpus[0].get('memory_gb', '?')} GB)"
-    else:
-        auto = "auto (CPU: no CUDA GPU found - slow)"
-    choices = [("auto", auto)]
-    if gpus:
-        choices.append(("cuda", f"cuda ({gpus[0]['name']})"))
-    choices.append(("cpu", "cpu (slow)"))
-    return choices
 
 
 def availableMethods(python: str | None = None, timeout: float = 120.0) -> list[dict]:

@@ -16,6 +16,7 @@ import qt
 import slicer
 
 from . import backend, jobs
+from .i18n import tr as _
 
 LOG_MAX_LINES = 5000
 
@@ -26,19 +27,22 @@ def formatDuration(seconds) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+        return _("{hours} h {minutes} min").format(hours=hours, minutes=f"{minutes:02d}")
+    if minutes:
+        return _("{minutes} min {seconds} s").format(minutes=minutes, seconds=f"{secs:02d}")
+    return _("{seconds} s").format(seconds=secs)
 
 
 def describeProgress(event: dict) -> str:
     """One status line from a progress event: stage, step/total, loss, speed, ETA."""
-    text = f"{event.get('stage', 'running')}: step {event.get('step', '?')}/{event.get('total', '?')}"
+    text = _("{stage}: step {step}/{total}").format(stage=event.get("stage", _("running")),
+                                                     step=event.get("step", "?"), total=event.get("total", "?"))
     if event.get("loss") is not None:
-        text += f", loss {float(event['loss']):.4g}"
+        text += _(", loss {loss}").format(loss=f"{float(event['loss']):.4g}")
     if event.get("cubes_per_s"):
-        text += f", {float(event['cubes_per_s']):.1f} cubes/s"
+        text += _(", {speed} cubes/s").format(speed=f"{float(event['cubes_per_s']):.1f}")
     if event.get("eta_s") is not None:
-        text += f", about {formatDuration(event['eta_s'])} left"
+        text += _(", about {duration} left").format(duration=formatDuration(event["eta_s"]))
     return text
 
 
@@ -78,19 +82,19 @@ class JobPanel:
         """Follow a started ``job``; ``button`` becomes its Cancel button until it ends."""
         self.job, self.title, self._onEnded = job, title, onEnded
         self._button, self._buttonText = button, button.text
-        button.text = "Cancel"
-        button.toolTip = f"Stop {title.lower()} (ends the background process)"
+        button.text = _("Cancel")
+        button.toolTip = _("Stop: {task} (ends the background process)").format(task=title)
         self._logOffset = 0
         self.logView.clear()
         self.progressBar.setRange(0, 0)  # busy indicator until the first progress event
         self.progressBar.show()
-        self.statusLabel.text = f"{title}: starting..."
+        self.statusLabel.text = _("{title}: starting...").format(title=title)
         self.timer.start()
 
     def cancel(self) -> None:
         """Cancel the running job (its whole process tree ends within a few seconds)."""
         if self.busy:
-            self.statusLabel.text = f"{self.title}: cancelling..."
+            self.statusLabel.text = _("{title}: cancelling...").format(title=self.title)
             slicer.app.processEvents()
             self.job.cancel()
             self._poll()
@@ -104,7 +108,8 @@ class JobPanel:
             self.statusLabel.text = describeProgress(event)
         elif kind == "stage":
             self.progressBar.setRange(0, 0)
-            self.statusLabel.text = f"{event.get('stage', '')}: {event.get('message', '')}"
+            self.statusLabel.text = _("{stage}: {message}").format(stage=event.get("stage", ""),
+                                                                   message=event.get("message", ""))
 
     def _poll(self) -> None:
         job = self.job
@@ -139,17 +144,18 @@ class JobPanel:
         self._button.toolTip = ""
         self.progressBar.hide()
         if job.status == jobs.DONE:
-            self.statusLabel.text = f"{self.title}: done in {formatDuration(job.elapsed)}."
+            self.statusLabel.text = _("{title}: done in {duration}.").format(title=self.title,
+                                                                              duration=formatDuration(job.elapsed))
         elif job.status == jobs.CANCELLED:
-            self.statusLabel.text = f"{self.title}: cancelled."
+            self.statusLabel.text = _("{title}: cancelled.").format(title=self.title)
         else:
-            self.statusLabel.text = f"{self.title} failed: {job.error}"
+            self.statusLabel.text = _("{title} failed: {error}").format(title=self.title, error=job.error)
         onEnded, self._onEnded = self._onEnded, None
         if onEnded is not None:
             onEnded(job)
         if job.status == jobs.FAILED:
-            slicer.util.errorDisplay(f"{self.title} failed:\n{job.error}\n\nThe full log is in {job.logPath}",
-                                     detailedText=job.readLog(20000))
+            slicer.util.errorDisplay(_("{title} failed:\n{error}\n\nThe full log is in {path}").format(
+                title=self.title, error=job.error, path=job.logPath), detailedText=job.readLog(20000))
 
     def openJobFolder(self) -> None:
         """Show the current job's folder (log, outputs) in the file browser; when it was deleted (done or
@@ -212,11 +218,35 @@ def probeBackend(methods: bool = False) -> dict:
     return answer
 
 
-def fillDeviceComboBox(comboBox, environment: dict | None, current: str = "auto") -> None:
-    """Device choices (item data = --device value), auto naming the GPU it will use."""
+def deviceChoices(environment: dict | None, checking: bool = False) -> list[tuple[str, str]]:
+    """[(value for --device, label)] for the device box: auto first, naming what it will use (the first CUDA
+    GPU, else the Apple GPU (MPS), else the CPU). ``environment`` None: not known yet (``checking``: the
+    probe is still running) or the check failed."""
+    if environment is None:
+        auto = _("auto (checking...)") if checking else _("auto (unknown: the environment check failed)")
+        return [("auto", auto), ("cpu", _("cpu"))]
+    gpus = environment.get("cuda") or []
+    if gpus:
+        auto = _("auto ({gpu}, {memory} GB)").format(gpu=gpus[0]["name"], memory=gpus[0].get("memory_gb", "?"))
+    elif environment.get("mps"):
+        auto = _("auto (Apple GPU, MPS)")
+    else:
+        auto = _("auto (CPU: no GPU found - slow)")
+    choices = [("auto", auto)]
+    if gpus:
+        choices.append(("cuda", _("cuda ({gpu})").format(gpu=gpus[0]["name"])))
+    if environment.get("mps"):
+        choices.append(("mps", _("mps (Apple GPU)")))
+    choices.append(("cpu", _("cpu (slow)")))
+    return choices
+
+
+def fillDeviceComboBox(comboBox, environment: dict | None, current: str = "auto", checking: bool = False) -> None:
+    """Device choices (item data = --device value), auto naming the GPU it will use ("checking..." while
+    the probe runs: ``environment`` None and ``checking``)."""
     comboBox.blockSignals(True)
     comboBox.clear()
-    for value, label in backend.deviceChoices(environment or {}):
+    for value, label in deviceChoices(environment, checking):
         comboBox.addItem(label, value)
     index = comboBox.findData(current)
     comboBox.setCurrentIndex(index if index >= 0 else 0)
@@ -227,25 +257,28 @@ def deviceWarning(environment: dict | None, device: str) -> str:
     """A warning to show next to the device choice ('' when a GPU will be used)."""
     if environment is None:
         return ""
-    if device == "cpu" or not environment.get("cuda"):
-        return ("Training will run on the CPU: expect hours for pretraining. Use a small step budget, or a "
-                "computer with an NVIDIA GPU.")
+    if device == "cpu" or not (environment.get("cuda") or environment.get("mps")):
+        return _("Training will run on the CPU: expect hours for pretraining. Use a small step budget, or a "
+                 "computer with a GPU (NVIDIA CUDA, or an Apple-silicon Mac).")
     return ""
 
 
 def environmentSummary(environment: dict | None, error=None) -> str:
     """One line about torch/MONAI/GPU for the module panel."""
     if error is not None:
-        return f"Could not check the Python environment: {error}"
+        return _("Could not check the Python environment: {error}").format(error=error)
     if environment is None:
-        return "Checking torch, MONAI and GPUs..."
+        return _("Checking torch, MONAI and GPUs...")
     missing = backend.missingDependencies(environment)
     if missing:
-        return f"Missing Python packages: {', '.join(missing)}. Click Install to add them."
+        return _("Missing Python packages: {names}. Click Install to add them.").format(names=", ".join(missing))
     if not environment.get("MedSSL"):
-        return f"The MedSSL backend does not import: {environment.get('MedSSL_error', 'not found')}"
-    gpus = ", ".join(g["name"] for g in environment.get("cuda") or []) or "no CUDA GPU"
-    return f"torch {environment['torch']}, MONAI {environment['monai']}; {gpus}."
+        return _("The MedSSL backend does not import: {error}").format(
+            error=environment.get("MedSSL_error", _("not found")))
+    gpus = ", ".join(g["name"] for g in environment.get("cuda") or [])
+    gpus = gpus or (_("Apple GPU (MPS)") if environment.get("mps") else _("no GPU"))
+    return _("torch {torch}, MONAI {monai}; {gpus}.").format(torch=environment["torch"], monai=environment["monai"],
+                                                            gpus=gpus)
 
 
 class StringBindings:
@@ -271,7 +304,9 @@ class StringBindings:
         self.updateGui()
 
     def updateGui(self, *_args) -> None:
-        """Parameter node -> widgets."""
+        """Parameter node -> widgets. An empty path parameter leaves the path widget as it is: a
+        ctkPathLineEdit with a ``settingKey`` shows the most recent path of its saved history, which the
+        parameter node of a new scene must not wipe."""
         if self._parameterNode is None:
             return
         self._updating = True
@@ -282,7 +317,7 @@ class StringBindings:
                     index = widget.findData(value)
                     if index >= 0 and index != widget.currentIndex:
                         widget.setCurrentIndex(index)
-                elif widget.currentPath != value:
+                elif value and widget.currentPath != value:
                     widget.currentPath = value
         finally:
             self._updating = False
@@ -312,32 +347,37 @@ class StringBindings:
             setattr(self._parameterNode, name, str(value))
 
 
-KEEP_JOB_FILES_SETTING = "MedSSL/KeepJobFiles"
-
-
-def bindJobSettings(pathLineEdit, checkBox, logic) -> None:
+def bindJobSettings(pathLineEdit, checkBox) -> None:
     """The "Job folder" and "Keep job outputs and logs" widgets: shown from, and saved to, the Slicer
-    application settings (shared by both modules), and applied to ``logic`` (``workDir``, ``keepJobFiles``)."""
+    application settings, shared by both modules. The logic reads the settings at each job
+    (:func:`backend.workDirectory`, :func:`backend.keepJobFilesSetting`), so a change in one module applies to
+    the next job of either; :func:`showJobSettings` refreshes the widgets when a module is shown."""
     import ctk
 
     settings = slicer.app.userSettings()
     pathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
-    pathLineEdit.currentPath = backend.workDirectory()
-    keep = settings.value(KEEP_JOB_FILES_SETTING)
-    checkBox.checked = str(keep).lower() in ("true", "1")
-    logic.workDir = pathLineEdit.currentPath or None
-    logic.keepJobFiles = bool(checkBox.checked)
+    showJobSettings(pathLineEdit, checkBox)
 
     def onPath(path):
-        settings.setValue(backend.WORK_DIR_SETTING, path)
-        logic.workDir = path or None
+        if path:
+            settings.setValue(backend.WORK_DIR_SETTING, path)
 
     def onKeep(checked):
-        settings.setValue(KEEP_JOB_FILES_SETTING, "true" if checked else "false")
-        logic.keepJobFiles = bool(checked)
+        settings.setValue(backend.KEEP_JOB_FILES_SETTING, "true" if checked else "false")
 
     pathLineEdit.connect("currentPathChanged(QString)", onPath)
     checkBox.connect("toggled(bool)", onKeep)
+
+
+def showJobSettings(pathLineEdit, checkBox) -> None:
+    """Show the current job settings (the other module may have changed them) without saving them again."""
+    for widget, value in ((pathLineEdit, backend.workDirectory()), (checkBox, backend.keepJobFilesSetting())):
+        widget.blockSignals(True)
+        if widget is checkBox:
+            widget.checked = value
+        else:
+            widget.currentPath = value
+        widget.blockSignals(False)
 
 
 def showChart(chartNode) -> None:

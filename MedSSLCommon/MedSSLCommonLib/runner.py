@@ -36,15 +36,17 @@ class BackendRunner:
     """Starts backend commands for a logic class.
 
     scene: MRML scene (default ``slicer.mrmlScene`` at call time). python: the child's Python (default
-    :func:`backend.pythonExecutable`). workDir: base of job folders and default outputs (default
-    :func:`backend.workDirectory`). device: ``--device`` value, "auto" | "cuda" | "cpu", or None (default:
+    :func:`backend.pythonExecutable`). workDir: base of job folders and default outputs (default None:
+    :func:`backend.workDirectory`, read at each job, so the "Job folder" setting changed in either module
+    applies to the next job of both). device: ``--device`` value, "auto" | "cuda" | "cpu", or None (default:
     ``--device`` is left out and the backend's default applies, see ``medssl info --defaults``).
     """
 
-    keepJobFiles = False
-    """False (default): a job's folder is deleted once its results are in the scene or it was cancelled, and
-    only its log.txt stays after a failure. True: outputs and logs stay. Input copies (patient data) are
-    deleted when the job ends either way."""
+    keepJobFiles = None
+    """False: a job's folder is deleted once its results are in the scene or it was cancelled, and only its
+    log.txt stays after a failure. True: outputs and logs stay. None (default): the modules' "Keep job
+    outputs and logs" setting, read at each job (:func:`backend.keepJobFilesSetting`; False outside Slicer).
+    Input copies (patient data) are deleted when the job ends either way."""
 
     def __init__(self, scene=None, python: str | None = None, workDir: str | None = None, device: str | None = None):
         self._scene = scene
@@ -88,7 +90,7 @@ class BackendRunner:
         job = jobs.Job(commands, jobDir, env=backend.childEnvironment(self.extraEnvironment),
                        onFinished=onFinished, onEvent=onEvent)
         job.cleanupPaths = list(cleanupPaths)
-        job.keepFiles = bool(self.keepJobFiles)
+        job.keepFiles = backend.keepJobFilesSetting() if self.keepJobFiles is None else bool(self.keepJobFiles)
         self.lastJob = job
         job.start()
         if jobDir in self.__dict__.get("_unstartedJobDirs", []):

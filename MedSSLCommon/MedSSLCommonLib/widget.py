@@ -31,7 +31,7 @@ def describeModule(parent, title, helpText):
     acknowledgement (each module file sets its own ``dependencies``)."""
     parent.title = title
     parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-    parent.contributors = ["MedSSL contributors"]
+    parent.contributors = ["MedSSL contributors (MedSSL project)"]  # as EXTENSION_CONTRIBUTORS
     parent.helpText = helpText
     parent.acknowledgementText = _(
         "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")
@@ -47,6 +47,9 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module's logic class (a :class:`~MedSSLCommonLib.runner.BackendRunner`)."""
     volumeParameter = "inputVolume"
     """The parameter set to the scene's first volume when it has none yet."""
+    startButtonNames = ()
+    """The module's job start buttons (disabled while dependencies install)."""
+    _installing = False
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -70,9 +73,9 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = self.logicClass()
-        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox, self.logic)
+        gui.bindJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox)
         self.panel = gui.JobPanel(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit)
-        gui.fillDeviceComboBox(self.ui.deviceComboBox, None)
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, None, checking=True)
         self.ui.installButton.hide()
         self.strings = gui.StringBindings()
         self.strings.combo(self.ui.deviceComboBox, "device")
@@ -94,6 +97,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        gui.showJobSettings(self.ui.workDirPathLineEdit, self.ui.keepJobFilesCheckBox)  # maybe changed elsewhere
         self.initializeParameterNode()
 
     def exit(self):
@@ -200,6 +204,7 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Check torch/MONAI/GPUs (and whatever :meth:`probeBackend` adds) in a child process, in the
         background."""
         self.ui.environmentLabel.text = gui.environmentSummary(None)
+        gui.fillDeviceComboBox(self.ui.deviceComboBox, None, self._shownDevice(), checking=True)
         self._probe = gui.BackgroundCall(self.probeBackend, self.onProbeDone)
 
     def probeBackend(self) -> dict:
@@ -223,9 +228,33 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The module's part of a finished probe (``answer`` is None when the probe failed)."""
 
     def onInstallButton(self):
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
-            self._environment = install.ensureBackendReady(self._environment)
+        if self._installing:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed.")):  # dialogs: no wait cursor
+            self._ensureBackendReady()
         self.dependenciesInstalled()
+
+    def _ensureBackendReady(self):
+        """:func:`install.ensureBackendReady` with the install and start buttons disabled meanwhile: pip's
+        output processes events on every line, so a second click would start a nested install."""
+        if self._installing:
+            raise RuntimeError(_("An installation is already running."))
+        self._installing = True
+        self._enableButtons(False)
+        try:
+            self._environment = install.ensureBackendReady(self._environment)
+        finally:
+            self._installing = False
+            self._enableButtons(True)
+
+    def _enableButtons(self, enabled: bool):
+        for name in ("installButton",) + tuple(self.startButtonNames):
+            getattr(self.ui, name).enabled = enabled
+        if enabled:
+            self.updateStartButtons()
+
+    def updateStartButtons(self):
+        """The module's start buttons enabled as its inputs allow (after an installation)."""
 
     def dependenciesInstalled(self):
         """After a successful install: show the environment the install checked."""
@@ -243,17 +272,28 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ jobs
 
     def _prepareRun(self):
-        """Dependencies present (offering to install them) and the device chosen. Raises if not ready."""
-        self._environment = install.ensureBackendReady(self._environment)
+        """Dependencies present (offering to install them) and the device chosen. Raises if not ready. Uses
+        the background probe's answer: the GUI thread never waits for the backend."""
+        self._ensureBackendReady()
         device = self.ui.deviceComboBox.currentData or None
         self.logic.device = None if device == backend.runtimeDefault(self._defaults, "device") else device
 
     def startOrCancel(self, errorMessage, start):
         """A job's start button: Cancel while a job runs; else check the dependencies, set the device and call
-        ``start()``, showing any error (``errorMessage`` as the title) in a dialog."""
+        ``start()``, showing any error (``errorMessage`` as the title) in a dialog. Before the background
+        probe has answered, it only says so (and checks again if the last check failed): probing here would
+        freeze Slicer for up to minutes."""
         if self.panel.busy:
             self.panel.cancel()
             return
-        with slicer.util.tryWithErrorDisplay(errorMessage, waitCursor=True):
+        if self._installing:
+            return
+        if self._environment is None:
+            if self._probe is None:
+                self.startProbe()
+            self.ui.statusLabel.text = _("Still checking torch, MONAI and GPUs: start again when the check has "
+                                         "answered (above).")
+            return
+        with slicer.util.tryWithErrorDisplay(errorMessage):  # no wait cursor: confirmation dialogs may show
             self._prepareRun()
             start()

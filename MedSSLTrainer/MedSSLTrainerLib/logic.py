@@ -17,6 +17,7 @@ from MedSSLCommonLib.runner import BackendRunner, removesUnstartedJobFolders
 
 from .annotation import SLICE_AXIS_K, describePlanes, sparseLabels
 from .datasets import writeDatasetsSpec
+from .rounds import CorrectionRounds, bundleMismatch, imageContentKey
 
 
 class MedSSLTrainerLogic(BackendRunner):
@@ -39,16 +40,22 @@ class MedSSLTrainerLogic(BackendRunner):
     """
 
     @property
-    def _fewShotModels(self) -> dict:
-        """(volume node ID, segmentation node ID) -> the few-shot model of the last round."""
-        if not hasattr(self, "_fewShotModelsByPair"):
-            self._fewShotModelsByPair = {}
-        return self._fewShotModelsByPair
+    def correctionRounds(self) -> CorrectionRounds:
+        """The few-shot models of earlier rounds, by image content and painting (see :mod:`.rounds`);
+        forgotten when the scene closes."""
+        if "_correctionRounds" not in self.__dict__:
+            self._correctionRounds = CorrectionRounds()
+        return self._correctionRounds
 
     def previousFewShotModel(self, volumeNode, segmentationNode):
-        """The few-shot model folder of the last round on this volume and segmentation, or None."""
-        bundle = self._fewShotModels.get((volumeNode.GetID(), segmentationNode.GetID()))
-        return bundle if bundle and _isFewShotModel(bundle) else None
+        """The few-shot model folder a fine-tuning of this volume and painting would continue now, or None
+        (another image content, fewer painted planes, other classes, a scene closed since)."""
+        try:
+            labels, classes, planes = sparseLabels(segmentationNode, volumeNode)
+        except ValueError:
+            return None
+        record, _why = self.correctionRounds.choose(volumeNode, segmentationNode, planes, classes)
+        return record["bundle"] if record else None
 
     def availableMethods(self) -> list[dict]:
         """Pretraining methods the backend offers: [{"name", "description"}] (fallback: genesis)."""
@@ -126,9 +133,12 @@ class MedSSLTrainerLogic(BackendRunner):
         bundle as a detector (usable with MedSSLSegmentLogic.detect). Returns the new bundle folder.
 
         Correction rounds: a painting of one volume goes to the backend's few-shot engine, which writes a
-        few-shot model. With ``correction`` (default), a later call for the same volume and segmentation
-        starts from that model (``--init`` of the previous round: its appearance model is refined with a
-        quarter of the steps, a few seconds) instead of ``initModel``; ``lastInit`` says what was used.
+        few-shot model. With ``correction`` (default), a later call on the same image content (voxels and
+        geometry, not node IDs) and segmentation, painted on the same planes or more, starts from that
+        model (``--init`` of the previous round: its appearance model is refined with a quarter of the
+        steps, a few seconds) instead of ``initModel`` (see :mod:`.rounds`; closing the scene forgets the
+        rounds). ``lastRound`` ({"round", "init", "reason"}, :func:`describeRound`) and ``lastInit`` say which
+        round ran and from what; the job's log starts with that line.
         """
         self.checkVolume(volumeNode)
         budget = backend.budgetArgs(steps, maxTime, width, self.device)
@@ -147,13 +157,21 @@ class MedSSLTrainerLogic(BackendRunner):
         outputDir = os.path.abspath(outputDir or self.defaultOutputDirectory(jobDir, "finetune"))
         args = ["--image", image, "--label", label, "--classes", classesPath, "--out", outputDir]
         args += ["--detection"] if detection else []
-        roundKey = (volumeNode.GetID(), segmentationNode.GetID())
-        previous = self.previousFewShotModel(volumeNode, segmentationNode) if correction and not detection else None
-        if previous:
-            logging.info("MedSSL: correction round, starting from the previous few-shot model %s", previous)
-            _appendLog(jobDir, f"MedSSL: correction round, starting from {previous}")
-            initModel = previous
+        imageKey = imageContentKey(volumeNode)
+        record, why = (self.correctionRounds.choose(volumeNode, segmentationNode, planes, classes, imageKey)
+                       if correction and not detection else (None, "correction rounds are off"))
+        if record is None and initModel and _isFewShotModel(initModel):
+            problem = bundleMismatch(initModel, volumeNode, planes)
+            if problem:
+                raise ValueError(f"initial model: {problem}; a few-shot model only continues the painting of its "
+                                 "own image: choose a pretrained model or none")
+        initModel = record["bundle"] if record else initModel
+        roundNumber = record["round"] + 1 if record else 1
+        self.lastRound = {"round": roundNumber, "init": initModel, "reason": why}
         self.lastInit = initModel
+        roundLine = f"MedSSL: {describeRound(self.lastRound)}"
+        logging.info(roundLine)
+        _appendLog(jobDir, roundLine)
         args += ["--init", initModel if str(initModel).lower() == "none" else self.checkModel(initModel)] if initModel else []
         args += budget + ["--progress", "json"]
         commands = [self.command("finetune", *args)]
@@ -165,8 +183,9 @@ class MedSSLTrainerLogic(BackendRunner):
 
         def onFinished(job):
             bundle = _bundleOf(job, outputDir)
-            if _isFewShotModel(bundle):
-                self._fewShotModels[roundKey] = bundle
+            if _isFewShotModel(bundle) and not detection:
+                self.correctionRounds.remember(volumeNode, segmentationNode, planes, classes, bundle, roundNumber,
+                                               imageKey)
             if predict:
                 nodes.checkStillInScene(volumeNode)
                 job.segmentationNode = self._importPrediction(volumeNode, bundle, prediction)
@@ -224,6 +243,16 @@ class MedSSLTrainerLogic(BackendRunner):
             return os.path.abspath(item)
         self.checkVolume(item)
         return nodes.writeVolume(item, os.path.join(inputs, f"volume-{index:03d}.nrrd"))
+
+
+def describeRound(roundInfo) -> str:
+    """One line on a fine-tuning round, e.g. "round 2 on this painting, from the few-shot model /m/a
+    (continues round 1)" or "round 1, from no initial model (no earlier round on this image and
+    segmentation)"."""
+    init = roundInfo.get("init")
+    source = ("no initial model" if not init or str(init).lower() == "none" else
+              f"the few-shot model {init}" if roundInfo["round"] > 1 else f"the initial model {init}")
+    return f"round {roundInfo['round']} on this painting, from {source} ({roundInfo['reason']})"
 
 
 def _appendLog(jobDir, line) -> None:

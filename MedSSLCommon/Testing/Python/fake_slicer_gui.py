@@ -20,6 +20,7 @@ sources (v5.6-5.8):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import types
@@ -99,13 +100,26 @@ class StrictWidget:
 
     # --- test helpers
     def emit(self, signal, *args):
+        """Call the connected slots; as PythonQt, a slot that takes fewer arguments than the signal carries
+        gets the first ones (the scripted-module template connects ``clicked(bool)`` to ``onApplyButton(self)``)."""
         if self._blocked:
             return
         for slot in list(self._slots.get(signal, [])):
-            slot(*args)
+            slot(*args[:_positionalCount(slot, len(args))])
 
     def connections(self, signal) -> int:
         return len(self._slots.get(signal, []))
+
+
+def _positionalCount(slot, available: int) -> int:
+    """How many positional arguments ``slot`` takes, at most ``available``."""
+    try:
+        parameters = inspect.signature(slot).parameters.values()
+    except (TypeError, ValueError):
+        return available
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return available
+    return min(available, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters))
 
 
 class FakeLabel(StrictWidget):
@@ -127,6 +141,9 @@ class FakePushButton(StrictWidget):
         self.checked = False
 
     def click(self):
+        """As QAbstractButton::click: nothing happens while the button is disabled."""
+        if not self.enabled:
+            return
         self.emit("clicked(bool)", False)
         self.emit("clicked()")
 
@@ -357,8 +374,16 @@ class FakeComboBox(StrictWidget):
         return self._items[self._index][0] if 0 <= self._index < len(self._items) else ""
 
 
+PATH_HISTORY: dict = {}
+"""ctkPathLineEdit's history in the application settings: settingKey -> [paths], most recent first."""
+
+
 class FakePathLineEdit(StrictWidget):
-    PROPERTIES = {"filters", "nameFilters", "settingKey", "showHistoryButton"}
+    """ctkPathLineEdit: setting ``settingKey`` retrieves the history saved under it and, when no path is set,
+    shows its most recent entry without emitting currentPathChanged (ctkPathLineEdit::retrieveHistory);
+    ``addCurrentPathToHistory`` saves the current path first in that history."""
+
+    PROPERTIES = {"filters", "nameFilters", "showHistoryButton"}
     SIGNALS = {"currentPathChanged(QString)"}
 
     def __init__(self, name):
@@ -366,8 +391,18 @@ class FakePathLineEdit(StrictWidget):
         self._path = ""
         self.filters = 0
         self.nameFilters = []
-        self.settingKey = ""
-        self._history = []
+        self._settingKey = ""
+
+    @property
+    def settingKey(self):
+        return self._settingKey
+
+    @settingKey.setter
+    def settingKey(self, key):
+        self._settingKey = str(key)
+        history = PATH_HISTORY.get(self._settingKey) or []
+        if history and not self._path:
+            self._path = history[0]  # signals blocked, as retrieveHistory does
 
     @property
     def currentPath(self):
@@ -381,7 +416,12 @@ class FakePathLineEdit(StrictWidget):
             self.emit("currentPathChanged(QString)", value)
 
     def addCurrentPathToHistory(self):
-        self._history.append(self._path)
+        if self._settingKey and self._path:
+            history = [p for p in PATH_HISTORY.get(self._settingKey, []) if p != self._path]
+            PATH_HISTORY[self._settingKey] = [self._path] + history
+
+    def history(self):  # test helper
+        return list(PATH_HISTORY.get(self._settingKey, []))
 
 
 class FakeNodeComboBox(StrictWidget):
@@ -449,6 +489,19 @@ def fakeUi(root, module):
                 setattr(widget, name, value)
         widgets[element.get("name")] = widget
     return types.SimpleNamespace(**widgets)
+
+
+class FakeSettings:
+    """QSettings (``slicer.app.userSettings()``): string values by key; ``value(key)`` is None when unset."""
+
+    def __init__(self):
+        self.values = {}
+
+    def value(self, key, default=None):
+        return self.values.get(key, default)
+
+    def setValue(self, key, value):
+        self.values[key] = value
 
 
 # ----------------------------------------------------------------------------------- parameterNodeWrapper

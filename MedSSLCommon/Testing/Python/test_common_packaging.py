@@ -84,7 +84,7 @@ def test_root_cmakelists_metadata_and_backend():
     text = open(os.path.join(ROOT, "CMakeLists.txt")).read()
     for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
         assert re.search(r'set\(EXTENSION_%s "[^"]+"\)' % variable, text), variable
-    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    assert 'set(EXTENSION_DEPENDS "NA")' in text  # torch comes from light-the-torch, not the PyTorch extension
     added = re.findall(r"^add_subdirectory\((\w+)\)$", text, re.M)
     assert added == ["MedSSLCommon", "MedSSLSegment", "MedSSLTrainer"]  # the library module first
     assert "${CMAKE_CURRENT_SOURCE_DIR}/MedSSL/*.py" in text and "Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR" in text
@@ -94,10 +94,11 @@ def test_root_cmakelists_metadata_and_backend():
 def test_extension_urls_point_at_files_in_the_repository():
     """Issue 11 item 10: the icon and every screenshot URL name a PNG that is in the repository (the
     raw.githubusercontent.com URLs of the main branch map to paths in this tree)."""
-    text = open(os.path.join(ROOT, "CMakeLists.txt")).read()
-    urls = re.search(r'set\(EXTENSION_ICONURL "([^"]+)"\)', text).group(1).split()
-    urls += re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
-    prefix = "https://raw.githubusercontent.com/MedSSL/SlicerMedSSL/main/"
+    from test_common_extension_index import cmakeVariables
+
+    variables = cmakeVariables()
+    urls = variables["EXTENSION_ICONURL"].split() + variables["EXTENSION_SCREENSHOTURLS"].split()
+    prefix = f"https://raw.githubusercontent.com/{variables['MEDSSL_GITHUB_REPOSITORY']}/main/"
     assert len(urls) >= 2
     for url in urls:
         assert url.startswith(prefix), url
