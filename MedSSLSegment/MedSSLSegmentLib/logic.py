@@ -68,6 +68,58 @@ class MedSSLSegmentLogic(BackendRunner):
             raise ValueError(f"{modelDir}: a '{task}' bundle cannot be applied (pretrained models need fine-tuning)")
         return method(volumeNode, modelDir, blocking=blocking, onEvent=onEvent, name=name)
 
+    @removesUnstartedJobFolders
+    def segmentMany(self, volumeNodesOrFolder, modelDir, outputDir=None, blocking=True, onEvent=None):
+        """Segment several scans with one model, loaded once (``medssl predict`` on many images).
+
+        volumeNodesOrFolder: volume nodes -> a new segmentation node per volume, returned as a list in the same
+        order (each named "<volume> <model>"); or a folder (or list of paths) of scans on disk -> label maps
+        written to ``outputDir`` (default ``<job folder>/segmentations/<job name>``) with ``summary.csv``, and
+        the summary's path is returned (nothing is loaded into the scene). Progress events come per scan.
+        """
+        info = self.modelInfo(modelDir)
+        if backend.bundleTask(info) not in ("segment", "detect"):
+            raise ValueError(f"{modelDir} is a '{backend.bundleTask(info)}' model; segmenting several scans needs a "
+                             "segmentation model (a few-shot model completes the painting of its own scan)")
+        items = [volumeNodesOrFolder] if isinstance(volumeNodesOrFolder, (str, os.PathLike)) else list(volumeNodesOrFolder)
+        if not items:
+            raise ValueError("choose at least one volume or folder to segment")
+        onDisk = all(isinstance(item, (str, os.PathLike)) for item in items)
+        if not onDisk and any(isinstance(item, (str, os.PathLike)) for item in items):
+            raise ValueError("give either volume nodes or paths, not both")
+        jobDir = self.newJobDirectory("segment-many")
+        inputs = os.path.join(jobDir, "inputs")
+        if onDisk:
+            for item in items:
+                if not os.path.exists(item):
+                    raise ValueError(f"not found: {item}")
+            images = [os.path.abspath(item) for item in items]
+            out = os.path.abspath(outputDir or os.path.join(self.workDir or backend.workDirectory(), "segmentations",
+                                                            os.path.basename(jobDir)))
+        else:
+            for node in items:
+                self.checkVolume(node)
+            images = [nodes.writeVolume(node, os.path.join(inputs, f"scan-{i:03d}.nrrd")) for i, node in enumerate(items)]
+            out = os.path.join(jobDir, "segmentations")
+        args = ["--model", self.checkModel(modelDir), "--image", *images, "--out", out]
+        args += backend.deviceArgs(self.device) + ["--progress", "json"]
+
+        def onFinished(job):
+            if onDisk:
+                self.lastOutputs = {"summary": os.path.join(out, "summary.csv")}
+                return self.lastOutputs["summary"]
+            made = []
+            with nodes.rollbackOnError(self.scene):
+                for i, node in enumerate(items):
+                    nodes.checkStillInScene(node)
+                    array, ijkToRas = nodes.readArray(os.path.join(out, f"scan-{i:03d}.nii.gz"))
+                    made.append(nodes.segmentationFromLabelmap(array, ijkToRas, info.get("classes"), node,
+                                                               f"{node.GetName()} {modelName(modelDir, info)}", self.scene))
+            self.lastOutputs = {"segmentations": made}
+            return made
+
+        return self.run(jobDir, [self.command("predict", *args)], onFinished, blocking, onEvent, [inputs])
+
     def modelInfo(self, modelDir) -> dict:
         """The bundle's model.json content (task, classes, method, architecture, ...)."""
         return backend.bundleInfo(self.checkModel(modelDir), python=self.python)

@@ -30,7 +30,18 @@ def importSlicer():
     slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("the installed 'slicer' package is not slicer-core")
+    _registerSegmentationConverters(slicer)
     return slicer
+
+
+def _registerSegmentationConverters(slicer) -> None:
+    """The representation converters Slicer's Segmentations module registers at start-up (labelmap <->
+    closed surface): without them a segmentation holding no segment yet cannot create an empty one."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if len(factory.GetConverterRules()):
+        return
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        factory.RegisterConverterRule(rule())
 
 
 def obliqueMatrix(spacing=(0.7, 0.9, 2.5), origin=(12.25, -30.5, 41.125), angles=(0.3, -0.2, 0.45)):

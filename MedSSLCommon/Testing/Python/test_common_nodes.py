@@ -38,6 +38,21 @@ def test_segmentation_from_labelmap(scene):
                                                  "vtkMRMLSubjectHierarchyNode"}
 
 
+def test_a_prediction_that_found_nothing_gives_empty_named_segments(scene):
+    """A model that finds nothing in a scan (all background) still gives a node with the bundle's segments,
+    empty (this needs the representation converters Slicer registers at start-up: the test helpers register
+    them in slicer-core as Slicer does)."""
+    from MedSSLCommonLib import nodes
+
+    volume = addVolume(scene, phantom(), name="ct")
+    empty = nodes.segmentationFromLabelmap(np.zeros(phantom().shape, np.uint8), nodes.ijkToRasArray(volume), CLASSES,
+                                           volume, "nothing")
+    segmentation = empty.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == \
+        ["spleen", "liver", "kidney"]
+    assert not np.any(nodes.segmentsLabelmap(empty, volume)[0])
+
+
 def test_outputs_go_to_the_volume_study_and_transform(scene):
     import slicer
     from MedSSLCommonLib import nodes
