@@ -66,7 +66,7 @@ def parse_args(argv=None):
 def cohort_cases(args) -> tuple[list[dict], dict, int]:
     """[{"name", "image": Path, "label": Path}], classes {value: name}, painting axis."""
     if args.quick:
-        return phantom_cohort(Path(tempfile.mkdtemp(prefix="medssl-cohort-"))), {1: "liver", 2: "spleen"}, 2
+        return phantom_cohort(args.phantom_dir), {1: "liver", 2: "spleen"}, 2
     root = args.data / args.cohort
     if not (root / "cohort.json").is_file():
         raise SystemExit(f"{root}: no cohort.json (is ../shared/data there?)")
@@ -302,6 +302,14 @@ def main(argv=None) -> int:
         args.train, args.seeds, args.test, args.steps = [1], [0], 2, args.steps or 4
         args.width, args.planes = args.width or 4, 3
     torch.set_num_threads(args.threads)
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
+            args.phantom_dir = Path(tmp)
+            return run(args)
+    return run(args)
+
+
+def run(args) -> int:
     cases, classes, axis = cohort_cases(args)
     rows = []
     sink = None
@@ -317,10 +325,15 @@ def main(argv=None) -> int:
             sink.write(line + "\n")
             sink.flush()
 
-    for seed in args.seeds:
-        for n in args.train:
-            run_draw(args, cases, classes, axis, n, seed, emit)
-    summary = {"hardware": hardware(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    try:
+        for seed in args.seeds:
+            for n in args.train:
+                run_draw(args, cases, classes, axis, n, seed, emit)
+    finally:
+        if sink:
+            sink.close()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "phantom_dir"}
+    summary = {"hardware": hardware(), "args": settings,
                "table": summarise(rows), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     print(json.dumps(summary))
     if args.out:

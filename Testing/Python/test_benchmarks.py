@@ -128,3 +128,17 @@ def test_bench_methods_quick(data_root, tmp_path, capsys, c_locale):
     assert (out / "table.md").is_file() and (out / "summary.json").is_file()
     # --report rebuilds the table from the results alone
     assert bench("bench_methods").main(["--report", "--out", str(out), "--data-root", str(data_root)]) == 0
+
+
+def test_bench_cohort_quick(tmp_path, capsys):
+    """Every arm of the cohort benchmark on a phantom cohort: rows per arm and test scan, Dice in 0..1, the
+    summary table per arm, the files written (what docs/cohort.md quotes)."""
+    arms = ["cohort", "correct1", "atlas", "engine3"]
+    assert bench("bench_cohort").main(["--quick", "--arms", *arms, "--out", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rows, summary = lines[:-1], lines[-1]
+    assert sorted({r["arm"] for r in rows}) == sorted(arms) and len(rows) == 2 * len(arms)  # 2 test scans
+    assert all(0.0 <= d <= 1.0 for r in rows for d in r["dice"].values())
+    assert set(summary["table"]["n=1"]) == set(arms) and summary["table"]["n=1"]["atlas"]["scans"] == 2
+    assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").count("\n") == len(rows)
+    assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["table"] == summary["table"]
