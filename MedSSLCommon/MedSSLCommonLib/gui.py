@@ -386,8 +386,12 @@ def showChart(chartNode) -> None:
 
 
 def showTable(tableNode) -> None:
-    """Show a table node in the view layout's table view."""
-    slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+    """Show a table node in the layout's table view; the layout switches to Four-Up Table only when the
+    current one shows no table view (a layout the user chose with a table stays)."""
+    layoutManager = slicer.app.layoutManager()
+    tableView = layoutManager.tableWidget(0)
+    if tableView is None or not tableView.visible:
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
     selectionNode = slicer.app.applicationLogic().GetSelectionNode()
     selectionNode.SetActiveTableID(tableNode.GetID())
     slicer.app.applicationLogic().PropagateTableSelection()

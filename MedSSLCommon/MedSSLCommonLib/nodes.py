@@ -185,18 +185,6 @@ def normaliseClasses(classes) -> dict[int, dict]:
     return dict(sorted(result.items()))
 
 
-def _colorTable(scene, classes: dict[int, dict], maxValue: int):
-    """A temporary user color table naming label values (used by the labelmap import)."""
-    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", uniqueName(scene, "MedSSL temporary colors"))
-    table.SetTypeToUser()
-    table.SetNumberOfColors(max(maxValue, max(classes, default=0)) + 1)
-    table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-    for value in range(1, table.GetNumberOfColors()):
-        info = classes.get(value, {"name": f"class {value}", "color": defaultColor(value)})
-        table.SetColor(value, info["name"], *info["color"], 1.0)
-    return table
-
-
 def segmentationFromLabelmap(array, ijkToRas, classes, referenceVolume, name, scene=None):
     """New segmentation node from a labelmap (nk, nj, ni) placed by ``ijkToRas`` (4x4, mm).
 
@@ -410,17 +398,29 @@ def tableFromRows(columns, rows, name, referenceNode=None, scene=None):
 
 DETECTION_COLUMNS = [("name", "string"), ("label", "int"), ("score", "double"), ("R", "double"),
                      ("A", "double"), ("S", "double"), ("volume_mm3", "double"), ("shown", "int")]
-"""Columns of the findings table: class name and value, score, centre in RAS (mm), volume (mm^3), and 1
-when the finding is one of the points shown."""
+"""Columns of the findings table: class name and value, score, centre in world RAS (mm: through the volume's
+parent transforms, where the points are shown), volume (mm^3), and 1 when the finding is one of the points
+shown."""
+
+
+def toWorld(node, ras) -> list[float]:
+    """A point (RAS, mm) in ``node``'s own frame -> world RAS, through its parent transforms."""
+    local = [float(v) for v in ras]
+    if node is None or node.GetParentTransformNode() is None:
+        return local
+    world = [0.0, 0.0, 0.0]
+    node.TransformPointToWorld(local, world)
+    return [float(v) for v in world]
 
 
 def tableFromDetections(detections, referenceVolume, name, scene=None, shown=None):
     """New table node listing findings (see :data:`DETECTION_COLUMNS`) best score first; centres converted
-    LPS -> RAS. ``shown``: the findings that became points (default: all)."""
+    LPS -> RAS and from the volume's frame to the world (its parent transforms). ``shown``: the findings
+    that became points (default: all)."""
     shownIds = {id(f) for f in (detections if shown is None else shown)}
     rows = []
     for finding in sorted(detections, key=lambda f: -float(f.get("score", 0))):
-        r, a, s = lpsToRas(finding["center_mm"])
+        r, a, s = toWorld(referenceVolume, lpsToRas(finding["center_mm"]))
         rows.append([finding.get("name", ""), int(finding.get("label", 0)), float(finding.get("score", 0)),
                      r, a, s, float(finding.get("volume_mm3") or 0.0), int(id(finding) in shownIds)])
     return tableFromRows(DETECTION_COLUMNS, rows, name, referenceVolume, scene)
