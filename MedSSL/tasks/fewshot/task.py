@@ -18,6 +18,12 @@ from MedSSL.data.painted_planes import IGNORE, is_painting
 #: ``--engine`` choices of ``medssl finetune``
 ENGINES = ("auto", "fewshot", "network")
 
+#: the few-shot fit's phases as progress reports them (``finetune``), with their status messages; ``predict``
+#: reports the fourth, "apply"
+FIT_PHASES = {"features": "image features around the painted structure",
+              "fit": "learning the painted structure's appearance",
+              "calibration": "choosing the appearance weight on held-out painted planes"}
+
 
 def read_pair(image_path, label_path) -> tuple[Volume, np.ndarray]:
     """The image and its painted label (uint8 on the image grid); MedSSLError naming the file."""
@@ -102,9 +108,15 @@ def finetune_fewshot(config, progress: Progress, steps: int | None = None) -> Pa
     classes = _classes(config, values)
     previous, backbone, intensity = _initial(config, progress)
     settings = FewShotSettings(seed=config.seed, steps=int(steps) if steps else FewShotSettings.steps)
-    progress.stage("train", "learning the painted structure's appearance", total=1)
-    model = fit_painting(image.array, image.spacing, label, settings, previous, backbone, intensity, progress.log)
-    progress.update(1, 1)
+    phases = list(FIT_PHASES)
+
+    def phase(name):  # each phase a stage, and the bar one step further
+        progress.stage(name, FIT_PHASES[name], total=len(phases))
+        progress.update(phases.index(name), len(phases))
+
+    model = fit_painting(image.array, image.spacing, label, settings, previous, backbone, intensity, progress.log,
+                         phase=phase)
+    progress.update(len(phases), len(phases))
     out = Path(config.out)
     with OutputLock(out):
         extra = {"history": [{"seconds": round(time.perf_counter() - started, 2)}],
@@ -135,7 +147,8 @@ def predict_fewshot(model_path, image_path, out, annotation_path, progress: Prog
     model, meta = load_fewshot_bundle(model_path)
     progress.stage("preprocess", "reading the image and its painting")
     image, label = read_pair(image_path, annotation_path)
-    progress.stage("predict", "shape prior + appearance, slice by slice", total=1)
+    progress.stage("apply", "shape prior + appearance, slice by slice", total=1)
+    progress.update(0, 1)
     result = apply_painting(model, image.array, image.spacing, label)
     progress.update(1, 1)
     progress.log(f"painted planes: {result.planes.describe()}; {int((result.labels > 0).sum())} voxels segmented")
