@@ -150,6 +150,7 @@ class JobPanel:
             self.statusLabel.text = _("{title}: cancelled.").format(title=self.title)
         else:
             self.statusLabel.text = _("{title} failed: {error}").format(title=self.title, error=job.error)
+        slicer.util.showStatusMessage(self.statusLabel.text, 15000)  # seen in any module (the user may be elsewhere)
         onEnded, self._onEnded = self._onEnded, None
         if onEnded is not None:
             onEnded(job)
@@ -383,6 +384,18 @@ def showJobSettings(pathLineEdit, checkBox) -> None:
 def showChart(chartNode) -> None:
     """Show a plot chart node in the view layout (switching to a layout with a plot view if needed)."""
     slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+
+
+def showSegmentation(segmentationNode, hide=None) -> None:
+    """Show a result segmentation in the slice views and in 3D (closed surface, made from the labelmap), and
+    hide (not delete) ``hide``, e.g. the painting it was made from, so that the two do not overlap."""
+    display = segmentationNode.GetDisplayNode()
+    display.SetVisibility(True)
+    display.SetVisibility3D(True)
+    display.SetPreferredDisplayRepresentationName3D("Closed surface")
+    segmentationNode.CreateClosedSurfaceRepresentation()
+    if hide is not None and hide.GetDisplayNode() is not None:
+        hide.GetDisplayNode().SetVisibility(False)
 
 
 def showTable(tableNode) -> None:

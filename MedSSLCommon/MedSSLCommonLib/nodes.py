@@ -235,9 +235,40 @@ def _importLabels(segmentationNode, array, ijkToRas, referenceVolume, maxValue) 
             raise RuntimeError(f"importing the labelmap into '{segmentationNode.GetName()}' failed")
 
 
+ANATOMY = ("Segmentation category and type - 3D Slicer General Anatomy list", "SCT^123037004^Anatomical Structure",
+           "Anatomic codes - DICOM master list")
+"""Slicer's terminology context, the category of anatomical structures (SNOMED CT), and the anatomic context."""
+
+STANDARD_TERMS = {
+    "liver": ("10200004", "Liver"), "spleen": ("78961009", "Spleen"), "pancreas": ("15776009", "Pancreas"),
+    "kidney": ("64033007", "Kidney"), "left kidney": ("18639004", "Left kidney"),
+    "right kidney": ("9846003", "Right kidney"), "lung": ("39607008", "Lung"), "left lung": ("44029006", "Left lung"),
+    "right lung": ("3341006", "Right lung"), "heart": ("80891009", "Heart"), "atrium": ("82471001", "Left atrium"),
+    "left atrium": ("82471001", "Left atrium"), "right atrium": ("73829009", "Right atrium"),
+    "stomach": ("69695003", "Stomach"), "gallbladder": ("28231008", "Gallbladder"), "aorta": ("15825003", "Aorta"),
+    "brain": ("12738006", "Brain"), "prostate": ("41216001", "Prostate"),
+    "urinary bladder": ("89837001", "Urinary bladder"), "bladder": ("89837001", "Urinary bladder"),
+    "esophagus": ("32849002", "Esophagus"),
+}
+"""Class names (lower case) with a standard term: SNOMED CT code and meaning, as in Slicer's General Anatomy
+terminology (the MSD tasks' structures among them: liver, spleen, pancreas, left atrium, lung, prostate)."""
+
+
+def terminologyEntry(name: str) -> str | None:
+    """Slicer's terminology entry string for a class name with a standard term (None otherwise):
+    ``context~category~type~typeModifier~anatomicContext~region~regionModifier``, codes as
+    ``scheme^code^meaning``."""
+    term = STANDARD_TERMS.get(" ".join(str(name).lower().replace("_", " ").split()))
+    if term is None:
+        return None
+    context, category, anatomic = ANATOMY
+    return f"{context}~{category}~SCT^{term[0]}^{term[1]}~^^~{anatomic}~^^~^^"
+
+
 def _nameAndOrderSegments(segmentation, classes) -> None:
     """Rename/recolor imported ``medssl-label-<value>`` segments after ``classes``, add empty segments for
-    absent classes and order all segments by class value."""
+    absent classes, set the standard terminology where the class name has one (:func:`terminologyEntry`) and
+    order all segments by class value."""
     byName = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
               for i in range(segmentation.GetNumberOfSegments())}
     for index, (value, info) in enumerate(classes.items()):
@@ -247,6 +278,9 @@ def _nameAndOrderSegments(segmentation, classes) -> None:
         segment = segmentation.GetSegment(segmentId)
         segment.SetName(info["name"])
         segment.SetColor(*info["color"])
+        entry = terminologyEntry(info["name"])
+        if entry:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
         segmentation.SetSegmentIndex(segmentId, index)
 
 
