@@ -25,6 +25,9 @@ from unittest import mock
 
 import pytest
 
+#: the shuffled test order and the check that no test leaks process-wide state (conftest_isolation.py)
+pytest_plugins = ["conftest_isolation"]
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HELPERS = os.path.join(ROOT, "MedSSLCommon", "Testing", "Python")
 SLICER_PATHS = [HELPERS] + [os.path.join(ROOT, module) for module in ("MedSSLCommon", "MedSSLSegment", "MedSSLTrainer")]

@@ -103,13 +103,14 @@ def defaults_of(cls, instance=None) -> dict:
     return out
 
 
-def command_parser(sub, name: str, help: str, description: str, model_help: str | None = None):
+def command_parser(sub, name: str, help: str, description: str, model_help: str | None = None,
+                   image_help: str = "image volume or DICOM folder", many: bool = False):
     """The sub-command parser ``name`` (``medssl NAME``); with ``model_help``, its ``--model DIR`` and
-    ``--image PATH`` (what predict and suggest apply to what)."""
+    ``--image PATH`` (what predict and suggest apply to what; ``many``: one or more paths)."""
     parser = sub.add_parser(name, help=help, description=description)
     if model_help is not None:
         parser.add_argument("--model", required=True, type=Path, metavar="DIR", help=model_help)
-        parser.add_argument("--image", required=True, metavar="PATH", help="image volume or DICOM folder")
+        parser.add_argument("--image", required=True, metavar="PATH", nargs="+" if many else None, help=image_help)
     return parser
 
 

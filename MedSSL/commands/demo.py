@@ -131,7 +131,7 @@ def run(args) -> int:
     write_volume(target.labels.with_array(sparse), sparse_path)
     classes_path = data / "painted_classes.json"
     colors = {1: [0.87, 0.51, 0.31], 2: [0.62, 0.31, 0.54]}
-    classes_path.write_text(json.dumps({str(k): {"name": v, "color": colors[k]} for k, v in classes.items()}))
+    classes_path.write_text(json.dumps({str(k): {"name": v, "color": colors[k]} for k, v in classes.items()}), encoding="utf-8")
     finetuned = out / "finetuned"
     clock = time.monotonic()
     _sub(args, ["finetune", "--image", str(image_path), "--label", str(sparse_path), "--classes", str(classes_path),
@@ -147,7 +147,7 @@ def run(args) -> int:
                    "outputs": {"pretrained": str(pretrained), "finetuned": str(finetuned), "prediction": str(prediction),
                                "figure": str(out / "demo.png")}})
     _figure(target, sparse, read_volume(prediction).array, truth_path, picks, classes, report, out / "demo.png")
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     _say(args, "[4/4] Dice on the slices that were not painted: "
          + ", ".join(f"{name} {dice:.3f}" for name, dice in report["dice_on_unpainted_slices"].items())
          + f" (mean {report['mean_dice']:.3f}; Fill between slices {report['interpolation_mean_dice']:.3f}); "

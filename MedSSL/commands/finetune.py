@@ -47,8 +47,8 @@ def run(args) -> int:
 
         bundle = finetune_fewshot(config, progress, steps=args.steps)
     else:
-        from MedSSL.tasks.finetune.segment import finetune_segmentation
+        from MedSSL.tasks.cohort.train import finetune_cohort
 
-        bundle = finetune_segmentation(config, progress)
+        bundle = finetune_cohort(config, progress)
     progress.done(bundle=str(Path(bundle).resolve()))
     return 0

@@ -19,9 +19,12 @@ DESCRIPTION = ("Segmentation bundles write a uint8 label map of the original lab
 
 def add_parser(sub) -> None:
     p = command_parser(sub, "predict", "segment, detect or classify an image with a fine-tuned bundle", DESCRIPTION,
-                       "bundle folder from `medssl finetune`")
+                       "bundle folder from `medssl finetune`",
+                       image_help="image volume or DICOM folder; several paths, or a folder of scans, segment each "
+                                  "one into --out (a folder) with a summary.csv", many=True)
     p.add_argument("--out", required=True, type=Path, metavar="PATH",
-                   help="label map (.nii.gz, .nrrd, .mha...) for segmentation, .json for classification")
+                   help="label map (.nii.gz, .nrrd, .mha...) for segmentation, .json for classification; a folder "
+                        "when --image gives several scans")
     p.add_argument("--detections", type=Path, default=None, metavar="JSON",
                    help="write one finding per connected component: label, name, center_mm and bbox_mm (LPS), score, volume_mm3")
     p.add_argument("--probabilities", type=Path, default=None, metavar="PATH",
@@ -77,7 +80,28 @@ def _run_fewshot(args) -> int:
     return 0
 
 
+def _check_batch_args(args) -> None:
+    """Options that name one file per scan do not apply to a batch."""
+    for option, value in (("--annotation", args.annotation), ("--detections", args.detections),
+                          ("--probabilities", args.probabilities)):
+        if value is not None:
+            raise MedSSLError(f"{option} {value}: names one file; with several --image scans predict them one by one "
+                              "to get it")
+
+
+def _run_batch(args, model) -> int:
+    from MedSSL.tasks.infer.batch import predict_many
+
+    _check_batch_args(args)
+    progress = make_progress(args)
+    outputs = predict_many(model, args.image, args.out, options_from_args(args, model.meta.inference_setting("overlap")),
+                           progress)
+    progress.done(outputs=outputs)
+    return 0
+
+
 def run(args) -> int:
+    from MedSSL.tasks.infer.batch import is_batch
     from MedSSL.tasks.infer.model import load_model
     from MedSSL.tasks.infer.predict import predict_files
     from MedSSL.engine.runtime import resolve_device, seed_everything
@@ -85,12 +109,31 @@ def run(args) -> int:
     seed_everything(args.seed)
     from MedSSL.tasks.fewshot.bundle import is_fewshot_bundle
 
+    batch = is_batch(args.image)
     if is_fewshot_bundle(args.model):
+        if batch:
+            raise MedSSLError(f"--model {args.model}: a few-shot model completes the painting of one scan; give one "
+                              "--image and its --annotation (a cohort model from several painted scans segments many)")
+        args.image = args.image[0]
         return _run_fewshot(args)
     device = resolve_device(args.device)
     model = load_model(args.model, device)
+    if batch:
+        return _run_batch(args, model)
+    args.image = args.image[0]
     options = options_from_args(args, model.meta.inference_setting("overlap"))
     progress = make_progress(args)
+    if args.annotation is not None and model.task == "segment":
+        from MedSSL.tasks.cohort.correction import is_cohort_model, predict_corrected
+
+        if is_cohort_model(model.meta):
+            if args.detections:
+                raise MedSSLError(f"--detections {args.detections}: not with --annotation corrections; predict "
+                                  "without --annotation for findings")
+            outputs = predict_corrected(model, args.image, args.annotation, args.out, options, progress,
+                                        args.probabilities)
+            progress.done(outputs=outputs)
+            return 0
     outputs = predict_files(model, args.image, args.out, options, progress, detections=args.detections,
                             probabilities=args.probabilities)
     if model.task == "classify" and progress.mode != "json":

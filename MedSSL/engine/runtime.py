@@ -131,7 +131,7 @@ class OutputLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._created = list(reversed(missing))
             self._created_lock = not self.path.exists()
-            self._handle = open(self.path, "a+")
+            self._handle = open(self.path, "a+", encoding="utf-8")
         except OSError as exc:
             raise MedSSLError(f"{self.path.parent}: cannot write to the output folder ({exc.strerror})") from None
         try:

@@ -121,6 +121,14 @@ class FinetuneConfig:
                               "+ appearance learned on the volume + propagation past the painted planes, seconds on a "
                               "CPU; 'network' fine-tunes the U-Net; default auto: fewshot for one painted 3D image, "
                               "else network")
+    #: network path: complete each painting with the few-shot engine before training (:mod:`MedSSL.tasks.cohort`)
+    complete_paintings: bool = option(True, flag="--no-completion", action="store_false",
+                                      help="network: train on the painted planes only, instead of on each painting "
+                                           "completed into a dense label by the few-shot engine")
+    #: completed voxels below this probability are not trained on
+    completion_confidence: float = option(0.7, type=float, metavar="P",
+                                          help="network: voxels the few-shot engine completed with a probability below P "
+                                               "are left out of training (default {default}; 0 keeps all)")
     #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
     steps_from_time: bool = False
 
@@ -136,3 +144,5 @@ class FinetuneConfig:
         if self.task == "segment" and self.csv is not None:
             raise MedSSLError("--csv is for --task classify; segmentation takes --image PATH --label PATH pairs")
         object.__setattr__(self, "recalibrate_bn", max(0, int(self.recalibrate_bn)))
+        if not 0.0 <= self.completion_confidence < 1.0:
+            raise MedSSLError(f"--completion-confidence {self.completion_confidence}: expected 0 <= P < 1")

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=8)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    classmap = json.loads((args.data / "totalsegmentator_classmap.json").read_text())["total"]
+    classmap = json.loads((args.data / "totalsegmentator_classmap.json").read_text(encoding="utf-8"))["total"]
     vertebrae = {int(k) for k, v in classmap.items() if v.startswith("vertebrae_")}
     image = sitk.ReadImage(str(args.data / "example_ct.nii.gz"))
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(args.data / "example_seg_fast_force_split.nii.gz")))
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                           "--out", str(args.work / "pred.nii.gz"),
                           "--detections", str(args.work / "det.json"), "--device", "cpu", "--progress", "none"],
                    check=True)
-    found = json.loads((args.work / "det.json").read_text())
+    found = json.loads((args.work / "det.json").read_text(encoding="utf-8"))
     hits = []
     for finding in found:
         index = image.TransformPhysicalPointToIndex([float(c) for c in finding["center_mm"]])
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['min_score']:>8} {r['min_volume_mm3']:>7} {str(r['cap']):>4} {r['shown']:>6} {r['vertebrae_found']:>6} "
               f"{r['sensitivity']:>6} {r['false_positives']:>5}")
-    (args.work / "froc.json").write_text(json.dumps({"findings": len(found), "vertebrae": len(present), "rows": rows}, indent=1))
+    (args.work / "froc.json").write_text(json.dumps({"findings": len(found), "vertebrae": len(present), "rows": rows}, indent=1), encoding="utf-8")
     return 0
 
 

@@ -121,7 +121,7 @@ def _previous(case, sparse, painted, work: Path) -> dict:
                   "--engine", "network", "--max-time", "60", *common],
                  ["predict", "--model", str(work / "model"), "--image", str(image), "--annotation", str(label),
                   "--out", str(pred), *common]):
-        run = subprocess.run([sys.executable, "-m", "MedSSL", *argv], capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-m", "MedSSL", *argv], capture_output=True, text=True, encoding="utf-8")
         if run.returncode != 0:
             return {"dice": None, "error": run.stderr.strip().splitlines()[-1:] or ["?"]}
     from MedSSL.io.volumes import read_volume
@@ -275,7 +275,7 @@ def hardware() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -288,7 +288,7 @@ def report(args) -> int:
     """Merge earlier runs (``--report``): rows of the later folders replace the same case/arm/k/seed."""
     merged = {}
     for folder in args.report:
-        for line in (folder / "runs.jsonl").read_text().splitlines():
+        for line in (folder / "runs.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             merged[(row["case"], row["arm"], str(row["k"]), row["seed"])] = row
     rows = list(merged.values())
@@ -300,8 +300,8 @@ def report(args) -> int:
 def _write(rows, args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summary, md = summarise(rows, args)
-    (args.out / "table.md").write_text(md + "\n")
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "table.md").write_text(md + "\n", encoding="utf-8")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     plot(summary["table"], summary["cases"], args, args.out / "dice_vs_k.png")
     print(md, file=sys.stderr)
     print(json.dumps(summary), flush=True)
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
                                        "kidney_ct", "lungs_ct")]
     rows = []
     ctx = mp.get_context("spawn")
-    with (args.out / "runs.jsonl").open("w") as log:
+    with (args.out / "runs.jsonl").open("w", encoding="utf-8") as log:
         for name in names:
             with ctx.Pool(1) as pool:  # a fresh process per case: its peak RSS is the case's
                 case_rows = pool.apply(run_case, (name, args))

@@ -65,7 +65,7 @@ def make_volume(shape_xy: int, depth: int):
 def cli(argv) -> float:
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "MedSSL", *argv, "--device", "cpu", "--progress", "none"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, encoding="utf-8")
     if run.returncode != 0:
         raise SystemExit(f"medssl {argv[0]} failed: {run.stderr.strip()[-400:]}")
     return time.perf_counter() - start

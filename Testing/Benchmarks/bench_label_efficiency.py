@@ -9,7 +9,7 @@ Run from the repository root (no installation needed)::
 
 The study, run like one:
 
-1. **Pretraining** (``medssl pretrain``, Models Genesis) on the unlabeled CTs of ``/work/shared/data``
+1. **Pretraining** (``medssl pretrain``, Models Genesis) on the unlabeled CTs of ``../shared/data``
    (``--data-root``): the ITKElastix thorax CT, TotalSegmentator's abdominal CT and its DICOM series,
    the aorta and pulmonary CTA crops. The evaluation scan (``msd_spleen_ivadomed/``) is left out, and
    the script refuses to start if any pretraining path lies under its folder. ``--pretrain-width``
@@ -77,7 +77,7 @@ for extra in (ROOT, ROOT / "Testing" / "Python"):
 
 import numpy as np
 
-DATA_ROOT = Path("/work/shared/data")
+DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 EVAL_FOLDER = "msd_spleen_ivadomed"
 EVAL_IMAGE = "msd_spleen_ivadomed/sub-spleen2_ct.nii.gz"
 EVAL_LABEL = "msd_spleen_ivadomed/sub-spleen2_ct_seg-manual.nii.gz"
@@ -169,7 +169,7 @@ def hardware() -> dict:
 
     model = None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.lower().startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
@@ -192,7 +192,7 @@ def git_state() -> dict:
 
     def git(*a):
         try:
-            return subprocess.run(["git", *a], check=False, cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+            return subprocess.run(["git", *a], check=False, cwd=ROOT, capture_output=True, text=True, timeout=20, encoding="utf-8").stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
@@ -244,7 +244,7 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray, spacing, painted: list[int]
 
 def emit(out: Path, md: str, summary: dict) -> None:
     """Write ``summary.json`` in ``out``, the table to stderr, and the summary as the LAST stdout line."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(md, file=sys.stderr)
     print(json.dumps(summary), flush=True)
 
@@ -263,7 +263,7 @@ def pretrain(args, out: Path, hw_log) -> dict:
     eval_folder = (data_root / EVAL_FOLDER).resolve()
     if args.pretrained_bundle is not None:
         bundle = args.pretrained_bundle
-        info = json.loads((bundle / "model.json").read_text())
+        info = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
         return {"bundle": str(bundle), "reused": True, "width": info.get("architecture", {}).get("width"),
                 "note": "given with --pretrained-bundle; its data were not checked by this script"}
     paths = [data_root / p for p in PRETRAIN_DATA]
@@ -276,7 +276,7 @@ def pretrain(args, out: Path, hw_log) -> dict:
     result_file = out / "pretrain_result.json"
     if args.resume and (bundle / "model.json").is_file() and result_file.is_file():
         log(f"pretraining: re-using {bundle}")
-        return {**json.loads(result_file.read_text()), "reused": True}
+        return {**json.loads(result_file.read_text(encoding="utf-8")), "reused": True}
     if bundle.exists():
         shutil.rmtree(bundle)
     common = ["pretrain", "--data", *map(str, paths), "--method", "genesis",
@@ -301,7 +301,7 @@ def pretrain(args, out: Path, hw_log) -> dict:
         status, seconds = medssl(argv, timing_log)
         if status != 0:
             raise SystemExit(f"pretraining timing run failed (exit {status}); see {timing_log}")
-        tmeta = json.loads((timing_dir / "model.json").read_text())["training"]
+        tmeta = json.loads((timing_dir / "model.json").read_text(encoding="utf-8"))["training"]
         per_step = float(tmeta["seconds"]) / max(1, int(tmeta["steps"]))
         # steady-state time per step from the JSON progress (elapsed = eta * step / (total - step)): the
         # first step also loads the cubes, which a long run pays once
@@ -328,7 +328,7 @@ def pretrain(args, out: Path, hw_log) -> dict:
     status, seconds = medssl(argv, out / "pretrain_log.txt")
     if status != 0 or not (bundle / "model.json").is_file():
         raise SystemExit(f"pretraining failed (exit {status}); see {out / 'pretrain_log.txt'}")
-    meta = json.loads((bundle / "model.json").read_text())
+    meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
     training = meta.get("training", {})
     result = {"bundle": str(bundle), "reused": False, "method": "genesis", "width": args.pretrain_width,
               "patch": list(args.pretrain_patch), "batch_size": args.pretrain_batch, "max_time_s": args.pretrain_time,
@@ -338,7 +338,7 @@ def pretrain(args, out: Path, hw_log) -> dict:
               "seconds_wall": round(seconds, 1), "steps": training.get("steps", meta.get("steps")),
               "stopped_by": training.get("stopped_by"), "best_val_loss": training.get("best_val_loss"),
               "load_average_before": load_before, "load_average_after": load_average()}
-    result_file.write_text(json.dumps(result, indent=2))
+    result_file.write_text(json.dumps(result, indent=2), encoding="utf-8")
     log(f"pretraining done: {result['steps']} steps in {seconds:.0f} s (stopped by {result['stopped_by']})")
     return result
 
@@ -363,7 +363,7 @@ def write_target(args, out: Path):
     data = out / "target"
     data.mkdir(parents=True, exist_ok=True)
     classes = data / "spleen.classes.json"
-    classes.write_text(json.dumps({"1": {"name": "spleen", "color": [0.62, 0.31, 0.54]}}))
+    classes.write_text(json.dumps({"1": {"name": "spleen", "color": [0.62, 0.31, 0.54]}}), encoding="utf-8")
     extent = np.flatnonzero(truth.any(axis=(0, 1)))
     targets = {}
     for k in args.ks:
@@ -397,7 +397,7 @@ def interpolation_baseline(truth, spacing, targets, out: Path) -> list[dict]:
                "note": "k = 1: nothing to interpolate, the painted slice alone (Dice 0 on the other slices)" if len(picks) < 2 else None}
         records.append(rec)
         log(f"interpolation k={t['k']}: Dice {scores['dice']:.3f} on the unpainted slices")
-    (out / "interpolation.json").write_text(json.dumps(records, indent=2))
+    (out / "interpolation.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
     return records
 
 
@@ -412,7 +412,7 @@ def run_one(args, out: Path, arm: str, target: dict, seed: int, image_path: Path
     run_dir = out / "runs" / name
     result_file = run_dir / "result.json"
     if args.resume and result_file.is_file():
-        rec = json.loads(result_file.read_text())
+        rec = json.loads(result_file.read_text(encoding="utf-8"))
         if rec.get("status") == "ok":
             log(f"{name}: re-using the result in {result_file}")
             return rec
@@ -438,10 +438,10 @@ def run_one(args, out: Path, arm: str, target: dict, seed: int, image_path: Path
     rec["seconds_finetune_wall"] = round(seconds, 1)
     if status != 0 or not (bundle / "model.json").is_file():
         rec.update(status=f"finetune failed (exit {status})")
-        result_file.write_text(json.dumps(rec, indent=2))
+        result_file.write_text(json.dumps(rec, indent=2), encoding="utf-8")
         log(f"{name}: fine-tuning FAILED (exit {status}); see {logfile}")
         return rec
-    meta = json.loads((bundle / "model.json").read_text())
+    meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
     training = meta.get("training", {})
     rec.update(width=meta.get("architecture", {}).get("width"), patch=meta.get("patch_size"), steps=training.get("steps"),
                stopped_by=training.get("stopped_by"), training_seconds=training.get("seconds"),
@@ -485,7 +485,7 @@ def run_one(args, out: Path, arm: str, target: dict, seed: int, image_path: Path
         for f in bundle.glob("*"):
             if f.suffix in (".safetensors", ".pt", ".pth") or f.name.startswith("checkpoint"):
                 f.unlink() if f.is_file() else shutil.rmtree(f, ignore_errors=True)
-    result_file.write_text(json.dumps(rec, indent=2))
+    result_file.write_text(json.dumps(rec, indent=2), encoding="utf-8")
     raw, clean = rec.get("raw") or {}, rec.get("clean") or {}
     log(f"{name}: {rec.get('steps')} steps; Dice raw {raw.get('dice', float('nan')):.3f}"
         + (f", clean {clean.get('dice', float('nan')):.3f}" if clean else "") + f" [{rec['status']}]")
@@ -610,7 +610,7 @@ def main(argv=None) -> int:
     inits = {"scratch": "none", "pretrained": pre["bundle"], "official": str(official) if official else None}
     VERIFY["pending"] = bool(args.verify_cleanup) and any(k != "full" for k in targets)
     jsonl = out / "runs.jsonl"
-    jsonl.write_text("")
+    jsonl.write_text("", encoding="utf-8")
     skipped = []
     # order: scratch and pretrained seed by seed, then the costly official-format (width 32) runs, so a
     # --deadline cut loses whole seeds or official runs first, never one arm of the main comparison
@@ -629,7 +629,7 @@ def main(argv=None) -> int:
             continue
         rec = run_one(args, out, arm, target, seed, image_path, truth, spacing, classes, inits[arm], extent)
         records.append(rec)
-        with open(jsonl, "a") as fh:
+        with open(jsonl, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
     if skipped:
         log(f"deadline reached: {len(skipped)} run(s) not started: {', '.join(skipped)}")

@@ -140,7 +140,7 @@ def ark_spec(args, out: Path) -> Path:
         datasets.append({"name": name, "classes": {str(n): c for n, c in enumerate(classes.values(), start=1)},
                          "cases": [{"image": str((args.data_root / image).resolve()), "label": str(path)}]})
     spec = folder / "spec.json"
-    spec.write_text(json.dumps({"datasets": datasets}, indent=2))
+    spec.write_text(json.dumps({"datasets": datasets}, indent=2), encoding="utf-8")
     return spec
 
 
@@ -161,7 +161,7 @@ def pretrain_one(args, out: Path, method: str, volumes: list[Path], spec: Path |
     result_file = bundle.parent / f"{method}.json"
     if args.resume and (bundle / "model.json").is_file() and result_file.is_file():
         log(f"{method}: re-using {bundle}")
-        return json.loads(result_file.read_text())
+        return json.loads(result_file.read_text(encoding="utf-8"))
     if bundle.exists():
         shutil.rmtree(bundle)
     source = ["--datasets", str(spec)] if method == "ark" else ["--data", *map(str, volumes)]
@@ -176,7 +176,7 @@ def pretrain_one(args, out: Path, method: str, volumes: list[Path], spec: Path |
         rec = {"method": method, "status": f"pretrain failed (exit {status})", "seconds_wall": round(seconds, 1)}
         log(f"{method}: pretraining FAILED (exit {status}); see {bundle.parent / f'{method}_log.txt'}")
         return rec
-    meta = json.loads((bundle / "model.json").read_text())
+    meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
     training, history = meta.get("training", {}), meta.get("history") or [{}]
     rec = {"method": method, "status": "ok", "bundle": str(bundle), "seconds_wall": round(seconds, 1),
            "training_seconds": training.get("seconds"), "steps": training.get("steps"),
@@ -185,7 +185,7 @@ def pretrain_one(args, out: Path, method: str, volumes: list[Path], spec: Path |
            "data": "SPEC.json: " + "; ".join(d[0] for d in ARK_DATASETS) if method == "ark"
            else [str(p.relative_to(args.data_root)) for p in volumes],
            "load_average_before": load_before, "load_average_after": le.load_average()}
-    result_file.write_text(json.dumps(rec, indent=2))
+    result_file.write_text(json.dumps(rec, indent=2), encoding="utf-8")
     log(f"{method}: {rec['steps']} steps in {seconds:.0f} s, loss {rec['first_loss']} -> {rec['last_loss']}")
     return rec
 
@@ -282,20 +282,20 @@ def plot(tab, args, arms, path: Path) -> None:
 def report_only(args, out: Path) -> int:
     """Rebuild the table, plot and summary from ``pretraining.json``, ``interpolation.json`` and
     ``runs.jsonl`` in ``out`` (loss summaries re-read from the bundles' histories)."""
-    pre = json.loads((out / "pretraining.json").read_text())
+    pre = json.loads((out / "pretraining.json").read_text(encoding="utf-8"))
     for rec in pre.values():
         model = Path(rec.get("bundle", "")) / "model.json"
         if rec.get("status") == "ok" and model.is_file():
-            rec.update(loss_summary(json.loads(model.read_text()).get("history") or []))
-    records = json.loads((out / "interpolation.json").read_text())
-    records += [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line.strip()]
+            rec.update(loss_summary(json.loads(model.read_text(encoding="utf-8")).get("history") or []))
+    records = json.loads((out / "interpolation.json").read_text(encoding="utf-8"))
+    records += [json.loads(line) for line in (out / "runs.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     arms = ([] if args.no_scratch else ["scratch"]) + [m for m in args.methods if pre.get(m, {}).get("status") == "ok"]
     tab = table(records, args, arms)
     md = markdown(tab, args, arms, pre)
     (out / "table.md").write_text(md, encoding="utf-8")
     plot(tab, args, arms, out / "dice_by_method.png")
     summary_file = out / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     summary.update(pretraining=pre, dice=tab, report_rebuilt=True)
     le.emit(out, md, summary)
     return 0
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     volumes = check_sources(args)
     spec = ark_spec(args, out) if "ark" in args.methods else None
     pre = {m: pretrain_one(args, out, m, volumes, spec) for m in args.methods}
-    (out / "pretraining.json").write_text(json.dumps(pre, indent=2))
+    (out / "pretraining.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
     image_path, truth, spacing, classes, targets, extent = le.write_target(args, out)
     log("painted slices: " + "; ".join(f"k={t['k']}: {t['painted']}" for t in targets.values()))
     records = le.interpolation_baseline(truth, spacing, targets, out)
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     inits = {"scratch": "none", **{m: pre[m]["bundle"] for m in arms if m != "scratch"}}
     le.VERIFY["pending"] = False
     jsonl = out / "runs.jsonl"
-    jsonl.write_text("")
+    jsonl.write_text("", encoding="utf-8")
     skipped = []
     for seed in args.seeds:
         for target in targets.values():
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                     continue
                 rec = le.run_one(args, out, arm, target, seed, image_path, truth, spacing, classes, inits[arm], extent)
                 records.append(rec)
-                with open(jsonl, "a") as fh:
+                with open(jsonl, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(rec) + "\n")
     if skipped:
         log(f"deadline reached: {len(skipped)} run(s) not started: {', '.join(skipped)}")

@@ -50,7 +50,7 @@ def log(message: str) -> None:
 
 
 def training_record(bundle: Path) -> dict:
-    training = json.loads((bundle / "model.json").read_text())["training"]
+    training = json.loads((bundle / "model.json").read_text(encoding="utf-8"))["training"]
     return {k: training.get(k) for k in ("steps", "seconds", "precision", "best_val_loss")}
 
 

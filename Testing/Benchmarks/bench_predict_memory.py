@@ -90,7 +90,7 @@ def main(argv=None) -> None:
         if args.detections:
             cmd += ["--detections", str(tmp / "det.json")]
         start = time.monotonic()
-        done = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, encoding="utf-8")
         seconds = time.monotonic() - start
         if done.returncode != 0:
             raise SystemExit(f"predict failed ({done.returncode}): {done.stderr.strip()[-400:]}")
@@ -102,13 +102,13 @@ def main(argv=None) -> None:
             "cpu_model": _cpu_model(), "voxels": voxels, "shape": args.shape, "classes": args.classes, "width": args.width, "patch": args.patch,
             "overlap": args.overlap, "memory_mb_target": args.memory_mb, "threads": args.threads,
             "full_volume_float32_accumulator_mb": round((args.classes + 1) * voxels * 4 / 2**20, 1),
-            "detections": len(json.loads((tmp / "det.json").read_text())) if args.detections else None,
+            "detections": len(json.loads((tmp / "det.json").read_text(encoding="utf-8"))) if args.detections else None,
         }))
 
 
 def _cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

@@ -61,7 +61,7 @@ def load() -> float:
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -171,7 +171,7 @@ def bench_predict(tmp: Path, image: Path, shape, width: int, classes: int, args,
            "--overlap", str(args.overlap), "--memory-mb", str(args.memory_mb), "--sw-batch-size", str(args.sw_batch_size),
            *(["--fp32"] if args.fp32 else [])]
     load_before = load()
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, encoding="utf-8")
     if done.returncode != 0:
         raise SystemExit(f"predict failed ({done.returncode}): {done.stderr.strip()[-600:]}")
     child = json.loads(done.stdout.strip().splitlines()[-1])

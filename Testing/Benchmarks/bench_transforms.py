@@ -62,7 +62,7 @@ from MedSSL.transforms.genesis import (
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -72,7 +72,7 @@ def cpu_model() -> str:
 
 def load_average():
     try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+        return [float(v) for v in Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3]]
     except (OSError, ValueError):
         return None
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bad_inputs import build_corpus, good_image  # noqa: E402
 
 torch.set_num_threads(1)
-TINY = ["--width", "4", "--patch", "16", "16", "8", "--progress", "none"]
+TINY = ["--width", "4", "--patch", "16", "16", "8", "--device", "cpu", "--progress", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,14 @@ def commands(c, o):
         runs += [
             (case, bad, ["pretrain", "--data", bad, "--out", str(o["out"]), "--steps", "1", *TINY]),
             (case, bad, ["finetune", "--image", bad, "--label", lab, "--out", str(o["out"]), "--steps", "1", *TINY]),
-            (case, bad, ["predict", "--model", model, "--image", bad, "--out", str(o["pred"])]),
-            (case, bad, ["suggest", "--model", model, "--image", bad, "--out", str(o["json"])]),
+            (case, bad, ["predict", "--device", "cpu", "--model", model, "--image", bad, "--out", str(o["pred"])]),
+            (case, bad, ["suggest", "--device", "cpu", "--model", model, "--image", bad, "--out", str(o["json"])]),
             (case, bad, ["evaluate", "--pred", bad, "--truth", lab, "--json", str(o["json"])]),
         ]
     runs += [
         ("mixed_2d_3d", str(c["mixed_2d_3d"]), ["pretrain", "--data", str(c["mixed_2d_3d"]), "--out", str(o["out"]), "--steps", "1", *TINY]),
         ("folder_without_dicom", str(c["folder_without_dicom"]), ["pretrain", "--data", str(c["folder_without_dicom"]), "--out", str(o["out"]), *TINY]),
-        ("folder_without_dicom", str(c["folder_without_dicom"]), ["predict", "--model", model, "--image", str(c["folder_without_dicom"]), "--out", str(o["pred"])]),
+        ("folder_without_dicom", str(c["folder_without_dicom"]), ["predict", "--device", "cpu", "--model", model, "--image", str(c["folder_without_dicom"]), "--out", str(o["pred"])]),
         ("unknown_method", "no-such-method", ["pretrain", "--data", img, "--method", "no-such-method", "--out", str(o["out"]), *TINY]),
     ]
     for case in ("label_off_grid", "fractional_label", "nothing_annotated"):

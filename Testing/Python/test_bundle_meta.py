@@ -173,12 +173,12 @@ def test_every_writer_s_output_parses(tmp_path):
     (tmp_path / "data").mkdir()
     write_volume(ph.image, tmp_path / "data" / "img.nii.gz")
     write_volume(ph.labels, tmp_path / "lab.nii.gz")
-    quiet = ["--progress", "none", "--threads", "1", "--batch-size", "2"]
-    assert main(["pretrain", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "pre"), "--cache",
+    quiet = ["--device", "cpu", "--progress", "none", "--threads", "1", "--batch-size", "2"]
+    assert main(["pretrain", "--device", "cpu", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "pre"), "--cache",
                  str(tmp_path / "cache"), "--steps", "2", "--width", "4", "--patch", "16", "16", "16", *quiet]) == 0
     pre = check_written(tmp_path / "pre")
     assert pre.task == "pretrain" and pre.method_name == "genesis" and pre.world_size == 1
-    assert main(["finetune", "--engine", "network", "--image", str(tmp_path / "data" / "img.nii.gz"), "--label",
+    assert main(["finetune", "--device", "cpu", "--engine", "network", "--image", str(tmp_path / "data" / "img.nii.gz"), "--label",
                  str(tmp_path / "lab.nii.gz"), "--init", str(tmp_path / "pre"), "--steps", "1", "--patch", "16", "16",
                  "16", "--bn-recalibration", "0", "--out", str(tmp_path / "seg"), *quiet]) == 0
     seg = check_written(tmp_path / "seg")
@@ -190,7 +190,7 @@ def test_every_writer_s_output_parses(tmp_path):
         write_volume(volume(image.astype(np.int16), spacing=(2.0, 2.0, 3.0)), tmp_path / f"v{i}.nii.gz")
         rows.append(f"v{i}.nii.gz,{'lesion' if i % 2 else 'normal'}")
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    assert main(["finetune", "--task", "classify", "--csv", str(tmp_path / "train.csv"), "--out", str(tmp_path / "cls"),
+    assert main(["finetune", "--device", "cpu", "--task", "classify", "--csv", str(tmp_path / "train.csv"), "--out", str(tmp_path / "cls"),
                  "--width", "4", "--patch", "8", "8", "8", "--steps", "1", *quiet]) == 0
     cls = check_written(tmp_path / "cls")
     assert cls.task == "classify" and cls.output_values == [0, 1] and cls.input_fit == "resize"
@@ -198,7 +198,7 @@ def test_every_writer_s_output_parses(tmp_path):
     painting = np.full(ph.labels.shape, 255, np.uint8)
     painting[:, :, [4, 10]] = (ph.labels.array[:, :, [4, 10]] > 0).astype(np.uint8)
     write_volume(ph.labels.with_array(painting), tmp_path / "painted.nii.gz")
-    assert main(["finetune", "--image", str(tmp_path / "data" / "img.nii.gz"), "--label", str(tmp_path / "painted.nii.gz"),
+    assert main(["finetune", "--device", "cpu", "--image", str(tmp_path / "data" / "img.nii.gz"), "--label", str(tmp_path / "painted.nii.gz"),
                  "--out", str(tmp_path / "few"), "--steps", "5", "--progress", "none"]) == 0
     few = check_written(tmp_path / "few")
     assert few.task == "fewshot" and few.architecture.name == "fewshot-appearance" and few.architecture.backbone_width is None

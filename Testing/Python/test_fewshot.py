@@ -222,7 +222,7 @@ def test_cli_finetune_predict_suggest_and_a_correction_round(painted_files, caps
     prob = read_volume(f / "prob.nii.gz").array
     assert prob[truth > 0].mean() > 0.8 and prob[(truth == 0)].mean() < 0.1
     capsys.readouterr()
-    assert main(["suggest", "--model", str(f / "m1"), "--image", str(f / "img.nii.gz"), "--label",
+    assert main(["suggest", "--device", "cpu", "--model", str(f / "m1"), "--image", str(f / "img.nii.gz"), "--label",
                  str(f / "round1.nii.gz"), "--count", "3"]) == 0
     slices = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["slices"]
     assert len(slices) == 3 and not {s["index"] for s in slices} & {8, 16} and {s["axis"] for s in slices} == {2}
@@ -253,7 +253,7 @@ def test_predict_with_a_fewshot_model_needs_the_painting(painted_files, capsys):
     f = painted_files
     assert _finetune(f, "round1.nii.gz", f / "m1") == 0
     capsys.readouterr()
-    status = main(["predict", "--model", str(f / "m1"), "--image", str(f / "img.nii.gz"), "--out", str(f / "p.nii.gz"),
+    status = main(["predict", "--device", "cpu", "--model", str(f / "m1"), "--image", str(f / "img.nii.gz"), "--out", str(f / "p.nii.gz"),
                    "--progress", "none"])
     assert status == 2 and "--annotation" in capsys.readouterr().err
     assert not (f / "p.nii.gz").exists()
@@ -262,7 +262,7 @@ def test_predict_with_a_fewshot_model_needs_the_painting(painted_files, capsys):
 def test_engine_choice_dense_labels_keep_the_network_and_fewshot_refuses_them(painted_files, capsys):
     f = painted_files
     capsys.readouterr()
-    status = main(["finetune", "--image", str(f / "img.nii.gz"), "--label", str(f / "truth.nii.gz"), "--out",
+    status = main(["finetune", "--device", "cpu", "--image", str(f / "img.nii.gz"), "--label", str(f / "truth.nii.gz"), "--out",
                    str(f / "m"), "--engine", "fewshot", "--progress", "none"])
     assert status == 2 and "not a painting" in capsys.readouterr().err and not (f / "m").exists()
 

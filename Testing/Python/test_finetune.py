@@ -21,7 +21,7 @@ from finetune_helpers import blobs_ct, volume
 from medssl_testing import official_checkpoint
 
 torch.set_num_threads(1)
-TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--progress", "none", "--threads", "1"]
+TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--device", "cpu", "--progress", "none", "--threads", "1"]
 
 
 def dice(a, b):
@@ -31,7 +31,7 @@ def dice(a, b):
 def finetune(image, label, out, *extra):
     """The network path (``--engine network``): these tests are about U-Net fine-tuning; a painting would
     otherwise go to the few-shot engine, tested in test_fewshot.py."""
-    return main(["finetune", "--image", str(image), "--label", str(label), "--out", str(out), "--engine", "network",
+    return main(["finetune", "--device", "cpu", "--image", str(image), "--label", str(label), "--out", str(out), "--engine", "network",
                  *TINY, *extra])
 
 
@@ -162,7 +162,7 @@ def test_label_values_3_and_117_come_back_as_3_and_117(tmp_path):
     meta = read_meta(tmp_path / "m")
     assert meta["channels"] == [0, 3, 117] and set(meta["classes"]) == {"3", "117"}
     assert meta["classes"]["117"]["name"] == "label_117"
-    assert main(["predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.nrrd"),
+    assert main(["predict", "--device", "cpu", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.nrrd"),
                  "--out", str(tmp_path / "pred.nrrd"), "--progress", "none"]) == 0
     pred = read_volume(tmp_path / "pred.nrrd").array
     assert pred.dtype == np.uint8
@@ -274,7 +274,7 @@ def test_max_time_alone_spreads_the_schedule_over_the_budget(small_case, tmp_pat
 
 
 def test_progress_json_and_bundle_fields(small_case, tmp_path, capsys):
-    assert main(["finetune", "--engine", "network", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
+    assert main(["finetune", "--device", "cpu", "--engine", "network", "--image", str(small_case / "img.nii.gz"), "--label", str(small_case / "lab.nii.gz"),
                  "--out", str(tmp_path / "m"), "--width", "4", "--steps", "3", "--patch", "16", "16", "16",
                  "--detection", "--progress", "json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -305,6 +305,6 @@ def test_resume_several_images_validation_and_spacing(small_case, tmp_path):
     assert any("val_loss" in r for r in meta["history"])
     assert meta["preprocessing"]["target_spacing_mm"] == [2.0, 2.0, 3.0]
     assert meta["data_summary"]["volumes"] == 2 and meta["data_summary"]["spacings_mm"][0] == [2.0, 2.0, 3.0]
-    assert main(["predict", "--model", str(tmp_path / "m"), "--image", str(small_case / "img.nii.gz"), "--out",
+    assert main(["predict", "--device", "cpu", "--model", str(tmp_path / "m"), "--image", str(small_case / "img.nii.gz"), "--out",
                  str(tmp_path / "p.nii.gz"), "--progress", "none"]) == 0
     assert read_volume(tmp_path / "p.nii.gz").shape == (24, 24, 16)  # back on the input grid

@@ -1,7 +1,7 @@
 """The backend is one stack: each part imports only parts below it (README, "Design").
 
 errors -> io -> data -> transforms -> models -> losses -> engine -> methods -> tasks -> commands, and inside
-tasks: evaluate -> pretrain -> finetune -> infer -> fewshot. Every import in every module counts, also the
+tasks: evaluate -> pretrain -> finetune -> infer -> fewshot -> cohort. Every import in every module counts, also the
 ones inside functions. A module may import anything in its own part, except that no module outside a
 package imports a private (``_name``) module of it."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "MedSSL"
 
 STACK = ["errors", "io", "data", "transforms", "models", "losses", "engine", "methods",
-         "tasks.evaluate", "tasks.pretrain", "tasks.finetune", "tasks.infer", "tasks.fewshot", "commands"]
+         "tasks.evaluate", "tasks.pretrain", "tasks.finetune", "tasks.infer", "tasks.fewshot", "tasks.cohort", "commands"]
 BOTTOM = {"MedSSL", "MedSSL.errors"}  # the version string and the one exception type, usable everywhere
 TOP = {"MedSSL.__main__"}
 

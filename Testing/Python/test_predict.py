@@ -32,7 +32,7 @@ def test_outputs_keep_an_oblique_input_geometry(tmp_path):
     image, _ = blobs_ct((20, 18, 10), seed=0)
     src = volume(image, spacing=(1.2, 0.9, 2.5), origin=(-30.0, 12.5, 80.0), direction=OBLIQUE)
     write_volume(src, tmp_path / "ct.nrrd")
-    assert main(["predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nrrd"),
+    assert main(["predict", "--device", "cpu", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nrrd"),
                  "--out", str(tmp_path / "out" / "pred.nii.gz"), "--probabilities", str(tmp_path / "prob.nrrd"),
                  "--progress", "none"]) == 0
     pred, prob, ref = read_volume(tmp_path / "out" / "pred.nii.gz"), read_volume(tmp_path / "prob.nrrd"), read_volume(tmp_path / "ct.nrrd")
@@ -46,7 +46,7 @@ def test_a_model_at_another_spacing_writes_back_on_the_input_grid(tmp_path):
     image, _ = blobs_ct((30, 26, 12), seed=1)
     src = volume(image, spacing=(1.1, 1.3, 2.5), origin=(5.0, -7.0, 3.0), direction=OBLIQUE)
     write_volume(src, tmp_path / "ct.nii.gz")
-    assert main(["predict", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nii.gz"), "--out",
+    assert main(["predict", "--device", "cpu", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nii.gz"), "--out",
                  str(tmp_path / "pred.nrrd"), "--probabilities", str(tmp_path / "p.nii.gz"), "--progress", "none"]) == 0
     ref = read_volume(tmp_path / "ct.nii.gz")
     assert same_geometry(read_volume(tmp_path / "pred.nrrd"), ref)
@@ -163,7 +163,7 @@ def trained(tmp_path_factory):
     geometry = dict(spacing=(1.5, 1.5, 2.0), origin=(10.0, -20.0, 30.0), direction=OBLIQUE)
     write_volume(volume(image, **geometry), folder / "ct.nii.gz")
     write_volume(volume(labels, **geometry), folder / "lab.nii.gz")
-    assert main(["finetune", "--image", str(folder / "ct.nii.gz"), "--label", str(folder / "lab.nii.gz"),
+    assert main(["finetune", "--device", "cpu", "--image", str(folder / "ct.nii.gz"), "--label", str(folder / "lab.nii.gz"),
                  "--out", str(folder / "m"), "--width", "8", "--lr", "3e-3", "--steps", "120", "--patch", "16", "16", "16",
                  "--no-augment", "--detection", "--classes", "1=blob", "--progress", "none"]) == 0
     return folder, labels
@@ -171,7 +171,7 @@ def trained(tmp_path_factory):
 
 def test_detections_json_end_to_end(trained, tmp_path, capsys):
     folder, labels = trained
-    assert main(["predict", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out",
+    assert main(["predict", "--device", "cpu", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out",
                  str(tmp_path / "pred.nrrd"), "--detections", str(tmp_path / "det.json"), "--tta",
                  "--progress", "json"]) == 0
     done = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -198,7 +198,7 @@ def test_annotation_and_largest_component_options(trained, tmp_path):
     painted[:, :, 8] = labels[:, :, 8]
     ref = read_volume(folder / "ct.nii.gz")
     write_volume(ref.with_array(painted), tmp_path / "painted.nrrd")
-    assert main(["predict", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out",
+    assert main(["predict", "--device", "cpu", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out",
                  str(tmp_path / "a.nrrd"), "--annotation", str(tmp_path / "painted.nrrd"), "--progress", "none"]) == 0
     out = read_volume(tmp_path / "a.nrrd").array
     assert np.array_equal(out[:, :, 8], labels[:, :, 8])  # painted voxels are kept as painted
@@ -207,7 +207,7 @@ def test_annotation_and_largest_component_options(trained, tmp_path):
     comp, n = ndimage.label(out == 1)
     touching = set(np.unique(comp[:, :, 8])) - {0}
     assert set(range(1, n + 1)) == touching  # every component left touches the painted slice
-    assert main(["predict", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out",
+    assert main(["predict", "--device", "cpu", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out",
                  str(tmp_path / "b.nrrd"), "--largest-component", "--progress", "none"]) == 0
     assert ndimage.label(read_volume(tmp_path / "b.nrrd").array == 1)[1] <= 1
 
@@ -230,7 +230,7 @@ def test_fp32_option_reaches_the_network(trained, tmp_path, monkeypatch):
     outputs = {}
     for name, extra in (("default", []), ("fp32", ["--fp32"])):
         out = tmp_path / f"{name}.nrrd"
-        assert main(["predict", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out", str(out),
+        assert main(["predict", "--device", "cpu", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out", str(out),
                      "--progress", "none", *extra]) == 0
         outputs[name] = read_volume(out).array
     assert seen == [True, False]

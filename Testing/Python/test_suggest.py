@@ -54,7 +54,7 @@ def test_suggest_cli_prints_and_writes_valid_slices(tmp_path, capsys):
     painted = np.full(labels.shape, 255, np.uint8)
     painted[:, :, [4, 9]] = labels[:, :, [4, 9]]
     write_volume(ref.with_array(painted), tmp_path / "painted.nii.gz")
-    assert main(["suggest", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nii.gz"), "--count", "4",
+    assert main(["suggest", "--device", "cpu", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nii.gz"), "--count", "4",
                  "--label", str(tmp_path / "painted.nii.gz"), "--out", str(tmp_path / "s" / "sug.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((tmp_path / "s" / "sug.json").read_text())
@@ -73,7 +73,7 @@ def test_suggest_progress_json_ends_with_done(tmp_path, capsys):
     segment_bundle(tmp_path / "m", values=(0, 1), patch=(16, 16, 8))
     image, _ = blobs_ct((16, 16, 10), seed=1)
     write_volume(volume(image), tmp_path / "ct.nrrd")
-    assert main(["suggest", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nrrd"), "--count", "2",
+    assert main(["suggest", "--device", "cpu", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nrrd"), "--count", "2",
                  "--progress", "json"]) == 0
     last = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert last["event"] == "done" and len(last["outputs"]["slices"]) == 2

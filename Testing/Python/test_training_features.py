@@ -1,7 +1,7 @@
 """Training features checked by their effect, not their metadata: the bundle keeps the best-validation
-weights, patience stops a run, an interrupted and resumed run ends where an uninterrupted one does
-(genesis, and CAiD with its momentum teacher and queue), --init really loads the given weights, and
---optimizer, --no-amp, --workers and --debug change what they say."""
+weights, patience stops a run, and an interrupted and resumed run ends where an uninterrupted one does
+(genesis, and CAiD with its momentum teacher and queue). --init is checked in test_pretrain.py and
+test_finetune.py; --optimizer, --no-amp and --workers in test_cli_options.py; --debug in test_cli.py."""
 
 import json
 

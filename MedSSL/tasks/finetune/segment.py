@@ -109,23 +109,27 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches, device: torch.device)
     model.eval()
 
 
-def finetune_segmentation(config: FinetuneConfig, progress: Progress) -> Path:
-    """Train and write the bundle; returns its folder. All input checks happen before ``--out`` is touched."""
+def finetune_segmentation(config: FinetuneConfig, progress: Progress, complete=None, describe=None) -> Path:
+    """Train and write the bundle; returns its folder. All input checks happen before ``--out`` is touched.
+
+    ``complete``: see :func:`.segment_data.load_segmentation_data` (paintings completed into dense labels);
+    ``describe``: None or a dict recorded as model.json's ``cohort`` entry (how the labels were completed)."""
     init = load_init(config.init)
     width = resolve_width(config.width, init)
     intensity, spacing = preprocessing_from_init(init, config.modality, config.spacing)
     ctx, device = init_distributed(config.device)
     try:
-        bundle = _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device)
+        bundle = _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device, complete, describe)
         ctx.barrier()  # every rank done (rank 0 has written the bundle) before the process group goes away
         return bundle
     finally:
         ctx.close()
 
 
-def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device) -> Path:
+def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device, complete=None,
+                      describe=None) -> Path:
     progress.stage("preprocess", f"reading {len(config.images)} image/label pair(s)")
-    volumes, summary, modalities, spatial_dims = load_segmentation_data(config, intensity, spacing)
+    volumes, summary, modalities, spatial_dims = load_segmentation_data(config, intensity, spacing, complete)
     if init is not None:
         check_initial_dims(init, spatial_dims, f"--init {config.init}",
                            "the --image inputs" if len(config.images) > 1 else f"--image {config.images[0]}")
@@ -143,11 +147,11 @@ def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, de
         if not config.resume and load_checkpoint(out) is not None:
             raise MedSSLError(f"{out}: already holds a training run; add --resume to continue it or choose another --out")
         return _train(config, progress, init, width, intensity, spacing, device, volumes, summary, modalities,
-                      mapping, classes, patch, ctx, spatial_dims)
+                      mapping, classes, patch, ctx, spatial_dims, describe)
 
 
 def _train(config, progress, init, width, intensity, spacing, device, volumes, summary, modalities, mapping,
-           classes, patch, ctx: DistributedContext, spatial_dims: int = 3) -> Path:
+           classes, patch, ctx: DistributedContext, spatial_dims: int = 3, describe=None) -> Path:
     """Under torchrun every rank samples its own patches (seeded by rank); gradients are averaged by
     DistributedDataParallel; only rank 0 writes checkpoints and the bundle. ``spatial_dims`` 2: a 2D
     network on the (X, Y) plane of one-slice images."""
@@ -232,6 +236,8 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         },
         data_summary={**summary, "modalities": _counts(modalities),
                       "class_voxels": _class_voxels(train_volumes + val_volumes, mapping)})
+    if describe:
+        meta = replace(meta, extra={**meta.extra, "cohort": describe})
     save_bundle(out, state, meta)
     return out
 

@@ -33,8 +33,12 @@ def given_classes(config: FinetuneConfig) -> tuple[dict | None, str]:
     return None, "labels"
 
 
-def load_segmentation_data(config: FinetuneConfig, intensity, spacing):
+def load_segmentation_data(config: FinetuneConfig, intensity, spacing, complete=None):
     """Read, check and preprocess every (image, label) pair.
+
+    ``complete``: None, or a function ``(image Volume, labels (X, Y, Z) uint8, index) -> labels`` applied to
+    each pair on its own grid before any resampling (the cohort model completes paintings with it,
+    :mod:`MedSSL.tasks.cohort`); the summary describes the labels trained on (completed ones are dense).
 
     Returns (volumes as :class:`TrainingVolume` with label values still original, summary dict,
     modalities list, spatial dims: 2 when every image is one-slice (X, Y, 1), 3 when every image is a
@@ -54,6 +58,8 @@ def load_segmentation_data(config: FinetuneConfig, intensity, spacing):
         first = first or (dims, image_path)
         raw_label = read_volume(label_path)
         labels = label_array(raw_label, raw_image, label_path, image_path)
+        if complete is not None:
+            labels = complete(raw_image, labels, len(volumes))
         summary["annotations"].append(annotation_summary(labels))
         image = raw_image
         if spacing is not None:  # one-slice images: in-plane only (resample_to_spacing)

@@ -26,9 +26,11 @@ class PredictOptions:
 
     annotation: Path | None = option(None, type=Path, metavar="LABEL",
                                      help="the painted label map of this image (255 = not annotated). A few-shot bundle "
-                                          "needs it: the engine completes this painting. With a network bundle: keep "
-                                          "only predicted components connected to the painted structure of each class "
-                                          "and copy the painted voxels (clean-up)")
+                                          "needs it: the engine completes this painting. A cohort model (network from "
+                                          "`finetune` on several scans): corrections, the painted planes are kept and the "
+                                          "planes near them redone by the few-shot engine from the network's draft. Older "
+                                          "network bundles: keep only predicted components connected to the painted "
+                                          "structure and copy the painted voxels (clean-up)")
     tta: bool = option(False, action="store_true", help="average the predictions of flipped copies (4x slower)")
     largest_component: bool = option(False, action="store_true",
                                      help="keep only the largest connected component of each class")

@@ -70,6 +70,32 @@ def to_input_grid(array: np.ndarray, work: Volume, volume: Volume, nearest: bool
     return out if nearest else out.astype(np.float16)
 
 
+#: at most this many classes are brought back from a coarser working grid class by class (linear)
+SMOOTH_UPSAMPLING_CLASSES = 8
+
+
+def upsample_labels(labels: np.ndarray, work: Volume, volume: Volume) -> np.ndarray:
+    """Labels (X, Y, Z) on ``work``'s grid -> on ``volume``'s grid.
+
+    From a coarser working grid (a model trained at another spacing), nearest-neighbour resampling draws
+    every boundary as a staircase of working voxels; with up to :data:`SMOOTH_UPSAMPLING_CLASSES` classes,
+    each class' mask is resampled linearly instead and every input voxel takes the class of largest value
+    (background where none reaches 0.5), so boundaries follow the interpolated surface. More classes:
+    nearest neighbour (memory and time grow with the class count)."""
+    if work is volume or work.same_grid(volume):
+        return labels
+    values = [int(v) for v in np.unique(labels) if v]
+    if not values or len(values) > SMOOTH_UPSAMPLING_CLASSES:
+        return to_input_grid(labels, work, volume, nearest=True)
+    best = np.full(volume.shape, 0.5, np.float32)
+    out = np.zeros(volume.shape, labels.dtype)
+    for value in values:
+        share = resample_to_grid(work.with_array((labels == value).astype(np.float32)), volume, nearest=False).array
+        better = share > best
+        out[better], best[better] = value, share[better]
+    return out
+
+
 def read_annotation(path, volume: Volume, image_path) -> np.ndarray:
     """The painted label map of ``volume`` (uint8, 255 = not annotated); MedSSLError when off-grid."""
     return label_array(read_volume(path), volume, path, image_path)
@@ -89,8 +115,7 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
               sw_batch_size=options.sw_batch_size, memory_mb=options.memory_mb, device=model.device,
               on_slab=(lambda i, k: progress.update(i, k)) if progress else None, spatial_dims=model.spatial_dims)
     del array
-    labels = model.channel_values[reducer.channel]
-    labels = to_input_grid(labels, work, volume, nearest=True)
+    labels = upsample_labels(model.channel_values[reducer.channel], work, volume)
     max_prob = to_input_grid(reducer.max_prob, work, volume, nearest=False)
     fg_prob = to_input_grid(reducer.fg_prob, work, volume, nearest=False)
     if annotation is not None:

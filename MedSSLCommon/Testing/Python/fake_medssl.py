@@ -78,7 +78,7 @@ def train_loop(stage):
 def save_bundle(out, meta):
     os.makedirs(out, exist_ok=True)
     meta = {"format": "medssl-bundle", "format_version": 1, "architecture": {"name": "fake"}, **meta}
-    with open(os.path.join(out, "model.json"), "w") as handle:
+    with open(os.path.join(out, "model.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle)
     open(os.path.join(out, "weights.safetensors"), "wb").close()
 
@@ -126,7 +126,7 @@ def cmd_finetune(args):
             and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-9))
     if not same:
         fail(f"{args.label}: the label is not on the image's grid")
-    with open(args.classes) as handle:
+    with open(args.classes, encoding="utf-8") as handle:
         classes = json.load(handle)
     labels = sitk.GetArrayFromImage(label)  # (k, j, i)
     annotated = [int(k) for k in range(labels.shape[0]) if (labels[k] != 255).any()]
@@ -144,15 +144,15 @@ def cmd_finetune(args):
 
 
 def cmd_predict(args):
-    with open(os.path.join(args.model, "model.json")) as handle:
+    with open(os.path.join(args.model, "model.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     image = read(args.image)
     values = sitk.GetArrayFromImage(image)
-    with open(args.out + ".args.json", "w") as handle:
+    with open(args.out + ".args.json", "w", encoding="utf-8") as handle:
         json.dump(vars(args), handle)
     emit(event="progress", step=1, total=1, loss=0.0, lr=0.0, eta_s=0.0, cubes_per_s=1.0, stage="predict")
     if meta["task"] == "classify":
-        with open(args.out, "w") as handle:
+        with open(args.out, "w", encoding="utf-8") as handle:
             json.dump({"probabilities": {"normal": 0.25, "abnormal": 0.75}, "label": 1, "name": "abnormal"}, handle)
         emit(event="done", outputs={"classification": args.out})
         return
@@ -178,7 +178,7 @@ def cmd_predict(args):
             findings.append({"label": 1, "name": meta["classes"]["1"]["name"], "center_mm": list(center),
                              "score": round(0.95 - 0.9 * n / max(1, extra), 4), "volume_mm3": 5.0 if n % 3 else 40.0,
                              "bbox_mm": [list(center), list(center)]})
-        with open(args.detections, "w") as handle:
+        with open(args.detections, "w", encoding="utf-8") as handle:
             json.dump(findings, handle)
         outputs["detections"] = args.detections
     emit(event="done", outputs=outputs)
@@ -199,7 +199,7 @@ def cmd_suggest(args):
         slices.append({"axis": 2, "index": int(k), "score": float(scores[k]), "center_mm": list(center)})
     answer = {"slices": slices}
     if args.out:
-        with open(args.out, "w") as handle:
+        with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(answer, handle)
     print(json.dumps(answer))
 
@@ -217,7 +217,7 @@ def cmd_sleep(args):
     pid_file = os.environ.get("FAKE_MEDSSL_CHILD_PID")
     if pid_file:
         child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
-        with open(pid_file, "w") as handle:
+        with open(pid_file, "w", encoding="utf-8") as handle:
             handle.write(str(child.pid))
     step = 0
     while True:

@@ -1,6 +1,6 @@
 """MedSSLSegmentLogic end to end in blocking mode against the stand-in backend (fake_medssl.py): the nodes
-it makes (names, colors, geometry, RAS control points), failures, cancel. The same calls against the real
-backend are in test_segment_backend.py."""
+it makes (names, colors, geometry, RAS control points), failures, cancel. Segment and detect against the real
+backend are in MedSSLTrainer/Testing/Python/test_trainer_backend.py (test_finetune_segment_detect_suggest)."""
 
 import json
 import os

@@ -1,0 +1,89 @@
+"""Correcting the cohort network's draft on a new scan with a plane or two.
+
+The network's prediction (the draft) is right on most planes of a new scan. The user repaints one or two
+planes where it is wrong; :func:`correct_draft` then lets the few-shot engine redo only the planes near the
+corrections: it is given, as its painting, the user's planes exactly and the draft on every plane of the same
+axis farther than ``gap_mm`` from a corrected plane. Between a corrected plane and the draft planes around it
+the engine interpolates the shape and weighs the appearance it learned on all those planes, so one corrected
+plane fixes its neighbours too; everywhere else the draft stays as it was (painted voxels keep their values).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from MedSSL.data.painted_planes import IGNORE, find_painted_planes
+from MedSSL.tasks.fewshot.engine import FewShotSettings, segment_painted
+
+#: planes nearer than this to a corrected plane (mm) are redone by the engine (chosen on the cohorts)
+GAP_MM = 12.0
+
+
+def correction_painting(draft: np.ndarray, corrected: np.ndarray, axis: int, spacing, gap_mm: float = GAP_MM) -> np.ndarray:
+    """The engine's painting (X, Y, Z) uint8: the corrected planes of ``corrected`` (X, Y, Z; 255 elsewhere),
+    the draft on every plane of ``axis`` farther than ``gap_mm`` from all of them, 255 in between."""
+    planes = find_painted_planes(corrected).planes[axis]
+    positions = np.arange(draft.shape[axis]) * float(spacing[axis])
+    near = np.zeros(draft.shape[axis], bool)
+    for k in planes:
+        near |= np.abs(positions - positions[k]) < gap_mm
+    painting = np.full(draft.shape, IGNORE, np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = np.flatnonzero(~near)
+    painting[tuple(index)] = draft[tuple(index)]
+    index[axis] = list(planes)
+    painting[tuple(index)] = corrected[tuple(index)]
+    return painting
+
+
+def correct_draft(image: np.ndarray, spacing, draft: np.ndarray, corrected: np.ndarray, gap_mm: float = GAP_MM,
+                  settings: FewShotSettings = FewShotSettings()) -> np.ndarray:
+    """(X, Y, Z) uint8 labels: ``draft`` (X, Y, Z uint8, the network's labels) with the user's corrected
+    planes (``corrected``: those planes painted, 255 elsewhere) and the planes near them redone by the
+    few-shot engine. image: (X, Y, Z) intensities; spacing: (3,) mm."""
+    axis = find_painted_planes(corrected).main_axis
+    painting = correction_painting(draft, corrected, axis, spacing, gap_mm)
+    _, result = segment_painted(np.asarray(image, np.float32), spacing, painting, settings)
+    return result.labels.astype(np.uint8)
+
+
+def worst_planes(draft: np.ndarray, truth: np.ndarray, axis: int, count: int, min_gap: int = 3) -> list[int]:
+    """The ``count`` planes along ``axis`` where ``draft`` and ``truth`` disagree on the most voxels, at least
+    ``min_gap`` planes apart (a simulated user correcting where the draft is worst)."""
+    other = tuple(a for a in range(3) if a != axis)
+    errors = (draft != truth).sum(axis=other).astype(float)
+    picks: list[int] = []
+    for k in np.argsort(-errors, kind="stable"):
+        if len(picks) == count or errors[k] == 0:
+            break
+        if all(abs(int(k) - p) >= min_gap for p in picks):
+            picks.append(int(k))
+    return sorted(picks)
+
+
+def is_cohort_model(meta) -> bool:
+    """A network bundle written by the cohort path (model.json has a ``cohort`` entry)."""
+    return "cohort" in meta.extra
+
+
+def predict_corrected(model, image_path, annotation_path, out, options, progress, probabilities=None) -> dict:
+    """``medssl predict --model COHORT --image NEW --annotation CORRECTED``: the network's draft of ``NEW``,
+    corrected on the planes painted in ``CORRECTED`` (:func:`correct_draft`); writes the label map (and the
+    draft's foreground probability when asked) and returns the outputs."""
+    from MedSSL.io.volumes import WRITE_SUFFIXES, read_volume
+    from MedSSL.tasks.infer.predict import check_output_path, read_annotation, segment, write_segmentation
+
+    check_output_path(out, WRITE_SUFFIXES, "--out")
+    if probabilities:
+        check_output_path(probabilities, WRITE_SUFFIXES, "--probabilities")
+    progress.stage("preprocess", "reading the image and the corrected planes")
+    volume = read_volume(image_path)
+    corrected = read_annotation(annotation_path, volume, image_path)
+    planes = find_painted_planes(corrected, f"--annotation {annotation_path}")
+    draft = segment(model, volume, image_path, options, progress)
+    progress.stage("correct", f"the few-shot engine redoes the planes near {planes.describe()}", total=1)
+    labels = correct_draft(volume.array, volume.spacing, draft.labels.array, corrected)
+    progress.update(1, 1)
+    progress.stage("write", "writing the outputs")
+    return write_segmentation(volume.with_array(labels), out, draft.fg_prob if probabilities else None, probabilities,
+                              None, None)

@@ -1,0 +1,98 @@
+"""``medssl finetune`` on several scans (or ``--engine network``): the cohort model.
+
+What it adds to :func:`MedSSL.tasks.finetune.segment.finetune_segmentation`: paintings completed by the
+few-shot engine (:mod:`.completion`), a working grid chosen for the CPU when neither ``--spacing`` nor the
+``--init`` bundle sets one (:mod:`.grid`), and the width of a network from scratch chosen for the CPU
+(:data:`DEFAULT_WIDTH`). Each choice is logged and recorded in model.json (``cohort``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from MedSSL.data.painted_planes import IGNORE, find_painted_planes, is_painting
+from MedSSL.data.spatial import is_one_slice
+from MedSSL.engine.progress import Progress
+from MedSSL.io.volumes import read_volume
+from MedSSL.tasks import FinetuneConfig
+from MedSSL.tasks.cohort.completion import PaintingCompleter
+from MedSSL.tasks.cohort.grid import class_diameters_mm, working_spacing
+from MedSSL.tasks.finetune.common import load_init, preprocessing_from_init
+from MedSSL.tasks.finetune.segment import finetune_segmentation
+
+#: U-Net width of a cohort network trained from scratch (``--width`` overrides; ``--init`` sets its own)
+DEFAULT_WIDTH = 8
+
+
+def painted_diameters_mm(labels: np.ndarray, spacing) -> list[float]:
+    """Each class's diameter (mm) as far as a label map shows it: the equivalent-sphere diameter of a dense
+    label; for a painting, the equivalent-circle diameter of the class' largest painted cross-section."""
+    if not is_painting(labels):
+        return class_diameters_mm(labels, spacing)
+    planes = find_painted_planes(labels)
+    best: dict[int, float] = {}
+    for axis in planes.axes:
+        pixel = float(np.prod([s for a, s in enumerate(spacing) if a != axis]))
+        for k in planes.planes[axis]:
+            plane = np.take(labels, k, axis=axis)
+            counts = np.bincount(plane.reshape(-1), minlength=256)
+            for value in np.flatnonzero(counts[1:IGNORE]) + 1:
+                best[int(value)] = max(best.get(int(value), 0.0), float(2.0 * np.sqrt(counts[value] * pixel / np.pi)))
+    return list(best.values())
+
+
+def survey(config: FinetuneConfig) -> dict:
+    """Spacings, shapes and class diameters of the training scans (headers and labels only)."""
+    spacings, shapes, diameters = [], [], []
+    for label_path in config.labels:
+        label = read_volume(label_path)
+        spacings.append(np.asarray(label.spacing, float))
+        shapes.append(label.shape)
+        if not is_one_slice(label.shape):
+            values = np.rint(label.array).clip(0, IGNORE).astype(np.uint8)
+            diameters += painted_diameters_mm(values, label.spacing)
+    return {"spacings": spacings, "shapes": shapes, "diameters_mm": diameters}
+
+
+def cohort_config(config: FinetuneConfig, log=None) -> tuple[FinetuneConfig, dict]:
+    """``config`` with the CPU choices filled in where the user left them open, and a record of them."""
+    init = load_init(config.init)
+    _, spacing = preprocessing_from_init(init, config.modality, config.spacing)
+    record: dict = {}
+    if init is None and config.width is None:
+        config = replace(config, width=DEFAULT_WIDTH)
+        record["width"] = f"{DEFAULT_WIDTH} (default for a network from scratch)"
+    if spacing is None:
+        found = survey(config)
+        if all(not is_one_slice(s) for s in found["shapes"]):
+            auto = working_spacing(found["spacings"], found["shapes"], found["diameters_mm"])
+            if auto is not None:
+                config = replace(config, spacing=auto)
+                record["working_spacing_mm"] = list(auto)
+                if log:
+                    log(f"working grid {auto[0]:g} x {auto[1]:g} x {auto[2]:g} mm (coarser than the scans' for the "
+                        "CPU; predict resamples back; --spacing overrides)")
+    return config, record
+
+
+def finetune_cohort(config: FinetuneConfig, progress: Progress) -> Path:
+    """Complete the paintings, choose the grid and width, fine-tune; returns the bundle folder."""
+    config, record = cohort_config(config, progress.log)
+    completer = None
+    if config.complete_paintings:
+        completer = PaintingCompleter(config.completion_confidence, config.seed, progress.log)
+    describe = dict(record)
+    out = finetune_segmentation(config, progress, complete=completer, describe=_describe(describe, completer, config))
+    return out
+
+
+def _describe(record: dict, completer, config) -> dict:
+    """model.json's ``cohort`` entry. The completer's per-scan records are filled in while the data are read,
+    so the dict is shared and read when the bundle is written."""
+    record["completion"] = ("off" if completer is None else
+                            {"engine": "few-shot", "confidence": config.completion_confidence,
+                             "scans": completer.records})
+    return record

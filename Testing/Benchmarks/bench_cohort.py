@@ -1,0 +1,332 @@
+"""Paint a few scans, segment the cohort: the cohort model on new subjects, with its baselines.
+
+For each seed a random draw of ``n`` training subjects of a cohort in ``../shared/data`` (la_lge_mri,
+chaos_t2_mri); the test subjects are drawn from the others, so no scored subject was trained on. Arms
+(``--arms``), each scored by Dice per class on the whole test scan:
+
+* ``cohort``: k planes painted on each training scan (spread over each structure, as the engine benchmark
+  paints them), ``medssl finetune`` defaults (paintings completed by the few-shot engine, CPU grid and
+  width), then ``predict`` on each test scan with no touch; ``correct1`` / ``correct2``: the draft
+  corrected on the 1 or 2 worst planes (:func:`MedSSL.tasks.cohort.correction.correct_draft`);
+* ``dense``: the same network trained on the dense labels of the same subjects (upper bound);
+* ``sparse``: the same network trained on the painted planes only (``--no-completion``);
+* ``atlas``: each training scan registered to the test scan with SimpleITK (affine, Mattes mutual
+  information), its dense label propagated, majority vote;
+* ``engine3`` / ``engine5``: the few-shot engine alone with 3 / 5 planes painted on the test scan.
+
+Runs in-process (the CLI's functions) with ``--threads`` torch threads. Prints one JSON object per result
+line and a summary; ``--out`` keeps them (results.jsonl, summary.json, table.md, cohort.png).
+
+    python Testing/Benchmarks/bench_cohort.py --cohort la_lge_mri --train 1 2 4 --seeds 0 1 2 --out runs/cohort
+    python Testing/Benchmarks/bench_cohort.py --quick        # phantom cohort, seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fewshot_cases import DATA, paint  # noqa: E402
+
+ARMS = ("cohort", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cohort", default="la_lge_mri", help="a cohort folder of ../shared/data (default %(default)s)")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--train", type=int, nargs="+", default=[1, 2, 4], help="training subjects per draw")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--test", type=int, default=4, help="test subjects per draw (default %(default)s)")
+    p.add_argument("--planes", type=int, default=5, help="planes painted per training scan (default %(default)s)")
+    p.add_argument("--arms", nargs="+", default=["cohort", "correct1", "correct2", "dense", "atlas", "engine5"],
+                   choices=ARMS)
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: finetune's)")
+    p.add_argument("--max-time", type=float, default=None, help="fine-tuning seconds (default: none)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--spacing", type=float, nargs=3, default=None)
+    p.add_argument("--confidence", type=float, default=None, help="--completion-confidence (default: finetune's)")
+    p.add_argument("--init", default=None, help="pretrained bundle for --init")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="a phantom cohort of 3 subjects, a few steps (smoke test)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def cohort_cases(args) -> tuple[list[dict], dict, int]:
+    """[{"name", "image": Path, "label": Path}], classes {value: name}, painting axis."""
+    if args.quick:
+        return phantom_cohort(Path(tempfile.mkdtemp(prefix="medssl-cohort-"))), {1: "liver", 2: "spleen"}, 2
+    root = args.data / args.cohort
+    if not (root / "cohort.json").is_file():
+        raise SystemExit(f"{root}: no cohort.json (is ../shared/data there?)")
+    spec = json.loads((root / "cohort.json").read_text(encoding="utf-8"))
+    cases = [{"name": c, "image": root / f"{c}_image.nii.gz", "label": root / f"{c}_label.nii.gz"} for c in spec["cases"]]
+    return cases, {int(k): v for k, v in spec["classes"].items()}, 2
+
+
+def phantom_cohort(folder: Path) -> list[dict]:
+    """Three phantom subjects (liver 1, spleen 2) of slightly different anatomy, written as NIfTI."""
+    from MedSSL.data.phantom import make_phantom
+    from MedSSL.io.volumes import write_volume
+
+    cases = []
+    for i in range(3):
+        phantom = make_phantom(seed=i, shape=(48, 48, 32), spacing=(4.0, 4.0, 6.0))
+        keep = np.where(np.isin(phantom.labels.array, (1, 2)), phantom.labels.array, 0).astype(np.uint8)
+        write_volume(phantom.image, folder / f"p{i}_image.nii.gz")
+        write_volume(phantom.labels.with_array(keep), folder / f"p{i}_label.nii.gz")
+        cases.append({"name": f"p{i}", "image": folder / f"p{i}_image.nii.gz", "label": folder / f"p{i}_label.nii.gz"})
+    return cases
+
+
+def read_case(case: dict):
+    from MedSSL.io.volumes import read_volume
+
+    image, label = read_volume(case["image"]), read_volume(case["label"])
+    return image, np.rint(label.array).astype(np.uint8)
+
+
+def paint_all(truth: np.ndarray, axis: int, k: int) -> tuple[np.ndarray, list[int]]:
+    """k planes spread over each class' extent (the union of the picks of every class), 255 elsewhere."""
+    picks = set()
+    for value in [v for v in np.unique(truth) if v]:
+        picks.update(paint((truth == value).astype(np.uint8), axis, k)[1])
+    picks = sorted(picks)
+    sparse = np.full(truth.shape, 255, np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = picks
+    sparse[tuple(index)] = truth[tuple(index)]
+    return sparse, picks
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes) -> dict:
+    out = {}
+    for value in classes:
+        p, t = pred == value, truth == value
+        denom = p.sum() + t.sum()
+        out[int(value)] = float(2 * np.logical_and(p, t).sum() / denom) if denom else 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- arms
+def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, float]:
+    """Fine-tune on ``cases`` with labels "painted" (k planes), "dense" or "sparse" (paintings, no completion)."""
+    from MedSSL.engine.loop import LoopConfig
+    from MedSSL.engine.progress import Progress
+    from MedSSL.io.volumes import read_volume, write_volume
+    from MedSSL.tasks import FinetuneConfig
+    from MedSSL.tasks.cohort.train import finetune_cohort
+
+    labels = []
+    for case in cases:
+        if mode == "dense":
+            labels.append(case["label"])
+            continue
+        image = read_volume(case["image"])
+        _, truth = read_case(case)
+        painted, _ = paint_all(truth, axis, args.planes)
+        path = work / f"{case['name']}_painted.nii.gz"
+        write_volume(image.with_array(painted), path)
+        labels.append(path)
+    defaults = FinetuneConfig(out=work)
+    loop = LoopConfig(steps=args.steps or defaults.loop.steps, max_time=args.max_time, val_every=10**6,
+                      checkpoint_every=10**6)
+    config = FinetuneConfig(
+        out=work / f"model_{mode}", images=[c["image"] for c in cases], labels=labels, init=args.init,
+        width=args.width, spacing=tuple(args.spacing) if args.spacing else None, seed=seed, device="cpu", loop=loop,
+        complete_paintings=mode != "sparse",
+        completion_confidence=defaults.completion_confidence if args.confidence is None else args.confidence)
+    started = time.perf_counter()
+    finetune_cohort(config, Progress("bar"))
+    return config.out, time.perf_counter() - started
+
+
+def predict(model_dir: Path, case: dict):
+    import torch
+
+    from MedSSL.io.volumes import read_volume
+    from MedSSL.tasks.infer import PredictOptions
+    from MedSSL.tasks.infer.model import load_model
+    from MedSSL.tasks.infer.predict import segment
+
+    model = load_model(model_dir, torch.device("cpu"))
+    volume = read_volume(case["image"])
+    started = time.perf_counter()
+    seg = segment(model, volume, case["image"], PredictOptions(overlap=float(model.meta.inference_setting("overlap") or 0.5)))
+    return seg, time.perf_counter() - started
+
+
+def atlas(train_cases, case, classes) -> tuple[np.ndarray, float]:
+    """Majority vote of the training labels registered (affine, Mattes MI) onto ``case``."""
+    import SimpleITK as sitk
+
+    started = time.perf_counter()
+    fixed = sitk.ReadImage(str(case["image"]), sitk.sitkFloat32)
+    votes = np.zeros((len(classes) + 1,) + tuple(reversed(fixed.GetSize())), np.int16)
+    for atlas_case in train_cases:
+        moving = sitk.ReadImage(str(atlas_case["image"]), sitk.sitkFloat32)
+        label = sitk.ReadImage(str(atlas_case["label"]), sitk.sitkUInt8)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.05, seed=0)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 150)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1])
+        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+        start = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                                  sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        reg.SetInitialTransform(start, inPlace=False)
+        transform = reg.Execute(fixed, moving)
+        warped = sitk.GetArrayFromImage(sitk.Resample(label, fixed, transform, sitk.sitkNearestNeighbor, 0))
+        for c in range(len(classes) + 1):
+            votes[c] += warped == c
+    pred = np.argmax(votes, axis=0).astype(np.uint8).transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z)
+    values = np.array([0] + list(classes), np.uint8)
+    return values[pred], time.perf_counter() - started
+
+
+def engine_alone(case, axis, k) -> tuple[np.ndarray, float]:
+    from MedSSL.tasks.fewshot.engine import segment_painted
+
+    image, truth = read_case(case)
+    painted, _ = paint_all(truth, axis, k)
+    started = time.perf_counter()
+    _, result = segment_painted(image.array.astype(np.float32), image.spacing, painted)
+    return result.labels, time.perf_counter() - started
+
+
+def corrections(draft: np.ndarray, case, axis, counts) -> dict:
+    """{count: (labels, seconds)} after correcting the draft on the ``count`` worst planes."""
+    from MedSSL.tasks.cohort.correction import correct_draft, worst_planes
+
+    image, truth = read_case(case)
+    out = {}
+    for count in counts:
+        planes = worst_planes(draft, truth, axis, count)
+        painted = np.full(truth.shape, 255, np.uint8)
+        index = [slice(None)] * 3
+        index[axis] = planes
+        painted[tuple(index)] = truth[tuple(index)]
+        started = time.perf_counter()
+        labels = correct_draft(image.array.astype(np.float32), image.spacing, draft, painted)
+        out[count] = (labels, time.perf_counter() - started, planes)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
+    rng = np.random.default_rng([seed, n])
+    order = rng.permutation(len(cases))
+    train_cases = [cases[i] for i in order[:n]]
+    test_cases = [cases[i] for i in order[n:n + args.test]]
+    base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
+            "train": [c["name"] for c in train_cases]}
+    with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
+        work = Path(tmp)
+        models = {}
+        for mode in ("dense", "sparse"):
+            if mode in args.arms:
+                models[mode] = train(args, train_cases, axis, mode, work, seed)
+        if {"cohort", "correct1", "correct2"} & set(args.arms):
+            models["cohort"] = train(args, train_cases, axis, "painted", work, seed)
+        for case in test_cases:
+            _, truth = read_case(case)
+            row = {**base, "test": case["name"]}
+            for arm, (model_dir, train_s) in models.items():
+                seg, seconds = predict(model_dir, case)
+                labels = seg.labels.array
+                emit({**row, "arm": arm, "dice": dice_per_class(labels, truth, classes), "train_s": round(train_s, 1),
+                      "predict_s": round(seconds, 2)})
+                if arm == "cohort":
+                    wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
+                    for count, (fixed, secs, planes) in corrections(labels, case, axis, wanted).items():
+                        emit({**row, "arm": f"correct{count}", "dice": dice_per_class(fixed, truth, classes),
+                              "planes": planes, "seconds": round(secs, 2)})
+            if "atlas" in args.arms:
+                pred, seconds = atlas(train_cases, case, classes)
+                emit({**row, "arm": "atlas", "dice": dice_per_class(pred, truth, classes), "seconds": round(seconds, 1)})
+            for k in (3, 5):
+                if f"engine{k}" in args.arms:
+                    pred, seconds = engine_alone(case, axis, k)
+                    emit({**row, "arm": f"engine{k}", "dice": dice_per_class(pred, truth, classes),
+                          "seconds": round(seconds, 1)})
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean Dice (over classes, then test scans and draws) per (n, arm), with the spread over draws."""
+    table: dict = {}
+    for r in rows:
+        key = f"n={r['n']}"
+        table.setdefault(key, {}).setdefault(r["arm"], {}).setdefault(r["seed"], []).append(float(np.mean(list(r["dice"].values()))))
+    out = {}
+    for key, arms in table.items():
+        out[key] = {}
+        for arm, seeds in arms.items():
+            per_seed = [float(np.mean(v)) for v in seeds.values()]
+            out[key][arm] = {"dice": round(float(np.mean(per_seed)), 4),
+                             "seed_std": round(float(np.std(per_seed)), 4), "draws": len(per_seed),
+                             "scans": sum(len(v) for v in seeds.values())}
+    return out
+
+
+def hardware() -> dict:
+    import torch
+
+    from MedSSL.engine.acceleration import cpu_has_native_bf16
+
+    info = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    return {"cpu": model, "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def main(argv=None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    if args.quick:
+        args.train, args.seeds, args.test, args.steps = [1], [0], 2, args.steps or 4
+        args.width, args.planes = args.width or 4, 3
+    torch.set_num_threads(args.threads)
+    cases, classes, axis = cohort_cases(args)
+    rows = []
+    sink = None
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        sink = (args.out / "results.jsonl").open("a", encoding="utf-8")
+
+    def emit(row):
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if sink:
+            sink.write(line + "\n")
+            sink.flush()
+
+    for seed in args.seeds:
+        for n in args.train:
+            run_draw(args, cases, classes, axis, n, seed, emit)
+    summary = {"hardware": hardware(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "table": summarise(rows), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    print(json.dumps(summary))
+    if args.out:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The cohort model (MedSSL.tasks.cohort): paintings completed by the few-shot engine, the CPU working grid,
+the correction of a draft with a plane or two, and ``medssl predict`` on many scans in one call."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from MedSSL.data.phantom import make_phantom
+from MedSSL.io.bundle import read_meta
+from MedSSL.io.volumes import read_volume, write_volume
+from MedSSL.tasks import FinetuneConfig
+from MedSSL.tasks.cohort.completion import PaintingCompleter, complete_painting
+from MedSSL.tasks.cohort.correction import correct_draft, correction_painting, worst_planes
+from MedSSL.tasks.cohort.grid import class_diameters_mm, working_spacing
+from MedSSL.tasks.cohort.train import DEFAULT_WIDTH, cohort_config, painted_diameters_mm
+
+SIZE = {"shape": (48, 48, 24), "spacing": (4.0, 4.0, 6.0)}
+LIVER = 1
+
+
+def liver_case(seed):
+    """A phantom CT and its liver label (1), the other organs background."""
+    phantom = make_phantom(seed, **SIZE)
+    truth = (phantom.labels.array == LIVER).astype(np.uint8)
+    return phantom.image, truth
+
+
+def painted(truth, planes, axis=2):
+    out = np.full(truth.shape, 255, np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = list(planes)
+    out[tuple(index)] = truth[tuple(index)]
+    return out
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def liver_planes(truth, k):
+    z = np.flatnonzero(truth.any(axis=(0, 1)))
+    return np.round(np.linspace(z[0], z[-1], k + 2)[1:-1]).astype(int).tolist()
+
+
+def test_completion_keeps_painted_planes_and_leaves_doubtful_voxels_out():
+    image, truth = liver_case(0)
+    planes = liver_planes(truth, 3)
+    paint = painted(truth, planes)
+    label, info = complete_painting(image.array, image.spacing, paint, confidence=0.9)
+    assert info["planes"] == 3
+    # the painted planes are copied exactly; the rest is completed (dense) except the doubtful voxels
+    assert np.array_equal(label[..., planes], truth[..., planes])
+    assert 0 < info["ignored_fraction"] < 0.2
+    assert np.count_nonzero(label == 255) == pytest.approx(info["ignored_fraction"] * label.size, abs=1)
+    # what is kept is the liver: better than the painted planes alone would give (their share of the liver)
+    kept = label != 255
+    assert dice(label[kept] == 1, truth[kept] == 1) > 0.9
+    everything, info0 = complete_painting(image.array, image.spacing, paint, confidence=0.0)
+    assert info0["ignored_fraction"] == 0 and not np.any(everything == 255)
+
+
+def test_completer_passes_dense_labels_and_one_slice_images_unchanged():
+    image, truth = liver_case(0)
+    completer = PaintingCompleter(0.7)
+    assert completer(image, truth, 0) is truth
+    flat = np.full((8, 8, 1), 255, np.uint8)
+    flat[2:4] = 1
+    assert completer(image, flat, 1) is flat
+    assert [r["label"] for r in completer.records] == ["dense", "dense"] and completer.completed == 0
+
+
+def test_working_spacing_coarsens_fine_scans_but_keeps_small_structures_and_the_slice_axis():
+    la = working_spacing([(0.625,) * 3], [(200, 145, 88)], [45.0])
+    assert la is not None and la[0] == la[1] == la[2] and 1.0 < la[0] <= 1.6  # atrium-like: about 2x coarser
+    assert working_spacing([(0.625,) * 3], [(200, 145, 88)], [8.0]) is None  # an 8 mm structure keeps the grid
+    chaos = working_spacing([(1.25, 1.25, 7.7)], [(256, 256, 35)], [60.0])
+    assert chaos is not None and chaos[2] == 7.7 and chaos[0] == chaos[1] > 1.25
+    assert working_spacing([(4.0, 4.0, 6.0)], [(48, 48, 24)], [60.0]) is None  # small scans stay as they are
+
+
+def test_diameters_from_dense_labels_and_from_paintings():
+    truth = np.zeros((20, 20, 20), np.uint8)
+    truth[5:15, 5:15, 5:15] = 1  # 1000 voxels of 1 mm3: a 12.4 mm sphere
+    assert class_diameters_mm(truth, (1, 1, 1)) == pytest.approx([12.407], abs=0.01)
+    paint = painted(truth, [10])
+    assert painted_diameters_mm(paint, (1, 1, 1)) == pytest.approx([2 * np.sqrt(100 / np.pi)])
+
+
+def test_cohort_config_fills_in_width_and_grid_and_leaves_given_values(tmp_path):
+    image, truth = liver_case(0)
+    fine = image.with_array(image.array)
+    fine.spacing = np.array([0.6, 0.6, 0.6])
+    label = fine.with_array(truth)
+    write_volume(fine, tmp_path / "img.nii.gz")
+    write_volume(label, tmp_path / "lab.nii.gz")
+    # 48 x 48 x 24 voxels: below the voxel budget, so the grid stays; the width is the CPU default
+    config, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "img.nii.gz"],
+                                                  labels=[tmp_path / "lab.nii.gz"]))
+    assert config.width == DEFAULT_WIDTH and config.spacing is None and "working_spacing_mm" not in record
+    given, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "img.nii.gz"],
+                                                 labels=[tmp_path / "lab.nii.gz"], width=4, spacing=(1.0, 1.0, 1.0)))
+    assert given.width == 4 and given.spacing == (1.0, 1.0, 1.0) and record == {}
+
+
+def test_correction_redoes_only_the_planes_near_the_corrected_one():
+    image, truth = liver_case(1)
+    z = np.flatnonzero(truth.any(axis=(0, 1)))
+    draft = truth.copy()
+    wrong = int(z[len(z) // 2])
+    draft[..., wrong - 1:wrong + 2] = 0  # the network missed the liver on three planes
+    assert worst_planes(draft, truth, 2, 1) == [wrong - 1] or worst_planes(draft, truth, 2, 1)[0] in (wrong - 1, wrong, wrong + 1)
+    fix = painted(truth, [wrong])
+    painting = correction_painting(draft, fix, 2, image.spacing, gap_mm=12.0)
+    near = [k for k in range(truth.shape[2]) if abs(k - wrong) * 6.0 < 12.0]
+    assert np.all(painting[..., [k for k in near if k != wrong]] == 255)
+    assert np.array_equal(painting[..., wrong], truth[..., wrong])
+    far = [k for k in range(truth.shape[2]) if k not in near]
+    assert np.array_equal(painting[..., far], draft[..., far])
+    fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0)
+    assert np.array_equal(fixed[..., far], draft[..., far])  # nothing changes away from the correction
+    assert np.array_equal(fixed[..., wrong], truth[..., wrong])
+    # the planes next to the corrected one, empty in the draft, get the liver back
+    for k in (wrong - 1, wrong + 1):
+        assert dice(fixed[..., k] == 1, truth[..., k] == 1) > 0.8
+    assert dice(fixed == 1, truth == 1) > dice(draft == 1, truth == 1)
+
+
+def _medssl(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "MedSSL", *map(str, args), "--device", "cpu", "--progress", "none"],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def cohort_model(tmp_path_factory):
+    """A tiny cohort model from two painted phantom scans (3 planes each)."""
+    folder = tmp_path_factory.mktemp("cohort")
+    args = []
+    for seed in (0, 1):
+        image, truth = liver_case(seed)
+        write_volume(image, folder / f"scan{seed}.nii.gz")
+        write_volume(image.with_array(painted(truth, liver_planes(truth, 3))), folder / f"paint{seed}.nii.gz")
+        args += ["--image", folder / f"scan{seed}.nii.gz", "--label", folder / f"paint{seed}.nii.gz"]
+    result = _medssl("finetune", *args, "--classes", "1=liver", "--width", 4, "--steps", 6, "--patch", 32, 32, 16,
+                     "--out", folder / "model")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_finetune_on_painted_scans_trains_on_completed_labels(cohort_model):
+    meta = read_meta(cohort_model / "model")
+    completion = meta["cohort"]["completion"]
+    assert completion["engine"] == "few-shot" and completion["confidence"] == FinetuneConfig(out=".").completion_confidence
+    assert [s["label"] for s in completion["scans"]] == ["painting completed by the few-shot engine"] * 2
+    assert all(s["planes"] == 3 for s in completion["scans"])
+    # the network trained on dense (completed) labels: whole-volume windows, no painted-axis sampling
+    assert meta["fewshot"]["annotation"] == "dense"
+    assert "/" not in json.dumps(meta["cohort"])  # no paths in the bundle
+
+
+def test_predict_many_scans_into_a_folder_with_a_summary(cohort_model, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for seed in (2, 3):
+        write_volume(liver_case(seed)[0], scans / f"new{seed}.nii.gz")
+    result = _medssl("predict", "--model", cohort_model / "model", "--image", scans, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open(encoding="utf-8")))
+    assert [r["image"] for r in rows] == ["new2.nii.gz", "new3.nii.gz"]
+    assert [r["labels"] for r in rows] == ["new2.nii.gz", "new3.nii.gz"]
+    for row in rows:
+        labels = read_volume(tmp_path / "out" / row["labels"]).array
+        assert int(row["liver voxels"]) == int((labels == 1).sum())
+        assert float(row["liver mL"]) == pytest.approx((labels == 1).sum() * 4 * 4 * 6 / 1000, abs=1e-3)
+
+
+def test_predict_many_reports_a_bad_scan_and_segments_the_others(cohort_model, tmp_path):
+    good = tmp_path / "good.nii.gz"
+    write_volume(liver_case(2)[0], good)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    result = _medssl("predict", "--model", cohort_model / "model", "--image", good, bad, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("medssl: error: --image: 1 of 2 scan(s) failed")
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open(encoding="utf-8")))
+    assert rows[0]["error"] == "" and (tmp_path / "out" / "good.nii.gz").is_file()
+    assert "bad.nii.gz" in rows[1]["error"] and not (tmp_path / "out" / "bad.nii.gz").exists()
+
+
+def test_predict_many_refuses_per_file_options_and_a_file_as_out(cohort_model, tmp_path):
+    write_volume(liver_case(2)[0], tmp_path / "a.nii.gz")
+    write_volume(liver_case(3)[0], tmp_path / "b.nii.gz")
+    images = ["--image", tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    result = _medssl("predict", "--model", cohort_model / "model", *images, "--out", tmp_path / "x.nii.gz")
+    assert result.returncode == 2 and "--out" in result.stderr and "folder" in result.stderr
+    result = _medssl("predict", "--model", cohort_model / "model", *images, "--out", tmp_path / "o",
+                     "--probabilities", tmp_path / "p.nii.gz")
+    assert result.returncode == 2 and "--probabilities" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_with_corrected_planes_keeps_them_and_redoes_their_neighbours(cohort_model, tmp_path):
+    image, truth = liver_case(2)
+    write_volume(image, tmp_path / "new.nii.gz")
+    draft_run = _medssl("predict", "--model", cohort_model / "model", "--image", tmp_path / "new.nii.gz",
+                        "--out", tmp_path / "draft.nii.gz")
+    assert draft_run.returncode == 0, draft_run.stderr
+    draft = read_volume(tmp_path / "draft.nii.gz").array
+    plane = worst_planes(draft, truth, 2, 1)[0]
+    write_volume(image.with_array(painted(truth, [plane])), tmp_path / "fix.nii.gz")
+    result = _medssl("predict", "--model", cohort_model / "model", "--image", tmp_path / "new.nii.gz",
+                     "--annotation", tmp_path / "fix.nii.gz", "--out", tmp_path / "fixed.nii.gz")
+    assert result.returncode == 0, result.stderr
+    fixed = read_volume(tmp_path / "fixed.nii.gz").array
+    assert np.array_equal(fixed[..., plane], truth[..., plane])
+    far = [k for k in range(truth.shape[2]) if abs(k - plane) * 6.0 >= 12.0]
+    assert np.array_equal(fixed[..., far], draft[..., far])
