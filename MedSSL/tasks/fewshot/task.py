@@ -72,14 +72,31 @@ def _classes(config, values: list[int]) -> dict:
     return classes_to_json(resolve_classes(values, given, where))
 
 
-def _initial(config, progress: Progress):
-    """(previous few-shot model or None, backbone or None, its intensity or None) from ``--init``."""
+def _check_same_image(meta, image: Volume, init) -> None:
+    """A few-shot model continues the painting of its own image only: MedSSLError when ``--init``'s recorded
+    image size or spacing differs from ``--image``'s (the model.json of older bundles may lack them)."""
+    summary = meta.data_summary or {}
+    shapes, spacings = summary.get("shapes") or [], summary.get("spacings_mm") or []
+    if shapes and [int(v) for v in shapes[0]] != [int(v) for v in image.shape]:
+        raise MedSSLError(f"--init {init}: a few-shot model of an image of size {list(shapes[0])}, not "
+                          f"{list(image.shape)}: it only continues the painting of its own image; pass a pretrained "
+                          "model or none")
+    if spacings and not np.allclose(spacings[0], image.spacing, atol=1e-3):
+        raise MedSSLError(f"--init {init}: a few-shot model of an image with spacing {list(spacings[0])} mm, not "
+                          f"{[round(float(v), 4) for v in image.spacing]} mm: it only continues the painting of "
+                          "its own image; pass a pretrained model or none")
+
+
+def _initial(config, progress: Progress, image: Volume):
+    """(previous few-shot model or None, backbone or None, its intensity or None) from ``--init``; a previous
+    few-shot model must come from an image of the same size and spacing (:func:`_check_same_image`)."""
     if config.init is None or str(config.init).lower() == "none":
         return None, None, None
     from MedSSL.tasks.fewshot.bundle import is_fewshot_bundle, load_fewshot_bundle
 
     if is_fewshot_bundle(config.init):
-        previous, _ = load_fewshot_bundle(config.init, "--init")
+        previous, meta = load_fewshot_bundle(config.init, "--init")
+        _check_same_image(meta, image, config.init)
         progress.log(f"correction round: starting from the few-shot model {config.init}")
         return previous, None, None
     from MedSSL.models.initial_weights import load_initial_weights
@@ -106,7 +123,7 @@ def finetune_fewshot(config, progress: Progress, steps: int | None = None) -> Pa
     if not values:
         raise MedSSLError(f"--label {config.labels[0]}: no class voxels on the painted planes; paint the structure")
     classes = _classes(config, values)
-    previous, backbone, intensity = _initial(config, progress)
+    previous, backbone, intensity = _initial(config, progress, image)
     settings = FewShotSettings(seed=config.seed, steps=int(steps) if steps else FewShotSettings.steps)
     phases = list(FIT_PHASES)
 
