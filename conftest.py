@@ -112,8 +112,7 @@ def slicer_app(scene, fake_backend, monkeypatch):
     for name in ("loadUI", "setSliceViewerLayers", "errorDisplay", "showStatusMessage"):
         monkeypatch.setattr(slicer.util, name, mock.MagicMock(name=name))
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", mock.MagicMock(return_value=True))
-    for name in WIDGET_MODULES:
-        sys.modules.pop(name, None)
+    _forgetWidgetModules()
     from MedSSLCommonLib import gui
 
     def synchronousCall(function, onDone, intervalMs=200):
@@ -131,5 +130,15 @@ def slicer_app(scene, fake_backend, monkeypatch):
     for widget in slicer.testWidgets:
         widget.cleanup()
     del slicer.testWidgets
+    _forgetWidgetModules()
+
+
+def _forgetWidgetModules():
+    """Drop the widget modules so the next import runs them again under the current fakes (also the package's
+    attribute: ``from MedSSLCommonLib import gui`` would otherwise reuse the module it names)."""
+    import MedSSLCommonLib
+
     for name in WIDGET_MODULES:
         sys.modules.pop(name, None)
+        if name.startswith("MedSSLCommonLib."):
+            MedSSLCommonLib.__dict__.pop(name.split(".", 1)[1], None)

@@ -122,7 +122,7 @@ class MedSSLSegmentWidget(MedSSLWidgetBase):
             return
         result = job.result
         if result.IsA("vtkMRMLSegmentationNode"):
-            result.GetDisplayNode().SetVisibility(True)
+            gui.showSegmentation(result)  # slice views and 3D
             slicer.util.setSliceViewerLayers(background=volume)
         elif result.IsA("vtkMRMLMarkupsFiducialNode"):
             gui.showTable(self.logic.lastOutputs["table"])

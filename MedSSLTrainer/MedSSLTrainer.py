@@ -22,7 +22,7 @@ from MedSSLCommonLib import backend, gui, jobs, nodes
 from MedSSLCommonLib.i18n import tr as _
 from MedSSLCommonLib.plots import LossCurve
 from MedSSLCommonLib.widget import MedSSLWidgetBase, describeModule
-from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sparseLabels
+from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sliceName, sparseLabels
 from MedSSLTrainerLib.datasets import methodTakesDatasets
 from MedSSLTrainerLib.logic import MedSSLTrainerLogic, describeRound
 
@@ -373,19 +373,21 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
                                   steps=steps, maxTime=maxTime, blocking=False, onEvent=self._onEvent)
         self._lossCurveFor(_("Fine-tuning"))
         title = _("Fine-tuning, round {number}").format(number=self.logic.lastRound["round"])
-        self._start(job, ui.fineTuneButton, title, lambda j, v=volume: self.onFineTuneEnded(j, v))
+        painting = ui.fewShotSegmentationSelector.currentNode()
+        self._start(job, ui.fineTuneButton, title, lambda j, v=volume, p=painting: self.onFineTuneEnded(j, v, p))
         ui.statusLabel.text = _("Fine-tuning: {round}").format(round=describeRound(self.logic.lastRound))
 
-    def onFineTuneEnded(self, job, volume):
+    def onFineTuneEnded(self, job, volume, painting=None):
         if job.status != jobs.DONE:
             return
         self._storeResults(model=job.result)
         segmentation = getattr(job, "segmentationNode", None)
         if segmentation is not None:
-            segmentation.GetDisplayNode().SetVisibility(True)
+            gui.showSegmentation(segmentation, hide=painting)  # slices and 3D; the painting hidden, not deleted
             slicer.util.setSliceViewerLayers(background=volume)
-            self.ui.statusLabel.text = _("Review '{name}'. To improve it, paint more slices (Suggest slices shows "
-                                         "where) and fine-tune again.").format(name=segmentation.GetName())
+            self.ui.statusLabel.text = _("Review '{name}' (the painting is hidden, not deleted). To improve it, show "
+                                         "the painting, paint more slices (Suggest slices shows where) and fine-tune "
+                                         "again.").format(name=segmentation.GetName())
 
     # ------------------------------------------------------------------ suggestions
 
@@ -404,9 +406,11 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         self._suggestions = list(job.result or [])
         widget = self.ui.suggestionsListWidget
         widget.clear()
+        volume = self.ui.fewShotVolumeSelector.currentNode()
         for item in self._suggestions:
-            widget.addItem(_("slice {index} along axis {axis} (score {score:.3g})").format(
-                index=item["index"], axis="ijk"[item.get("axis", 2)], score=float(item.get("score", 0))))
+            widget.addItem(_("{slice} (score {score})").format(
+                slice=sliceName(volume, int(item.get("axis", 2)), int(item["index"])),
+                score=f"{float(item.get('score', 0)):.3g}"))
         if self._suggestions:
             widget.setCurrentRow(0)
 

@@ -150,6 +150,7 @@ class JobPanel:
             self.statusLabel.text = _("{title}: cancelled.").format(title=self.title)
         else:
             self.statusLabel.text = _("{title} failed: {error}").format(title=self.title, error=job.error)
+        slicer.util.showStatusMessage(self.statusLabel.text, 15000)  # seen in any module (the user may be elsewhere)
         onEnded, self._onEnded = self._onEnded, None
         if onEnded is not None:
             onEnded(job)
@@ -385,9 +386,25 @@ def showChart(chartNode) -> None:
     slicer.modules.plots.logic().ShowChartInLayout(chartNode)
 
 
+def showSegmentation(segmentationNode, hide=None) -> None:
+    """Show a result segmentation in the slice views and in 3D (closed surface, made from the labelmap), and
+    hide (not delete) ``hide``, e.g. the painting it was made from, so that the two do not overlap."""
+    display = segmentationNode.GetDisplayNode()
+    display.SetVisibility(True)
+    display.SetVisibility3D(True)
+    display.SetPreferredDisplayRepresentationName3D("Closed surface")
+    segmentationNode.CreateClosedSurfaceRepresentation()
+    if hide is not None and hide.GetDisplayNode() is not None:
+        hide.GetDisplayNode().SetVisibility(False)
+
+
 def showTable(tableNode) -> None:
-    """Show a table node in the view layout's table view."""
-    slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+    """Show a table node in the layout's table view; the layout switches to Four-Up Table only when the
+    current one shows no table view (a layout the user chose with a table stays)."""
+    layoutManager = slicer.app.layoutManager()
+    tableView = layoutManager.tableWidget(0)
+    if tableView is None or not tableView.visible:
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
     selectionNode = slicer.app.applicationLogic().GetSelectionNode()
     selectionNode.SetActiveTableID(tableNode.GetID())
     slicer.app.applicationLogic().PropagateTableSelection()

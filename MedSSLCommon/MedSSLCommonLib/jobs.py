@@ -303,11 +303,15 @@ def _removeFile(path) -> None:
         pass
 
 
+CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+"""Windows process creation flag: the child gets no console window."""
+
+
 def processGroupOptions() -> dict:
     """Popen keyword arguments that put the child in its own process group (and hide its console on
     Windows), so that the whole tree can be ended at once."""
     if sys.platform == "win32":
-        flags = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
         return {"creationflags": flags}
     return {"start_new_session": True}
 
@@ -316,7 +320,8 @@ def killProcessTree(process: subprocess.Popen, grace: float = CANCEL_GRACE_S) ->
     """End ``process`` and every process in its group: SIGTERM, wait up to ``grace`` s, then SIGKILL
     (POSIX); ``taskkill /T /F`` (Windows). Returns once the child itself has exited."""
     if sys.platform == "win32":
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False,
+                       creationflags=CREATE_NO_WINDOW)  # no console window flashes up on Cancel
         process.wait(timeout=10)
         return
     _signalGroup(process.pid, signal.SIGTERM)

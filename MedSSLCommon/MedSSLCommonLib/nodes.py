@@ -185,18 +185,6 @@ def normaliseClasses(classes) -> dict[int, dict]:
     return dict(sorted(result.items()))
 
 
-def _colorTable(scene, classes: dict[int, dict], maxValue: int):
-    """A temporary user color table naming label values (used by the labelmap import)."""
-    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", uniqueName(scene, "MedSSL temporary colors"))
-    table.SetTypeToUser()
-    table.SetNumberOfColors(max(maxValue, max(classes, default=0)) + 1)
-    table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-    for value in range(1, table.GetNumberOfColors()):
-        info = classes.get(value, {"name": f"class {value}", "color": defaultColor(value)})
-        table.SetColor(value, info["name"], *info["color"], 1.0)
-    return table
-
-
 def segmentationFromLabelmap(array, ijkToRas, classes, referenceVolume, name, scene=None):
     """New segmentation node from a labelmap (nk, nj, ni) placed by ``ijkToRas`` (4x4, mm).
 
@@ -247,9 +235,40 @@ def _importLabels(segmentationNode, array, ijkToRas, referenceVolume, maxValue) 
             raise RuntimeError(f"importing the labelmap into '{segmentationNode.GetName()}' failed")
 
 
+ANATOMY = ("Segmentation category and type - 3D Slicer General Anatomy list", "SCT^123037004^Anatomical Structure",
+           "Anatomic codes - DICOM master list")
+"""Slicer's terminology context, the category of anatomical structures (SNOMED CT), and the anatomic context."""
+
+STANDARD_TERMS = {
+    "liver": ("10200004", "Liver"), "spleen": ("78961009", "Spleen"), "pancreas": ("15776009", "Pancreas"),
+    "kidney": ("64033007", "Kidney"), "left kidney": ("18639004", "Left kidney"),
+    "right kidney": ("9846003", "Right kidney"), "lung": ("39607008", "Lung"), "left lung": ("44029006", "Left lung"),
+    "right lung": ("3341006", "Right lung"), "heart": ("80891009", "Heart"), "atrium": ("82471001", "Left atrium"),
+    "left atrium": ("82471001", "Left atrium"), "right atrium": ("73829009", "Right atrium"),
+    "stomach": ("69695003", "Stomach"), "gallbladder": ("28231008", "Gallbladder"), "aorta": ("15825003", "Aorta"),
+    "brain": ("12738006", "Brain"), "prostate": ("41216001", "Prostate"),
+    "urinary bladder": ("89837001", "Urinary bladder"), "bladder": ("89837001", "Urinary bladder"),
+    "esophagus": ("32849002", "Esophagus"),
+}
+"""Class names (lower case) with a standard term: SNOMED CT code and meaning, as in Slicer's General Anatomy
+terminology (the MSD tasks' structures among them: liver, spleen, pancreas, left atrium, lung, prostate)."""
+
+
+def terminologyEntry(name: str) -> str | None:
+    """Slicer's terminology entry string for a class name with a standard term (None otherwise):
+    ``context~category~type~typeModifier~anatomicContext~region~regionModifier``, codes as
+    ``scheme^code^meaning``."""
+    term = STANDARD_TERMS.get(" ".join(str(name).lower().replace("_", " ").split()))
+    if term is None:
+        return None
+    context, category, anatomic = ANATOMY
+    return f"{context}~{category}~SCT^{term[0]}^{term[1]}~^^~{anatomic}~^^~^^"
+
+
 def _nameAndOrderSegments(segmentation, classes) -> None:
     """Rename/recolor imported ``medssl-label-<value>`` segments after ``classes``, add empty segments for
-    absent classes and order all segments by class value."""
+    absent classes, set the standard terminology where the class name has one (:func:`terminologyEntry`) and
+    order all segments by class value."""
     byName = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
               for i in range(segmentation.GetNumberOfSegments())}
     for index, (value, info) in enumerate(classes.items()):
@@ -259,6 +278,9 @@ def _nameAndOrderSegments(segmentation, classes) -> None:
         segment = segmentation.GetSegment(segmentId)
         segment.SetName(info["name"])
         segment.SetColor(*info["color"])
+        entry = terminologyEntry(info["name"])
+        if entry:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
         segmentation.SetSegmentIndex(segmentId, index)
 
 
@@ -410,17 +432,29 @@ def tableFromRows(columns, rows, name, referenceNode=None, scene=None):
 
 DETECTION_COLUMNS = [("name", "string"), ("label", "int"), ("score", "double"), ("R", "double"),
                      ("A", "double"), ("S", "double"), ("volume_mm3", "double"), ("shown", "int")]
-"""Columns of the findings table: class name and value, score, centre in RAS (mm), volume (mm^3), and 1
-when the finding is one of the points shown."""
+"""Columns of the findings table: class name and value, score, centre in world RAS (mm: through the volume's
+parent transforms, where the points are shown), volume (mm^3), and 1 when the finding is one of the points
+shown."""
+
+
+def toWorld(node, ras) -> list[float]:
+    """A point (RAS, mm) in ``node``'s own frame -> world RAS, through its parent transforms."""
+    local = [float(v) for v in ras]
+    if node is None or node.GetParentTransformNode() is None:
+        return local
+    world = [0.0, 0.0, 0.0]
+    node.TransformPointToWorld(local, world)
+    return [float(v) for v in world]
 
 
 def tableFromDetections(detections, referenceVolume, name, scene=None, shown=None):
     """New table node listing findings (see :data:`DETECTION_COLUMNS`) best score first; centres converted
-    LPS -> RAS. ``shown``: the findings that became points (default: all)."""
+    LPS -> RAS and from the volume's frame to the world (its parent transforms). ``shown``: the findings
+    that became points (default: all)."""
     shownIds = {id(f) for f in (detections if shown is None else shown)}
     rows = []
     for finding in sorted(detections, key=lambda f: -float(f.get("score", 0))):
-        r, a, s = lpsToRas(finding["center_mm"])
+        r, a, s = toWorld(referenceVolume, lpsToRas(finding["center_mm"]))
         rows.append([finding.get("name", ""), int(finding.get("label", 0)), float(finding.get("score", 0)),
                      r, a, s, float(finding.get("volume_mm3") or 0.0), int(id(finding) in shownIds)])
     return tableFromRows(DETECTION_COLUMNS, rows, name, referenceVolume, scene)

@@ -16,6 +16,9 @@ MedSSLSegment.py and MedSSLTrainer.py.
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import vtk
 
 import slicer
@@ -87,6 +90,20 @@ class MedSSLWidgetBase(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
         self.startProbe()
+
+    RELOAD_ORDER = ("i18n", "geometry", "jobs", "backend", "nodes", "runner", "plots", "install", "gui", "annotation",
+                    "datasets", "rounds", "logic", "widget")
+    """Submodules of the ``*Lib`` packages, those others import first (unknown names go last)."""
+
+    def onReload(self):
+        """Reload (developer mode): Slicer reloads only the module file; reload the shared ``MedSSLCommonLib``
+        and the module's own ``<Module>Lib`` first, in import order, so edits there take effect too."""
+        packages = ("MedSSLCommonLib", f"{self.moduleName}Lib")
+        names = [n for n, m in list(sys.modules.items()) if m is not None and n.split(".")[0] in packages and "." in n]
+        rank = {name: index for index, name in enumerate(self.RELOAD_ORDER)}
+        for name in sorted(names, key=lambda n: (rank.get(n.rsplit(".", 1)[1], len(rank)), n)):
+            importlib.reload(sys.modules[name])
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def setupModule(self):
         """The module's own widgets: their settings, str parameter bindings (``self.strings``) and signals."""

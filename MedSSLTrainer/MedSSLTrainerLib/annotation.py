@@ -184,6 +184,21 @@ def axisNames(volumeNode) -> dict[int, str]:
     return names
 
 
+ALIGNED_COSINE = 0.9
+"""A slice axis within about 25 degrees of R, A or S counts as aligned with it (sagittal, coronal, axial)."""
+
+
+def sliceName(volumeNode, axis: int, index: int) -> str:
+    """What a clinician calls a slice: "axial 40" (or coronal/sagittal) when the volume's ITK ``axis`` is
+    aligned with S (or A/R), else "oblique slice k=40"."""
+    direction = nodes.ijkToRasArray(volumeNode)[:3, axis]
+    direction = direction / (np.linalg.norm(direction) or 1.0)
+    dominant = int(np.argmax(np.abs(direction)))
+    if abs(direction[dominant]) >= ALIGNED_COSINE:
+        return f"{('sagittal', 'coronal', 'axial')[dominant]} {index}"
+    return f"oblique slice {'ijk'[axis]}={index}"
+
+
 def describePlanes(planes, volumeNode=None) -> str:
     """``"painted planes: axial k=12,20; sagittal i=40"`` (ITK axes, slices across them)."""
     names = axisNames(volumeNode) if volumeNode is not None else {0: "", 1: "", 2: ""}

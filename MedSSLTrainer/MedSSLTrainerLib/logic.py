@@ -188,7 +188,7 @@ class MedSSLTrainerLogic(BackendRunner):
                                                imageKey)
             if predict:
                 nodes.checkStillInScene(volumeNode)
-                job.segmentationNode = self._importPrediction(volumeNode, bundle, prediction)
+                job.segmentationNode = self._importPrediction(volumeNode, bundle, prediction, roundNumber)
             return bundle
 
         return self.run(jobDir, commands, onFinished, blocking, onEvent, [inputs])
@@ -225,11 +225,13 @@ class MedSSLTrainerLogic(BackendRunner):
 
         slicer.vtkMRMLSliceNode.JumpAllSlices(scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
-    def _importPrediction(self, volumeNode, bundle, prediction):
-        """New segmentation node from the fine-tuned model's prediction, named after the volume and model."""
+    def _importPrediction(self, volumeNode, bundle, prediction, roundNumber=1):
+        """New segmentation node from the fine-tuned model's prediction, named by structure and round
+        ("spleen round 2"; the model folder is in ``lastOutputs["bundle"]``)."""
         info = backend.bundleInfo(bundle, python=self.python)
         array, ijkToRas = nodes.readArray(prediction)
-        name = f"{volumeNode.GetName()} {os.path.basename(os.path.normpath(bundle))}"
+        structures = ", ".join(c["name"] for c in nodes.normaliseClasses(info.get("classes")).values())
+        name = f"{structures or volumeNode.GetName()} round {roundNumber}"
         with nodes.rollbackOnError(self.scene):
             node = nodes.segmentationFromLabelmap(array, ijkToRas, info.get("classes"), volumeNode, name, self.scene)
         self.lastOutputs = {"segmentation": node, "bundle": bundle}

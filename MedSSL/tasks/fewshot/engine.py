@@ -90,17 +90,20 @@ class FewShotModel:
 
 def fit_painting(image: np.ndarray, spacing, painted: np.ndarray, settings: FewShotSettings = FewShotSettings(),
                  previous: FewShotModel | None = None, backbone=None, backbone_intensity=None, log=None,
-                 frame=None) -> FewShotModel:
+                 frame=None, phase=None) -> FewShotModel:
     """Learn the appearance of the painted classes and choose weight and taper (see the module docstring).
 
     image: (X, Y, Z) intensities; spacing: (3,) mm; painted: (X, Y, Z) uint8, 0 background, class values,
     255 not annotated (painted planes along any axes, :mod:`.planes`). ``previous``: the model of the
     previous correction round: its MLP is the starting point (a quarter of the steps) and, when it was
     calibrated, its weight and taper are kept. ``backbone``: a U-Net whose decoder features join the
-    hand-made ones (:mod:`.network_features`).
+    hand-made ones (:mod:`.network_features`). ``phase``: called with "features", "fit" and "calibration" as
+    each of them starts (the CLI's progress reports them).
     """
+    phase = phase or (lambda _name: None)
     if previous is not None:
         backbone, backbone_intensity = previous.backbone, previous.backbone_intensity
+    phase("features")
     if frame is None:
         frame, planes, _ = prepare_frame(image, spacing, painted, settings.margin_mm, backbone, backbone_intensity)
     else:
@@ -112,7 +115,9 @@ def fit_painting(image: np.ndarray, spacing, painted: np.ndarray, settings: FewS
     init = previous.net if previous is not None and _compatible(previous.net, frame.features.shape[0], classes,
                                                                  previous.classes) else None
     steps = settings.steps if init is None else settings.steps // 4
+    phase("fit")
     net = frame.train(classes, steps=steps, seed=settings.seed, init=init)
+    phase("calibration")
     if init is not None and previous.calibration and settings.weight is None and settings.taper is None:
         weight, taper, calibration = previous.weight, previous.taper, previous.calibration
     else:

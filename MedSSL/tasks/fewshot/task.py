@@ -18,6 +18,12 @@ from MedSSL.data.painted_planes import IGNORE, is_painting
 #: ``--engine`` choices of ``medssl finetune``
 ENGINES = ("auto", "fewshot", "network")
 
+#: the few-shot fit's phases as progress reports them (``finetune``), with their status messages; ``predict``
+#: reports the fourth, "apply"
+FIT_PHASES = {"features": "image features around the painted structure",
+              "fit": "learning the painted structure's appearance",
+              "calibration": "choosing the appearance weight on held-out painted planes"}
+
 
 def read_pair(image_path, label_path) -> tuple[Volume, np.ndarray]:
     """The image and its painted label (uint8 on the image grid); MedSSLError naming the file."""
@@ -66,14 +72,31 @@ def _classes(config, values: list[int]) -> dict:
     return classes_to_json(resolve_classes(values, given, where))
 
 
-def _initial(config, progress: Progress):
-    """(previous few-shot model or None, backbone or None, its intensity or None) from ``--init``."""
+def _check_same_image(meta, image: Volume, init) -> None:
+    """A few-shot model continues the painting of its own image only: MedSSLError when ``--init``'s recorded
+    image size or spacing differs from ``--image``'s (the model.json of older bundles may lack them)."""
+    summary = meta.data_summary or {}
+    shapes, spacings = summary.get("shapes") or [], summary.get("spacings_mm") or []
+    if shapes and [int(v) for v in shapes[0]] != [int(v) for v in image.shape]:
+        raise MedSSLError(f"--init {init}: a few-shot model of an image of size {list(shapes[0])}, not "
+                          f"{list(image.shape)}: it only continues the painting of its own image; pass a pretrained "
+                          "model or none")
+    if spacings and not np.allclose(spacings[0], image.spacing, atol=1e-3):
+        raise MedSSLError(f"--init {init}: a few-shot model of an image with spacing {list(spacings[0])} mm, not "
+                          f"{[round(float(v), 4) for v in image.spacing]} mm: it only continues the painting of "
+                          "its own image; pass a pretrained model or none")
+
+
+def _initial(config, progress: Progress, image: Volume):
+    """(previous few-shot model or None, backbone or None, its intensity or None) from ``--init``; a previous
+    few-shot model must come from an image of the same size and spacing (:func:`_check_same_image`)."""
     if config.init is None or str(config.init).lower() == "none":
         return None, None, None
     from MedSSL.tasks.fewshot.bundle import is_fewshot_bundle, load_fewshot_bundle
 
     if is_fewshot_bundle(config.init):
-        previous, _ = load_fewshot_bundle(config.init, "--init")
+        previous, meta = load_fewshot_bundle(config.init, "--init")
+        _check_same_image(meta, image, config.init)
         progress.log(f"correction round: starting from the few-shot model {config.init}")
         return previous, None, None
     from MedSSL.models.initial_weights import load_initial_weights
@@ -100,11 +123,17 @@ def finetune_fewshot(config, progress: Progress, steps: int | None = None) -> Pa
     if not values:
         raise MedSSLError(f"--label {config.labels[0]}: no class voxels on the painted planes; paint the structure")
     classes = _classes(config, values)
-    previous, backbone, intensity = _initial(config, progress)
+    previous, backbone, intensity = _initial(config, progress, image)
     settings = FewShotSettings(seed=config.seed, steps=int(steps) if steps else FewShotSettings.steps)
-    progress.stage("train", "learning the painted structure's appearance", total=1)
-    model = fit_painting(image.array, image.spacing, label, settings, previous, backbone, intensity, progress.log)
-    progress.update(1, 1)
+    phases = list(FIT_PHASES)
+
+    def phase(name):  # each phase a stage, and the bar one step further
+        progress.stage(name, FIT_PHASES[name], total=len(phases))
+        progress.update(phases.index(name), len(phases))
+
+    model = fit_painting(image.array, image.spacing, label, settings, previous, backbone, intensity, progress.log,
+                         phase=phase)
+    progress.update(len(phases), len(phases))
     out = Path(config.out)
     with OutputLock(out):
         extra = {"history": [{"seconds": round(time.perf_counter() - started, 2)}],
@@ -135,7 +164,8 @@ def predict_fewshot(model_path, image_path, out, annotation_path, progress: Prog
     model, meta = load_fewshot_bundle(model_path)
     progress.stage("preprocess", "reading the image and its painting")
     image, label = read_pair(image_path, annotation_path)
-    progress.stage("predict", "shape prior + appearance, slice by slice", total=1)
+    progress.stage("apply", "shape prior + appearance, slice by slice", total=1)
+    progress.update(0, 1)
     result = apply_painting(model, image.array, image.spacing, label)
     progress.update(1, 1)
     progress.log(f"painted planes: {result.planes.describe()}; {int((result.labels > 0).sum())} voxels segmented")

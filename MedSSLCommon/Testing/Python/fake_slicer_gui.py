@@ -704,6 +704,9 @@ def scriptedLoadableModule(scene):
         def resourcePath(self, relative):
             return relative
 
+        def onReload(self):  # Slicer: slicer.util.reloadScriptedModule(self.moduleName), the module file only
+            module.reloaded.append(self.moduleName)
+
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):
             self.moduleName = type(self).__name__
@@ -715,6 +718,7 @@ def scriptedLoadableModule(scene):
                 node.SetSingletonTag(self.moduleName)
             return node
 
+    module.reloaded = []  # test record of onReload calls
     module.ScriptedLoadableModule = ScriptedLoadableModule
     module.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
     module.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic

@@ -89,3 +89,63 @@ def test_saved_path_history_survives_opening_the_module_and_the_initial_model_jo
     assert widget.panel.job.status == "done", widget.panel.job.error
     assert widget.logic.lastInit == str(other)
     assert ui.initModelPathLineEdit.history() == [str(other), str(pretrained)]
+
+
+def test_what_a_clinician_sees_after_a_run(slicer_app, scene, tmp_path):
+    """The result: a short name (structure and round), standard terminology where the class has one, shown in
+    3D as a closed surface as well as in the slices, the painting hidden (not deleted); a notice in the status
+    bar (seen from any module); suggestions named "axial 3", not "slice 3 along axis k"."""
+    import vtk
+
+    from MedSSLCommonLib import nodes
+
+    def terminology(segmentation):
+        entry = vtk.reference("")
+        segmentation.GetSegmentation().GetNthSegment(0).GetTag("TerminologyEntry", entry)
+        return str(entry)
+
+    slicer = slicer_app
+    _module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
+    volume = addVolume(scene, phantom(), matrix=np.diag([0.8, 0.8, 2.5, 1.0]), name="ct")
+    labels = np.zeros(phantom().shape, np.uint8)
+    labels[2, 2:8, 3:10] = 1
+    painting = nodes.segmentationFromLabelmap(labels, nodes.ijkToRasArray(volume), {"1": {"name": "Spleen"}}, volume,
+                                              "painted")
+    assert "~SCT^78961009^Spleen~" in terminology(painting)
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    ui.fewShotSegmentationSelector.setCurrentNode(painting)
+    ui.fineTuneButton.click()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    result = widget.panel.job.segmentationNode
+    assert result.GetName() == "Spleen round 1"
+    assert terminology(result) == ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^"
+                                   "Anatomical Structure~SCT^78961009^Spleen~^^~Anatomic codes - DICOM master list~^^~^^")
+    display = result.GetDisplayNode()
+    assert display.GetVisibility() and display.GetVisibility3D()
+    assert display.GetPreferredDisplayRepresentationName3D() == "Closed surface"
+    assert not painting.GetDisplayNode().GetVisibility() and scene.GetNodeByID(painting.GetID()) is painting
+    message = slicer.util.showStatusMessage.call_args[0][0]
+    assert message.startswith("Fine-tuning, round 1: done in")
+    model = tmp_path / "model"
+    model.mkdir()
+    ui.modelPathLineEdit.currentPath = str(model)
+    ui.suggestButton.click()
+    runPanel(widget)
+    texts = ui.suggestionsListWidget.itemTexts()
+    assert texts and all(text.startswith("axial ") for text in texts), texts
+
+
+def test_oblique_volumes_name_their_slices_by_index():
+    from MedSSLTrainerLib.annotation import sliceName
+    from slicer_testing_helpers import importSlicer, obliqueMatrix
+
+    importSlicer()
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    oblique = addVolume(scene, phantom(), matrix=obliqueMatrix(angles=(0.6, 0.5, 0.4)), name="oblique")
+    assert sliceName(oblique, 2, 7) == "oblique slice k=7"
+    sagittalFirst = addVolume(scene, phantom(), matrix=np.array([[0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0],
+                                                                 [0, 0, 0, 1]]), name="permuted")
+    assert [sliceName(sagittalFirst, axis, 4) for axis in (0, 1, 2)] == ["coronal 4", "axial 4", "sagittal 4"]

@@ -44,7 +44,7 @@ def test_finetune_then_predict(logic, scene, tmp_path):
     assert meta["classes"]["2"] == {"name": "lesion", "color": [1.0, 0.0, 0.0]} and meta["init"] == str(init)
     assert [e["stage"] for e in events if e["event"] == "progress"] == ["finetune"] * 3 + ["predict"]
     segmentation = logic.lastOutputs["segmentation"]
-    assert segmentation is logic.lastJob.segmentationNode and segmentation.GetName() == "ct model"
+    assert segmentation is logic.lastJob.segmentationNode and segmentation.GetName() == "tissue, lesion round 1"
     seg = segmentation.GetSegmentation()
     assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["tissue", "lesion"]
     labels, _info = nodes.segmentsLabelmap(segmentation, volume)
