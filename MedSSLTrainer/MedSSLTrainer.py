@@ -23,6 +23,7 @@ from MedSSLCommonLib.i18n import tr as _
 from MedSSLCommonLib.plots import LossCurve
 from MedSSLCommonLib.widget import MedSSLWidgetBase, describeModule
 from MedSSLTrainerLib.annotation import NOT_ANNOTATED, sliceName, sparseLabels
+from MedSSLTrainerLib.cohort import MedSSLCohortLogic
 from MedSSLTrainerLib.datasets import methodTakesDatasets
 from MedSSLTrainerLib.logic import MedSSLTrainerLogic, describeRound
 
@@ -46,6 +47,11 @@ BUTTON_TIPS = {
     "fineTuneButton": _("Train on the painted slices, then segment the whole volume into a new segmentation for "
                         "review."),
     "suggestButton": _("Move the slice views to the slices where more annotation should help most."),
+    "addToCohortButton": _("Copy the volume and its segmentation into the cohort folder and refresh the cohort "
+                           "model on every scan of the cohort in the background."),
+    "segmentNextButton": _("Segment the volume with the cohort model: a draft to review and correct."),
+    "correctDraftButton": _("Repaint a plane or two where the draft is wrong (a new segmentation, segments named as "
+                            "the cohort's classes); the planes near them are redone from the draft."),
 }
 """The tooltips of the start buttons while they can be clicked (else the tooltip says what is missing)."""
 
@@ -104,7 +110,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
     parameterNodeClass = MedSSLTrainerParameterNode
     logicClass = MedSSLTrainerLogic
     volumeParameter = "fewShotVolume"
-    startButtonNames = ("pretrainButton", "fineTuneButton", "suggestButton")
+    startButtonNames = ("pretrainButton", "fineTuneButton", "suggestButton", "addToCohortButton", "segmentNextButton",
+                        "correctDraftButton")
 
     def __init__(self, parent=None):
         MedSSLWidgetBase.__init__(self, parent)
@@ -148,6 +155,9 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui.pretrainButton.connect("clicked(bool)", self.onPretrainButton)
         ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
         ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        ui.addToCohortButton.connect("clicked(bool)", self.onAddToCohortButton)
+        ui.segmentNextButton.connect("clicked(bool)", self.onSegmentNextButton)
+        ui.correctDraftButton.connect("clicked(bool)", self.onCorrectDraftButton)
         ui.showChartButton.connect("clicked(bool)", self.onShowChartButton)
         ui.suggestionsListWidget.connect("currentRowChanged(int)", self.onSuggestionSelected)
         ui.initComboBox.connect("currentIndexChanged(int)", self._updateInitWidgets)
@@ -170,6 +180,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
 
     def parameterNodeChanged(self):
         self._updateInitWidgets()
+        self.ui.cohortStatusLabel.text = self._describeCohort()
 
     # ------------------------------------------------------------------ environment
 
@@ -228,7 +239,8 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui.pretrainVolumesSelector.enabled = not useFolder
         ui.dataFolderPathLineEdit.enabled = useFolder
         missing = [(ui.pretrainButton, self._pretrainMissing(labelled, useFolder)),
-                   (ui.fineTuneButton, self._fineTuneMissing()), (ui.suggestButton, self._suggestMissing())]
+                   (ui.fineTuneButton, self._fineTuneMissing()), (ui.suggestButton, self._suggestMissing()),
+                   *self._cohortMissing()]
         for button, reason in missing:
             if self._installing or busy:
                 button.enabled = busy and self._runningButton == button
@@ -271,6 +283,19 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         if not self.ui.modelPathLineEdit.currentPath:
             return _("fine-tune first (or choose a model)")
         return ""
+
+    def _cohortMissing(self) -> list:
+        """(button, why it cannot start or '') of the three cohort buttons."""
+        ui = self.ui
+        volume, segmentation = ui.fewShotVolumeSelector.currentNode(), ui.fewShotSegmentationSelector.currentNode()
+        hasModel = bool(self.cohort.model)
+        noVolume = _("choose the volume")
+        noSegmentation = _("choose its segmentation (a few painted planes, or a reviewed segmentation)")
+        noModel = _("add a painted scan to the cohort first")
+        return [(ui.addToCohortButton, noVolume if not volume else noSegmentation if not segmentation else ""),
+                (ui.segmentNextButton, noVolume if not volume else noModel if not hasModel else ""),
+                (ui.correctDraftButton, noVolume if not volume else noModel if not hasModel else
+                 _("choose the segmentation holding the repainted planes") if not segmentation else "")]
 
     def _methodTakesDatasets(self) -> bool:
         """Whether the chosen method learns from labelled datasets (SPEC.json) instead of volumes."""
@@ -413,6 +438,67 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
                 score=f"{float(item.get('score', 0)):.3g}"))
         if self._suggestions:
             widget.setCurrentRow(0)
+
+    # ------------------------------------------------------------------ cohort
+
+    @property
+    def cohort(self) -> MedSSLCohortLogic:
+        """The cohort logic, with the module logic's Python, job folder and device."""
+        if "_cohort" not in self.__dict__:
+            self._cohort = MedSSLCohortLogic()
+        logic = self.logic
+        if logic is not None:
+            self._cohort.python, self._cohort.workDir, self._cohort.device = logic.python, logic.workDir, logic.device
+        return self._cohort
+
+    def _describeCohort(self) -> str:
+        state = self.cohort.state()
+        if not state["scans"]:
+            return _("The cohort has no scan yet. Paint a few planes of the volume above, then add it.")
+        names = ", ".join(entry["name"] for entry in state["classes"].values())
+        return _("The cohort: {count} scan(s) of {names}; model {round} in {folder}.").format(
+            count=len(state["scans"]), names=names, round=state["round"], folder=state["model"])
+
+    def onAddToCohortButton(self):
+        self.startOrCancel(_("Adding the scan to the cohort failed."), self._addToCohort)
+
+    def _addToCohort(self):
+        ui = self.ui
+        job = self.cohort.addScan(ui.fewShotVolumeSelector.currentNode(), ui.fewShotSegmentationSelector.currentNode(),
+                                  complete=ui.cohortCompleteCheckBox.checked,
+                                  initModel=self._initModel() if not self.cohort.model else None,
+                                  blocking=False, onEvent=self._onEvent)
+        self._lossCurveFor(_("Cohort model"))
+        self._start(job, ui.addToCohortButton, _("Cohort model"), self.onCohortEnded)
+
+    def onCohortEnded(self, job):
+        self.ui.cohortStatusLabel.text = self._describeCohort()
+        if job.status == jobs.DONE:
+            self.ui.statusLabel.text = _("Cohort model refreshed: {path}.").format(path=job.result)
+
+    def onSegmentNextButton(self):
+        self.startOrCancel(_("Segmenting the next scan failed."), self._segmentNext)
+
+    def _segmentNext(self):
+        job = self.cohort.segmentNext(self.ui.fewShotVolumeSelector.currentNode(), blocking=False)
+        self._start(job, self.ui.segmentNextButton, _("Draft of the next scan"), self.onDraftEnded)
+
+    def onCorrectDraftButton(self):
+        self.startOrCancel(_("Correcting the draft failed."), self._correctDraft)
+
+    def _correctDraft(self):
+        ui = self.ui
+        job = self.cohort.correct(ui.fewShotVolumeSelector.currentNode(), ui.fewShotSegmentationSelector.currentNode(),
+                                  blocking=False)
+        self._start(job, ui.correctDraftButton, _("Correcting the draft"), self.onDraftEnded)
+
+    def onDraftEnded(self, job):
+        if job.status != jobs.DONE:
+            return
+        gui.showSegmentation(job.result)
+        self.ui.statusLabel.text = _("Review '{name}'. Where it is wrong, repaint a plane or two in a new segmentation "
+                                     "and Correct the draft; once it is right, check 'complete' and add it to the "
+                                     "cohort.").format(name=job.result.GetName())
 
     def onSuggestionSelected(self, row):
         if 0 <= row < len(self._suggestions) and self._suggestions[row].get("center_ras"):

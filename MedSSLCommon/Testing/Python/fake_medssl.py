@@ -119,13 +119,16 @@ def cmd_pretrain(args):
 
 
 def cmd_finetune(args):
-    image, label = read(args.image), read(args.label)
-    same = (image.GetSize() == label.GetSize()
-            and np.allclose(image.GetSpacing(), label.GetSpacing(), atol=1e-9)
-            and np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-9)
-            and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-9))
-    if not same:
-        fail(f"{args.label}: the label is not on the image's grid")
+    if len(args.image) != len(args.label):
+        fail("--image/--label: give them in pairs")
+    for image_path, label_path in zip(args.image, args.label):  # several pairs: the cohort model
+        image, label = read(image_path), read(label_path)
+        same = (image.GetSize() == label.GetSize()
+                and np.allclose(image.GetSpacing(), label.GetSpacing(), atol=1e-9)
+                and np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-9)
+                and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-9))
+        if not same:
+            fail(f"{label_path}: the label is not on the image's grid")
     with open(args.classes, encoding="utf-8") as handle:
         classes = json.load(handle)
     labels = sitk.GetArrayFromImage(label)  # (k, j, i)
@@ -134,7 +137,8 @@ def cmd_finetune(args):
     task = os.environ.get("FAKE_MEDSSL_TASK", "segment")
     if args.detection:
         task = "detect"
-    save_bundle(args.out, {"task": task, "classes": classes, "init": args.init,
+    save_bundle(args.out, {"task": task, "classes": classes, "init": args.init, "images": len(args.image),
+                           "engine": args.engine,
                            "annotated_slices": annotated,
                            "annotated_planes": {"ijk"[2 - axis]: [int(s) for s in range(labels.shape[axis])
                                                                 if (labels.take(s, axis=axis) != 255).all()]
@@ -242,9 +246,12 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--cache")
     p = sub.add_parser("finetune", parents=[common])
-    for flag in ("--image", "--label", "--classes", "--out"):
+    for flag in ("--image", "--label"):
+        p.add_argument(flag, required=True, action="append")
+    for flag in ("--classes", "--out"):
         p.add_argument(flag, required=True)
     p.add_argument("--detection", action="store_true")
+    p.add_argument("--engine")
     p = sub.add_parser("predict", parents=[common])
     for flag in ("--model", "--image", "--out"):
         p.add_argument(flag, required=True)

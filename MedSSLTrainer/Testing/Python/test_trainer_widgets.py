@@ -166,3 +166,43 @@ def test_trainer_suggest_skips_the_painted_slices(slicer_app, scene, tmp_path):
     runPanel(widget)
     assert widget.panel.job.status == "done", widget.panel.job.error
     assert len(widget._suggestions) == 5 and 2 not in {s["index"] for s in widget._suggestions}
+
+
+def test_trainer_widget_cohort_add_segment_next_and_correct(slicer_app, scene, tmp_path):
+    """The cohort buttons from the module's defaults: disabled with a reason until a volume and its painting are
+    chosen; Add makes the cohort model (network engine) from the painted scan; Segment the next scan and Correct
+    the draft make segmentation nodes; a second Add refreshes the model from the first on both scans."""
+    import json
+
+    slicer = slicer_app
+    module, widget, ui = makeWidget(slicer, "MedSSLTrainer")
+    assert not ui.addToCohortButton.enabled and "volume" in ui.addToCohortButton.toolTip
+    assert ui.cohortStatusLabel.text.startswith("The cohort has no scan yet")
+    volume = addVolume(scene, phantom(), name="ct")
+    ui.fewShotVolumeSelector.setCurrentNode(volume)
+    assert not ui.segmentNextButton.enabled and "add a painted scan" in ui.segmentNextButton.toolTip
+    ui.fewShotSegmentationSelector.setCurrentNode(paintedSegmentation(scene, volume))
+    assert ui.addToCohortButton.enabled
+    widget.onAddToCohortButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    first = widget.panel.job.result
+    meta = json.loads(open(f"{first}/model.json", encoding="utf-8").read())
+    assert meta["engine"] == "network" and meta["images"] == 1 and meta["init"] == "none"  # the default choice
+    assert "1 scan(s) of tissue; model 1" in ui.cohortStatusLabel.text
+    assert ui.segmentNextButton.enabled and ui.correctDraftButton.enabled
+    widget.onSegmentNextButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done" and widget.panel.job.result.GetName() == "ct draft"
+    widget.onCorrectDraftButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done" and widget.panel.job.result.GetName() == "ct corrected"
+    ui.cohortCompleteCheckBox.checked = True
+    ui.fewShotSegmentationSelector.setCurrentNode(widget.panel.job.result)
+    widget.onAddToCohortButton()
+    runPanel(widget)
+    second = json.loads(open(f"{widget.panel.job.result}/model.json", encoding="utf-8").read())
+    assert second["images"] == 2 and second["init"] == first
+    assert "2 scan(s)" in ui.cohortStatusLabel.text
+    widget.exit()
+    widget.cleanup()

@@ -1,6 +1,7 @@
 """MedSSLSegmentLogic.segmentMany against real MRML and the real backend: several volume nodes segmented by one
 ``medssl predict`` call (a segmentation node per volume, on its own grid), and a folder of scans on disk
-(label maps and summary.csv written, nothing loaded)."""
+(label maps and summary.csv written, nothing loaded). Here, not in MedSSLSegment/Testing: it builds a bundle
+with torch, which the module folders never import."""
 
 import csv
 import importlib.util
