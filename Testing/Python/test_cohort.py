@@ -129,6 +129,21 @@ def test_correction_redoes_only_the_planes_near_the_corrected_one():
     assert dice(fixed == 1, truth == 1) > dice(draft == 1, truth == 1)
 
 
+def test_a_correction_may_erase_what_the_draft_found():
+    """A corrected plane holding background only (the draft found structure where there is none) is a
+    correction too: that plane becomes background and the planes near it are redone."""
+    image, truth = liver_case(1)
+    z = np.flatnonzero(truth.any(axis=(0, 1)))
+    draft = truth.copy()
+    beyond = int(z[-1]) + 2
+    draft[..., beyond] = draft[..., int(z[-1])]  # a false plane past the liver's end
+    fix = np.full(truth.shape, 255, np.uint8)
+    fix[..., beyond] = 0
+    fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0)
+    assert not np.any(fixed[..., beyond])
+    assert dice(fixed == 1, truth == 1) > dice(draft == 1, truth == 1)
+
+
 def _medssl(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "MedSSL", *map(str, args), "--device", "cpu", "--progress", "none"],
                           capture_output=True, text=True, cwd=cwd)

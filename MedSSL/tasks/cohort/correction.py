@@ -12,17 +12,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from MedSSL.data.painted_planes import IGNORE, find_painted_planes
+from MedSSL.data.painted_planes import IGNORE, PAINTED_FRACTION, PaintedPlanes
+from MedSSL.errors import MedSSLError
 from MedSSL.tasks.fewshot.engine import FewShotSettings, segment_painted
 
 #: planes nearer than this to a corrected plane (mm) are redone by the engine (chosen on the cohorts)
 GAP_MM = 12.0
 
 
+def corrected_planes(corrected: np.ndarray, where: str = "corrections") -> PaintedPlanes:
+    """The whole planes painted in ``corrected`` (X, Y, Z; 255 elsewhere). Unlike a first painting, a corrected
+    plane may hold background only (the user erased what the draft wrongly found there)."""
+    annotated = corrected != IGNORE
+    planes = tuple(tuple(int(k) for k in np.flatnonzero(annotated.mean(axis=tuple(a for a in range(3) if a != axis))
+                                                         >= PAINTED_FRACTION)) for axis in range(3))
+    found = PaintedPlanes(planes)
+    if found.count == 0:
+        raise MedSSLError(f"{where}: no corrected plane (repaint whole slices where the draft is wrong; 255 elsewhere)")
+    return found
+
+
 def correction_painting(draft: np.ndarray, corrected: np.ndarray, axis: int, spacing, gap_mm: float = GAP_MM) -> np.ndarray:
     """The engine's painting (X, Y, Z) uint8: the corrected planes of ``corrected`` (X, Y, Z; 255 elsewhere),
     the draft on every plane of ``axis`` farther than ``gap_mm`` from all of them, 255 in between."""
-    planes = find_painted_planes(corrected).planes[axis]
+    planes = corrected_planes(corrected).planes[axis]
     positions = np.arange(draft.shape[axis]) * float(spacing[axis])
     near = np.zeros(draft.shape[axis], bool)
     for k in planes:
@@ -41,8 +54,10 @@ def correct_draft(image: np.ndarray, spacing, draft: np.ndarray, corrected: np.n
     """(X, Y, Z) uint8 labels: ``draft`` (X, Y, Z uint8, the network's labels) with the user's corrected
     planes (``corrected``: those planes painted, 255 elsewhere) and the planes near them redone by the
     few-shot engine. image: (X, Y, Z) intensities; spacing: (3,) mm."""
-    axis = find_painted_planes(corrected).main_axis
+    axis = corrected_planes(corrected).main_axis
     painting = correction_painting(draft, corrected, axis, spacing, gap_mm)
+    if not np.any((painting > 0) & (painting != IGNORE)):  # nothing left to complete: all background
+        return np.where(painting == IGNORE, 0, painting).astype(np.uint8)
     _, result = segment_painted(np.asarray(image, np.float32), spacing, painting, settings)
     return result.labels.astype(np.uint8)
 
@@ -79,7 +94,7 @@ def predict_corrected(model, image_path, annotation_path, out, options, progress
     progress.stage("preprocess", "reading the image and the corrected planes")
     volume = read_volume(image_path)
     corrected = read_annotation(annotation_path, volume, image_path)
-    planes = find_painted_planes(corrected, f"--annotation {annotation_path}")
+    planes = corrected_planes(corrected, f"--annotation {annotation_path}")
     draft = segment(model, volume, image_path, options, progress)
     progress.stage("correct", f"the few-shot engine redoes the planes near {planes.describe()}", total=1)
     labels = correct_draft(volume.array, volume.spacing, draft.labels.array, corrected)
