@@ -60,7 +60,7 @@ else:
 class MedSSLSegmentWidget(MedSSLWidgetBase):
     parameterNodeClass = MedSSLSegmentParameterNode
     logicClass = MedSSLSegmentLogic
-    startButtonNames = ("applyButton",)
+    startButtonNames = ("applyButton", "applyManyButton")
 
     def __init__(self, parent=None):
         MedSSLWidgetBase.__init__(self, parent)
@@ -73,6 +73,11 @@ class MedSSLSegmentWidget(MedSSLWidgetBase):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._checkCanApply)
+        for edit in (self.ui.scansFolderPathLineEdit, self.ui.manyOutputPathLineEdit):
+            edit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.applyManyButton.connect("clicked(bool)", self.onApplyManyButton)
+        self.ui.manyVolumesSelector.connect("checkedNodesChanged()", self._checkCanApply)
+        self.ui.scansFolderPathLineEdit.connect("currentPathChanged(QString)", self._checkCanApply)
 
     def parameterNodeChanged(self):
         self.onModelChanged()
@@ -99,6 +104,22 @@ class MedSSLSegmentWidget(MedSSLWidgetBase):
         if not self.panel.busy:
             self.ui.applyButton.toolTip = "" if ready else _("Select a volume and a segmentation, detection or "
                                                              "classification model.")
+        many = self._manyMissing(task)
+        busyHere = self.panel.busy and self._running == "many"
+        self.ui.applyManyButton.enabled = (busyHere or (not many and not self.panel.busy)) and not self._installing
+        if not self.panel.busy:
+            self.ui.applyManyButton.toolTip = (_("Disabled: {reason}.").format(reason=many) if many else
+                                               _("Segment each scan with the model, loaded once."))
+
+    _running = None
+
+    def _manyMissing(self, task) -> str:
+        """Why several scans cannot be segmented ('' when they can)."""
+        if task not in ("segment", "detect"):
+            return _("choose a segmentation model")
+        if not self.ui.scansFolderPathLineEdit.currentPath and not self.ui.manyVolumesSelector.checkedNodes():
+            return _("check the volumes, or choose a folder of scans")
+        return ""
 
     def updateStartButtons(self):
         self._checkCanApply()
@@ -115,6 +136,33 @@ class MedSSLSegmentWidget(MedSSLWidgetBase):
         job = self.logic.apply(volume, modelDir, blocking=False)
         title = _("Applying {model}").format(model=modelName(modelDir, self._modelInfo))
         self.panel.start(job, self.ui.applyButton, title, onEnded=lambda j, v=volume: self.onJobEnded(j, v))
+
+    def onApplyManyButton(self):
+        self.startOrCancel(_("MedSSL could not start."), self._applyMany)
+
+    def _applyMany(self):
+        ui = self.ui
+        modelDir = ui.modelPathLineEdit.currentPath
+        folder = ui.scansFolderPathLineEdit.currentPath
+        source = folder if folder else list(ui.manyVolumesSelector.checkedNodes())
+        job = self.logic.segmentMany(source, modelDir, outputDir=ui.manyOutputPathLineEdit.currentPath or None,
+                                     blocking=False)
+        self._running = "many"
+        title = _("Segmenting {count} scan(s) with {model}").format(
+            count=len(source) if not folder else _("the folder's"), model=modelName(modelDir, self._modelInfo))
+        self.panel.start(job, ui.applyManyButton, title, onEnded=self.onManyEnded)
+
+    def onManyEnded(self, job):
+        self._running = None
+        self._checkCanApply()
+        if job.status != jobs.DONE:
+            return
+        if isinstance(job.result, list):
+            for node in job.result:
+                gui.showSegmentation(node)
+            self.ui.statusLabel.text = _("{count} segmentation(s) made.").format(count=len(job.result))
+        else:
+            self.ui.statusLabel.text = _("Label maps and summary written: {path}").format(path=job.result)
 
     def onJobEnded(self, job, volume):
         self._checkCanApply()

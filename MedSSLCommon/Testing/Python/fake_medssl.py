@@ -147,9 +147,39 @@ def cmd_finetune(args):
     emit(event="done", bundle=args.out)
 
 
+def fake_labels(values):
+    labels = np.zeros(values.shape, np.uint8)
+    labels[values > 0] = 1  # the tests' volumes: positive voxels are "class 1"
+    labels[values > 100] = 2
+    return labels
+
+
+def predict_many(args):
+    """Several scans (or a folder): ``<out>/<name>.nii.gz`` each and a summary.csv, a stage per scan."""
+    sources = []
+    for path in args.image:
+        sources += sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+    os.makedirs(args.out, exist_ok=True)
+    rows = ["image,labels"]
+    for i, source in enumerate(sources, start=1):
+        name = os.path.basename(source).split(".")[0]
+        emit(event="stage", stage="predict", message=f"scan {i} of {len(sources)}: {name}")
+        image = read(source)
+        out = sitk.GetImageFromArray(fake_labels(sitk.GetArrayFromImage(image)))
+        out.CopyInformation(image)
+        sitk.WriteImage(out, os.path.join(args.out, f"{name}.nii.gz"))
+        rows.append(f"{os.path.basename(source)},{name}.nii.gz")
+    with open(os.path.join(args.out, "summary.csv"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(rows) + "\n")
+    emit(event="done", outputs={"summary": os.path.join(args.out, "summary.csv"), "scans": len(sources)})
+
+
 def cmd_predict(args):
     with open(os.path.join(args.model, "model.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
+    if len(args.image) > 1 or os.path.isdir(args.image[0]):
+        return predict_many(args)
+    args.image = args.image[0]
     image = read(args.image)
     values = sitk.GetArrayFromImage(image)
     with open(args.out + ".args.json", "w", encoding="utf-8") as handle:
@@ -160,9 +190,7 @@ def cmd_predict(args):
             json.dump({"probabilities": {"normal": 0.25, "abnormal": 0.75}, "label": 1, "name": "abnormal"}, handle)
         emit(event="done", outputs={"classification": args.out})
         return
-    labels = np.zeros(values.shape, np.uint8)
-    labels[values > 0] = 1  # the tests' volumes: positive voxels are "class 1"
-    labels[values > 100] = 2
+    labels = fake_labels(values)
     out = sitk.GetImageFromArray(labels)
     out.CopyInformation(image)
     sitk.WriteImage(out, args.out)
@@ -253,8 +281,9 @@ def main():
     p.add_argument("--detection", action="store_true")
     p.add_argument("--engine")
     p = sub.add_parser("predict", parents=[common])
-    for flag in ("--model", "--image", "--out"):
+    for flag in ("--model", "--out"):
         p.add_argument(flag, required=True)
+    p.add_argument("--image", required=True, nargs="+")
     p.add_argument("--detections")
     p.add_argument("--annotation")
     p = sub.add_parser("suggest", parents=[common])

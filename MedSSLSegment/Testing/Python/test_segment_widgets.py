@@ -61,3 +61,36 @@ def test_segment_widget_caps_the_findings(slicer_app, scene, tmp_path, monkeypat
     assert widget.panel.job.result.GetNumberOfControlPoints() == 4
     assert widget.logic.lastOutputs["table"].GetNumberOfRows() == 102
     assert ui.statusLabel.text == "4 findings shown (best score first) of 102 found."
+
+
+def test_segment_widget_segments_several_volumes_and_a_folder(slicer_app, scene, tmp_path):
+    """Several scans: disabled with a reason until a segmentation model and volumes (or a folder) are chosen;
+    checked volumes get a segmentation each; a folder of scans gets label maps and a summary on disk."""
+    from MedSSLCommonLib import nodes
+
+    _module, widget, ui = makeWidget(slicer_app, "MedSSLSegment")
+    bundle = tmp_path / "model"
+    bundle.mkdir()
+    (bundle / "model.json").write_text('{"task": "segment", "classes": {"1": {"name": "tissue"}, '
+                                       '"2": {"name": "lesion"}}}', encoding="utf-8")
+    first, second = addVolume(scene, phantom(), name="ct1"), addVolume(scene, phantom(), name="ct2")
+    ui.modelPathLineEdit.currentPath = ""  # (the path history may hold another test's model)
+    assert not ui.applyManyButton.enabled and "segmentation model" in ui.applyManyButton.toolTip
+    ui.modelPathLineEdit.currentPath = str(bundle)
+    assert not ui.applyManyButton.enabled and "check the volumes" in ui.applyManyButton.toolTip
+    ui.manyVolumesSelector.setCheckedNodes([first, second])
+    assert ui.applyManyButton.enabled
+    widget.onApplyManyButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    assert [n.GetName() for n in widget.panel.job.result] == ["ct1 model", "ct2 model"]
+    assert ui.statusLabel.text == "2 segmentation(s) made."
+    folder = tmp_path / "scans"
+    nodes.writeVolume(first, str(folder / "a.nrrd"))
+    ui.scansFolderPathLineEdit.currentPath = str(folder)
+    ui.manyOutputPathLineEdit.currentPath = str(tmp_path / "out")
+    widget.onApplyManyButton()
+    runPanel(widget)
+    assert widget.panel.job.status == "done", widget.panel.job.error
+    assert (tmp_path / "out" / "a.nii.gz").is_file() and "summary" in ui.statusLabel.text
+    widget.cleanup()
