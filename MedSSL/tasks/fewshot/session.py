@@ -1,0 +1,247 @@
+"""A live few-shot session: one image, its painting changed plane by plane, the result kept up to date.
+
+``medssl session`` (:mod:`MedSSL.commands.session`) runs one :class:`FewShotSession` per (volume,
+segmentation) in a long-lived process: the image is read once, the appearance features of the region of
+interest are computed once, and the fitted model and the current result stay in memory.
+
+An update after a change of the painting is one of two kinds:
+
+* **full** (the first update; or the painting's main axis, its planes along other axes or its classes
+  changed; or the engine's region of interest for the painting left the region the features were
+  computed on, which is that region grown by EXTRA_MARGIN_MM): the engine's own fit (leave-one-plane-out
+  calibration included; warm from the current model when there is one) and a result over the whole
+  region, as :func:`.engine.segment_painted` does.
+* **incremental** (planes along the main axis added, repainted or removed): the appearance MLP is refitted
+  warm from the current one (``warm_steps`` steps; weight and taper kept) and only the *affected
+  slices* are recomputed: for each changed plane, the slices between its neighbouring painted planes, and
+  past the first or last painted plane (the walk) when the changed plane is, or was, an end plane. Nothing
+  outside the affected slices changes (the clean-up by connectivity is applied to them only).
+
+Each update returns the box of voxels whose label changed and the labels in it (:class:`SessionUpdate`).
+Axes: arrays are in the image's index order (i, j, k) = the backend's (X, Y, Z) order; boxes are half-open
+``[(start, stop)] * 3`` in those axes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from MedSSL.data.painted_planes import IGNORE, PaintedPlanes, find_painted_planes
+from MedSSL.errors import MedSSLError
+from MedSSL.tasks.fewshot.engine import FewShotModel, FewShotSettings, fit_painting
+from MedSSL.tasks.fewshot.frame import moved, prepare_frame, region_of_interest
+from MedSSL.tasks.fewshot.fusion import compose
+
+#: warm refit of a correction: this fraction of the settings' steps
+WARM_FRACTION = 6
+#: the session computes its features on the engine's region of interest grown by this much more (mm), so
+#: that a correction painted a little outside the first painting's region stays incremental
+EXTRA_MARGIN_MM = 10.0
+
+
+@dataclass
+class SessionUpdate:
+    """What an update changed: ``box`` [(start, stop)] * 3 (image index axes, half-open; empty when nothing
+    changed), ``labels`` (uint8, the box's shape) the new labels there, ``mode`` "full" | "incremental" |
+    "unchanged", ``slices`` the main-axis slices recomputed (image indices), ``seconds`` per stage."""
+
+    box: list
+    labels: np.ndarray
+    mode: str
+    axis: int
+    slices: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+
+class FewShotSession:
+    """The state of a live session on one image; see the module docstring.
+
+    image: (X, Y, Z) intensities; spacing: (3,) mm; settings: the engine's; warm_steps: the MLP's steps
+    of a correction (default settings.steps // WARM_FRACTION).
+    """
+
+    def __init__(self, image: np.ndarray, spacing, settings: FewShotSettings = FewShotSettings(),
+                 warm_steps: int | None = None, log=None):
+        if image.ndim != 3 or min(image.shape) < 2:
+            raise MedSSLError(f"the session needs a 3D image, got shape {tuple(image.shape)}")
+        self.image = image
+        self.spacing = np.asarray(spacing, np.float64)
+        self.settings = settings
+        self.warm_steps = int(warm_steps) if warm_steps else max(10, settings.steps // WARM_FRACTION)
+        self.log = log
+        self.painting = np.full(image.shape, IGNORE, np.uint8)
+        self.labels = np.zeros(image.shape, np.uint8)
+        self.model: FewShotModel | None = None
+        self.frame = None
+        self._raw = None        # (X', Y', Z') uint8: the frame's result before the clean-up (moved ROI)
+        self._rounds = 0
+
+    # ------------------------------------------------------------------ the painting
+
+    def set_planes(self, axis: int, planes: dict) -> None:
+        """Paint whole planes: ``planes`` {index along ``axis``: (the other two axes) uint8 labels}; 255 =
+        not annotated (a plane mostly 255 is no painted plane)."""
+        axis = int(axis)
+        if axis not in (0, 1, 2):
+            raise MedSSLError(f"axis {axis}: expected 0 (i), 1 (j) or 2 (k)")
+        shape = tuple(n for a, n in enumerate(self.image.shape) if a != axis)
+        for index, plane in planes.items():
+            index = int(index)
+            if not 0 <= index < self.image.shape[axis]:
+                raise MedSSLError(f"plane {index} along axis {axis}: outside the image (0..{self.image.shape[axis] - 1})")
+            plane = np.asarray(plane)
+            if plane.shape != shape:
+                raise MedSSLError(f"plane {index} along axis {axis}: shape {plane.shape}, expected {shape}")
+            np.moveaxis(self.painting, axis, 0)[index] = plane.astype(np.uint8)
+
+    def clear_planes(self, axis: int, indices) -> None:
+        """Remove painted planes (their voxels become not annotated)."""
+        for index in indices:
+            np.moveaxis(self.painting, int(axis), 0)[int(index)] = IGNORE
+
+    def set_painting(self, painting: np.ndarray) -> None:
+        """Replace the whole painting ((X, Y, Z) uint8 on the image grid, 255 = not annotated)."""
+        if painting.shape != self.image.shape:
+            raise MedSSLError(f"painting {tuple(painting.shape)} and image {tuple(self.image.shape)} differ in shape")
+        self.painting = np.ascontiguousarray(painting, np.uint8).copy()
+
+    # ------------------------------------------------------------------ updates
+
+    def update(self) -> SessionUpdate:
+        """Bring the result up to date with the painting; see the module docstring."""
+        planes = find_painted_planes(self.painting, "painting")
+        reason = self._full_reason(planes)
+        if reason:
+            if self.log and self.model is not None:
+                self.log(f"full update: {reason}")
+            return self._full(planes)
+        return self._incremental(planes)
+
+    def _full_reason(self, planes: PaintedPlanes) -> str:
+        """Why the next update must be a full one ("" = it can be incremental)."""
+        if self.model is None:
+            return "first update"
+        old = self.frame.painted_planes
+        main = old.main_axis
+        if planes.main_axis != main:
+            return "the main painting axis changed"
+        if any(planes.planes[a] != old.planes[a] for a in range(3) if a != main):
+            return "planes along another axis changed"
+        classes = sorted(int(v) for v in np.unique(self.painting) if 0 < v < IGNORE)
+        if classes != list(self.model.classes):
+            return "the painted classes changed"
+        known_m = moved(planes, planes.known_mask(self.painting.shape))
+        spacing_m = self._moved_spacing(main)
+        box = region_of_interest(moved(planes, self.painting), known_m, spacing_m, self.settings.margin_mm)
+        if any(b.start < f.start or b.stop > f.stop for b, f in zip(box, self.frame.box)):
+            return "the painting left the region the features were computed on"
+        return ""
+
+    def _moved_spacing(self, main: int) -> np.ndarray:
+        return np.array([self.spacing[a] for a in range(3) if a != main] + [self.spacing[main]])
+
+    def _full(self, planes: PaintedPlanes) -> SessionUpdate:
+        clock = time.perf_counter()
+        previous = self.model
+        frame, _, _ = prepare_frame(self.image, self.spacing, self.painting, self.settings.margin_mm + EXTRA_MARGIN_MM,
+                                    previous.backbone if previous else None,
+                                    previous.backbone_intensity if previous else None)
+        t_features = time.perf_counter() - clock
+        self.model = fit_painting(self.image, self.spacing, self.painting, self.settings, previous, log=self.log,
+                                  frame=frame)
+        self.frame = frame
+        t_fit = time.perf_counter() - clock - t_features
+        self._raw = np.zeros(frame.labels.shape, np.uint8)
+        recomputed = list(range(frame.labels.shape[2]))
+        update = self._recompute(recomputed, fresh=True)
+        update.mode = "full"
+        update.seconds = {"features": round(t_features, 3), "fit": round(t_fit, 3), **update.seconds,
+                          "total": round(time.perf_counter() - clock, 3)}
+        return update
+
+    def _incremental(self, planes: PaintedPlanes) -> SessionUpdate:
+        clock = time.perf_counter()
+        frame = self.frame
+        main = planes.main_axis
+        z0 = frame.box[2].start
+        known_m = moved(planes, planes.known_mask(self.painting.shape))[frame.box]
+        labels_m = np.where(known_m, moved(planes, self.painting)[frame.box], IGNORE).astype(np.uint8)
+        changed = [int(k) for k in np.flatnonzero((labels_m != frame.labels).any(axis=(0, 1)))]
+        if not changed:
+            return SessionUpdate([(0, 0)] * 3, np.zeros((0, 0, 0), np.uint8), "unchanged", main)
+        old_planes = list(frame.planes)
+        new_planes = [k - z0 for k in planes.planes[main] if frame.box[2].start <= k < frame.box[2].stop]
+        frame.labels, frame.known, frame.planes, frame.painted_planes = labels_m, known_m, new_planes, planes
+        self._rounds += 1
+        net = frame.train(self.model.classes, steps=self.warm_steps, seed=self.settings.seed + self._rounds,
+                          init=self.model.net)
+        self.model = replace(self.model, net=net, planes=planes)
+        t_fit = time.perf_counter() - clock
+        affected = affected_slices(changed, old_planes, new_planes, frame.labels.shape[2])
+        update = self._recompute(affected, fresh=False)
+        update.mode = "incremental"
+        update.seconds = {"fit": round(t_fit, 3), **update.seconds, "total": round(time.perf_counter() - clock, 3)}
+        return update
+
+    def _recompute(self, slices: list, fresh: bool) -> SessionUpdate:
+        """Recompute Z slices ``slices`` of the frame (moved ROI indices), clean them, write them into the
+        result and return what changed."""
+        clock = time.perf_counter()
+        frame, model = self.frame, self.model
+        planes = frame.painted_planes
+        lo, hi = min(slices), max(slices) + 1
+        slab = frame.odds(model.net, lo, hi)
+        odds = lambda k: slab[..., k - lo]  # noqa: E731
+        out, _ = compose(frame, odds, model.weight, model.taper, model.classes, None if fresh else set(slices))
+        self._raw[..., slices] = out[..., slices]
+        painted_roi = moved(planes, self.painting)[frame.box]
+        from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation
+
+        cleaned = keep_connected_to_annotation(self._raw, painted_roi)
+        main, z0 = planes.main_axis, frame.box[2].start
+        if fresh:
+            before = self.labels.copy()
+            self.labels[...] = 0
+            moved(planes, self.labels)[frame.box] = cleaned
+            changed = before != self.labels
+        else:
+            result_m = moved(planes, self.labels)[frame.box]  # a view into self.labels
+            before = result_m[..., slices].copy()
+            result_m[..., slices] = cleaned[..., slices]
+            changed = np.zeros(self.labels.shape, bool)
+            moved(planes, changed)[frame.box][..., slices] = before != result_m[..., slices]
+        box = bounding_box(changed)
+        labels_box = np.ascontiguousarray(self.labels[tuple(slice(a, b) for a, b in box)])
+        return SessionUpdate(box, labels_box, "", main, [z0 + k for k in slices],
+                             {"apply": round(time.perf_counter() - clock, 3)})
+
+
+def bounding_box(mask: np.ndarray) -> list:
+    """Half-open [(start, stop)] * 3 of the True voxels of ``mask`` ([(0, 0)] * 3 when there are none)."""
+    if not mask.any():
+        return [(0, 0)] * 3
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return box
+
+
+def affected_slices(changed, old_planes, new_planes, depth: int) -> list:
+    """Z slices (frame indices) a correction recomputes: for each changed slice k (a plane added, repainted
+    or removed), those between the painted planes now on either side of k (a removed plane's two gaps
+    merge), to the region's edge when there is none (the walk past an end plane). Sorted, no duplicates.
+    ``old_planes``: the planes before the change (kept for the reader: an old end plane that changed is
+    itself in ``changed``, so its walk is recomputed)."""
+    out = set()
+    for k in changed:
+        below = [p for p in new_planes if p < k]
+        above = [p for p in new_planes if p > k]
+        start = max(below) + 1 if below else 0
+        stop = min(above) if above else depth
+        out.update(range(start, stop))
+        out.add(k)
+    return sorted(k for k in out if 0 <= k < depth)
