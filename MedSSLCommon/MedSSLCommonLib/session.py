@@ -96,6 +96,7 @@ class FewShotSessionClient:
         self._lines: queue.Queue = queue.Queue()
         self._stderr = collections.deque(maxlen=50)
         self._nextId = 0
+        self._stderrThread = None
 
     # ------------------------------------------------------------------ process
 
@@ -114,7 +115,8 @@ class FewShotSessionClient:
                                         text=True, encoding="utf-8", bufsize=1)
         threading.Thread(target=self._pump, args=(self.process.stdout, self._lines), daemon=True,
                          name="medssl-session-stdout").start()
-        threading.Thread(target=self._pumpStderr, daemon=True, name="medssl-session-stderr").start()
+        self._stderrThread = threading.Thread(target=self._pumpStderr, daemon=True, name="medssl-session-stderr")
+        self._stderrThread.start()
         ready = self._answer(None, timeout, expect="ready")
         self.shape = tuple(int(n) for n in ready["shape"])
         self.labels = np.zeros(self.shape, np.uint8)
@@ -187,6 +189,7 @@ class FewShotSessionClient:
             if line is None:
                 if self.process is not None:
                     self.process.wait()
+                    self._stderrThread.join(5.0)
                 raise SessionError(self._endReason("the session ended"))
             try:
                 event = json.loads(line)
