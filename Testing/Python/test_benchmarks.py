@@ -128,3 +128,12 @@ def test_bench_methods_quick(data_root, tmp_path, capsys, c_locale):
     assert (out / "table.md").is_file() and (out / "summary.json").is_file()
     # --report rebuilds the table from the results alone
     assert bench("bench_methods").main(["--report", "--out", str(out), "--data-root", str(data_root)]) == 0
+
+
+def test_bench_session_quick(capsys):
+    """The live-session benchmark's simulated user on the phantom: a first result, 5 corrections, Dice per step."""
+    assert bench("bench_session").main(["--quick"]) == 0
+    result = last_json(capsys)
+    row = result["rows"][0]
+    assert result["benchmark"] == "session" and len(row["dice"]) == 6 and len(row["correction_s"]) == 5
+    assert row["peak_mb"] > 0 and row["dice"][-1] > 0.8 and row["scratch_dice"] > 0.8
