@@ -115,7 +115,7 @@ def compose(frame: Frame, odds, weight: float, taper, classes, slices=None) -> t
     out = np.zeros(shape, np.uint8)
     prob = np.ones(shape, np.float32)  # slices never reached: certain background
     planes = frame.planes
-    dist = {k: class_distances(frame.painted(k), classes, sampling) for k in planes}
+    dist = _LazyDistances(frame, classes, sampling)
     for k in planes:
         out[..., k] = frame.painted(k)
         prob[..., k] = 1.0
@@ -132,3 +132,17 @@ def compose(frame: Frame, odds, weight: float, taper, classes, slices=None) -> t
         for k, labels, p in walk(out[..., start], start, onward, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
             out[..., k], prob[..., k] = labels, p
     return out, prob
+
+
+class _LazyDistances(dict):
+    """{painted plane k: (C, X, Y) signed distances}, computed the first time a plane is asked for (a live
+    session's correction blends two planes, not all of them)."""
+
+    def __init__(self, frame: Frame, classes, sampling):
+        super().__init__()
+        self.frame, self.classes, self.sampling = frame, classes, sampling
+
+    def __missing__(self, k: int) -> np.ndarray:
+        self[k] = class_distances(self.frame.painted(k), self.classes, self.sampling)
+        return self[k]
+

@@ -130,7 +130,8 @@ class FewShotSession:
             return "the main painting axis changed"
         if any(planes.planes[a] != old.planes[a] for a in range(3) if a != main):
             return "planes along another axis changed"
-        classes = sorted(int(v) for v in np.unique(self.painting) if 0 < v < IGNORE)
+        counts = np.bincount(self.painting.ravel(), minlength=IGNORE + 1)
+        classes = [int(v) for v in np.flatnonzero(counts[1:IGNORE]) + 1]
         if classes != list(self.model.classes):
             return "the painted classes changed"
         known_m = moved(planes, planes.known_mask(self.painting.shape))
@@ -188,7 +189,12 @@ class FewShotSession:
 
     def _recompute(self, slices: list, fresh: bool) -> SessionUpdate:
         """Recompute Z slices ``slices`` of the frame (moved ROI indices), clean them, write them into the
-        result and return what changed."""
+        result and return what changed.
+
+        The clean-up (components must touch the painting) runs on the slab from the painted plane before
+        the first recomputed slice to the one after the last (or the region's edge): a component cannot
+        leave that slab without crossing a painted plane, where it meets a painted voxel, so the slab
+        gives the same answer as the whole region."""
         clock = time.perf_counter()
         frame, model = self.frame, self.model
         planes = frame.painted_planes
@@ -197,26 +203,39 @@ class FewShotSession:
         odds = lambda k: slab[..., k - lo]  # noqa: E731
         out, _ = compose(frame, odds, model.weight, model.taper, model.classes, None if fresh else set(slices))
         self._raw[..., slices] = out[..., slices]
-        painted_roi = moved(planes, self.painting)[frame.box]
+        s0, s1 = max(0, lo - 1), min(frame.labels.shape[2], hi + 1)
+        box_m = (frame.box[0], frame.box[1], slice(frame.box[2].start + s0, frame.box[2].start + s1))
         from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation
 
-        cleaned = keep_connected_to_annotation(self._raw, painted_roi)
-        main, z0 = planes.main_axis, frame.box[2].start
+        cleaned = keep_connected_to_annotation(self._raw[..., s0:s1], moved(planes, self.painting)[box_m])
+        wanted = [k - s0 for k in slices]
+        previous = bounding_box(self.labels > 0) if fresh else None
         if fresh:
-            before = self.labels.copy()
             self.labels[...] = 0
-            moved(planes, self.labels)[frame.box] = cleaned
-            changed = before != self.labels
-        else:
-            result_m = moved(planes, self.labels)[frame.box]  # a view into self.labels
-            before = result_m[..., slices].copy()
-            result_m[..., slices] = cleaned[..., slices]
-            changed = np.zeros(self.labels.shape, bool)
-            moved(planes, changed)[frame.box][..., slices] = before != result_m[..., slices]
-        box = bounding_box(changed)
+        result_m = moved(planes, self.labels)[box_m]  # a view into self.labels
+        before = result_m[..., wanted].copy()
+        result_m[..., wanted] = cleaned[..., wanted]
+        changed = np.zeros(result_m.shape, bool)
+        changed[..., wanted] = before != result_m[..., wanted]
+        if fresh:
+            changed[...] = True  # the client starts from nothing: the whole region comes back
+        box = self._image_box(bounding_box(changed), box_m, planes.main_axis)
+        if previous is not None and previous[0][1] > 0:  # a full update also clears the previous result
+            box = [(min(a, c), max(b, d)) for (a, b), (c, d) in zip(box, previous)]
         labels_box = np.ascontiguousarray(self.labels[tuple(slice(a, b) for a, b in box)])
-        return SessionUpdate(box, labels_box, "", main, [z0 + k for k in slices],
+        return SessionUpdate(box, labels_box, "", planes.main_axis, [frame.box[2].start + k for k in slices],
                              {"apply": round(time.perf_counter() - clock, 3)})
+
+    @staticmethod
+    def _image_box(local: list, box_m: tuple, main: int) -> list:
+        """A box inside ``box_m`` (moved frame, main axis last) -> the same box in the image's axes."""
+        if local[0][1] == 0:
+            return [(0, 0)] * 3
+        order = [a for a in range(3) if a != main] + [main]
+        out = [None] * 3
+        for (a, b), region, axis in zip(local, box_m, order):
+            out[axis] = (region.start + a, region.start + b)
+        return out
 
 
 def bounding_box(mask: np.ndarray) -> list:
