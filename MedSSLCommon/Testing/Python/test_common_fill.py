@@ -8,25 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from slicer_testing_helpers import obliqueMatrix
-
-LIVER = 1
+from slicer_testing_helpers import paintedPhantomScene
 
 
 @pytest.fixture
 def painted_scene(scene):
-    from MedSSL.data.phantom import make_phantom
-    from MedSSLCommonLib import nodes
-
-    phantom = make_phantom(0, shape=(64, 64, 40))
-    truth = np.ascontiguousarray((phantom.labels.array == LIVER).astype(np.uint8).T)  # (k, j, i)
-    matrix = obliqueMatrix(spacing=(2.0, 2.0, 3.0))
-    volume = nodes.addVolumeFromArray(np.ascontiguousarray(phantom.image.array.T), matrix, "ct", scene=scene)
-    painting = np.zeros_like(truth)
-    painting[[3, 10, 18]] = truth[[3, 10, 18]]
-    segmentation = nodes.segmentationFromLabelmap(painting, matrix, {"1": {"name": "liver"}}, volume, "paint",
-                                                  scene=scene)
-    return volume, segmentation, truth, matrix
+    return paintedPhantomScene(scene)
 
 
 def merged(segmentation):
