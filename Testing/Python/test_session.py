@@ -41,11 +41,11 @@ def dice(a, b):
 
 def test_affected_slices_are_the_gaps_next_to_a_changed_plane_and_the_walk_past_a_changed_end():
     planes = [5, 10, 20]
-    assert affected_slices([14], planes, [5, 10, 14, 20], 30) == list(range(11, 20))  # added inside a gap
-    assert affected_slices([10], planes, planes, 30) == list(range(6, 20))            # repainted: both gaps
-    assert affected_slices([10], planes, [5, 20], 30) == list(range(6, 20))           # removed: the merged gap
-    assert affected_slices([5], planes, planes, 30) == list(range(0, 10))             # first plane: walk below
-    assert affected_slices([25], planes, [5, 10, 20, 25], 30) == list(range(21, 30))  # new last plane: walk above
+    assert affected_slices([14], [5, 10, 14, 20], 30) == list(range(11, 20))  # added inside a gap
+    assert affected_slices([10], planes, 30) == list(range(6, 20))            # repainted: both gaps
+    assert affected_slices([10], [5, 20], 30) == list(range(6, 20))           # removed: the merged gap
+    assert affected_slices([5], planes, 30) == list(range(0, 10))             # first plane: walk below
+    assert affected_slices([25], [5, 10, 20, 25], 30) == list(range(21, 30))  # new last plane: walk above
 
 
 def test_a_correction_never_changes_the_result_outside_the_slices_it_affects(phantom):
@@ -80,6 +80,22 @@ def test_repainting_an_end_plane_recomputes_the_walk_past_it_only(phantom):
     np.testing.assert_array_equal(before[..., :11], session.labels[..., :11])
     assert not np.array_equal(before[..., 18], session.labels[..., 18])
     assert session.update().mode == "unchanged"  # nothing painted since: nothing recomputed
+
+
+def test_a_correction_past_the_region_of_interest_recomputes_features_but_stays_local(phantom):
+    session, truth = liver_session(phantom)
+    messages = []
+    session.log = messages.append
+    session.update()
+    before, box = session.labels.copy(), session.frame.box
+    plane = truth[..., 7].copy()
+    plane[56:62, 2:8] = LIVER  # a stroke far from the structure: the region of interest must grow
+    session.set_planes(2, {7: plane})
+    update = session.update()
+    assert update.mode == "incremental" and session.frame.box != box
+    assert any("features computed again" in m for m in messages)
+    changed = np.flatnonzero((before != session.labels).any(axis=(0, 1)))
+    assert changed.size and set(changed) <= set(range(4, 10))
 
 
 def test_a_new_axis_or_class_makes_a_full_update(phantom):
@@ -164,3 +180,12 @@ def test_session_bad_image_is_one_line_exit_2(tmp_path):
     out, err = process.communicate("", timeout=120)
     assert process.returncode == 2 and out == ""
     assert err.startswith("medssl: error:") and "missing.nrrd" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_first_result_is_the_engines_own(phantom):
+    from MedSSL.tasks.fewshot.engine import segment_painted
+
+    session, truth = liver_session(phantom)
+    session.update()
+    _, result = segment_painted(session.image, session.spacing, session.painting, session.settings)
+    np.testing.assert_array_equal(session.labels, result.labels)
