@@ -7,8 +7,9 @@ Apply (the preview written into the segments through the editor, so its masking 
 intensity range, overwriting of other segments - apply). This class only computes the preview: the first
 Initialize starts a live session (``python -m MedSSL session``, a child process: torch never runs in
 Slicer's process) on the source volume; each update sends the slices painted since and pastes the
-changed box the session answers (:class:`MedSSLCommonLib.fill.MedSSLFillLogic`). Cancel, Apply, closing
-the scene and unloading the effect end the session.
+changed box the session answers (:class:`MedSSLCommonLib.fill.MedSSLFillLogic`). Selecting the effect
+already launches the session (the image is read while the user paints); Cancel, Apply, closing the scene,
+leaving the effect before Initialize and unloading the effect end it.
 
 Registered by the MedSSLCommon module at Slicer's start-up (``registerSegmentEditorEffect`` there).
 """
@@ -74,11 +75,25 @@ class SegmentEditorMedSSLFillEffect(AbstractScriptedSegmentEditorAutoCompleteEff
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
+    def activate(self):
+        """Selecting the effect launches the session, so that the image is read (and torch imported, in the
+        session's process) while the user paints; Initialize then only waits for what is left."""
+        if not self.logic.running and self.scriptedEffect.sourceVolumeImageData() is not None:
+            try:
+                self.logic.launch(self.scriptedEffect.sourceVolumeImageData())
+            except (OSError, ValueError, RuntimeError) as exc:  # Initialize tries again and shows the reason
+                self.statusLabel.text = str(exc)
+
+    def deactivate(self):
+        """Leaving the effect before Initialize ends the launched session (a preview keeps it running)."""
+        if self.getPreviewNode() is None:
+            self.logic.close()
+
     def computePreviewLabelmap(self, mergedImage, outputLabelmap):
         if not self.logic.running:
             self.statusLabel.text = _("Starting the MedSSL session (reading the image)...")
             slicer.app.processEvents()
-            self.logic.start(self.scriptedEffect.sourceVolumeImageData())
+            self.logic.launch(self.scriptedEffect.sourceVolumeImageData())
         result = self.logic.update(mergedImage)
         self.logic.fillLabelmap(outputLabelmap, result)
         self.statusLabel.text = self.logic.describe()

@@ -3,9 +3,9 @@
 Qt-free (MRML and VTK only, no torch): the effect (``SegmentEditorMedSSLFillEffect.py``) hands over the
 Segment Editor's images and this class does the rest:
 
-* :meth:`MedSSLFillLogic.start`: the source volume, as the editor aligned it to the segmentation's
-  geometry (``vtkOrientedImageData``), is written to a job folder once, the session
-  (:class:`.session.FewShotSessionClient`) reads it, and the copy is deleted as soon as it has;
+* :meth:`MedSSLFillLogic.launch` / :meth:`~MedSSLFillLogic.start`: the source volume, as the editor aligned
+  it to the segmentation's geometry (``vtkOrientedImageData``), is written to a job folder once, the
+  session (:class:`.session.FewShotSessionClient`) reads it, and the copy is deleted as soon as it has;
 * :meth:`MedSSLFillLogic.update`: the merged labelmap of the visible segments (value n = n-th segment,
   as ``GenerateMergedLabelmapForAllSegments`` writes it) -> the painted planes (along the axis painted on
   the fewest slices; every slice along it that holds paint), only the planes that changed since the last
@@ -78,13 +78,21 @@ class MedSSLFillLogic:
         self.sentAxis = None
         self.sent = {}          # {slice: 2D labels} last sent along sentAxis
         self.lastUpdate = None  # the session's last SessionResult
+        self.jobDir = None      # the image copy's folder, until the session has read it
 
     @property
     def running(self) -> bool:
         return self.client is not None and self.client.running
 
     def start(self, sourceImage, onEvent=None) -> None:
-        """Start a session on ``sourceImage`` (a ``vtkOrientedImageData``, the aligned source volume)."""
+        """Start a session on ``sourceImage`` (a ``vtkOrientedImageData``, the aligned source volume) and wait
+        until it has read the image."""
+        self.launch(sourceImage, onEvent)
+        self.waitReady()
+
+    def launch(self, sourceImage, onEvent=None) -> None:
+        """Start a session on ``sourceImage`` without waiting (the effect does this when it is selected, so the
+        image is read and torch imported while the user paints); :meth:`waitReady` or :meth:`update` wait."""
         self.close()
         array = np.ascontiguousarray(imageArray(sourceImage))
         if array.ndim != 3 or min(array.shape) < 2:
@@ -94,21 +102,33 @@ class MedSSLFillLogic:
         origin = self.matrix @ np.array([self.extent[0], self.extent[2], self.extent[4], 1.0])
         ijkToRas = self.matrix.copy()
         ijkToRas[:3, 3] = origin[:3]
-        jobDir = backend.newJobDirectory("fill", self.workDir)
+        self.jobDir = backend.newJobDirectory("fill", self.workDir)
         try:
-            path = nodes.writeArray(array, ijkToRas, os.path.join(jobDir, "image.nrrd"))
-            client = self.clientFactory(path, python=self.python, device=self.device, onEvent=onEvent)
-            client.start()
-        finally:
-            shutil.rmtree(jobDir, ignore_errors=True)  # the session has read the image: no copy stays on disk
-        self.client = client
+            path = nodes.writeArray(array, ijkToRas, os.path.join(self.jobDir, "image.nrrd"))
+            self.client = self.clientFactory(path, python=self.python, device=self.device, onEvent=onEvent).launch()
+        except BaseException:
+            self._removeImageCopy()
+            raise
         self.sentAxis, self.sent = None, {}
+
+    def waitReady(self) -> None:
+        """Wait until the session has read the image, then delete the copy (no patient data stays on disk)."""
+        try:
+            self.client.waitReady()
+        finally:
+            self._removeImageCopy()
+
+    def _removeImageCopy(self) -> None:
+        if self.jobDir:
+            shutil.rmtree(self.jobDir, ignore_errors=True)
+        self.jobDir = None
 
     def update(self, mergedImage) -> np.ndarray:
         """Send what changed in the painting (``mergedImage``: the merged labelmap, a ``vtkOrientedImageData``
         on the source's lattice) and return the result, (k, j, i) uint8 on the source's extent."""
         if not self.running:
             raise RuntimeError("MedSSL fill: the session is not running (press Initialize)")
+        self.waitReady()
         labels = self.labelsOnSource(mergedImage)
         if not labels.any():
             raise ValueError("MedSSL fill: nothing painted in the visible segments; paint a few slices first")
@@ -176,4 +196,5 @@ class MedSSLFillLogic:
         if self.client is not None:
             self.client.close()
         self.client = None
+        self._removeImageCopy()
         self.sentAxis, self.sent, self.lastUpdate = None, {}, None

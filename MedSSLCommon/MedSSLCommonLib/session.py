@@ -97,6 +97,7 @@ class FewShotSessionClient:
         self._stderr = collections.deque(maxlen=50)
         self._nextId = 0
         self._stderrThread = None
+        self._launched = None
 
     # ------------------------------------------------------------------ process
 
@@ -109,7 +110,13 @@ class FewShotSessionClient:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> "FewShotSessionClient":
         """Start the session and wait until it has read the image; raises :class:`SessionError`."""
-        clock = time.perf_counter()
+        self.launch()
+        return self.waitReady(timeout)
+
+    def launch(self) -> "FewShotSessionClient":
+        """Start the session's process without waiting for it (:meth:`waitReady` waits): the image is read
+        and torch imported while the caller goes on."""
+        self._launched = time.perf_counter()
         self.process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, env=backend.childEnvironment(self.extraEnvironment),
                                         text=True, encoding="utf-8", bufsize=1)
@@ -117,10 +124,21 @@ class FewShotSessionClient:
                          name="medssl-session-stdout").start()
         self._stderrThread = threading.Thread(target=self._pumpStderr, daemon=True, name="medssl-session-stderr")
         self._stderrThread.start()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        """Whether the session has said it is ready (after :meth:`waitReady`)."""
+        return self.shape is not None
+
+    def waitReady(self, timeout: float = START_TIMEOUT_S) -> "FewShotSessionClient":
+        """Wait for the launched session's "ready" line (it has read the image); raises :class:`SessionError`."""
+        if self.ready:
+            return self
         ready = self._answer(None, timeout, expect="ready")
         self.shape = tuple(int(n) for n in ready["shape"])
         self.labels = np.zeros(self.shape, np.uint8)
-        self.startSeconds = time.perf_counter() - clock
+        self.startSeconds = time.perf_counter() - self._launched
         return self
 
     @staticmethod
@@ -170,6 +188,7 @@ class FewShotSessionClient:
         """Send ``command`` (a dict with "cmd") and return its answer; raises :class:`SessionError`."""
         if not self.running:
             raise SessionError(self._endReason("the session is not running"))
+        self.waitReady()
         self._nextId += 1
         ident = self._nextId
         try:

@@ -720,8 +720,10 @@ def segmentEditorEffectsModule():
     ``onApply``); ``preview`` merges the segments of the parameter set's segmentation node (real MRML,
     ``GenerateMergedLabelmapForAllSegments``, effective extent), calls ``computePreviewLabelmap(mergedImage,
     outputLabelmap)`` and keeps the output as :attr:`previewLabelmap` (Slicer: a preview segmentation node);
-    ``onApply`` records it in :attr:`applied` (Slicer: ``modifySegmentByLabelmap`` per segment) and
-    ``reset``s; ``onCancel`` ``reset``s; ``cleanup`` does nothing."""
+    ``getPreviewNode`` returns it (Slicer: the preview node), None before Initialize; ``onApply`` records it
+    in :attr:`applied` (Slicer: ``modifySegmentByLabelmap`` per segment) and ``reset``s; ``onCancel``
+    ``reset``s; ``cleanup`` does nothing. ``activate``/``deactivate`` are the effect's own (the C++ adaptor
+    calls them when the effect is selected or left)."""
     module = types.ModuleType("SegmentEditorEffects")
 
     class AbstractScriptedSegmentEditorAutoCompleteEffect:
@@ -758,6 +760,10 @@ def segmentEditorEffectsModule():
             self.computePreviewLabelmap(mergedImage, outputLabelmap)
             self.previewLabelmap = outputLabelmap
             self.previewButton.text = "Update"
+
+        def getPreviewNode(self):
+            """Slicer: the preview segmentation node, or None before Initialize (here: the preview labelmap)."""
+            return self.previewLabelmap
 
         def reset(self):
             self.previewLabelmap = None

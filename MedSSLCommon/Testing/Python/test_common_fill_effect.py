@@ -4,6 +4,7 @@ the real backend: Initialize starts the session and fills the preview, Cancel an
 close ends it, and the effect registers under its name."""
 
 import importlib
+import os
 import sys
 from unittest import mock
 
@@ -77,6 +78,24 @@ def test_initialize_previews_then_cancel_and_apply_end_the_session(effect_module
     effect.applyButton.click()
     assert not effect.logic.running and len(effect.applied) == 1
     assert effect.applied[0] is not None  # the preview went to the segments
+    effect.cleanup()
+
+
+def test_selecting_the_effect_launches_the_session_and_leaving_it_before_initialize_ends_it(effect_module, scene,
+                                                                                           work_dir):
+    effect, _, _ = make_effect(effect_module, scene)
+    effect.activate()  # selected: the session starts reading the image while the user paints
+    assert effect.logic.running and effect.logic.jobDir is not None
+    effect.logic.waitReady()
+    assert effect.logic.jobDir is None and not os.listdir(work_dir / "jobs")  # the image copy is gone
+    effect.deactivate()  # left before Initialize: nothing to keep
+    assert not effect.logic.running
+    effect.activate()
+    effect.previewButton.click()  # Initialize uses the launched session
+    session = effect.logic.client
+    effect.deactivate()  # left with a preview: the session stays for Update / Apply
+    assert effect.logic.running and effect.logic.client is session
+    effect.onCancel()
     effect.cleanup()
 
 
