@@ -58,8 +58,8 @@ class SessionOptions:
                                    help="an initial painting (255 = not annotated) on the image grid")
     idle_timeout: float = option(1800.0, type=float, metavar="S",
                                  help="end the session after S seconds without a command (default {default})")
-    fewshot_steps: int = option(300, type=int, metavar="N",
-                                help="appearance MLP steps of a full fit (default {default})")
+    fewshot_steps: int | None = option(None, type=int, metavar="N",
+                                       help="appearance MLP steps of a full fit (default: the engine's)")
     warm_steps: int | None = option(None, type=int, metavar="N",
                                     help="MLP steps of a correction's warm refit (default: a sixth of --fewshot-steps)")
 
@@ -70,7 +70,8 @@ class SessionOptions:
 
 
 DESCRIPTION = ("A live few-shot session on one image: reads JSON-line commands on stdin (planes, painting, update, "
-               "result, save, close) and answers JSON lines on stdout; see docs/live-session.md.")
+               "result, save, close) and answers JSON lines on stdout; see docs/live-session.md. The few-shot engine "
+               "runs on the CPU whatever --device says.")
 
 
 def add_parser(sub) -> None:
@@ -162,7 +163,7 @@ def _open(options: SessionOptions, args, emit):
     from MedSSL.tasks.fewshot.session import FewShotSession
 
     image = read_volume(options.image)
-    settings = FewShotSettings(seed=args.seed, steps=options.fewshot_steps)
+    settings = FewShotSettings(seed=args.seed, steps=options.fewshot_steps or FewShotSettings.steps)
     session = FewShotSession(image.array, image.spacing, settings, options.warm_steps, log=emit.log)
     session.volume = image
     if options.painting is not None:

@@ -15,9 +15,9 @@ An update after a change of the painting is one of two kinds:
   *affected slices* are recomputed: for each changed plane, the slices between its neighbouring painted planes, and
   past the first or last painted plane (the walk) when the changed plane is, or was, an end plane. Nothing
   outside the affected slices changes (the clean-up by connectivity is applied to them only). When the
-  engine's region of interest for the new painting reaches past the frame's (a structure painted larger
-  than before), the features are computed again for the larger region first (seconds on a large image);
-  the result so far is kept.
+  painted structure, grown by the margin, reaches past the frame (the engine's region of interest of the
+  first painting), the features are computed again for the engine's region of the new painting first
+  (seconds on a large image); the result so far is kept.
 
 Each update returns the box of voxels whose label changed and the labels in it (:class:`SessionUpdate`).
 Axes: arrays are in the image's index order (i, j, k) = the backend's (X, Y, Z) order; boxes are half-open
@@ -34,7 +34,7 @@ import numpy as np
 from MedSSL.data.painted_planes import IGNORE, PaintedPlanes, find_painted_planes
 from MedSSL.errors import MedSSLError
 from MedSSL.tasks.fewshot.engine import FewShotModel, FewShotSettings, fit_painting
-from MedSSL.tasks.fewshot.frame import moved, prepare_frame, region_of_interest
+from MedSSL.tasks.fewshot.frame import moved, prepare_frame
 from MedSSL.tasks.fewshot.fusion import compose
 
 #: warm refit of a correction: this fraction of the settings' steps
@@ -75,6 +75,7 @@ class FewShotSession:
         self.settings = settings
         self.warm_steps = int(warm_steps) if warm_steps else max(10, settings.steps // WARM_FRACTION)
         self.log = log
+        self.volume = None      # the image's Volume (its grid) when it was read from a file: painting files are checked against it
         self.painting = np.full(image.shape, IGNORE, np.uint8)
         self.labels = np.zeros(image.shape, np.uint8)
         self.model: FewShotModel | None = None
@@ -142,11 +143,18 @@ class FewShotSession:
         return ""
 
     def _region_grew(self, planes: PaintedPlanes) -> bool:
-        """Whether the engine's region of interest for the painting now reaches outside the frame's."""
-        known_m = moved(planes, planes.known_mask(self.painting.shape))
+        """Whether the painted structure, grown by the margin (``settings.margin_mm``), now reaches outside the
+        frame (whose region of interest also has room for the structure's growth and for the walk past its
+        ends: a correction inside it keeps the features)."""
+        painting_m = moved(planes, self.painting)
         spacing_m = self._moved_spacing(planes.main_axis)
-        box = region_of_interest(moved(planes, self.painting), known_m, spacing_m, self.settings.margin_mm)
-        return any(b.start < f.start or b.stop > f.stop for b, f in zip(box, self.frame.box))
+        structure = (painting_m > 0) & (painting_m != IGNORE)
+        for axis, (region, n) in enumerate(zip(self.frame.box, painting_m.shape)):
+            present = np.flatnonzero(structure.any(axis=tuple(a for a in range(3) if a != axis)))
+            grow = int(np.ceil(self.settings.margin_mm / spacing_m[axis]))
+            if max(0, present[0] - grow) < region.start or min(n, present[-1] + grow + 1) > region.stop:
+                return True
+        return False
 
     def _regrow(self) -> None:
         """The frame (features included) made afresh for the current painting, whose region of interest
