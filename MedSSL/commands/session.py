@@ -195,7 +195,8 @@ def _handle(session, line: str, emit) -> str | None:
     except MedSSLError as exc:
         emit({"event": "error", "id": ident, "message": str(exc)})
     except (MemoryError, RuntimeError, FloatingPointError) as exc:
-        emit({"event": "error", "id": ident, "message": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        emit({"event": "error", "id": ident, "message": f"{exc.__class__.__name__}: {first}"})
     return None
 
 
@@ -229,8 +230,8 @@ def _painting(session, command) -> dict:
 
 def _update(session, command) -> dict:
     update = session.update()
-    return {"event": "result", "mode": update.mode, "box": [list(b) for b in update.box], "labels": encode(update.labels),
-            "axis": update.axis, "slices": update.slices, "seconds": update.seconds}
+    return {"event": "result", "mode": update.mode, "box": [list(b) for b in update.box],
+            "labels": encode(update.labels), "axis": update.axis, "slices": update.slices, "seconds": update.seconds}
 
 
 def _result(session, command) -> dict:

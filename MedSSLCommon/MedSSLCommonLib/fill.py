@@ -177,7 +177,8 @@ class MedSSLFillLogic:
         outputLabelmap.SetExtent(*self.extent)
         outputLabelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         flat = np.ascontiguousarray(result, np.uint8).ravel()
-        outputLabelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+        scalars = numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+        outputLabelmap.GetPointData().SetScalars(scalars)
         matrix = vtk.vtkMatrix4x4()
         for r in range(4):
             for c in range(4):

@@ -75,7 +75,7 @@ class FewShotSession:
         self.settings = settings
         self.warm_steps = int(warm_steps) if warm_steps else max(10, settings.steps // WARM_FRACTION)
         self.log = log
-        self.volume = None      # the image's Volume (its grid) when it was read from a file: painting files are checked against it
+        self.volume = None      # the image's Volume when read from a file (painting files are checked against its grid)
         self.painting = np.full(image.shape, IGNORE, np.uint8)
         self.labels = np.zeros(image.shape, np.uint8)
         self.model: FewShotModel | None = None
@@ -97,7 +97,8 @@ class FewShotSession:
         for index, plane in planes.items():
             index = int(index)
             if not 0 <= index < self.image.shape[axis]:
-                raise MedSSLError(f"plane {index} along axis {axis}: outside the image (0..{self.image.shape[axis] - 1})")
+                last = self.image.shape[axis] - 1
+                raise MedSSLError(f"plane {index} along axis {axis}: outside the image (0..{last})")
             plane = np.asarray(plane)
             if plane.shape != shape:
                 raise MedSSLError(f"plane {index} along axis {axis}: shape {plane.shape}, expected {shape}")
@@ -165,8 +166,7 @@ class FewShotSession:
         self._raw = np.zeros(self.frame.labels.shape, np.uint8)
         overlap = [slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(old.box, self.frame.box)]
         if all(o.start < o.stop for o in overlap):
-            inside = lambda box: tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, box))  # noqa: E731
-            self._raw[inside(self.frame.box)] = raw[inside(old.box)]
+            self._raw[_within(overlap, self.frame.box)] = raw[_within(overlap, old.box)]
         if self.log:
             self.log("the painting grew past the region of interest: features computed again for the larger region")
 
@@ -315,6 +315,11 @@ class FewShotSession:
         for (a, b), region, axis in zip(local, box_m, order):
             out[axis] = (region.start + a, region.start + b)
         return out
+
+
+def _within(region, box) -> tuple:
+    """Slices of ``region`` relative to the start of ``box`` (both tuples of slices of one frame)."""
+    return tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, box))
 
 
 def bounding_box(mask: np.ndarray) -> list:
