@@ -1,6 +1,7 @@
 """MedSSL Common: the hidden module that carries the Slicer-side library shared by MedSSL Segment and MedSSL
 Trainer (``MedSSLCommonLib``: job runner, backend discovery, node<->file conversion, geometry, dependency
-installation, Qt job panel, loss chart, and ``MedSSLWidgetBase``, the widgets' shared lifecycle).
+installation, Qt job panel, loss chart, and ``MedSSLWidgetBase``, the widgets' shared lifecycle), and registers
+the "MedSSL fill" Segment Editor effect at start-up.
 
 It has no widget and does not show in the module list (``parent.hidden``); the two modules list it in their
 ``dependencies``, so Slicer loads it first, and import ``MedSSLCommonLib`` from the scripted modules folder
@@ -30,6 +31,21 @@ class MedSSLCommon(ScriptedLoadableModule):
         self.parent.helpText = _("Shared code of the MedSSL Segment and MedSSL Trainer modules (no user interface).")
         self.parent.acknowledgementText = _(
             "MedSSL builds on Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021), MONAI and PyTorch.")
+        slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+
+
+EFFECT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "MedSSLCommonLib",
+                             "SegmentEditorMedSSLFillEffect.py")
+
+
+def registerSegmentEditorEffect():
+    """Register the "MedSSL fill" Segment Editor effect (MedSSLCommonLib/SegmentEditorMedSSLFillEffect.py), as
+    Slicer registers its own scripted effects: a C++ scripted-effect adaptor given the Python source."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    instance.setPythonSource(EFFECT_SOURCE.replace("\\", "/"))
+    instance.self().register()
 
 
 class MedSSLCommonTest(ScriptedLoadableModuleTest):
@@ -43,6 +59,7 @@ class MedSSLCommonTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_LibraryIsPackaged()
+        self.test_FillEffectIsRegistered()
 
     def test_LibraryIsPackaged(self):
         self.delayDisplay("Backend package and requirements are found; torch stays out of Slicer's process")
@@ -52,3 +69,10 @@ class MedSSLCommonTest(ScriptedLoadableModuleTest):
         self.assertTrue(any(r.lower().startswith("monai") for r in install.requirements()))
         self.assertNotIn("torch", vars(backend))  # checked in a child process, never imported here
         self.delayDisplay("Test passed")
+
+    def test_FillEffectIsRegistered(self):
+        self.delayDisplay("The MedSSL fill effect is in the Segment Editor")
+        factory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+        self.assertIn("MedSSL fill", [effect.name for effect in factory.registeredEffects()])
+        self.delayDisplay("Test passed")
+

@@ -20,7 +20,7 @@ from MedSSL import __version__
 from MedSSL.errors import MedSSLError
 
 #: sub-command modules, in the order ``medssl --help`` lists them
-COMMANDS = ("pretrain", "finetune", "predict", "evaluate", "suggest", "info", "methods", "demo")
+COMMANDS = ("pretrain", "finetune", "predict", "evaluate", "suggest", "session", "info", "methods", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

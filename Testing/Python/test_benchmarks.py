@@ -142,3 +142,12 @@ def test_bench_cohort_quick(tmp_path, capsys):
     assert set(summary["table"]["n=1"]) == set(arms) and summary["table"]["n=1"]["atlas"]["scans"] == 2
     assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").count("\n") == len(rows)
     assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["table"] == summary["table"]
+
+
+def test_bench_session_quick(capsys):
+    """The live-session benchmark's simulated user on the phantom: a first result, 5 corrections, Dice per step."""
+    assert bench("bench_session").main(["--quick"]) == 0
+    result = last_json(capsys)
+    row = result["rows"][0]
+    assert result["benchmark"] == "session" and len(row["dice"]) == 6 and len(row["correction_s"]) == 5
+    assert row["peak_mb"] > 0 and row["dice"][-1] > 0.8 and row["scratch_dice"] > 0.8

@@ -103,23 +103,46 @@ def shrink_fn(frame: Frame, classes, taper, planes=None, fallback: float = 0.3):
     return shrink
 
 
-def compose(frame: Frame, odds, weight: float, taper, classes) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and probabilities of the whole region for one (weight, taper)."""
+def compose(frame: Frame, odds, weight: float, taper, classes, slices=None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of the whole region for one (weight, taper).
+
+    ``slices``: None (all), or the Z slices wanted (a live session's correction): a gap between two painted
+    planes, or a walk past an end plane, is computed only when it holds one of them (whole, as without
+    ``slices``); the other slices are left as never reached (0, probability 1)."""
     shrink = shrink_fn(frame, classes, taper)
     shape = frame.labels.shape
     sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
     out = np.zeros(shape, np.uint8)
     prob = np.ones(shape, np.float32)  # slices never reached: certain background
     planes = frame.planes
-    dist = {k: class_distances(frame.painted(k), classes, sampling) for k in planes}
+    dist = _LazyDistances(frame, classes, sampling)
     for k in planes:
         out[..., k] = frame.painted(k)
         prob[..., k] = 1.0
+    wanted = (lambda ks: True) if slices is None else (lambda ks: not set(ks).isdisjoint(slices))  # noqa: E731
     for k0, k1 in zip(planes[:-1], planes[1:]):
+        if not wanted(range(k0 + 1, k1)):
+            continue
         for k in range(k0 + 1, k1):
             d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
             out[..., k], prob[..., k] = decide(d, shape_temperature(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
-    for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
-        for k, labels, p in walk(out[..., start], start, slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
+    for start, onward in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
+        if not wanted(onward):
+            continue
+        for k, labels, p in walk(out[..., start], start, onward, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
             out[..., k], prob[..., k] = labels, p
     return out, prob
+
+
+class _LazyDistances(dict):
+    """{painted plane k: (C, X, Y) signed distances}, computed the first time a plane is asked for (a live
+    session's correction blends two planes, not all of them)."""
+
+    def __init__(self, frame: Frame, classes, sampling):
+        super().__init__()
+        self.frame, self.classes, self.sampling = frame, classes, sampling
+
+    def __missing__(self, k: int) -> np.ndarray:
+        self[k] = class_distances(self.frame.painted(k), self.classes, self.sampling)
+        return self[k]
+

@@ -736,3 +736,105 @@ def leaveModule(widget):
     """The user selects another module (e.g. the Segment Editor): exit(), then not entered."""
     widget.exit()
     widget.parent.isEntered = False
+
+
+# ------------------------------------------------------------------------------ Segment Editor effects
+
+
+class FakeScriptedEffect:
+    """Strict double of ``qSlicerSegmentEditorScriptedEffect``, the C++ adaptor a scripted effect gets as
+    ``scriptedEffect``: the properties and methods the effects use (``name``, ``title``, ``perSegment``,
+    ``addOptionsWidget``, ``addLabeledOptionsWidget``, ``sourceVolumeImageData``, ``parameterSetNode``);
+    anything else raises ``AttributeError``. ``options``: the widgets added, in order."""
+
+    __slots__ = ("name", "title", "perSegment", "options", "_sourceImage", "_parameterSetNode")
+
+    def __init__(self, sourceImage, parameterSetNode):
+        self.name, self.title, self.perSegment = "", "", True
+        self.options = []
+        self._sourceImage, self._parameterSetNode = sourceImage, parameterSetNode
+
+    def addOptionsWidget(self, widget):
+        self.options.append(widget)
+
+    def addLabeledOptionsWidget(self, label, widget):
+        self.options.append((label, widget))
+
+    def sourceVolumeImageData(self):
+        """The source volume aligned to the segmentation's geometry (here: given, a vtkOrientedImageData)."""
+        return self._sourceImage
+
+    def parameterSetNode(self):
+        return self._parameterSetNode
+
+
+def segmentEditorEffectsModule():
+    """A ``SegmentEditorEffects`` module with a double of ``AbstractScriptedSegmentEditorAutoCompleteEffect``,
+    modelled after Slicer's (Modules/Loadable/Segmentations/EditorEffects/Python/SegmentEditorEffects/
+    AbstractScriptedSegmentEditorAutoCompleteEffect.py, v5.8): ``__init__`` makes the effect work on the
+    whole segmentation (``perSegment`` False); ``setupOptionsFrame`` adds the Auto-update check box and the
+    Initialize, Cancel and Apply buttons (their ``clicked()`` connected to ``onPreview``, ``onCancel``,
+    ``onApply``); ``preview`` merges the segments of the parameter set's segmentation node (real MRML,
+    ``GenerateMergedLabelmapForAllSegments``, effective extent), calls ``computePreviewLabelmap(mergedImage,
+    outputLabelmap)`` and keeps the output as :attr:`previewLabelmap` (Slicer: a preview segmentation node);
+    ``getPreviewNode`` returns it (Slicer: the preview node), None before Initialize; ``onApply`` records it
+    in :attr:`applied` (Slicer: ``modifySegmentByLabelmap`` per segment) and ``reset``s; ``onCancel``
+    ``reset``s; ``cleanup`` does nothing. ``activate``/``deactivate`` are the effect's own (the C++ adaptor
+    calls them when the effect is selected or left)."""
+    module = types.ModuleType("SegmentEditorEffects")
+
+    class AbstractScriptedSegmentEditorAutoCompleteEffect:
+        def __init__(self, scriptedEffect):
+            scriptedEffect.perSegment = False
+            self.scriptedEffect = scriptedEffect
+            self.previewLabelmap = None
+            self.applied = []
+
+        def setupOptionsFrame(self):
+            self.autoUpdateCheckBox = FakeCheckBox("autoUpdate")
+            self.previewButton = FakePushButton(type(self).__name__ + "Preview")
+            self.previewButton.text = "Initialize"
+            self.cancelButton = FakePushButton(type(self).__name__ + "Cancel")
+            self.applyButton = FakePushButton(type(self).__name__ + "Apply")
+            self.previewButton.connect("clicked()", self.onPreview)
+            self.cancelButton.connect("clicked()", self.onCancel)
+            self.applyButton.connect("clicked()", self.onApply)
+            self.scriptedEffect.addLabeledOptionsWidget("Preview:", self.previewButton)
+            self.scriptedEffect.addOptionsWidget(self.cancelButton)
+            self.scriptedEffect.addOptionsWidget(self.applyButton)
+
+        def onPreview(self):
+            self.preview()
+
+        def preview(self):
+            import slicer
+
+            segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+            mergedImage = slicer.vtkOrientedImageData()
+            segmentationNode.GenerateMergedLabelmapForAllSegments(
+                mergedImage, slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS)
+            outputLabelmap = slicer.vtkOrientedImageData()
+            self.computePreviewLabelmap(mergedImage, outputLabelmap)
+            self.previewLabelmap = outputLabelmap
+            self.previewButton.text = "Update"
+
+        def getPreviewNode(self):
+            """Slicer: the preview segmentation node, or None before Initialize (here: the preview labelmap)."""
+            return self.previewLabelmap
+
+        def reset(self):
+            self.previewLabelmap = None
+            self.previewButton.text = "Initialize"
+
+        def onCancel(self):
+            self.reset()
+
+        def onApply(self):
+            self.applied.append(self.previewLabelmap)
+            self.reset()
+
+        def cleanup(self):
+            pass
+
+    module.AbstractScriptedSegmentEditorAutoCompleteEffect = AbstractScriptedSegmentEditorAutoCompleteEffect
+    return module

@@ -122,3 +122,21 @@ def runPanel(widget, timeout=60):
         if not widget.panel.job.running:
             break
         time.sleep(0.05)
+
+
+def paintedPhantomScene(scene, planes=(3, 10, 18)):
+    """The backend's phantom (64 x 64 x 40, 2 x 2 x 3 mm, oblique) as volume "ct" and a segmentation "paint"
+    whose one segment (liver) is painted on the axial slices ``planes``. Returns (volume, segmentation,
+    liver truth (k, j, i) uint8, IJK->RAS matrix)."""
+    from MedSSL.data.phantom import make_phantom
+    from MedSSLCommonLib import nodes
+
+    phantom = make_phantom(0, shape=(64, 64, 40))
+    truth = np.ascontiguousarray((phantom.labels.array == 1).astype(np.uint8).T)  # (k, j, i)
+    matrix = obliqueMatrix(spacing=(2.0, 2.0, 3.0))
+    volume = nodes.addVolumeFromArray(np.ascontiguousarray(phantom.image.array.T), matrix, "ct", scene=scene)
+    painting = np.zeros_like(truth)
+    painting[list(planes)] = truth[list(planes)]
+    segmentation = nodes.segmentationFromLabelmap(painting, matrix, {"1": {"name": "liver"}}, volume, "paint",
+                                                  scene=scene)
+    return volume, segmentation, truth, matrix

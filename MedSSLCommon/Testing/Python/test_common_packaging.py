@@ -18,7 +18,8 @@ import pytest
 from slicer_testing_helpers import MODULES, ROOT, WIDGET_MODULES
 
 # need the Slicer application
-QT_ALLOWED = {"MedSSLCommon.py", "MedSSLSegment.py", "MedSSLTrainer.py", "gui.py", "install.py", "widget.py"}
+QT_ALLOWED = {"MedSSLCommon.py", "MedSSLSegment.py", "MedSSLTrainer.py", "gui.py", "install.py", "widget.py",
+              "SegmentEditorMedSSLFillEffect.py"}
 
 
 def pythonFiles(module, includeTests=False):
