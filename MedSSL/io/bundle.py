@@ -152,6 +152,7 @@ class BundleMeta(_Record):
     input_fit: str = _key(str)
     fewshot: dict = _key(dict)
     data_summary: dict = _key(dict)
+    cohort: dict = _key(dict)  # cohort model: {"width", "working_spacing_mm", "completion": {...}} (choices made)
     versions: dict = _key(dict)
     format_version: int = BUNDLE_VERSION
     extra: dict = field(default_factory=dict)

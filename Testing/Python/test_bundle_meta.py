@@ -182,7 +182,9 @@ def test_every_writer_s_output_parses(tmp_path):
                  str(tmp_path / "lab.nii.gz"), "--init", str(tmp_path / "pre"), "--steps", "1", "--patch", "16", "16",
                  "16", "--bn-recalibration", "0", "--out", str(tmp_path / "seg"), *quiet]) == 0
     seg = check_written(tmp_path / "seg")
-    assert set(seg.to_json()) == set(SEGMENT_V1) and seg.init["method"] == "genesis"
+    # a segmentation bundle of today is a cohort model: version 1's keys and the choices it made ("cohort")
+    assert set(seg.to_json()) == set(SEGMENT_V1) | {"cohort"} and seg.init["method"] == "genesis"
+    assert seg.cohort["completion"]["engine"] == "few-shot"
 
     rows = ["image,label"]
     for i in range(4):

@@ -137,8 +137,9 @@ def test_phantom_painted_slices_generalise_to_unseen_slices(tmp_path):
     sparse[:, :, ::4] = truth[:, :, ::4]  # every 4th axial slice painted
     write_volume(ph.image, tmp_path / "ct.nii.gz")
     write_volume(ph.image.with_array(sparse), tmp_path / "painted.nii.gz")
+    # the network on the painted planes themselves (--no-completion; completed paintings: test_cohort.py)
     assert finetune(tmp_path / "ct.nii.gz", tmp_path / "painted.nii.gz", tmp_path / "m", "--steps", "100",
-                    "--patch", "32", "32", "16", "--classes", "1=liver,5=lungs") == 0
+                    "--patch", "32", "32", "16", "--classes", "1=liver,5=lungs", "--no-completion") == 0
     meta = read_meta(tmp_path / "m")
     assert meta["fewshot"]["annotation"] == "slices" and meta["fewshot"]["postprocess"]["connected_to_annotation"]
     assert meta["data_summary"]["annotations"][0] == {"kind": "slices", "axis": 2, "slices": 8,

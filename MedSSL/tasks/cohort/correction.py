@@ -78,7 +78,9 @@ def worst_planes(draft: np.ndarray, truth: np.ndarray, axis: int, count: int, mi
 
 def is_cohort_model(meta) -> bool:
     """A network bundle written by the cohort path (model.json has a ``cohort`` entry)."""
-    return "cohort" in meta.extra
+    from MedSSL.io.bundle import ABSENT
+
+    return meta.cohort is not ABSENT
 
 
 def predict_corrected(model, image_path, annotation_path, out, options, progress, probabilities=None) -> dict:

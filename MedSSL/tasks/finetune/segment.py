@@ -237,7 +237,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         data_summary={**summary, "modalities": _counts(modalities),
                       "class_voxels": _class_voxels(train_volumes + val_volumes, mapping)})
     if describe:
-        meta = replace(meta, extra={**meta.extra, "cohort": describe})
+        meta = replace(meta, cohort=describe)
     save_bundle(out, state, meta)
     return out
 

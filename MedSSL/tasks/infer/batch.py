@@ -70,8 +70,8 @@ def predict_many(model: LoadedModel, images: list, out, options: PredictOptions,
     if model.task != "segment":
         raise MedSSLError("--model: a classification bundle; several images are predicted one by one "
                           "(a batch writes label maps)")
+    sources = find_volumes(images)  # first: an input that holds no scan is named before --out is looked at
     folder = check_batch_out(out)
-    sources = find_volumes(images)
     rows, taken, outputs = [], set(), []
     for i, source in enumerate(sources, start=1):
         name = output_name(Path(source), taken)
