@@ -61,7 +61,8 @@ class FinetuneConfig:
     options, defaults included (the training budget's in ``loop``: 500 steps).
 
     images/labels: paired paths (segment); csv: the ``image,label`` table (classify). init: bundle or
-    official ``.pt`` (None = from scratch). width: None = the init's width, else 32. patch: (X, Y, Z)
+    official ``.pt`` (None = from scratch). width: None = the init's width, else 8 (segmentation,
+    :data:`MedSSL.tasks.cohort.train.DEFAULT_WIDTH`) or 32 (classification). patch: (X, Y, Z)
     voxels, multiples of 8 (None = automatic); for one-slice images (X, Y) or (X, Y, 1), kept as
     (X, Y, 1). spacing: mm (None = the init bundle's, else the grid; one-slice images keep their own
     slice thickness: only X and Y are resampled).
@@ -83,7 +84,8 @@ class FinetuneConfig:
                                  help='class names and colours: a JSON file {"1": {"name": "spleen", "color": [r, g, b]}} '
                                       "(0..1) or 1=spleen,2=liver; default: <label>.classes.json next to the first label "
                                       "(label.nii.gz -> label.classes.json), else label_<value>")
-    width: int | None = option(None, type=int, help="base channels of the U-Net (default: the --init model's width, else 32)")
+    width: int | None = option(None, type=int, help="base channels of the U-Net (default: the --init model's width; from "
+                                                    "scratch 8 for segmentation, chosen for a CPU, 32 for classification)")
     patch: tuple | None = option(None, type=int, nargs="+", metavar="N",
                                  help="patch size in voxels, multiples of 8: X Y Z for volumes (default: segment 64 64 Z "
                                       "with Z about the in-plane extent, 8..32, e.g. 16 for 5 mm slices; classify 64 64 "
