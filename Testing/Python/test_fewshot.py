@@ -316,6 +316,17 @@ def test_bench_fewshot_quick_smoke(tmp_path, capsys):
     assert cell["engine"]["mean"] > cell["interpolation"]["mean"] + 0.05 and (tmp_path / "dice_vs_k.png").is_file()
 
 
+def test_bench_fewshot_large_quick_smoke(tmp_path, capsys):
+    """The large benchmark's table (docs/benchmarks/fewshot-large.md) cannot lose the code that made it."""
+    out = _bench("bench_fewshot_large", ["--quick", "--out", str(tmp_path)], capsys)
+    if "skipped" in out:
+        pytest.skip(out["skipped"])
+    cell = out["per_painting"]["main:3"]
+    assert out["instances"] == 2 and cell["n"] == 2 and cell["fraction_below_interpolation"] == 0.0
+    assert cell["engine_mean"] > cell["interpolation_mean"] + 0.1 and (tmp_path / "dice_vs_size_contrast.png").is_file()
+    assert len((tmp_path / "runs.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
 def test_bench_fewshot_speed_quick_smoke(capsys):
     out = _bench("bench_fewshot_speed", ["--quick"], capsys)
     if "skipped" in out:
