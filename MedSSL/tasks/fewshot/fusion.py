@@ -18,6 +18,10 @@ TREND = "trend"
 MIN_TAPER = 0.1
 #: past the painted range the image is the only evidence: the walk weighs appearance at least this much
 WALK_MIN_WEIGHT = 1.0
+#: past the painted range a voxel outside the carried shape needs appearance log-odds at least this strong
+STRONG_ODDS = 4.0
+#: ... and may then lie at most this far outside the previous slice's shape, mm per mm travelled
+WALK_GROWTH = 0.5
 TAU0_MM = 1.0
 TAU1 = 0.15
 
@@ -37,14 +41,21 @@ def shape_temperature(distance_mm: float) -> float:
     return TAU0_MM + TAU1 * distance_mm
 
 
-def walk(start: np.ndarray, start_index: int, slices, odds, weight, shrink, classes, sampling, dz) -> list:
+def walk(start: np.ndarray, start_index: int, slices, odds, weight, shrink, classes, sampling, dz,
+         grow: bool = True) -> list:
     """Carry ``start`` (X, Y labels of the painted plane at slice ``start_index``) through ``slices``
     (indices moving away from it, either way), using ``odds(k)`` -> (C, X, Y) and ``shrink(k_from, k_to)``
-    -> (C,) mm; returns [(k, labels, prob)] up to the first empty slice."""
+    -> (C,) mm; returns [(k, labels, prob)] up to the first empty slice.
+
+    The walk cannot run away: a slice keeps outside the carried (shrunk) shape only voxels of strong
+    appearance (log-odds >= STRONG_ODDS) within WALK_GROWTH mm per mm of the previous slice's shape, and
+    nothing outside it when ``grow`` is False (a poor appearance model, :func:`.calibration.walk_may_grow`)."""
     out, previous, k_prev = [], start, start_index
     for step, k in enumerate(slices, start=1):
-        d = carry(previous, classes, sampling, shrink(k_prev, k))
-        labels, prob = decide(d, shape_temperature(step * dz), odds(k), weight, classes)
+        shrunk = np.broadcast_to(np.asarray(shrink(k_prev, k), np.float32), (len(classes),))
+        d, a = carry(previous, classes, sampling, shrunk), odds(k)
+        labels, prob = decide(d, shape_temperature(step * dz), a, weight, classes)
+        labels, prob = within_reach(labels, prob, d, a, shrunk, classes, WALK_GROWTH * dz if grow else None)
         labels = keep_overlapping(labels, previous, classes)
         out.append((k, labels, prob))
         k_prev = k
@@ -52,6 +63,20 @@ def walk(start: np.ndarray, start_index: int, slices, odds, weight, shrink, clas
             break
         previous = labels
     return out
+
+
+def within_reach(labels, prob, d, a, shrunk, classes, growth_mm):
+    """Drop a walked slice's voxels outside the carried shape (``d`` > 0, (C, X, Y) mm) unless their
+    log-odds ``a`` are >= STRONG_ODDS and they lie within ``growth_mm`` of the previous slice's shape
+    (``d - shrunk``); ``growth_mm`` None: drop every voxel outside. Returns (labels, prob)."""
+    out = labels.copy()
+    for i, c in enumerate(classes):
+        outside = (labels == c) & (d[i] > 0)
+        if growth_mm is not None:
+            outside &= (a[i] < STRONG_ODDS) | (d[i] - shrunk[i] > growth_mm)
+        out[outside] = 0
+    dropped = out != labels
+    return out, np.where(dropped, 1.0 - prob, prob).astype(np.float32)
 
 
 def radius_trend(frame: Frame, classes, planes) -> list:
@@ -103,8 +128,8 @@ def shrink_fn(frame: Frame, classes, taper, planes=None, fallback: float = 0.3):
     return shrink
 
 
-def compose(frame: Frame, odds, weight: float, taper, classes) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and probabilities of the whole region for one (weight, taper)."""
+def compose(frame: Frame, odds, weight: float, taper, classes, grow: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of the whole region for one (weight, taper); ``grow``: see :func:`walk`."""
     shrink = shrink_fn(frame, classes, taper)
     shape = frame.labels.shape
     sampling, dz = tuple(frame.spacing[:2]), float(frame.spacing[2])
@@ -120,6 +145,7 @@ def compose(frame: Frame, odds, weight: float, taper, classes) -> tuple[np.ndarr
             d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
             out[..., k], prob[..., k] = decide(d, shape_temperature(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
     for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
-        for k, labels, p in walk(out[..., start], start, slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz):
+        for k, labels, p in walk(out[..., start], start, slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz,
+                                 grow):
             out[..., k], prob[..., k] = labels, p
     return out, prob
