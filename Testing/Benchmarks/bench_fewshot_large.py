@@ -186,7 +186,8 @@ def run(args) -> None:
 
     torch.set_num_threads(1)
     makers = instance_makers(args.data)
-    names = [n for n in makers if args.only is None or any(n == o or n.startswith(o) for o in args.only)]
+    names = list(makers) if args.only is None else \
+        list(dict.fromkeys(n for o in args.only for n in makers if n == o or n.startswith(o)))  # in --only's order
     runs = args.out / "runs.jsonl"
     if args.fresh and runs.is_file():
         runs.unlink()
