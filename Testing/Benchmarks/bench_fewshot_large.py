@@ -172,7 +172,22 @@ def run_painting(case: Case, axis: int, k: int) -> dict:
     interpolation = dice_unpainted(filled, case.truth, axis, painted)
     return {"painted": painted, "engine": round(engine, 4), "interpolation": round(interpolation, 4),
             "margin": round(engine - interpolation, 4), "seconds": round(seconds, 2), "weight": model.weight,
-            "calibration": model.calibration}
+            "calibration": model.calibration, "errors": {"engine": errors(result.labels, case.truth, axis, painted),
+                                                         "interpolation": errors(filled, case.truth, axis, painted)}}
+
+
+def errors(pred: np.ndarray, truth: np.ndarray, axis: int, painted: list) -> dict:
+    """Voxels wrongly added (fp) and missed (fn) on the unpainted planes, between the first and last painted
+    plane (``_in``) and past them (``_out``): where a method loses."""
+    index = np.arange(truth.shape[axis])
+    inside = (index > min(painted)) & (index < max(painted)) & ~np.isin(index, painted)
+    outside = (index < min(painted)) | (index > max(painted))
+    out = {}
+    for where, keep in (("in", inside), ("out", outside)):
+        p, t = np.compress(keep, pred > 0, axis=axis), np.compress(keep, truth > 0, axis=axis)
+        out[f"fp_{where}"], out[f"fn_{where}"] = int((p & ~t).sum()), int((t & ~p).sum())
+    out["truth"] = int((truth > 0).sum())
+    return out
 
 
 def _done(path: Path) -> set:
