@@ -294,6 +294,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_report(args) -> dict:
     runs = args.out / "runs.jsonl"
     rows = [json.loads(line) for line in runs.read_text(encoding="utf-8").splitlines()] if runs.is_file() else []
+    rows = list({(r["instance"], r["role"], r["k"]): r for r in rows}.values())  # a rerun's row replaces the older one
     if args.only:
         rows = [r for r in rows if any(r["instance"] == o or r["instance"].startswith(o) for o in args.only)]
     rows = [r for r in rows if (r["role"], r["k"]) in set(args.paintings)]
