@@ -11,7 +11,9 @@ inside; tau = TAU0 + TAU1 * distance in mm to the nearest painted plane, so the 
 painted plane and softer between two far ones) with the appearance (a_c: the online classifier's
 log-odds, :mod:`.appearance`). A voxel takes the class of largest z_c when it is positive.
 
-* Between painted planes d_c is the blended distance of the two neighbouring planes (:func:`.shape.blend`).
+* Between painted planes d_c is the blended distance of the two neighbouring planes (:func:`.shape.blend`),
+  less the bulge of a rounded structure (:func:`.fusion.bulge_fn`: a local parabola of the squared
+  equivalent radius against the linear blend of the radii).
 * Past the first and last painted plane, slice by slice, d_c is the previous slice's result carried on
   and shrunk (``taper``: with two or more painted planes, as the painted shapes' equivalent radius
   trends, :func:`.fusion.radius_trend`, at least MIN_TAPER mm per mm; with one, ``default_taper`` mm per mm);

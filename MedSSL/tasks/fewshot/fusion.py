@@ -19,9 +19,11 @@ MIN_TAPER = 0.1
 #: past the painted range the image is the only evidence: the walk weighs appearance at least this much
 WALK_MIN_WEIGHT = 1.0
 #: past the painted range a voxel outside the carried shape needs appearance log-odds at least this strong
-STRONG_ODDS = 4.0
+STRONG_ODDS = 2.0
 #: ... and may then lie at most this far outside the previous slice's shape, mm per mm travelled
-WALK_GROWTH = 0.5
+WALK_GROWTH = 1.0
+#: the most a blended shape grows or shrinks between painted planes by the radius' curvature, x its radius
+BULGE_LIMIT = 0.25
 TAU0_MM = 1.0
 TAU1 = 0.15
 
@@ -128,6 +130,39 @@ def shrink_fn(frame: Frame, classes, taper, planes=None, fallback: float = 0.3):
     return shrink
 
 
+def bulge_fn(frame: Frame, classes, planes):
+    """(k0, k1, k) -> (C,) mm by which each class' blended shape between painted planes k0 < k1 grows at
+    slice k: the equivalent radius of a local parabola of r^2 (through k0, k1 and the painted plane before
+    k0; through k0, k1 and the one after k1; the mean of the two) less the linear blend of the two radii.
+
+    Signed-distance blending interpolates the radius linearly; a rounded structure (an ellipsoid's r^2 is
+    a parabola) is wider between two planes, so the blend under-fills; a waist (r^2 opening upwards) makes
+    it negative. Bounded by BULGE_LIMIT x the larger radius; 0 where a class is absent from k0 or k1, and
+    with two painted planes (no curvature to fit)."""
+    dz, pixel = float(frame.spacing[2]), float(frame.spacing[0] * frame.spacing[1])
+    r2 = np.array([[(frame.painted(k) == c).sum() * pixel / np.pi for c in classes] for k in planes])  # (P, C)
+    zero = np.zeros(len(classes), np.float32)
+
+    def bulge(k0: int, k1: int, k: int) -> np.ndarray:
+        i = planes.index(k0)
+        triples = [t for t in ((i - 1, i, i + 1), (i, i + 1, i + 2)) if t[0] >= 0 and t[2] < len(planes)]
+        if not triples:
+            return zero
+        out = np.zeros(len(classes), np.float32)
+        t = (k - k0) / (k1 - k0)
+        for c in range(len(classes)):
+            if r2[i, c] <= 0 or r2[i + 1, c] <= 0:
+                continue
+            fits = [np.polyval(np.polyfit([planes[j] * dz for j in tri], r2[list(tri), c], 2), k * dz) for tri in triples]
+            r_fit = np.sqrt(max(float(np.mean(fits)), 0.0))
+            r0, r1 = np.sqrt(r2[i, c]), np.sqrt(r2[i + 1, c])
+            limit = BULGE_LIMIT * max(r0, r1)
+            out[c] = np.clip(r_fit - ((1 - t) * r0 + t * r1), -limit, limit)
+        return out
+
+    return bulge
+
+
 def compose(frame: Frame, odds, weight: float, taper, classes, grow: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Labels and probabilities of the whole region for one (weight, taper); ``grow``: see :func:`walk`."""
     shrink = shrink_fn(frame, classes, taper)
@@ -140,9 +175,10 @@ def compose(frame: Frame, odds, weight: float, taper, classes, grow: bool = True
     for k in planes:
         out[..., k] = frame.painted(k)
         prob[..., k] = 1.0
+    bulge = bulge_fn(frame, classes, planes)
     for k0, k1 in zip(planes[:-1], planes[1:]):
         for k in range(k0 + 1, k1):
-            d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0))
+            d = blend(dist[k0], dist[k1], (k - k0) / (k1 - k0)) - bulge(k0, k1, k)[:, None, None]
             out[..., k], prob[..., k] = decide(d, shape_temperature(min(k - k0, k1 - k) * dz), odds(k), weight, classes)
     for start, slices in ((planes[0], range(planes[0] - 1, -1, -1)), (planes[-1], range(planes[-1] + 1, shape[2]))):
         for k, labels, p in walk(out[..., start], start, slices, odds, max(weight, WALK_MIN_WEIGHT), shrink, classes, sampling, dz,
