@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 MAX_FOLDS = 6
 #: below this best held-out Dice the engine's model of the painting is poor: its walks may not grow
-POOR_DICE = 0.5
+POOR_DICE = 0.35
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, classes) -> float:
