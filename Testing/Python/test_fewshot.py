@@ -390,7 +390,8 @@ def test_the_walk_does_not_run_away_into_tissue_that_looks_like_the_lesion():
 def test_the_walk_grows_only_on_strong_evidence_and_not_at_all_when_the_model_is_poor():
     """A walk from a 6 x 6 square into a slice whose appearance says 'structure' everywhere: with
     moderate evidence (log-odds 1) it stays inside the carried shape, with strong evidence (8) it grows
-    by at most WALK_GROWTH mm per mm a slice, and with grow=False (a poor model) not at all."""
+    by at most WALK_GROWTH mm per mm a slice, with grow=False (a poor model) not at all, and unguarded
+    (one painted plane) the appearance and the fading prior decide, and it grows further."""
     from MedSSL.tasks.fewshot.calibration import walk_may_grow
     from MedSSL.tasks.fewshot.fusion import WALK_GROWTH
 
@@ -398,13 +399,15 @@ def test_the_walk_grows_only_on_strong_evidence_and_not_at_all_when_the_model_is
     start[17:23, 17:23] = 1
     shrink = lambda k_from, k_to: np.zeros(1, np.float32)  # noqa: E731
     areas = {}
-    for name, level, grow in (("moderate", 1.0, True), ("strong", 8.0, True), ("poor", 8.0, False)):
+    for name, level, grow, guarded in (("moderate", 1.0, True, True), ("strong", 8.0, True, True),
+                                       ("poor", 8.0, False, True), ("one plane", 8.0, True, False)):
         odds = lambda k, level=level: np.full((1, 40, 40), level, np.float32)  # noqa: E731
-        walked = walk(start, 0, range(1, 4), odds, 1.0, shrink, [1], (1.0, 1.0), 2.0, grow)
+        walked = walk(start, 0, range(1, 4), odds, 1.0, shrink, [1], (1.0, 1.0), 2.0, grow, guarded)
         areas[name] = [int(labels.sum()) for _, labels, _ in walked]
     assert areas["moderate"] == [36, 36, 36] and areas["poor"] == [36, 36, 36]
     side = [6 + 2 * int(WALK_GROWTH * 2.0 * s) for s in (1, 2, 3)]  # at most WALK_GROWTH x 2 mm more a side per slice
     assert areas["strong"][0] > 36 and all(a <= n * n for a, n in zip(areas["strong"], side))
+    assert all(free > guarded for free, guarded in zip(areas["one plane"], areas["strong"]))
     assert walk_may_grow({}) and walk_may_grow({"0": 0.3, "1": 0.8}) and not walk_may_grow({"0": 0.24, "1": 0.25})
 
 

@@ -21,7 +21,8 @@ log-odds, :mod:`.appearance`). A voxel takes the class of largest z_c when it is
   WALK_MIN_WEIGHT there (the image is the only evidence), and the walk stops at the first empty slice.
   It cannot run away: outside the carried shape only voxels of strong appearance (STRONG_ODDS) within
   WALK_GROWTH mm per mm of the previous slice stay, and none when the leave-one-plane-out score says the
-  model is poor (POOR_DICE, :func:`.calibration.walk_may_grow`).
+  model is poor (POOR_DICE, :func:`.calibration.walk_may_grow`). With one painted plane the walks
+  (both ways) are not guarded: the image decides alone.
 * ``weight`` is chosen per volume by leave-one-plane-out on the painting itself: each inner painted
   plane is predicted from its two neighbours, each end plane by walking from the next plane, with an
   appearance model trained without that plane, and the weight with the best mean Dice on the held-out
