@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 MAX_FOLDS = 6
+#: below this best held-out Dice the engine's model of the painting is poor: its walks may not grow
+POOR_DICE = 0.35
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, classes) -> float:
@@ -77,3 +79,10 @@ def choose_weight_and_taper(frame: Frame, classes, settings: FewShotSettings) ->
     scores = fold_scores(frame, classes, settings)
     best = max(scores, key=lambda w: (round(scores[w], 3), -abs(w - settings.default_weight)))
     return best, taper, {f"{w:g}": round(v, 4) for w, v in scores.items()}
+
+
+def walk_may_grow(calibration: dict) -> bool:
+    """False when leave-one-plane-out says the model is poor (best held-out Dice < POOR_DICE): the walks
+    past the painted range then stay inside the carried shape (:func:`.fusion.walk`). True without a
+    calibration (one painted plane, a fixed weight)."""
+    return not calibration or max(calibration.values()) >= POOR_DICE

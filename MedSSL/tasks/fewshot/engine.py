@@ -11,12 +11,18 @@ inside; tau = TAU0 + TAU1 * distance in mm to the nearest painted plane, so the 
 painted plane and softer between two far ones) with the appearance (a_c: the online classifier's
 log-odds, :mod:`.appearance`). A voxel takes the class of largest z_c when it is positive.
 
-* Between painted planes d_c is the blended distance of the two neighbouring planes (:func:`.shape.blend`).
+* Between painted planes d_c is the blended distance of the two neighbouring planes (:func:`.shape.blend`),
+  less the bulge of a rounded structure (:func:`.fusion.bulge_fn`: a local parabola of the squared
+  equivalent radius against the linear blend of the radii).
 * Past the first and last painted plane, slice by slice, d_c is the previous slice's result carried on
   and shrunk (``taper``: with two or more painted planes, as the painted shapes' equivalent radius
   trends, :func:`.fusion.radius_trend`, at least MIN_TAPER mm per mm; with one, ``default_taper`` mm per mm);
   only 2D components that overlap the previous slice are kept, the appearance weighs at least
   WALK_MIN_WEIGHT there (the image is the only evidence), and the walk stops at the first empty slice.
+  It cannot run away: outside the carried shape only voxels of strong appearance (STRONG_ODDS) within
+  WALK_GROWTH mm per mm of the previous slice stay, and none when the leave-one-plane-out score says the
+  model is poor (POOR_DICE, :func:`.calibration.walk_may_grow`). With one painted plane the walks
+  (both ways) are not guarded: the image decides alone.
 * ``weight`` is chosen per volume by leave-one-plane-out on the painting itself: each inner painted
   plane is predicted from its two neighbours, each end plane by walking from the next plane, with an
   appearance model trained without that plane, and the weight with the best mean Dice on the held-out
@@ -35,7 +41,7 @@ import numpy as np
 from MedSSL.data.painted_planes import PaintedPlanes
 from MedSSL.errors import MedSSLError
 from MedSSL.tasks.fewshot.appearance import AppearanceNet
-from MedSSL.tasks.fewshot.calibration import choose_weight_and_taper
+from MedSSL.tasks.fewshot.calibration import choose_weight_and_taper, walk_may_grow
 from MedSSL.tasks.fewshot.frame import moved, prepare_frame
 from MedSSL.tasks.fewshot.fusion import TREND, compose
 
@@ -139,7 +145,8 @@ def apply_painting(model: FewShotModel, image: np.ndarray, spacing, painted: np.
         raise MedSSLError(f"the painting has class value(s) {extra} that the model was not fitted on "
                           f"(it knows {model.classes}): fine-tune again on this painting")
     odds_all = frame.odds(model.net)
-    roi_out, roi_prob = compose(frame, lambda k: odds_all[..., k], model.weight, model.taper, model.classes)
+    roi_out, roi_prob = compose(frame, lambda k: odds_all[..., k], model.weight, model.taper, model.classes,
+                                 grow=walk_may_grow(model.calibration))
     main = planes.main_axis
     moved_shape = moved(planes, painted).shape
     labels = np.zeros(moved_shape, np.uint8)

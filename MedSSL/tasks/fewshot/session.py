@@ -35,6 +35,7 @@ from MedSSL.data.painted_planes import IGNORE, PaintedPlanes, find_painted_plane
 from MedSSL.errors import MedSSLError
 from MedSSL.tasks.fewshot.engine import FewShotModel, FewShotSettings, fit_painting
 from MedSSL.tasks.fewshot.frame import moved, prepare_frame
+from MedSSL.tasks.fewshot.calibration import walk_may_grow
 from MedSSL.tasks.fewshot.fusion import compose
 
 #: warm refit of a correction: this fraction of the settings' steps
@@ -280,7 +281,8 @@ class FewShotSession:
         lo, hi = min(slices), max(slices) + 1
         slab = frame.odds(model.net, lo, hi)
         odds = lambda k: slab[..., k - lo]  # noqa: E731
-        out, _ = compose(frame, odds, model.weight, model.taper, model.classes, None if fresh else set(slices))
+        out, _ = compose(frame, odds, model.weight, model.taper, model.classes, None if fresh else set(slices),
+                         grow=walk_may_grow(model.calibration))
         self._raw[..., slices] = out[..., slices]
         s0, s1 = max(0, lo - 1), min(frame.labels.shape[2], hi + 1)
         box_m = (frame.box[0], frame.box[1], slice(frame.box[2].start + s0, frame.box[2].start + s1))
