@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--spacing", type=float, nargs=3, default=None)
     p.add_argument("--confidence", type=float, default=None, help="--completion-confidence (default: finetune's)")
     p.add_argument("--init", default=None, help="pretrained bundle for --init")
+    p.add_argument("--gaps", type=float, nargs="+", default=None,
+                   help="corrections: planes nearer than this (mm) are redone (default: predict's); several: one "
+                        "row per value")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="a phantom cohort of 3 subjects, a few steps (smoke test)")
@@ -208,9 +211,9 @@ def engine_alone(case, axis, k) -> tuple[np.ndarray, float]:
     return result.labels, time.perf_counter() - started
 
 
-def corrections(draft: np.ndarray, case, axis, counts) -> dict:
-    """{count: (labels, seconds)} after correcting the draft on the ``count`` worst planes."""
-    from MedSSL.tasks.cohort.correction import correct_draft, worst_planes
+def corrections(draft: np.ndarray, case, axis, counts, gaps) -> dict:
+    """{(count, gap_mm): (labels, seconds, planes)} after correcting the draft on the ``count`` worst planes."""
+    from MedSSL.tasks.cohort.correction import GAP_MM, correct_draft, worst_planes
 
     image, truth = read_case(case)
     out = {}
@@ -220,9 +223,10 @@ def corrections(draft: np.ndarray, case, axis, counts) -> dict:
         index = [slice(None)] * 3
         index[axis] = planes
         painted[tuple(index)] = truth[tuple(index)]
-        started = time.perf_counter()
-        labels = correct_draft(image.array.astype(np.float32), image.spacing, draft, painted)
-        out[count] = (labels, time.perf_counter() - started, planes)
+        for gap in gaps or [GAP_MM]:
+            started = time.perf_counter()
+            labels = correct_draft(image.array.astype(np.float32), image.spacing, draft, painted, gap_mm=gap)
+            out[count, gap] = (labels, time.perf_counter() - started, planes)
     return out
 
 
@@ -252,9 +256,10 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                       "predict_s": round(seconds, 2)})
                 if arm == "cohort":
                     wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
-                    for count, (fixed, secs, planes) in corrections(labels, case, axis, wanted).items():
-                        emit({**row, "arm": f"correct{count}", "dice": dice_per_class(fixed, truth, classes),
-                              "planes": planes, "seconds": round(secs, 2)})
+                    for (count, gap), (fixed, secs, planes) in corrections(labels, case, axis, wanted, args.gaps).items():
+                        arm_name = f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
+                        emit({**row, "arm": arm_name, "dice": dice_per_class(fixed, truth, classes),
+                              "planes": planes, "gap_mm": gap, "seconds": round(secs, 2)})
             if "atlas" in args.arms:
                 pred, seconds = atlas(train_cases, case, classes)
                 emit({**row, "arm": "atlas", "dice": dice_per_class(pred, truth, classes), "seconds": round(seconds, 1)})
