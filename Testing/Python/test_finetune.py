@@ -18,7 +18,9 @@ from MedSSL.tasks.infer.predict import PredictOptions, segment
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.models.genesis_unet import GenesisUNet
 from finetune_helpers import blobs_ct, volume
-from medssl_testing import official_checkpoint
+from medssl_testing import StepClock, official_checkpoint
+from MedSSL.engine import loop as loop_module
+from MedSSL.tasks.finetune import common as finetune_common
 
 torch.set_num_threads(1)
 TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--device", "cpu", "--progress", "none", "--threads", "1"]
@@ -262,12 +264,18 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
     assert read_meta(tmp_path / "c")["init"] == {"source": "scratch"}
 
 
-def test_max_time_alone_spreads_the_schedule_over_the_budget(small_case, tmp_path):
-    assert finetune(small_case / "img.nii.gz", small_case / "lab.nii.gz", tmp_path / "m", "--max-time", "3",
+def test_max_time_alone_spreads_the_schedule_over_the_budget(small_case, tmp_path, monkeypatch):
+    """--max-time alone: the step count is fitted to the budget and the run stops by time. The clock is a
+    StepClock (1 s per read) in both the step fitting and the loop, so the counts do not depend on the
+    machine: a timed step reads 1 s, so 40 steps are planned, and the loop's reads end it earlier."""
+    clock = StepClock()
+    monkeypatch.setattr(loop_module, "time", clock)
+    monkeypatch.setattr(finetune_common, "time", clock)
+    assert finetune(small_case / "img.nii.gz", small_case / "lab.nii.gz", tmp_path / "m", "--max-time", "40",
                     "--patch", "16", "16", "16") == 0
     meta = read_meta(tmp_path / "m")
     steps = meta["training"]["steps"]
-    assert 3 <= steps < 10**6
+    assert meta["training"]["stopped_by"] == "time" and 3 <= steps < 40, meta["training"]
     assert meta["history"][len(meta["history"]) // 2]["lr"] > 1e-4  # not a warm-up stretched over 10^9 steps
     text = json.dumps(meta)
     assert str(small_case) not in text and "img.nii.gz" not in text  # no input paths in the bundle

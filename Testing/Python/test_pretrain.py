@@ -18,7 +18,7 @@ from MedSSL.io.volumes import write_volume
 from MedSSL.engine import loop as loop_module
 from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.runtime import OutputLock
-from medssl_testing import official_checkpoint
+from medssl_testing import StepClock, official_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -54,11 +54,18 @@ def test_pretrain_writes_a_complete_bundle(volumes, tmp_path, capsys):
     assert str(volumes) not in text and "case_" not in text
 
 
-def test_max_time_stops_early(volumes, tmp_path):
-    out = tmp_path / "timed"
-    assert main(pretrain_args(volumes, out, tmp_path / "cache", "--max-time", "2", "--progress", "none")) == 0
-    training = read_meta(out)["training"]
-    assert training["stopped_by"] == "time" and training["steps"] >= 1
+def test_max_time_stops_early(volumes, tmp_path, monkeypatch):
+    """--max-time ends the run by the loop's clock, here a StepClock (1 s per read), so the stop does not
+    depend on the machine's speed: stopped by time, before --steps, at the same step in two runs."""
+    stops = []
+    for name in ("a", "b"):
+        monkeypatch.setattr(loop_module, "time", StepClock())
+        out = tmp_path / name
+        assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "50", "--max-time", "10",
+                                  "--progress", "none")) == 0
+        training = read_meta(out)["training"]
+        stops.append((training["stopped_by"], training["steps"]))
+    assert stops[0] == stops[1] and stops[0][0] == "time" and 1 <= stops[0][1] < 50, stops
 
 
 def test_resume_continues_and_existing_runs_are_protected(volumes, tmp_path, capsys):
