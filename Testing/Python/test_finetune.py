@@ -290,9 +290,11 @@ def test_progress_json_and_bundle_fields(small_case, tmp_path, capsys):
     assert any(line["event"] == "progress" and line["stage"] == "finetune" for line in lines)
     meta = read_meta(tmp_path / "m")
     assert meta["task"] == "segment" and meta["detection"] is True
-    for key in ("classes", "architecture", "preprocessing", "patch_size", "history", "init", "versions", "data_summary",
-                "training", "fewshot"):
-        assert key in meta
+    assert meta["architecture"]["width"] == 4 and meta["architecture"]["out_channels"] == 1 + len(meta["classes"])
+    assert meta["patch_size"] == [16, 16, 16] and meta["init"] == {"source": "scratch"}
+    assert meta["training"]["steps"] == 3 and meta["history"] and meta["history"][-1]["step"] == 3
+    assert meta["preprocessing"]["modality"] == "CT" and meta["versions"]["torch"] == torch.__version__
+    assert meta["fewshot"]["annotation"] in ("dense", "slices")
     assert meta["data_summary"]["spacings_mm"] == [[1.5, 1.5, 3.0]]
 
 
@@ -304,7 +306,7 @@ def test_resume_several_images_validation_and_spacing(small_case, tmp_path):
              "--image", str(tmp_path / "img2.nii.gz"), "--label", str(tmp_path / "lab2.nii.gz")]
     base = ["finetune", *pairs, "--out", str(tmp_path / "m"), "--width", "4", "--patch", "16", "16", "8",
             "--val-fraction", "0.5", "--val-every", "2", "--checkpoint-every", "2", "--spacing", "2", "2", "3",
-            "--progress", "none"]
+            "--device", "cpu", "--progress", "none"]
     assert main([*base, "--steps", "4"]) == 0
     assert main([*base, "--steps", "6"]) == 2  # the folder holds a run: --resume or another --out
     assert main([*base, "--steps", "6", "--resume"]) == 0
