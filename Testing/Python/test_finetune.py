@@ -130,6 +130,13 @@ def test_training_on_annotated_ends_does_not_learn_the_unannotated_middle(tmp_pa
 # ----- learning from painted slices ----------------------------------------------------------------
 
 
+def best_window_dice(image: np.ndarray, target: np.ndarray) -> float:
+    """The trivial baseline: the best Dice of a plain intensity window [lo, hi] (HU, steps of 20) against
+    ``target`` (the phantom's organs are intensity bands, so a window is a strong baseline)."""
+    values = np.arange(-1000, 1001, 20)
+    return max(dice((image >= lo) & (image < hi), target) for i, lo in enumerate(values) for hi in values[i + 1:i + 40])
+
+
 def test_phantom_painted_slices_generalise_to_unseen_slices(tmp_path):
     ph = make_phantom(0, shape=(48, 48, 32), spacing=(5.0, 5.0, 6.0))
     truth = np.zeros(ph.labels.shape, np.uint8)
@@ -148,8 +155,11 @@ def test_phantom_painted_slices_generalise_to_unseen_slices(tmp_path):
     pred = segment(load_model(tmp_path / "m", torch.device("cpu")), ph.image, "ct", PredictOptions()).labels.array
     unseen = np.ones(truth.shape[2], bool)
     unseen[::4] = False
-    assert dice(pred[:, :, unseen] == 5, truth[:, :, unseen] == 5) > 0.8
-    assert dice(pred[:, :, unseen] == 1, truth[:, :, unseen] == 1) > 0.5
+    image = ph.image.array[:, :, unseen]
+    for value in (5, 1):  # lungs, liver: better than the best plain intensity window (measured 0.80, 0.53)
+        target = truth[:, :, unseen] == value
+        window = best_window_dice(image, target)
+        assert dice(pred[:, :, unseen] == value, target) > window, (value, dice(pred[:, :, unseen] == value, target), window)
 
 
 # ----- label values and classes --------------------------------------------------------------------
