@@ -1,16 +1,20 @@
 """Options that no other test exercised, checked by their effect: predict's detection filters
 (--min-score at a value that keeps some findings, --min-volume, --max-findings) and --threads; suggest
---axis; finetune --val-fraction and --bn-recalibration."""
+--axis; finetune --val-fraction and --bn-recalibration; pretrain --no-amp, --cubes-per-volume and
+--modality as the bundle records them."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from MedSSL.commands.cli import main
+from MedSSL.engine import acceleration
+from MedSSL.engine.acceleration import precision_name
 from MedSSL.io.bundle import load_bundle, read_meta
 from MedSSL.io.volumes import write_volume
 from finetune_helpers import blobs_ct, volume
@@ -108,3 +112,24 @@ def test_bn_recalibration_recomputes_only_the_batchnorm_statistics(blobs, tmp_pa
             assert torch.equal(kept[k], recomputed[k]), k
     assert "recomputed on 4 batches" in read_meta(tmp_path / "recomputed")["batchnorm"]
     assert read_meta(tmp_path / "kept")["batchnorm"].startswith("running statistics")
+
+
+def test_pretrain_precision_cube_count_and_modality_reach_the_bundle(large_phantoms, tmp_path, capsys, monkeypatch):
+    """--no-amp trains and records fp32 where the default is bf16 autocast (a CPU with native bf16, patched
+    in so every machine takes that path); --cubes-per-volume 3 cuts 3 cubes from each of the 3 volumes; --modality MR normalises as MR
+    and says so, where the phantoms' HU values would be read as CT."""
+    base = ["pretrain", "--data", str(large_phantoms), "--cache", str(tmp_path / "cache"), "--width", "4",
+            "--patch", "24", "16", "8", "--batch-size", "2", "--steps", "1", "--device", "cpu", "--progress", "json"]
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: True)
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "fp32"), "--no-amp", "--cubes-per-volume", "3", "--modality", "MR"]) == 0
+    logs = [json.loads(line).get("message", "") for line in capsys.readouterr().out.splitlines()]
+    counts = [re.search(r"(\d+) training and (\d+) validation cubes", m) for m in logs]
+    counts = [c for c in counts if c]
+    assert counts and sum(map(int, counts[0].groups())) == 3 * 3, logs
+    meta = read_meta(tmp_path / "fp32")
+    assert meta["training"]["precision"] == "fp32" and meta["preprocessing"]["modality"] == "MR"
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    meta = read_meta(tmp_path / "default")
+    assert meta["training"]["precision"] == precision_name(torch.device("cpu"), True) != "fp32"
+    assert meta["preprocessing"]["modality"] == "CT"
