@@ -1,5 +1,6 @@
 """Small helpers shared by the test files (importable because pytest puts this folder on sys.path)."""
 
+import time
 from pathlib import Path
 
 import torch
@@ -44,3 +45,20 @@ def check_ark_teacher_update(method, first_batch, second_batch) -> None:
     loss, parts = method.training_loss(second_batch, torch.Generator().manual_seed(0))
     assert parts["c"] == pytest.approx(0.25)
     assert float(loss.detach()) == pytest.approx(0.75 * parts["task"] + 0.25 * parts["consistency"], rel=1e-5)
+
+
+class StepClock:
+    """A stand-in for the ``time`` module of the training loop (``monkeypatch.setattr(loop_module, "time",
+    StepClock())``) whose ``monotonic()`` advances ``tick`` seconds per call: a ``--max-time`` budget then
+    ends after a fixed number of loop iterations on any machine, however loaded. Other ``time`` functions
+    are the real ones."""
+
+    def __init__(self, tick: float = 1.0):
+        self.now, self.tick = 0.0, tick
+
+    def monotonic(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)

@@ -105,7 +105,7 @@ def test_bad_input_is_refused_cleanly(corpus, tmp_path, capsys, index):
     status = main([*argv, "--cache", str(tmp_path / "cache")] if argv[0] == "pretrain" else argv)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert status != 0, f"{case}: {argv[0]} accepted it"
+    assert status == 2, f"{case}: {argv[0]} gave exit status {status}, not 2 (bad input)"
     assert len(lines) == 1 and lines[0].startswith("medssl: error: "), f"{case}: {argv[0]}: {captured.err!r}"
     assert named in lines[0], f"{case}: {argv[0]} does not name the input: {lines[0]}"
     assert "Traceback" not in captured.err + captured.out

@@ -18,7 +18,9 @@ from MedSSL.tasks.infer.predict import PredictOptions, segment
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.models.genesis_unet import GenesisUNet
 from finetune_helpers import blobs_ct, volume
-from medssl_testing import official_checkpoint
+from medssl_testing import StepClock, official_checkpoint
+from MedSSL.engine import loop as loop_module
+from MedSSL.tasks.finetune import common as finetune_common
 
 torch.set_num_threads(1)
 TINY = ["--width", "8", "--lr", "3e-3", "--batch-size", "2", "--device", "cpu", "--progress", "none", "--threads", "1"]
@@ -128,6 +130,13 @@ def test_training_on_annotated_ends_does_not_learn_the_unannotated_middle(tmp_pa
 # ----- learning from painted slices ----------------------------------------------------------------
 
 
+def best_window_dice(image: np.ndarray, target: np.ndarray) -> float:
+    """The trivial baseline: the best Dice of a plain intensity window [lo, hi] (HU, steps of 20) against
+    ``target`` (the phantom's organs are intensity bands, so a window is a strong baseline)."""
+    values = np.arange(-1000, 1001, 20)
+    return max(dice((image >= lo) & (image < hi), target) for i, lo in enumerate(values) for hi in values[i + 1:i + 40])
+
+
 def test_phantom_painted_slices_generalise_to_unseen_slices(tmp_path):
     ph = make_phantom(0, shape=(48, 48, 32), spacing=(5.0, 5.0, 6.0))
     truth = np.zeros(ph.labels.shape, np.uint8)
@@ -147,8 +156,11 @@ def test_phantom_painted_slices_generalise_to_unseen_slices(tmp_path):
     pred = segment(load_model(tmp_path / "m", torch.device("cpu")), ph.image, "ct", PredictOptions()).labels.array
     unseen = np.ones(truth.shape[2], bool)
     unseen[::4] = False
-    assert dice(pred[:, :, unseen] == 5, truth[:, :, unseen] == 5) > 0.8
-    assert dice(pred[:, :, unseen] == 1, truth[:, :, unseen] == 1) > 0.5
+    image = ph.image.array[:, :, unseen]
+    for value in (5, 1):  # lungs, liver: better than the best plain intensity window (measured 0.80, 0.53)
+        target = truth[:, :, unseen] == value
+        window = best_window_dice(image, target)
+        assert dice(pred[:, :, unseen] == value, target) > window, (value, dice(pred[:, :, unseen] == value, target), window)
 
 
 # ----- label values and classes --------------------------------------------------------------------
@@ -263,12 +275,18 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
     assert read_meta(tmp_path / "c")["init"] == {"source": "scratch"}
 
 
-def test_max_time_alone_spreads_the_schedule_over_the_budget(small_case, tmp_path):
-    assert finetune(small_case / "img.nii.gz", small_case / "lab.nii.gz", tmp_path / "m", "--max-time", "3",
+def test_max_time_alone_spreads_the_schedule_over_the_budget(small_case, tmp_path, monkeypatch):
+    """--max-time alone: the step count is fitted to the budget and the run stops by time. The clock is a
+    StepClock (1 s per read) in both the step fitting and the loop, so the counts do not depend on the
+    machine: a timed step reads 1 s, so 40 steps are planned, and the loop's reads end it earlier."""
+    clock = StepClock()
+    monkeypatch.setattr(loop_module, "time", clock)
+    monkeypatch.setattr(finetune_common, "time", clock)
+    assert finetune(small_case / "img.nii.gz", small_case / "lab.nii.gz", tmp_path / "m", "--max-time", "40",
                     "--patch", "16", "16", "16") == 0
     meta = read_meta(tmp_path / "m")
     steps = meta["training"]["steps"]
-    assert 3 <= steps < 10**6
+    assert meta["training"]["stopped_by"] == "time" and 3 <= steps < 40, meta["training"]
     assert meta["history"][len(meta["history"]) // 2]["lr"] > 1e-4  # not a warm-up stretched over 10^9 steps
     text = json.dumps(meta)
     assert str(small_case) not in text and "img.nii.gz" not in text  # no input paths in the bundle
@@ -283,9 +301,11 @@ def test_progress_json_and_bundle_fields(small_case, tmp_path, capsys):
     assert any(line["event"] == "progress" and line["stage"] == "finetune" for line in lines)
     meta = read_meta(tmp_path / "m")
     assert meta["task"] == "segment" and meta["detection"] is True
-    for key in ("classes", "architecture", "preprocessing", "patch_size", "history", "init", "versions", "data_summary",
-                "training", "fewshot"):
-        assert key in meta
+    assert meta["architecture"]["width"] == 4 and meta["architecture"]["out_channels"] == 1 + len(meta["classes"])
+    assert meta["patch_size"] == [16, 16, 16] and meta["init"] == {"source": "scratch"}
+    assert meta["training"]["steps"] == 3 and meta["history"] and meta["history"][-1]["step"] == 3
+    assert meta["preprocessing"]["modality"] == "CT" and meta["versions"]["torch"] == torch.__version__
+    assert meta["fewshot"]["annotation"] in ("dense", "slices")
     assert meta["data_summary"]["spacings_mm"] == [[1.5, 1.5, 3.0]]
 
 
@@ -297,7 +317,7 @@ def test_resume_several_images_validation_and_spacing(small_case, tmp_path):
              "--image", str(tmp_path / "img2.nii.gz"), "--label", str(tmp_path / "lab2.nii.gz")]
     base = ["finetune", *pairs, "--out", str(tmp_path / "m"), "--width", "4", "--patch", "16", "16", "8",
             "--val-fraction", "0.5", "--val-every", "2", "--checkpoint-every", "2", "--spacing", "2", "2", "3",
-            "--progress", "none"]
+            "--device", "cpu", "--progress", "none"]
     assert main([*base, "--steps", "4"]) == 0
     assert main([*base, "--steps", "6"]) == 2  # the folder holds a run: --resume or another --out
     assert main([*base, "--steps", "6", "--resume"]) == 0

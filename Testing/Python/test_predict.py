@@ -189,7 +189,14 @@ def test_detections_json_end_to_end(trained, tmp_path, capsys):
     for centre in truth:  # every blob is found within 2 mm of where it is
         assert min(np.linalg.norm(np.array(d["center_mm"]) - centre) for d in big) < 2.0
     pred = read_volume(tmp_path / "pred.nrrd").array
-    assert 2 * ((pred == 1) & (labels == 1)).sum() / ((pred == 1).sum() + (labels == 1).sum()) > 0.7
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    # a threshold at 150 HU scores 1.0 on these blobs, so the bar is about geometry, not learning: the labels
+    # must land on the input's oblique grid better than the truth moved by one voxel along any axis (0.82-0.83)
+    moved = max(dice(np.roll(labels == 1, 1, axis=a), labels == 1) for a in range(3))
+    assert dice(pred == 1, labels == 1) > moved, (dice(pred == 1, labels == 1), moved)
 
 
 def test_annotation_and_largest_component_options(trained, tmp_path):

@@ -18,7 +18,7 @@ from MedSSL.io.volumes import write_volume
 from MedSSL.engine import loop as loop_module
 from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.runtime import OutputLock
-from medssl_testing import official_checkpoint
+from medssl_testing import StepClock, official_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -54,11 +54,18 @@ def test_pretrain_writes_a_complete_bundle(volumes, tmp_path, capsys):
     assert str(volumes) not in text and "case_" not in text
 
 
-def test_max_time_stops_early(volumes, tmp_path):
-    out = tmp_path / "timed"
-    assert main(pretrain_args(volumes, out, tmp_path / "cache", "--max-time", "2", "--progress", "none")) == 0
-    training = read_meta(out)["training"]
-    assert training["stopped_by"] == "time" and training["steps"] >= 1
+def test_max_time_stops_early(volumes, tmp_path, monkeypatch):
+    """--max-time ends the run by the loop's clock, here a StepClock (1 s per read), so the stop does not
+    depend on the machine's speed: stopped by time, before --steps, at the same step in two runs."""
+    stops = []
+    for name in ("a", "b"):
+        monkeypatch.setattr(loop_module, "time", StepClock())
+        out = tmp_path / name
+        assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "50", "--max-time", "10",
+                                  "--progress", "none")) == 0
+        training = read_meta(out)["training"]
+        stops.append((training["stopped_by"], training["steps"]))
+    assert stops[0] == stops[1] and stops[0][0] == "time" and 1 <= stops[0][1] < 50, stops
 
 
 def test_resume_continues_and_existing_runs_are_protected(volumes, tmp_path, capsys):
@@ -194,22 +201,10 @@ def test_torchrun_two_cpu_processes(volumes, tmp_path):
     assert not torch.equal(alone[key], rank0[key])
 
 
-class _StepClock:
-    """time.monotonic for the training loop: each reading advances ``tick`` seconds, so a time budget lasts
-    the same number of steps however loaded the machine is."""
-
-    def __init__(self, tick):
-        self.now, self.tick = 1000.0, tick
-
-    def monotonic(self):
-        self.now += self.tick
-        return self.now
-
-
 def test_a_time_only_budget_warms_up_and_decays_within_the_time(volumes, tmp_path, monkeypatch):
     """--max-time without --steps: the schedule follows the clock (not 10**9 steps of warm-up). The loop's
     clock advances 0.05 s per reading (3 a step): 4 s is about 26 steps on any machine."""
-    monkeypatch.setattr(loop_module, "time", _StepClock(0.05))
+    monkeypatch.setattr(loop_module, "time", StepClock(0.05))
     out = tmp_path / "clock"
     assert main(pretrain_args(volumes, out, tmp_path / "cache", "--max-time", "4", "--progress", "none")) == 0
     training = read_meta(out)["training"]
@@ -230,6 +225,8 @@ def test_lr_schedule_by_step_and_by_time():
 
 
 def test_torchrun_finetune_two_cpu_processes(tmp_path):
+    """Fine-tuning under torchrun: both ranks end with identical parameters (gradients averaged), as in
+    pretraining, and the bundle records world_size 2."""
     phantom = make_phantom(0, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0))
     write_volume(phantom.image, tmp_path / "ct.nii.gz")
     painted = phantom.labels.array.copy()
@@ -238,14 +235,19 @@ def test_torchrun_finetune_two_cpu_processes(tmp_path):
     write_volume(phantom.labels.with_array(painted), tmp_path / "painted.nii.gz")
     out = tmp_path / "ddp_ft"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "MedSSL",
-           "finetune", "--engine", "network", "--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "painted.nii.gz"),
+    script = tmp_path / "rank_weights.py"
+    script.write_text(RANK_WEIGHTS, encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "ddp_ft"), "finetune", "--engine", "network", "--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "painted.nii.gz"),
            "--out", str(out), "--width", "4", "--patch", "32", "32", "16", "--steps", "4", "--device", "cpu",
            "--progress", "none"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-8000:]
     meta = read_meta(out)
     assert meta["world_size"] == 2 and meta["task"] == "segment"
+    rank0 = torch.load(tmp_path / "ddp_ft.rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "ddp_ft.rank1.pt", weights_only=True)
+    assert rank0 and rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
 def test_method_settings_are_checked_before_any_data_is_read(tmp_path, capsys):

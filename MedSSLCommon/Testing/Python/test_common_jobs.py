@@ -2,6 +2,7 @@
 Pure Python (no slicer needed): the child is a small script written by each test."""
 
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -93,7 +94,9 @@ def alive(pid):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks /proc")
 @pytest.mark.parametrize("ignore_term", [False, True])
-def test_cancel_ends_the_whole_tree_within_5s(tmp_path, ignore_term):
+def test_cancel_ends_the_whole_tree(tmp_path, ignore_term):
+    """Cancel ends the child and its grandchild: SIGTERM, and SIGKILL after the grace period for a child
+    that ignores SIGTERM (its exit status says which signal ended it; no wall-clock bound)."""
     pid_file = tmp_path / "grandchild.pid"
     child = script(tmp_path, f"""
         import signal, subprocess
@@ -113,10 +116,9 @@ def test_cancel_ends_the_whole_tree_within_5s(tmp_path, ignore_term):
         time.sleep(0.05)
     grandchild = int(pid_file.read_text())
     assert alive(grandchild)
-    started = time.monotonic()
     job.cancel(grace=1.0 if ignore_term else 2.0)
-    assert time.monotonic() - started < 5.0
     assert job.status == jobs.CANCELLED
+    assert job.returnCode == -(signal.SIGKILL if ignore_term else signal.SIGTERM)
     time.sleep(0.2)
     assert not alive(job._process.pid) and not alive(grandchild)
     with pytest.raises(jobs.JobError, match="cancelled"):

@@ -178,11 +178,27 @@ def test_fewshot_engine_on_sagittal_paint_and_a_correction_round(scene, real_bac
     labels, _ = nodes.segmentsLabelmap(trainer.lastOutputs["segmentation"], volume)
     hidden = np.ones(array.shape, bool)
     hidden[:, :, [13, 17]] = False
-    dice = 2 * ((labels > 0) & (truth > 0) & hidden).sum() / (((labels > 0) & hidden).sum() + (truth[hidden] > 0).sum())
-    assert dice > 0.8  # interpolation has nothing outside i = 13..17, where most of the lesion is
+    def dice(pred):
+        return 2 * ((pred > 0) & (truth > 0) & hidden).sum() / (((pred > 0) & hidden).sum() + (truth[hidden] > 0).sum())
 
+    # the trivial baseline a user has: interpolation between the same planes (Fill between slices), which has
+    # nothing outside i = 13..17 (measured: 0.75; the engine 0.95). A global threshold is no baseline here:
+    # the phantom's truth is one, by construction.
+    from MedSSL.tasks.evaluate import interpolate_between_slices
+
+    sparse = np.full(array.shape, 255, np.uint8)
+    sparse[:, :, [13, 17]] = truth[:, :, [13, 17]]
+    baseline = dice(interpolate_between_slices(sparse, axis=2, spacing=(2.5, 0.9, 1.1)))
+    assert dice(labels) > max(0.8, baseline + 0.1), (dice(labels), baseline)
+
+    # round 2: the user paints one more plane into the same segmentation and runs it again
     assert trainer.previousFewShotModel(volume, annotation) == first
+    more = np.zeros(array.shape, np.uint8)
+    more[:, :, [13, 15, 17]] = truth[:, :, [13, 15, 17]]
+    annotation.GetSegmentation().RemoveAllSegments()
+    nodes._importLabels(annotation, more, matrix, volume, 1)
+    nodes._nameAndOrderSegments(annotation.GetSegmentation(), nodes.normaliseClasses(classes))
     second = trainer.finetune(volume, annotation, initModel="none")  # round 2 starts from round 1's model
     assert trainer.lastInit == first and second != first
     meta = json.loads(open(os.path.join(second, "model.json")).read())
-    assert meta["init"]["fewshot_round"] is True
+    assert meta["init"]["fewshot_round"] is True and meta["fewshot"]["painted_planes"]["i"] == [13, 15, 17]
