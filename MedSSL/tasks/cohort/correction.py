@@ -16,8 +16,9 @@ from MedSSL.data.painted_planes import IGNORE, PAINTED_FRACTION, PaintedPlanes
 from MedSSL.errors import MedSSLError
 from MedSSL.tasks.fewshot.engine import FewShotSettings, segment_painted
 
-#: planes nearer than this to a corrected plane (mm) are redone by the engine (chosen on the cohorts)
-GAP_MM = 12.0
+#: planes nearer than this to a corrected plane (mm) are redone by the engine (4, 8 and 12 mm compared on
+#: a left-atrium draw, docs/cohort.md: 12 was worst, 4 and 8 within 0.005)
+GAP_MM = 8.0
 
 
 def corrected_planes(corrected: np.ndarray, where: str = "corrections") -> PaintedPlanes:
