@@ -112,9 +112,9 @@ def test_the_walk_reads_the_image_even_when_the_appearance_weight_is_zero(monkey
     WALK_MIN_WEIGHT even for a volume whose calibrated weight is 0 (shape only between the planes)."""
     weights, walk = [], fusion.walk
 
-    def spy(start, start_index, slices, odds, weight, *rest):
+    def spy(start, start_index, slices, odds, weight, *rest, **options):
         weights.append(weight)
-        return walk(start, start_index, slices, odds, weight, *rest)
+        return walk(start, start_index, slices, odds, weight, *rest, **options)
 
     monkeypatch.setattr(fusion, "walk", spy)
     image, truth = ellipsoid_case()
