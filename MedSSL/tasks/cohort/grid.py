@@ -35,6 +35,8 @@ def working_spacing(spacings: list, shapes: list, diameters_mm: list[float], max
     up to the coarsest axis' spacing (then all axes together), while the median scan exceeds ``max_voxels`` and the smallest
     diameter stays at least ``min_extent`` voxels.
     """
+    if not spacings:
+        return None
     spacing = np.median(np.asarray(spacings, np.float64), axis=0)
     voxels = float(np.median([np.prod(s) for s in shapes]))
     smallest = min(diameters_mm) if diameters_mm else np.inf

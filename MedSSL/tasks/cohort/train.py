@@ -27,12 +27,12 @@ from MedSSL.tasks.finetune.segment import finetune_segmentation
 DEFAULT_WIDTH = 8
 
 
-def painted_diameters_mm(labels: np.ndarray, spacing) -> list[float]:
+def painted_diameters_mm(labels: np.ndarray, spacing, where: str = "label") -> list[float]:
     """Each class's diameter (mm) as far as a label map shows it: the equivalent-sphere diameter of a dense
     label; for a painting, the equivalent-circle diameter of the class' largest painted cross-section."""
     if not is_painting(labels):
         return class_diameters_mm(labels, spacing)
-    planes = find_painted_planes(labels)
+    planes = find_painted_planes(labels, where)
     best: dict[int, float] = {}
     for axis in planes.axes:
         pixel = float(np.prod([s for a, s in enumerate(spacing) if a != axis]))
@@ -51,10 +51,17 @@ def survey(config: FinetuneConfig) -> dict:
         label = read_volume(label_path)
         spacings.append(np.asarray(label.spacing, float))
         shapes.append(label.shape)
-        if not is_one_slice(label.shape):
-            values = np.rint(label.array).clip(0, IGNORE).astype(np.uint8)
-            diameters += painted_diameters_mm(values, label.spacing)
+        if not is_one_slice(label.shape) and _plain_label(label.array):  # bad labels: refused when read
+            diameters += painted_diameters_mm(np.rint(label.array).astype(np.uint8), label.spacing, f"--label {label_path}")
     return {"spacings": spacings, "shapes": shapes, "diameters_mm": diameters}
+
+
+def _plain_label(array: np.ndarray) -> bool:
+    """Integer values 0..255: a label map the survey can read (anything else is refused, with its reason
+    and file, when the training data are read)."""
+    if array.size == 0 or array.min() < 0 or array.max() > IGNORE:
+        return False
+    return array.dtype.kind != "f" or bool(np.all(np.abs(array - np.rint(array)) < 1e-3))
 
 
 def cohort_config(config: FinetuneConfig, log=None) -> tuple[FinetuneConfig, dict]:
@@ -65,7 +72,7 @@ def cohort_config(config: FinetuneConfig, log=None) -> tuple[FinetuneConfig, dic
     if init is None and config.width is None:
         config = replace(config, width=DEFAULT_WIDTH)
         record["width"] = f"{DEFAULT_WIDTH} (default for a network from scratch)"
-    if spacing is None:
+    if spacing is None and config.labels and len(config.labels) == len(config.images):  # else: refused later
         found = survey(config)
         if all(not is_one_slice(s) for s in found["shapes"]):
             auto = working_spacing(found["spacings"], found["shapes"], found["diameters_mm"])
