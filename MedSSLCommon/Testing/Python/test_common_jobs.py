@@ -14,7 +14,7 @@ from MedSSLCommonLib import jobs
 
 def script(tmp_path, body, name="child.py"):
     path = tmp_path / name
-    path.write_text("import json, os, sys, time\n" + textwrap.dedent(body))
+    path.write_text("import json, os, sys, time\n" + textwrap.dedent(body), encoding="utf-8")
     return [sys.executable, str(path)]
 
 
@@ -111,10 +111,10 @@ def test_cancel_ends_the_whole_tree(tmp_path, ignore_term):
     job = jobs.Job([child], tmp_path / "job")
     job.start()
     deadline = time.monotonic() + 30
-    while not (job.events and pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+    while not (job.events and pid_file.exists() and pid_file.read_text(encoding="utf-8")) and time.monotonic() < deadline:
         job.poll()
         time.sleep(0.05)
-    grandchild = int(pid_file.read_text())
+    grandchild = int(pid_file.read_text(encoding="utf-8"))
     assert alive(grandchild)
     job.cancel(grace=1.0 if ignore_term else 2.0)
     assert job.status == jobs.CANCELLED

@@ -168,9 +168,9 @@ endfunction()
 def test_cmake_install_layout(tmp_path):
     fake = tmp_path / "FakeSlicer"
     fake.mkdir()
-    (fake / "SlicerConfig.cmake").write_text(FAKE_SLICER)
-    (fake / "UseSlicer.cmake").write_text(FAKE_USE)
-    (fake / "Empty.cmake").write_text("")
+    (fake / "SlicerConfig.cmake").write_text(FAKE_SLICER, encoding="utf-8")
+    (fake / "UseSlicer.cmake").write_text(FAKE_USE, encoding="utf-8")
+    (fake / "Empty.cmake").write_text("", encoding="utf-8")
     build, prefix = tmp_path / "build", tmp_path / "install"
     configure = subprocess.run(["cmake", "-S", ROOT, "-B", str(build), f"-DSlicer_DIR={fake}", "-DBUILD_TESTING=OFF"],
                                capture_output=True, text=True)

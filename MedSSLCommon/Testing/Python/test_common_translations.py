@@ -72,6 +72,6 @@ def test_panel_texts_are_translated(marked, scene, tmp_path):
     segmentModule, _segment, segmentUi = makeWidget(slicer, "MedSSLSegment")
     bundle = tmp_path / "model"
     bundle.mkdir()
-    (bundle / "model.json").write_text('{"task": "segment", "classes": {"1": {"name": "liver"}}}')
+    (bundle / "model.json").write_text('{"task": "segment", "classes": {"1": {"name": "liver"}}}', encoding="utf-8")
     segmentUi.modelPathLineEdit.currentPath = str(bundle)
     assert segmentUi.modelInfoLabel.text == MARK + "Segment model: liver (pretraining: ?)."

@@ -69,7 +69,7 @@ def test_job_folder_and_keep_files_settings_reach_the_logic(slicer_app, scene, t
     assert segmentUi.workDirPathLineEdit.currentPath == str(tmp_path / "encrypted") and segmentUi.keepJobFilesCheckBox.checked
     bundle = tmp_path / "model"
     bundle.mkdir()
-    (bundle / "model.json").write_text('{"task": "segment", "classes": {"1": {"name": "tissue"}}}')
+    (bundle / "model.json").write_text('{"task": "segment", "classes": {"1": {"name": "tissue"}}}', encoding="utf-8")
     segmentUi.inputVolumeSelector.setCurrentNode(addVolume(scene, phantom(), name="ct"))
     segmentUi.modelPathLineEdit.currentPath = str(bundle)
     segment.onApplyButton()

@@ -19,7 +19,7 @@ def bundle(tmp_path, task, classes=CLASSES, **extra):
     path.mkdir(exist_ok=True)
     meta = {"format": "medssl-bundle", "format_version": 1, "architecture": {"name": "fake"}, "task": task,
             "classes": classes, **extra}
-    (path / "model.json").write_text(json.dumps(meta))
+    (path / "model.json").write_text(json.dumps(meta), encoding="utf-8")
     return str(path)
 
 

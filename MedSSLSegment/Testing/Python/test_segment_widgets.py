@@ -12,7 +12,7 @@ def test_segment_widget_applies_a_detector(slicer_app, scene, tmp_path):
     bundle = tmp_path / "detector"
     bundle.mkdir()
     (bundle / "model.json").write_text('{"task": "segment", "detection": true, "method": {"name": "genesis"}, '
-                                       '"classes": {"1": {"name": "tissue"}, "2": {"name": "lesion"}}}')
+                                       '"classes": {"1": {"name": "tissue"}, "2": {"name": "lesion"}}}', encoding="utf-8")
     volume = addVolume(scene, phantom(), name="ct")
     widget.logic.minVolumeMm3 = 0.0  # the phantom's lesion is 13 mm^3
     ui.inputVolumeSelector.setCurrentNode(volume)
@@ -49,7 +49,7 @@ def test_segment_widget_caps_the_findings(slicer_app, scene, tmp_path, monkeypat
     bundle = tmp_path / "detector"
     bundle.mkdir()
     (bundle / "model.json").write_text('{"task": "segment", "detection": true, "classes": {"1": {"name": "tissue"}, '
-                                       '"2": {"name": "lesion"}}}')
+                                       '"2": {"name": "lesion"}}}', encoding="utf-8")
     ui.inputVolumeSelector.setCurrentNode(addVolume(scene, phantom(), name="ct"))
     ui.modelPathLineEdit.currentPath = str(bundle)
     ui.maxFindingsSpinBox.value = 4

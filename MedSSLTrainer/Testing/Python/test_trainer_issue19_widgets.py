@@ -72,7 +72,7 @@ def test_saved_path_history_survives_opening_the_module_and_the_initial_model_jo
     pretrained, other = tmp_path / "pretrained", tmp_path / "other"
     for folder in (pretrained, other):
         folder.mkdir()
-        (folder / "model.json").write_text('{"task": "pretrain"}')
+        (folder / "model.json").write_text('{"task": "pretrain"}', encoding="utf-8")
     monkeypatch.setattr(fake_slicer_gui, "PATH_HISTORY", {"MedSSL/InitModelPath": [str(pretrained)],
                                                           "MedSSL/ApplyModelPath": [str(pretrained)]})
     _module, widget, ui = makeWidget(slicer_app, "MedSSLTrainer")

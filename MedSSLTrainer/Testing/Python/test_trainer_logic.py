@@ -39,7 +39,7 @@ def test_finetune_then_predict(logic, scene, tmp_path):
     bundle = logic.finetune(volume, painted(scene, volume), outputDir=str(tmp_path / "model"), initModel=str(init),
                             steps=3, onEvent=events.append)
     assert bundle == str(tmp_path / "model")
-    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    meta = json.loads((tmp_path / "model" / "model.json").read_text(encoding="utf-8"))
     assert meta["annotated_slices"] == [1, 3] and meta["label_values"] == [0, 1, 2, 255]
     assert meta["classes"]["2"] == {"name": "lesion", "color": [1.0, 0.0, 0.0]} and meta["init"] == str(init)
     assert [e["stage"] for e in events if e["event"] == "progress"] == ["finetune"] * 3 + ["predict"]

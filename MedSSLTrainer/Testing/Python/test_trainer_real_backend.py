@@ -78,7 +78,7 @@ def test_pretrain_from_nodes_and_folders_then_fine_tune_from_that_model(scene, r
     events = []
     pretrained = trainer.pretrain([large, str(folder)], steps=1, width=4, outputDir=str(tmp_path / "pretrained"),
                                   onEvent=events.append)
-    meta = json.loads(Path(pretrained, "model.json").read_text())
+    meta = json.loads(Path(pretrained, "model.json").read_text(encoding="utf-8"))
     assert meta["task"] == "pretrain" and meta["method"]["name"] == "genesis"
     assert meta["data_summary"]["volumes"] == 2 and meta["architecture"]["width"] == 4
     assert any(e.get("event") == "progress" and e.get("stage") == "pretrain" for e in events)
@@ -93,7 +93,7 @@ def test_pretrain_from_nodes_and_folders_then_fine_tune_from_that_model(scene, r
     painting = nodes.segmentationFromLabelmap(labels, matrix, classes, volume, "painted")
     model = trainer.finetune(volume, painting, initModel=pretrained, steps=2, cleanup=False,
                              outputDir=str(tmp_path / "finetuned"))
-    tuned = json.loads(Path(model, "model.json").read_text())
+    tuned = json.loads(Path(model, "model.json").read_text(encoding="utf-8"))
     assert tuned["task"] == "segment" and tuned["architecture"]["width"] == 4
     assert tuned["init"]["source"] == "bundle" and tuned["init"]["method"] == "genesis"
     review = trainer.lastOutputs["segmentation"]
@@ -112,7 +112,7 @@ def classifier(tmp_path) -> Path:
         write_volume(Volume(array.transpose(2, 1, 0).copy(), np.array([1.0, 1.0, 2.0]), np.zeros(3), np.eye(3)),
                      tmp_path / f"c{i}.nii.gz")
         rows.append(f"c{i}.nii.gz,{'lesion' if i % 2 else 'plain'}")
-    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "classifier"
     assert main(["finetune", "--task", "classify", "--csv", str(tmp_path / "cases.csv"), "--out", str(out),
                  "--width", "4", "--patch", "16", "16", "8", "--steps", "2", "--batch-size", "2", "--device", "cpu",
@@ -142,7 +142,7 @@ def test_apply_classifies_model_info_of_a_pt_and_failures_are_one_line(scene, re
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model.json").write_text((bundle / "model.json").read_text())
+    (broken / "model.json").write_text((bundle / "model.json").read_text(encoding="utf-8"))
     (broken / "weights.safetensors").write_bytes(b"not weights")
     with pytest.raises(jobs.JobError) as failure:
         logic.apply(volume, str(broken))

@@ -103,7 +103,8 @@ def test_a_few_shot_model_of_another_image_is_refused_as_initial_model(logic, sc
     other = tmp_path / "other-patient"
     other.mkdir()
     (other / "model.json").write_text(json.dumps({"task": "fewshot", "data_summary": {"shapes": [[64, 64, 40]]},
-                                                  "fewshot": {"painted_planes": {"i": [], "j": [], "k": [20]}}}))
+                                                  "fewshot": {"painted_planes": {"i": [], "j": [], "k": [20]}}}),
+                                      encoding="utf-8")
     with pytest.raises(ValueError, match="fitted on an image of size"):
         logic.finetune(volume, painting(volume), initModel=str(other), predict=False)
     assert not os.listdir(os.path.join(os.environ["MEDSSL_WORK_DIR"], "jobs"))  # nothing half-written

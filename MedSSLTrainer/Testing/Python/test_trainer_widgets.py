@@ -69,13 +69,14 @@ def test_trainer_widget_labelled_datasets_method_takes_a_spec(slicer_app, scene,
     sitk.WriteImage(sitk.Cast(image > 0, sitk.sitkUInt8), str(tmp_path / "liver.nrrd"))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"datasets": [{"name": "livers", "classes": {"1": "liver"},
-                                              "cases": [{"image": str(tmp_path / "ct.nrrd"), "label": str(tmp_path / "liver.nrrd")}]}]}))
+                                              "cases": [{"image": str(tmp_path / "ct.nrrd"), "label": str(tmp_path / "liver.nrrd")}]}]}),
+                    encoding="utf-8")
     ui.datasetsSpecPathLineEdit.currentPath = str(spec)
     assert ui.pretrainButton.enabled
     widget.onPretrainButton()
     runPanel(widget)
     assert widget.panel.job.status == "done", widget.panel.job.error
-    meta = json.loads((tmp_path / "work").joinpath(widget.panel.job.result, "model.json").read_text())
+    meta = json.loads((tmp_path / "work").joinpath(widget.panel.job.result, "model.json").read_text(encoding="utf-8"))
     assert meta["method"] == {"name": "ark"} and meta["datasets_seen"][0]["cases"][0]["label_values"] == [0, 1]
     ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("genesis"))
     assert ui.pretrainVolumesSelector.visible and not ui.datasetsSpecPathLineEdit.visible
