@@ -88,12 +88,9 @@ def cohort_config(config: FinetuneConfig, log=None) -> tuple[FinetuneConfig, dic
 def finetune_cohort(config: FinetuneConfig, progress: Progress) -> Path:
     """Complete the paintings, choose the grid and width, fine-tune; returns the bundle folder."""
     config, record = cohort_config(config, progress.log)
-    completer = None
-    if config.complete_paintings:
-        completer = PaintingCompleter(config.completion_confidence, config.seed, progress.log)
-    describe = dict(record)
-    out = finetune_segmentation(config, progress, complete=completer, describe=_describe(describe, completer, config))
-    return out
+    completer = (PaintingCompleter(config.completion_confidence, config.seed, progress.log)
+                 if config.complete_paintings else None)
+    return finetune_segmentation(config, progress, complete=completer, describe=_describe(record, completer, config))
 
 
 def _describe(record: dict, completer, config) -> dict:
