@@ -83,3 +83,15 @@ def is_painting(label: np.ndarray) -> bool:
         return False
     annotated = label != IGNORE
     return any(annotated.mean(axis=tuple(a for a in range(3) if a != axis)).max() >= PAINTED_FRACTION for axis in range(3))
+
+
+def spread_planes(labels: np.ndarray, axis: int, count: int) -> list[int]:
+    """Planes along ``axis`` a user would paint on ``labels`` (X, Y, Z uint8, 0 = background): for each class,
+    ``count`` planes evenly spread over its extent, inset from its first and last plane; the union, sorted
+    (empty when no class is present)."""
+    other = tuple(a for a in range(3) if a != axis)
+    picks: set[int] = set()
+    for value in np.flatnonzero(np.bincount(labels.reshape(-1), minlength=256)[1:IGNORE]) + 1:
+        present = np.flatnonzero((labels == value).any(axis=other))
+        picks.update(np.round(np.linspace(present[0], present[-1], count + 2)[1:-1]).astype(int).tolist())
+    return sorted(picks)

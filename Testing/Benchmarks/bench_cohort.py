@@ -7,7 +7,9 @@ chaos_t2_mri); the test subjects are drawn from the others, so no scored subject
 * ``cohort``: k planes painted on each training scan (spread over each structure, as the engine benchmark
   paints them), ``medssl finetune`` defaults (paintings completed by the few-shot engine, CPU grid and
   width), then ``predict`` on each test scan with no touch; ``correct1`` / ``correct2``: the draft
-  corrected on the 1 or 2 worst planes (:func:`MedSSL.tasks.cohort.correction.correct_draft`);
+  corrected on the 1 or 2 worst planes (:func:`MedSSL.tasks.cohort.correction.correct_draft`; ``--gaps``
+  and ``--draft-planes`` compare its settings on the same drafts); ``--largest-component`` adds
+  ``<arm>+lcc``, the same prediction with only each class' largest component;
 * ``dense``: the same network trained on the dense labels of the same subjects (upper bound);
 * ``sparse``: the same network trained on the painted planes only (``--no-completion``);
 * ``atlas``: each training scan registered to the test scan with SimpleITK (affine, Mattes mutual
@@ -59,7 +61,13 @@ def parse_args(argv=None):
     p.add_argument("--gaps", type=float, nargs="+", default=None,
                    help="corrections: planes nearer than this (mm) are redone (default: predict's); several: one "
                         "row per value")
+    p.add_argument("--draft-planes", nargs="+", default=None,
+                   help="corrections: planes of the draft per class given to the engine, or 'all' (every plane "
+                        "beyond the gap; the first design) (default: predict's); several: one row per value")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--largest-component", action="store_true",
+                   help="also score each network prediction with only its largest component per class (arm+lcc)")
+    p.add_argument("--keep-models", action="store_true", help="keep the trained bundles under --out/models")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="a phantom cohort of 3 subjects, a few steps (smoke test)")
     return p.parse_args(argv)
@@ -155,6 +163,12 @@ def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, fl
     return config.out, time.perf_counter() - started
 
 
+def largest_component_per_class(labels):
+    from MedSSL.tasks.infer.postprocess import largest_component_per_class as keep_largest
+
+    return keep_largest(labels)
+
+
 def predict(model_dir: Path, case: dict):
     import torch
 
@@ -211,9 +225,10 @@ def engine_alone(case, axis, k) -> tuple[np.ndarray, float]:
     return result.labels, time.perf_counter() - started
 
 
-def corrections(draft: np.ndarray, case, axis, counts, gaps) -> dict:
-    """{(count, gap_mm): (labels, seconds, planes)} after correcting the draft on the ``count`` worst planes."""
-    from MedSSL.tasks.cohort.correction import GAP_MM, correct_draft, worst_planes
+def corrections(draft: np.ndarray, case, axis, counts, gaps, draft_planes) -> dict:
+    """{(count, gap_mm, draft planes): (labels, seconds, planes)} after correcting the draft on the ``count``
+    worst planes (draft planes: per class given to the engine, "all" for every plane beyond the gap)."""
+    from MedSSL.tasks.cohort.correction import DRAFT_PLANES, GAP_MM, correct_draft, worst_planes
 
     image, truth = read_case(case)
     out = {}
@@ -224,9 +239,11 @@ def corrections(draft: np.ndarray, case, axis, counts, gaps) -> dict:
         index[axis] = planes
         painted[tuple(index)] = truth[tuple(index)]
         for gap in gaps or [GAP_MM]:
-            started = time.perf_counter()
-            labels = correct_draft(image.array.astype(np.float32), image.spacing, draft, painted, gap_mm=gap)
-            out[count, gap] = (labels, time.perf_counter() - started, planes)
+            for k in draft_planes or [DRAFT_PLANES]:
+                started = time.perf_counter()
+                labels = correct_draft(image.array.astype(np.float32), image.spacing, draft, painted, gap_mm=gap,
+                                       draft_planes=None if k == "all" else int(k))
+                out[count, gap, k] = (labels, time.perf_counter() - started, planes)
     return out
 
 
@@ -246,6 +263,8 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                 models[mode] = train(args, train_cases, axis, mode, work, seed)
         if {"cohort", "correct1", "correct2"} & set(args.arms):
             models["cohort"] = train(args, train_cases, axis, "painted", work, seed)
+        if args.keep_models and args.out:
+            keep_models(models, args.out / "models" / f"seed{seed}_n{n}")
         for case in test_cases:
             _, truth = read_case(case)
             row = {**base, "test": case["name"]}
@@ -254,12 +273,17 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                 labels = seg.labels.array
                 emit({**row, "arm": arm, "dice": dice_per_class(labels, truth, classes), "train_s": round(train_s, 1),
                       "predict_s": round(seconds, 2)})
+                if args.largest_component:
+                    emit({**row, "arm": f"{arm}+lcc",
+                          "dice": dice_per_class(largest_component_per_class(labels), truth, classes)})
                 if arm == "cohort":
                     wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
-                    for (count, gap), (fixed, secs, planes) in corrections(labels, case, axis, wanted, args.gaps).items():
-                        arm_name = f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
+                    found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes)
+                    for (count, gap, k), (fixed, secs, planes) in found.items():
+                        arm_name = (f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
+                                    + (f"@draft-{k}" if args.draft_planes and len(args.draft_planes) > 1 else ""))
                         emit({**row, "arm": arm_name, "dice": dice_per_class(fixed, truth, classes),
-                              "planes": planes, "gap_mm": gap, "seconds": round(secs, 2)})
+                              "planes": planes, "gap_mm": gap, "draft_planes": k, "seconds": round(secs, 2)})
             if "atlas" in args.arms:
                 pred, seconds = atlas(train_cases, case, classes)
                 emit({**row, "arm": "atlas", "dice": dice_per_class(pred, truth, classes), "seconds": round(seconds, 1)})
@@ -268,6 +292,16 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                     pred, seconds = engine_alone(case, axis, k)
                     emit({**row, "arm": f"engine{k}", "dice": dice_per_class(pred, truth, classes),
                           "seconds": round(seconds, 1)})
+
+
+def keep_models(models: dict, folder: Path) -> None:
+    """Copy each arm's bundle (model.json + weights, not its checkpoints) under ``folder``/<arm>."""
+    import shutil
+
+    for arm, (model_dir, _) in models.items():
+        target = folder / arm
+        if not target.exists():
+            shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("checkpoint*", "*.pt"))
 
 
 def summarise(rows: list[dict]) -> dict:

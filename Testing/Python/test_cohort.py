@@ -106,21 +106,22 @@ def test_cohort_config_fills_in_width_and_grid_and_leaves_given_values(tmp_path)
     assert given.width == 4 and given.spacing == (1.0, 1.0, 1.0) and record == {}
 
 
-def test_correction_redoes_only_the_planes_near_the_corrected_one():
+def test_correction_with_every_draft_plane_redoes_only_the_planes_near_the_corrected_one():
+    """``draft_planes=None`` (the first design): the draft on every plane beyond the gap, kept as it was."""
     image, truth = liver_case(1)
     z = np.flatnonzero(truth.any(axis=(0, 1)))
     draft = truth.copy()
     wrong = int(z[len(z) // 2])
     draft[..., wrong - 1:wrong + 2] = 0  # the network missed the liver on three planes
-    assert worst_planes(draft, truth, 2, 1) == [wrong - 1] or worst_planes(draft, truth, 2, 1)[0] in (wrong - 1, wrong, wrong + 1)
+    assert worst_planes(draft, truth, 2, 1)[0] in (wrong - 1, wrong, wrong + 1)
     fix = painted(truth, [wrong])
-    painting = correction_painting(draft, fix, 2, image.spacing, gap_mm=12.0)
+    painting = correction_painting(draft, fix, 2, image.spacing, gap_mm=12.0, draft_planes=None)
     near = [k for k in range(truth.shape[2]) if abs(k - wrong) * 6.0 < 12.0]
     assert np.all(painting[..., [k for k in near if k != wrong]] == 255)
     assert np.array_equal(painting[..., wrong], truth[..., wrong])
     far = [k for k in range(truth.shape[2]) if k not in near]
     assert np.array_equal(painting[..., far], draft[..., far])
-    fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0)
+    fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0, draft_planes=None)
     assert np.array_equal(fixed[..., far], draft[..., far])  # nothing changes away from the correction
     assert np.array_equal(fixed[..., wrong], truth[..., wrong])
     # the planes next to the corrected one, empty in the draft, get the liver back
@@ -129,19 +130,47 @@ def test_correction_redoes_only_the_planes_near_the_corrected_one():
     assert dice(fixed == 1, truth == 1) > dice(draft == 1, truth == 1)
 
 
+def test_correction_reaches_every_plane_from_a_few_draft_planes():
+    """The default: the engine is given the corrected plane and DRAFT_PLANES planes of the draft spread over
+    its extent (none within the gap), and redoes the whole scan with the appearance learned on them, so a
+    plane the draft got wrong far from the correction is fixed too (the first design leaves it as it was)."""
+    from MedSSL.data.painted_planes import spread_planes
+    from MedSSL.tasks.cohort.correction import DRAFT_PLANES
+
+    image, truth = liver_case(1)
+    z = np.flatnonzero(truth.any(axis=(0, 1)))
+    draft = truth.copy()
+    wrong = int(z[len(z) // 2])
+    draft[..., wrong - 1:wrong + 2] = 0  # the network missed the liver on three planes ...
+    spread = [k for k in spread_planes(draft, 2, DRAFT_PLANES) if abs(k - wrong) * 6.0 >= 12.0]
+    hole = next(int(k) for k in z[1:-1] if abs(k - wrong) * 6.0 >= 12.0 and k not in spread)
+    draft[..., hole] = 0  # ... and on one more, far from the plane the user corrects
+    fix = painted(truth, [wrong])
+    painting = correction_painting(draft, fix, 2, image.spacing, gap_mm=12.0)
+    given = [k for k in range(truth.shape[2]) if np.all(painting[..., k] != 255)]
+    assert given == sorted(spread + [wrong]) and 0 < len(spread) <= DRAFT_PLANES
+    assert np.array_equal(painting[..., spread], draft[..., spread])
+    fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0)
+    local = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0, draft_planes=None)
+    assert np.array_equal(fixed[..., wrong], truth[..., wrong])
+    assert not local[..., hole].any() and dice(fixed[..., hole] == 1, truth[..., hole] == 1) > 0.8
+    assert dice(fixed == 1, truth == 1) > dice(local == 1, truth == 1) > dice(draft == 1, truth == 1)
+
+
 def test_a_correction_may_erase_what_the_draft_found():
     """A corrected plane holding background only (the draft found structure where there is none) is a
-    correction too: that plane becomes background and the planes near it are redone."""
+    correction too: that plane becomes background, in both designs."""
     image, truth = liver_case(1)
     z = np.flatnonzero(truth.any(axis=(0, 1)))
     draft = truth.copy()
     beyond = int(z[-1]) + 2
-    draft[..., beyond] = draft[..., int(z[-1])]  # a false plane past the liver's end
+    draft[..., beyond] = truth[..., int(z[-1])]  # a false plane past the liver's end
     fix = np.full(truth.shape, 255, np.uint8)
     fix[..., beyond] = 0
-    fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0)
-    assert not np.any(fixed[..., beyond])
-    assert dice(fixed == 1, truth == 1) > dice(draft == 1, truth == 1)
+    for draft_planes in (5, None):
+        fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0, draft_planes=draft_planes)
+        assert not np.any(fixed[..., beyond])
+        assert dice(fixed == 1, truth == 1) > 0.95
 
 
 def _medssl(*args, cwd=None):
