@@ -19,6 +19,7 @@ from MedSSL.engine.progress import Progress
 from MedSSL.io.volumes import read_volume
 from MedSSL.tasks import FinetuneConfig
 from MedSSL.tasks.cohort.completion import PaintingCompleter
+from MedSSL.tasks.cohort.components import ComponentSurvey
 from MedSSL.tasks.cohort.grid import class_diameters_mm, working_spacing
 from MedSSL.tasks.finetune.common import load_init, preprocessing_from_init
 from MedSSL.tasks.finetune.segment import finetune_segmentation
@@ -90,13 +91,25 @@ def finetune_cohort(config: FinetuneConfig, progress: Progress) -> Path:
     config, record = cohort_config(config, progress.log)
     completer = (PaintingCompleter(config.completion_confidence, config.seed, progress.log)
                  if config.complete_paintings else None)
-    return finetune_segmentation(config, progress, complete=completer, describe=_describe(record, completer, config))
+    survey = ComponentSurvey()
+
+    def complete(image, labels: np.ndarray, index: int) -> np.ndarray:
+        three_d = not is_one_slice(labels.shape) and (completer is not None or not is_painting(labels))
+        if completer is not None:
+            labels = completer(image, labels, index)
+        if three_d:
+            survey.add(labels)
+        return labels
+
+    return finetune_segmentation(config, progress, complete=complete,
+                                 describe=_describe(record, completer, survey, config))
 
 
-def _describe(record: dict, completer, config) -> dict:
-    """model.json's ``cohort`` entry. The completer's per-scan records are filled in while the data are read,
-    so the dict is shared and read when the bundle is written."""
+def _describe(record: dict, completer, survey: ComponentSurvey, config) -> dict:
+    """model.json's ``cohort`` entry. The completer's per-scan records and the survey are filled in while the
+    data are read, so the dicts are shared and read when the bundle is written."""
     record["completion"] = ("off" if completer is None else
                             {"engine": "few-shot", "confidence": config.completion_confidence,
                              "scans": completer.records})
+    record["postprocess"] = survey.record
     return record

@@ -24,10 +24,13 @@ def _bbox_slices(mask: np.ndarray, pad: int = 1):
     return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(box[0], mask.shape))
 
 
-def largest_component_per_class(labels: np.ndarray) -> np.ndarray:
-    """Keep, for every class value, only its largest connected component (the rest becomes 0)."""
+def largest_component_per_class(labels: np.ndarray, values=None) -> np.ndarray:
+    """Keep, for every class value (or those in ``values``), only its largest connected component (the rest
+    becomes 0)."""
     out = labels.copy()
     for value in _class_values(labels):
+        if values is not None and value not in values:
+            continue
         mask = labels == value
         box = _bbox_slices(mask)
         sub = mask[box]

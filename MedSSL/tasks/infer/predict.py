@@ -96,6 +96,13 @@ def upsample_labels(labels: np.ndarray, work: Volume, volume: Volume) -> np.ndar
     return out
 
 
+def one_piece_classes(meta) -> list[int]:
+    """The classes a cohort model keeps as one piece (model.json ``cohort.postprocess.largest_component``,
+    chosen from the training labels by :mod:`MedSSL.tasks.cohort.components`); [] for other bundles."""
+    cohort = meta.cohort if isinstance(meta.cohort, dict) else {}
+    return [int(v) for v in (cohort.get("postprocess") or {}).get("largest_component", [])]
+
+
 def read_annotation(path, volume: Volume, image_path) -> np.ndarray:
     """The painted label map of ``volume`` (uint8, 255 = not annotated); MedSSLError when off-grid."""
     return label_array(read_volume(path), volume, path, image_path)
@@ -122,6 +129,8 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
         labels = keep_connected_to_annotation(labels, annotation)
     if options.largest_component:
         labels = largest_component_per_class(labels)
+    elif not options.all_components and one_piece_classes(model.meta):
+        labels = largest_component_per_class(labels, one_piece_classes(model.meta))
     out = volume.with_array(labels.astype(np.uint8))
     return SegmentationResult(out, max_prob, fg_prob)
 
