@@ -49,6 +49,6 @@ def run(args) -> int:
     else:
         from MedSSL.tasks.cohort.train import finetune_cohort
 
-        bundle = finetune_cohort(config, progress)
+        bundle = finetune_cohort(config, progress, budget_given=args.steps is not None or args.max_time is not None)
     progress.done(bundle=str(Path(bundle).resolve()))
     return 0

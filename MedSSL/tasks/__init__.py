@@ -106,8 +106,9 @@ class FinetuneConfig:
     seed: int = RuntimeOptions.seed
     resume: bool = option(False, action="store_true", help="continue from the checkpoint in --out")
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=500), metadata={"help": {
-        "steps": "optimiser steps (default {default}; with --max-time alone: as many as fit in that time, measured on "
-                 "a few steps, so the learning-rate schedule spans the budget)"}})
+        "steps": "optimiser steps (default {default}; a cohort model (several scans, --engine network): 300, a refresh "
+                 "from a cohort model a quarter of its steps; with --max-time alone: as many as fit in that time, "
+                 "measured on a few steps, so the learning-rate schedule spans the budget)"}})
     #: which initial weights to copy: "all" (encoder and decoder, as Models Genesis) or "encoder"
     transfer: str = option("all", choices=("all", "encoder"),
                            help="which --init weights to copy: all (encoder and decoder, as Models Genesis; default) "

@@ -93,8 +93,8 @@ class MedSSLCohortLogic(BackendRunner):
         label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, names["label"]))
         scans = state["scans"] + [{**names, "annotation": "reviewed segmentation" if complete else "painted planes"}]
         first = state["model"] is None
-        if not first and steps is None and maxTime is None:  # a refresh: a fraction of the backend's default
-            steps = ((backend.cachedDefaults(self.python) or {}).get("finetune") or {}).get("steps")
+        # no budget given: the backend's (a first model: its cohort default; a refresh: a share of the previous
+        # model's steps, read from that model)
         budget = backend.budgetArgs(_scaled(steps, first), _scaled(maxTime, first), width if first else None,
                                     self.device)
         outputDir = os.path.join(self.cohortDir, f"model-{state['round'] + 1:03d}")

@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--planes", type=int, default=5, help="planes painted per training scan (default %(default)s)")
     p.add_argument("--arms", nargs="+", default=["cohort", "correct1", "correct2", "dense", "atlas", "engine5"],
                    choices=ARMS)
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: finetune's)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: finetune's for a cohort model)")
     p.add_argument("--max-time", type=float, default=None, help="fine-tuning seconds (default: none)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--spacing", type=float, nargs=3, default=None)
@@ -159,7 +159,7 @@ def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, fl
         complete_paintings=mode != "sparse",
         completion_confidence=defaults.completion_confidence if args.confidence is None else args.confidence)
     started = time.perf_counter()
-    finetune_cohort(config, Progress("bar"))
+    finetune_cohort(config, Progress("bar"), budget_given=args.steps is not None or args.max_time is not None)
     return config.out, time.perf_counter() - started
 
 

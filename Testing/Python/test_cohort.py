@@ -16,7 +16,7 @@ from MedSSL.tasks import FinetuneConfig
 from MedSSL.tasks.cohort.completion import PaintingCompleter, complete_painting
 from MedSSL.tasks.cohort.correction import correct_draft, correction_painting, worst_planes
 from MedSSL.tasks.cohort.grid import class_diameters_mm, working_spacing
-from MedSSL.tasks.cohort.train import DEFAULT_WIDTH, cohort_config, painted_diameters_mm
+from MedSSL.tasks.cohort.train import DEFAULT_STEPS, DEFAULT_WIDTH, cohort_config, painted_diameters_mm
 
 SIZE = {"shape": (48, 48, 24), "spacing": (4.0, 4.0, 6.0)}
 LIVER = 1
@@ -104,6 +104,12 @@ def test_cohort_config_fills_in_width_and_grid_and_leaves_given_values(tmp_path)
     given, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "img.nii.gz"],
                                                  labels=[tmp_path / "lab.nii.gz"], width=4, spacing=(1.0, 1.0, 1.0)))
     assert given.width == 4 and given.spacing == (1.0, 1.0, 1.0) and record == {}
+    # no --steps / --max-time: the cohort default, recorded and logged
+    lines = []
+    chosen, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "img.nii.gz"],
+                                                  labels=[tmp_path / "lab.nii.gz"]), lines.append, budget_given=False)
+    assert chosen.loop.steps == DEFAULT_STEPS != FinetuneConfig(out=".").loop.steps
+    assert record["steps"].startswith(f"{DEFAULT_STEPS} (") and any(line.startswith(f"{DEFAULT_STEPS} optimiser steps") for line in lines)
 
 
 def test_correction_with_every_draft_plane_redoes_only_the_planes_near_the_corrected_one():
@@ -206,6 +212,13 @@ def test_finetune_on_painted_scans_trains_on_completed_labels(cohort_model):
     assert meta["cohort"]["postprocess"] == {"largest_component": [1]}  # the completed livers are one piece
 
 
+def test_a_refresh_without_a_budget_trains_a_quarter_of_the_previous_models_steps(cohort_model, tmp_path):
+    chosen, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[cohort_model / "scan0.nii.gz"],
+                                                  labels=[cohort_model / "paint0.nii.gz"], init=str(cohort_model / "model")),
+                                   budget_given=False)
+    assert chosen.loop.steps == 2 and "0.25 of the 6 steps" in record["steps"]  # round(6 / 4)
+
+
 def test_one_piece_classes_from_the_training_labels():
     from MedSSL.tasks.cohort.components import ComponentSurvey, one_piece_classes
 
@@ -288,7 +301,7 @@ def test_predict_many_refuses_per_file_options_and_a_file_as_out(cohort_model, t
     assert not (tmp_path / "o").exists()
 
 
-def test_predict_with_corrected_planes_keeps_them_and_redoes_their_neighbours(cohort_model, tmp_path):
+def test_predict_with_corrected_planes_keeps_them_and_improves_the_draft(cohort_model, tmp_path):
     image, truth = liver_case(2)
     write_volume(image, tmp_path / "new.nii.gz")
     draft_run = _medssl("predict", "--model", cohort_model / "model", "--image", tmp_path / "new.nii.gz",

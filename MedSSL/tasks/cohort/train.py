@@ -26,6 +26,12 @@ from MedSSL.tasks.finetune.segment import finetune_segmentation
 
 #: U-Net width of a cohort network trained from scratch (``--width`` overrides; ``--init`` sets its own)
 DEFAULT_WIDTH = 8
+#: optimiser steps of a first cohort model when neither ``--steps`` nor ``--max-time`` is given: what 2 cores
+#: (AVX2, fp32) train in about 8 minutes at width 8, so that 5 painted scans, completion included, take at
+#: most 10 (docs/cohort.md)
+DEFAULT_STEPS = 300
+#: a refresh (``--init`` a cohort model) without a budget trains this share of the previous model's steps
+REFRESH_FRACTION = 0.25
 
 
 def painted_diameters_mm(labels: np.ndarray, spacing, where: str = "label") -> list[float]:
@@ -65,11 +71,18 @@ def _plain_label(array: np.ndarray) -> bool:
     return array.dtype.kind != "f" or bool(np.all(np.abs(array - np.rint(array)) < 1e-3))
 
 
-def cohort_config(config: FinetuneConfig, log=None) -> tuple[FinetuneConfig, dict]:
-    """``config`` with the CPU choices filled in where the user left them open, and a record of them."""
+def cohort_config(config: FinetuneConfig, log=None, budget_given: bool = True) -> tuple[FinetuneConfig, dict]:
+    """``config`` with the CPU choices filled in where the user left them open, and a record of them.
+    ``budget_given``: False when neither ``--steps`` nor ``--max-time`` was given (see :func:`default_steps`)."""
     init = load_init(config.init)
     _, spacing = preprocessing_from_init(init, config.modality, config.spacing)
     record: dict = {}
+    if not budget_given:
+        steps, why = default_steps(init)
+        config = replace(config, loop=replace(config.loop, steps=steps))
+        record["steps"] = f"{steps} ({why})"
+        if log:
+            log(f"{steps} optimiser steps ({why}; --steps or --max-time overrides)")
     if init is None and config.width is None:
         config = replace(config, width=DEFAULT_WIDTH)
         record["width"] = f"{DEFAULT_WIDTH} (default for a network from scratch)"
@@ -86,9 +99,22 @@ def cohort_config(config: FinetuneConfig, log=None) -> tuple[FinetuneConfig, dic
     return config, record
 
 
-def finetune_cohort(config: FinetuneConfig, progress: Progress) -> Path:
-    """Complete the paintings, choose the grid and width, fine-tune; returns the bundle folder."""
-    config, record = cohort_config(config, progress.log)
+def default_steps(init) -> tuple[int, str]:
+    """(steps, why) of a cohort model trained without ``--steps``/``--max-time``: :data:`DEFAULT_STEPS`, or for
+    a refresh from a cohort model :data:`REFRESH_FRACTION` of the steps that model trained."""
+    meta = init.bundle if init is not None else None
+    training = meta.training if meta is not None and isinstance(meta.cohort, dict) else None
+    previous = training.get("steps") if isinstance(training, dict) else None
+    if previous:
+        steps = max(1, int(round(REFRESH_FRACTION * int(previous))))
+        return steps, f"a refresh: {REFRESH_FRACTION:g} of the {int(previous)} steps of the --init cohort model"
+    return DEFAULT_STEPS, "default of a cohort model"
+
+
+def finetune_cohort(config: FinetuneConfig, progress: Progress, budget_given: bool = True) -> Path:
+    """Complete the paintings, choose the grid and width, fine-tune; returns the bundle folder.
+    ``budget_given``: False when the user gave neither ``--steps`` nor ``--max-time`` (:func:`default_steps`)."""
+    config, record = cohort_config(config, progress.log, budget_given)
     completer = (PaintingCompleter(config.completion_confidence, config.seed, progress.log)
                  if config.complete_paintings else None)
     survey = ComponentSurvey()
