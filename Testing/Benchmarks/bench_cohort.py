@@ -17,9 +17,12 @@ chaos_t2_mri); the test subjects are drawn from the others, so no scored subject
 * ``engine3`` / ``engine5``: the few-shot engine alone with 3 / 5 planes painted on the test scan.
 
 Runs in-process (the CLI's functions) with ``--threads`` torch threads. Prints one JSON object per result
-line and a summary; ``--out`` keeps them (results.jsonl, summary.json, table.md, cohort.png).
+line and a summary; ``--out`` keeps them (results.jsonl, summary.json). ``--report`` merges the
+results.jsonl of several runs into one table (table.md) and a figure (cohort.png: mean Dice on new scans
+against the number of training scans, one line per arm, one panel per cohort).
 
     python Testing/Benchmarks/bench_cohort.py --cohort la_lge_mri --train 1 2 4 --seeds 0 1 2 --out runs/cohort
+    python Testing/Benchmarks/bench_cohort.py --report runs/cohort runs/cohort-chaos --out runs/report
     python Testing/Benchmarks/bench_cohort.py --quick        # phantom cohort, seconds (smoke test)
 """
 
@@ -69,6 +72,8 @@ def parse_args(argv=None):
                    help="also score each network prediction with only its largest component per class (arm+lcc)")
     p.add_argument("--keep-models", action="store_true", help="keep the trained bundles under --out/models")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN",
+                   help="merge the results.jsonl of these --out folders into --out/table.md and cohort.png; no training")
     p.add_argument("--quick", action="store_true", help="a phantom cohort of 3 subjects, a few steps (smoke test)")
     return p.parse_args(argv)
 
@@ -304,6 +309,56 @@ def keep_models(models: dict, folder: Path) -> None:
             shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("checkpoint*", "*.pt"))
 
 
+def report(runs: list[Path], out: Path) -> dict:
+    """table.md and cohort.png under ``out`` from the results.jsonl of ``runs``; returns the table."""
+    rows = [json.loads(line) for run in runs for line in (run / "results.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    tables = {}
+    for cohort in sorted({r["cohort"] for r in rows}):
+        tables[cohort] = summarise([r for r in rows if r["cohort"] == cohort])
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for cohort, table in tables.items():
+        arms = sorted({arm for cells in table.values() for arm in cells}, key=_arm_order)
+        lines += [f"**{cohort}**: mean Dice on new scans (draws x test scans)", "",
+                  "| training scans | " + " | ".join(arms) + " |", "| --- |" + " --- |" * len(arms)]
+        for key in sorted(table, key=lambda k: int(k.split("=")[1])):
+            cells = [f"{table[key][a]['dice']:.3f} ({table[key][a]['draws']} x {table[key][a]['scans'] // table[key][a]['draws']})"
+                     if a in table[key] else "" for a in arms]
+            lines.append(f"| {key.split('=')[1]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "table.md").write_text("\n".join(lines), encoding="utf-8")
+    _figure(tables, out / "cohort.png")
+    return tables
+
+
+def _arm_order(arm: str):
+    return (list(ARMS).index(arm.split("+")[0].split("@")[0]) if arm.split("+")[0].split("@")[0] in ARMS else 99, arm)
+
+
+def _figure(tables: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.6), squeeze=False)
+    for ax, (cohort, table) in zip(axes[0], tables.items()):
+        arms = sorted({arm for cells in table.values() for arm in cells if "@" not in arm}, key=_arm_order)
+        for arm in arms:
+            points = sorted((int(k.split("=")[1]), cells[arm]["dice"]) for k, cells in table.items() if arm in cells)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
+        ax.set_title(cohort)
+        ax.set_xlabel("training scans (5 painted planes each)")
+        ax.set_ylabel("mean Dice on new scans")
+        ax.set_xticks(sorted({int(k.split("=")[1]) for k in table}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def summarise(rows: list[dict]) -> dict:
     """Mean Dice (over classes, then test scans and draws) per (n, arm), with the spread over draws."""
     table: dict = {}
@@ -337,6 +392,11 @@ def main(argv=None) -> int:
     import torch
 
     args = parse_args(argv)
+    if args.report:
+        if not args.out:
+            raise SystemExit("--report needs --out (where table.md and cohort.png go)")
+        print(json.dumps(report(args.report, args.out)))
+        return 0
     if args.quick:
         args.train, args.seeds, args.test, args.steps = [1], [0], 2, args.steps or 4
         args.width, args.planes = args.width or 4, 3

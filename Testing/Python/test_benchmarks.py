@@ -142,6 +142,13 @@ def test_bench_cohort_quick(tmp_path, capsys):
     assert set(summary["table"]["n=1"]) == set(arms) and summary["table"]["n=1"]["atlas"]["scans"] == 2
     assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").count("\n") == len(rows)
     assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["table"] == summary["table"]
+    # --report: the table and figure of docs/cohort.md, from the rows just written
+    assert bench("bench_cohort").main(["--report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table.md").read_text(encoding="utf-8")
+    assert "**phantom**" in table and all(f"| {arm} " in table.splitlines()[2] + " " for arm in arms)
+    cells = table.splitlines()[4].split("|")[2:-1]
+    assert [float(c.split()[0]) for c in cells] == [round(summary["table"]["n=1"][a]["dice"], 3) for a in arms]
+    assert (tmp_path / "report" / "cohort.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_session_quick(capsys):
