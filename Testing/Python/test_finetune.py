@@ -18,7 +18,7 @@ from MedSSL.tasks.infer.predict import PredictOptions, segment
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.models.genesis_unet import GenesisUNet
 from finetune_helpers import blobs_ct, volume
-from medssl_testing import StepClock, official_checkpoint
+from medssl_testing import StepClock, published_genesis_checkpoint, record_initial_state
 from MedSSL.engine import loop as loop_module
 from MedSSL.engine.loop import TrainingLoop
 from MedSSL.tasks.finetune import common as finetune_common
@@ -241,7 +241,7 @@ def small_case(tmp_path_factory):
     return folder
 
 
-def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
+def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path, monkeypatch):
     torch.manual_seed(123)  # not finetune's seed: a fresh network must differ from these weights
     backbone = GenesisUNet(1, 1, 4)
     save_bundle(tmp_path / "pre", {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
@@ -269,9 +269,17 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
     assert torch.allclose(enc_only[key], backbone.state_dict()[key], atol=1e-6)
     assert not torch.allclose(enc_only[dec], backbone.state_dict()[dec], atol=1e-3)
     assert read_meta(tmp_path / "e")["transfer"] == "encoder"
-    official_checkpoint(tmp_path / "g.pt", width=4)
+    # an official Models Genesis .pt (the release's key names and layout, width 4): the fine-tuned network
+    # starts with every tensor of the file (weights and BatchNorm statistics), but the 1-channel output layer
+    official = published_genesis_checkpoint(tmp_path / "g.pt", width=4, seed=9)
+    seen = record_initial_state(monkeypatch)
     assert main([*base, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "g.pt"), *args]) == 0
-    assert read_meta(tmp_path / "b")["init"]["source"] == "official-pt"
+    assert read_meta(tmp_path / "b")["init"] == {"source": "official-pt", "width": 4}
+    copied = [key[len("module."):] for key in official if not key.startswith("module.out_tr.")]
+    assert len(copied) == len(official) - 2 and set(copied) < set(seen)
+    for key in copied:
+        assert torch.equal(seen[key], official["module." + key].to(seen[key].dtype)), key
+    assert seen["out_tr.final_conv.weight"].shape[0] == 2  # background + blob: the head is the network's own
     assert main([*base, "--out", str(tmp_path / "c"), "--init", "none", "--width", "4", *args]) == 0
     assert read_meta(tmp_path / "c")["init"] == {"source": "scratch"}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from medssl_testing import check_ark_teacher_update
+from medssl_testing import check_ark_teacher_update, record_initial_state
 
 from MedSSL.io.bundle import load_bundle
 from MedSSL.commands.cli import main
@@ -442,15 +442,25 @@ def phantom_volumes(tmp_path_factory):
     return folder
 
 
-def _finetune_from(bundle, folder, tmp_path):
+def _finetune_from(bundle, folder, tmp_path, monkeypatch):
+    """Fine-tune from ``bundle``; the network must start with every U-Net tensor of the bundle (weights and
+    BatchNorm statistics; a pretraining bundle's are under ``backbone.``) except the output layer, whose
+    channels differ (the phantom's 8 classes + background). Returns the fine-tuned bundle's model.json."""
+    _, source = load_bundle(bundle)
+    unet = {k[len("backbone."):]: v for k, v in source.items() if k.startswith("backbone.")} or source
+    seen = record_initial_state(monkeypatch)
     out = tmp_path / "finetuned"
     assert main(["finetune", "--init", str(bundle), "--image", str(folder / "test_img.nii.gz"), "--label",
                  str(folder / "test_lab.nii.gz"), "--out", str(out), "--patch", "16", "16", "8", "--steps", "2",
                  "--batch-size", "2", "--bn-recalibration", "1", "--device", "cpu", "--progress", "none"]) == 0
+    copied = [k for k in unet if not k.startswith("out_tr.")]
+    assert len(copied) == len(seen) - 2 and seen["out_tr.final_conv.weight"].shape[0] == 9, sorted(set(seen) - set(copied))
+    for key in copied:
+        assert torch.equal(seen[key], unet[key].to(seen[key].dtype)), key
     return load_bundle(out)[0]
 
 
-def test_adam_short_run_lowers_the_loss_and_initialises_finetuning(phantom_volumes, ark_data, tmp_path):
+def test_adam_short_run_lowers_the_loss_and_initialises_finetuning(phantom_volumes, ark_data, tmp_path, monkeypatch):
     out = tmp_path / "adam"
     settings = {"out_dim": 256, "head_hidden": 64, "head_bottleneck": 32,
                 "local_scale_bins": [[0.05, 0.2], [0.2, 0.4], [0.4, 0.8]]}
@@ -471,11 +481,11 @@ def test_adam_short_run_lowers_the_loss_and_initialises_finetuning(phantom_volum
     assert np.mean([r["comp"] for r in history[-10:]]) < 0.7 * np.mean([r["comp"] for r in history[:10]])
     assert "backbone.down_tr64.ops.0.conv1.weight" in state
     folder, _ = ark_data
-    finetuned = _finetune_from(out, folder, tmp_path)
+    finetuned = _finetune_from(out, folder, tmp_path, monkeypatch)
     assert finetuned["init"]["method"] == "adam"
 
 
-def test_ark_short_run_predicts_both_classes_and_initialises_finetuning(ark_data, tmp_path):
+def test_ark_short_run_predicts_both_classes_and_initialises_finetuning(ark_data, tmp_path, monkeypatch):
     folder, _ = ark_data
     out = tmp_path / "ark"
     assert main(["pretrain", "--method", "ark", "--datasets", str(folder / "spec.json"), "--out", str(out),
@@ -518,7 +528,7 @@ def test_ark_short_run_predicts_both_classes_and_initialises_finetuning(ark_data
         assert dice > constant + 0.05, (value, dice, constant)
         dices.append(dice)
     assert np.mean(dices) > 0.3, dices  # the constant (0.14) or random (<= 0.16) mean plus 0.14
-    finetuned = _finetune_from(out, folder, tmp_path)
+    finetuned = _finetune_from(out, folder, tmp_path, monkeypatch)
     assert finetuned["init"] == {"source": "bundle", "width": 4, "method": "ark", "task": "segment"}
 
 

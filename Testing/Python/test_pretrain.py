@@ -16,9 +16,8 @@ from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
 from MedSSL.engine import loop as loop_module
-from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.runtime import OutputLock
-from medssl_testing import StepClock, official_checkpoint
+from medssl_testing import StepClock, published_genesis_checkpoint, record_initial_state
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -90,22 +89,9 @@ def test_a_second_run_on_the_same_output_is_refused(volumes, tmp_path, capsys):
     assert not (out / "model.json").exists()
 
 
-def _record_initial_state(monkeypatch):
-    """The method's state when training starts (after --init), captured from the training loop."""
-    seen = {}
-    real = TrainingLoop.run
-
-    def run(self, *args, **kwargs):
-        seen.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(TrainingLoop, "run", run)
-    return seen
-
-
 def test_init_from_official_checkpoint(volumes, tmp_path, monkeypatch):
-    official = official_checkpoint(tmp_path / "Genesis_Chest_CT.pt", width=4, seed=5)
-    seen = _record_initial_state(monkeypatch)
+    official = published_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", width=4, seed=5)
+    seen = record_initial_state(monkeypatch)
     out = tmp_path / "from_pt"
     assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--init", str(tmp_path / "Genesis_Chest_CT.pt"), "--progress", "none")) == 0
     assert read_meta(out)["training"]["init"] == {"source": "official-pt", "width": 4}
@@ -118,14 +104,14 @@ def test_init_from_a_bundle_starts_from_its_weights(volumes, tmp_path, monkeypat
     first = tmp_path / "first"
     assert main(pretrain_args(volumes, first, tmp_path / "cache", "--steps", "2", "--progress", "none")) == 0
     _, state = load_bundle(first)
-    seen = _record_initial_state(monkeypatch)
+    seen = record_initial_state(monkeypatch)
     out = tmp_path / "second"
     assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--init", str(first), "--progress", "none")) == 0
     assert read_meta(out)["training"]["init"]["source"] == "bundle"
     backbone = [k for k in state if k.startswith("backbone.")]
     assert backbone and all(torch.equal(seen[k], state[k]) for k in backbone)
     # the same seed without --init starts elsewhere
-    fresh = _record_initial_state(monkeypatch)
+    fresh = record_initial_state(monkeypatch)
     assert main(pretrain_args(volumes, tmp_path / "third", tmp_path / "cache", "--steps", "1", "--progress", "none")) == 0
     assert not torch.equal(fresh["backbone.down_tr64.ops.0.conv1.weight"], state["backbone.down_tr64.ops.0.conv1.weight"])
 
