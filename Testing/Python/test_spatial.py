@@ -95,12 +95,14 @@ def test_layers_are_the_classes_monais_factories_give():
 
 
 def test_a_training_process_does_not_import_monai_before_its_first_step():
-    """pretrain and finetune (network and few-shot) import no MONAI module (its import loads all its
-    submodules: 2-3 s of every job the Slicer modules start); the bundle still records MONAI's version."""
+    """pretrain, finetune, predict and suggest import no MONAI module until a network is slid over an image
+    (its import loads all its submodules: 2-3 s of every job the Slicer modules start); the bundle still
+    records MONAI's version."""
     import subprocess
     import sys
 
-    code = ("import sys, MedSSL.commands.cli, MedSSL.tasks.pretrain, MedSSL.tasks.finetune.segment, MedSSL.io.bundle; "
+    code = ("import sys, MedSSL.commands.cli, MedSSL.tasks.pretrain, MedSSL.tasks.finetune.segment, MedSSL.io.bundle, "
+            "MedSSL.tasks.infer.predict, MedSSL.tasks.infer.suggest; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai')[:3]); "
             "print(MedSSL.io.bundle.versions()['monai'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
