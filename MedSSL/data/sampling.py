@@ -17,6 +17,7 @@ caller drops the last axis for a 2D network); :func:`auto_patch_2d` chooses thei
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,17 @@ class PatchSampler:
         if not self.channels:
             raise ValueError("no annotated voxels to sample from")
         self._queue: list[int] = []
+
+    def stream_state(self) -> str:
+        """Where the patch stream stands (random generator and class queue), as JSON for a checkpoint."""
+        return json.dumps({"rng": self.rng.bit_generator.state, "queue": [int(c) for c in self._queue]})
+
+    def continue_stream(self, state: str) -> None:
+        """Continue the patch stream from :meth:`stream_state` (a resumed run draws what the uninterrupted
+        run would have drawn)."""
+        saved = json.loads(state)
+        self.rng.bit_generator.state = saved["rng"]
+        self._queue = [int(c) for c in saved["queue"]]
 
     def _next_channel(self) -> int:
         if not self._queue:

@@ -84,16 +84,18 @@ def use_channels_last(module: nn.Module, log: Callable[[str], None]) -> bool:
         return False
 
 
-def compile_with_fallback(module: nn.Module, log: Callable[[str], None]) -> None:
+def compile_with_fallback(module: nn.Module, log: Callable[[str], None]) -> dict:
     """Compile ``module`` in place (its state-dict keys do not change); on a compilation error at the
-    first call, log it and run the module eagerly from then on."""
+    first call, log it and run the module eagerly from then on. Returns what happened, for the bundle:
+    {"compiled": True} once compiled, updated to {"compiled": False, "reason": ...} if compiling fails."""
     try:
         module.compile()
     except (RuntimeError, AttributeError) as exc:  # torch without nn.Module.compile, or no backend
         log(f"torch.compile not used: {str(exc).splitlines()[0][:120]}")
-        return
+        return {"compiled": False, "reason": str(exc).splitlines()[0][:120]}
     compiled_forward = module._compiled_call_impl
     state = {"checked": False}
+    outcome = {"compiled": True}
 
     def guarded(*args, **kwargs):
         if state["checked"]:
@@ -103,11 +105,23 @@ def compile_with_fallback(module: nn.Module, log: Callable[[str], None]) -> None
             state["checked"] = True
             return out
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-            log(f"torch.compile failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:100]}); running eagerly")
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            # dynamo's "backend='inductor' raised:" is followed by the compiler's own error: both kept
+            reason = f"{exc.__class__.__name__}: {' '.join(lines[:2])[:160]}"
+            log(f"torch.compile failed ({reason}); running eagerly")
+            outcome.update(compiled=False, reason=reason)
             module._compiled_call_impl = None
             return module._call_impl(*args, **kwargs)
 
     module._compiled_call_impl = guarded
+    return outcome
+
+
+def compile_record(outcome: dict | None) -> str | None:
+    """The bundle's ``training.compile``: None (not asked), "torch.compile", or "eager (<why>)"."""
+    if outcome is None:
+        return None
+    return "torch.compile" if outcome["compiled"] else f"eager ({outcome['reason']})"
 
 
 def prepare_batch(batch, channels_last: bool):

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from MedSSL.engine.acceleration import mixed_precision
-from monai.inferers import sliding_window_inference
 
 #: flips used by test-time augmentation: identity and one flip per axis (dims of (N, C, X, Y, Z));
 #: 2D inputs (N, C, X, Y) use the first three (see :func:`tta_flips`)
@@ -172,6 +171,8 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
     even a strip fits, Z slabs of MONAI's sliding window with recomputed margins. ``spatial_dims`` 2: ``array`` is a one-slice image (X, Y, 1),
     ``patch`` (X, Y, 1) or (X, Y), and ``predictor`` takes (B, 1, X, Y) windows (see the module doc).
     """
+    from monai.inferers import sliding_window_inference  # here: importing MONAI takes seconds (few-shot runs need none)
+
     monai_predictor = lambda x: predictor(x).contiguous()  # noqa: E731 (MONAI blends faster in the default layout)
     if spatial_dims == 2:
         if array.shape[2] != 1:

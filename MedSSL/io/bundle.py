@@ -27,6 +27,7 @@ through :func:`load_initial_weights` with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -238,11 +239,9 @@ class BundleMeta(_Record):
 def versions() -> dict:
     """Versions of the libraries that shape a bundle's contents."""
     out = {"medssl": __version__, "torch": torch.__version__}
-    try:
-        import monai
-
-        out["monai"] = monai.__version__
-    except ImportError:  # pragma: no cover - monai is a dependency
+    try:  # from the installed package's metadata: importing MONAI itself takes seconds
+        out["monai"] = importlib.metadata.version("monai")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - monai is a dependency
         pass
     return out
 

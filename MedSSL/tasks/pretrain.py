@@ -35,7 +35,7 @@ from MedSSL.io.volumes import find_volumes
 from MedSSL.io.privacy import redact_paths
 from MedSSL.methods.base import PretrainData, build_method, method_class
 from MedSSL.models.initial_weights import apply_initial_weights, load_initial_weights
-from MedSSL.engine.acceleration import compile_with_fallback, precision_name, prepare_batch, prepare_for_training
+from MedSSL.engine.acceleration import compile_record, compile_with_fallback, precision_name, prepare_batch, prepare_for_training
 from MedSSL.engine.prefetch import Prefetcher
 from MedSSL.engine.loop import TrainingLoop, thin_history
 from MedSSL.tasks import PretrainConfig  # noqa: F401  (its settings live with the other tasks')
@@ -104,8 +104,7 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
     method.setup(data)
     amp, channels_last = prepare_for_training(method.backbone, device, spatial_dims, method.input_sizes(patch),
                                               config.loop.amp, config.channels_last, progress.log)
-    if config.compile:
-        compile_with_fallback(method.backbone, progress.log)
+    compiled = compile_with_fallback(method.backbone, progress.log) if config.compile else None
     wrapped = DistributedDataParallel(method, find_unused_parameters=True) if ctx.enabled else method
     loop = TrainingLoop(method, replace(config.loop, amp=amp), device, progress, out, "pretrain", ctx)
     if config.resume and loop.resume():
@@ -158,7 +157,7 @@ def _pretrain_locked(config, cls, patch, ctx, device, progress) -> Path:
         training={"steps": result.steps_done, "stopped_by": result.stopped_by, "batch_size": config.batch_size,
                   "optimizer": config.loop.optimizer, "lr": config.loop.lr, "best_val_loss": result.best_val,
                   "seed": config.seed, "device": device_description(device), "init": init_info,
-                  "precision": precision_name(device, loop.config.amp),
+                  "precision": precision_name(device, loop.config.amp), "compile": compile_record(compiled),
                   "seconds": round(result.seconds, 1)},
         history=thin_history(result.history),
         data_summary=summary,

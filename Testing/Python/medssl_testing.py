@@ -17,6 +17,51 @@ def official_checkpoint(path: Path, width: int = 32, seed: int = 0) -> dict:
     return state
 
 
+PUBLISHED_KEYS = Path(__file__).resolve().parents[2].parent / "shared" / "research" / "genesis_state_dict_keys.json"
+
+
+def published_genesis_checkpoint(path: Path, width: int = 4, seed: int = 0) -> dict:
+    """Write a Genesis_Chest_CT.pt-shaped file whose key names, order, dtypes and shapes are those of the
+    official release (../shared/research/genesis_state_dict_keys.json: width 32), every channel count
+    scaled to ``width``, with random values (BatchNorm variances positive). Without the shared folder the
+    names come from MedSSL's own GenesisUNet (as :func:`official_checkpoint`). Returns the state written
+    ('module.' keys)."""
+    import json
+
+    if not PUBLISHED_KEYS.is_file():
+        return official_checkpoint(path, width=width, seed=seed)
+    published = json.loads(PUBLISHED_KEYS.read_text(encoding="utf-8"))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape, dtype in published["keys"]:
+        size = [d * width // 32 if d >= 32 else d for d in shape]  # channels scale; kernels and 1 channel stay
+        if dtype == "int64":
+            value = torch.tensor(3, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            value = torch.rand(size, generator=generator) + 0.5
+        else:
+            value = torch.randn(size, generator=generator) * 0.1
+        state[published["prefix"] + key] = value
+    torch.save({"epoch": 7, "state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []}}, path)
+    return state
+
+
+def record_initial_state(monkeypatch) -> dict:
+    """The trained model's state when training starts (after --init), captured from the training loop:
+    filled in when a run starts (a copy of every tensor, weights and BatchNorm statistics)."""
+    from MedSSL.engine.loop import TrainingLoop
+
+    seen = {}
+    real = TrainingLoop.run
+
+    def run(self, *args, **kwargs):
+        seen.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingLoop, "run", run)
+    return seen
+
+
 def check_ark_teacher_update(method, first_batch, second_batch) -> None:
     """Ark's teacher (the whole multi-head model) is a copy of the student at the first step and then an
     EMA of it (momentum 0.9 at step 1 of 4); the loss is (1 - c) task + c consistency with c(0) = 0 and

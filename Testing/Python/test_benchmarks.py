@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from MedSSL.data.phantom import make_phantom
+from MedSSL.models.genesis_unet import GenesisUNet
 from MedSSL.io.volumes import write_volume
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "Benchmarks"
@@ -27,6 +31,13 @@ def bench(name):
     return module
 
 
+def dice(entry) -> float:
+    """A Dice from a summary table cell (a number, or a dict whose "mean" or "dice" is one)."""
+    if isinstance(entry, dict):
+        entry = entry.get("mean", entry.get("dice"))
+    return float(entry)
+
+
 def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -34,22 +45,36 @@ def last_json(capsys) -> dict:
 def test_bench_transforms_quick(capsys):
     assert bench("bench_transforms").main(["--quick", "--threads", "1"]) == 0
     result = last_json(capsys)
-    assert result["benchmark"] == "transforms" and result["quick"] and result["cubes_per_s"] > 0
-    assert {"bezier", "inpaint", "outpaint"} <= set(result["stage_ms_per_cube"]) and result["train_step_s"] > 0
+    assert result["benchmark"] == "transforms" and result["quick"] and result["patch"] == [32, 32, 16]
+    # the rates are the counts over the times (cubes/s, ms/batch): a broken timer or count breaks them
+    cubes = result["batches"] * result["batch"]
+    assert result["batches"] > 0 and result["cubes_per_s"] == pytest.approx(cubes / result["seconds"], rel=1e-6)
+    assert result["ms_per_batch"] == pytest.approx(1000 * result["seconds"] / result["batches"], rel=1e-6)
+    stages = result["stage_ms_per_cube"]
+    assert {"flip", "bezier", "inpaint", "outpaint"} <= set(stages) and all(v > 0 for v in stages.values())
+    assert result["train_cubes_per_s"] == pytest.approx(result["batch"] / result["train_step_s"], rel=1e-6)
+    assert result["train_parameters"] == sum(p.numel() for p in GenesisUNet(1, 1, result["width"]).parameters())
 
 
 def test_bench_predict_memory_quick(capsys):
     bench("bench_predict_memory").main(["--quick"])
     result = last_json(capsys)
-    assert result["benchmark"] == "predict_memory" and result["quick"] and result["peak_rss_mb"] > 0
+    assert result["benchmark"] == "predict_memory" and result["quick"]
     assert result["shape"] == [48, 48, 24] and result["memory_mb_target"] == 0.5
+    assert result["voxels"] == 48 * 48 * 24
+    assert result["seconds_per_megavoxel"] == pytest.approx(result["seconds"] / (result["voxels"] / 1e6), rel=0.05)
+    # megabytes of a process that imported torch and ran a network: not kB (x1024), not bytes, not zero
+    assert 100 < result["peak_rss_mb"] < 8000, result["peak_rss_mb"]
 
 
 def test_bench_pretrain_memory_quick(capsys):
     bench("bench_pretrain_memory").main(["--quick"])
     result = last_json(capsys)
     assert result["benchmark"] == "pretrain_memory" and [r["volumes"] for r in result["results"]] == [2]
-    assert result["results"][0]["peak_rss_mb"] > 0
+    assert result["settings"]["quick"] and result["settings"]["steps"] == 2
+    run = result["results"][0]
+    assert 100 < run["peak_rss_mb"] < 8000, run  # megabytes of a process that trained a network
+    assert run["cube_cache_mb"] >= 0 and run["seconds"] > 0
 
 
 def test_bench_speed_quick(capsys):
@@ -57,9 +82,21 @@ def test_bench_speed_quick(capsys):
     result = last_json(capsys)
     assert result["benchmark"] == "speed" and result["matmul_gflops"] > 0
     assert [(r["width"], r["classes"]) for r in result["predict"]] == [(2, 2), (2, 5)]
-    assert all(r["achieved_gflops"] > 0 and 0 <= r["outside_network_share"] < 1 for r in result["predict"])
+    for row in result["predict"]:
+        # 48 x 48 x 24 in 16 x 16 x 8 windows at overlap 0.5: 5 positions per axis
+        assert row["windows"] == 125 and row["mvoxels"] == pytest.approx(48 * 48 * 24 / 1e6, abs=1e-3)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            GenesisUNet(1, row["classes"], row["width"]).eval()(torch.zeros(1, 1, 16, 16, 8))
+        assert row["gflop_per_window"] == pytest.approx(counter.get_total_flops() / 1e9, abs=1e-3)
+        # rates are work over time (rounded in the JSON)
+        rate = row["gflop_per_window"] * row["windows"] / row["network_s"]
+        assert row["achieved_gflops"] == pytest.approx(rate, rel=0.1)
+        assert row["s_per_mvoxel"] == pytest.approx(row["wall_s"] / row["mvoxels"], rel=0.05)
+        assert 0 <= row["outside_network_share"] < 1 and row["network_s"] <= row["wall_s"]
     assert {r["kind"] for r in result["train"]} == {"pretrain", "finetune"}
-    assert all(r["precision"] == "fp32" for r in result["train"])  # 16-voxel patches train in fp32 on the CPU
+    for row in result["train"]:
+        assert row["precision"] == "fp32"  # 16-voxel patches train in fp32 on the CPU
+        assert row["achieved_gflops"] == pytest.approx(row["gflop_per_step"] / row["step_s"], rel=0.1)
 
 
 def test_bench_precision_smoke(capsys):
@@ -114,7 +151,12 @@ def test_bench_label_efficiency_quick(data_root, tmp_path, capsys, c_locale):
     raw = summary["dice"]["raw"]["3"]  # k = 3: a Dice for every arm and the interpolation baseline
     assert {"scratch", "pretrained", "official", "interpolation"} <= set(raw)
     assert all(raw[arm] is not None for arm in ("scratch", "pretrained", "official", "interpolation")), raw
-    assert (out / "table.md").is_file() and (out / "summary.json").is_file()
+    assert all(0.0 <= dice(raw[arm]) <= 1.0 for arm in raw), raw
+    # the interpolation baseline has painted planes around the hidden ones: it finds part of the organ
+    assert dice(raw["interpolation"]) > 0.3, raw["interpolation"]
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert all(arm in table for arm in ("scratch", "pretrained", "official", "interpolation")), table
 
 
 def test_bench_methods_quick(data_root, tmp_path, capsys, c_locale):
@@ -125,7 +167,16 @@ def test_bench_methods_quick(data_root, tmp_path, capsys, c_locale):
         "--threads", "1", "--device", "cpu"])
     summary = last_json(capsys)
     assert status == 0, summary.get("failed_runs")
-    assert (out / "table.md").is_file() and (out / "summary.json").is_file()
+    assert summary["benchmark"] == "methods_label_efficiency" and summary["quick"] and not summary["failed"]
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text(encoding="utf-8").splitlines()]
+    arms = ["scratch"] + sorted(summary["pretraining"])  # one run per arm, painted count and seed
+    expected = len(arms) * len(summary["budget"]["ks"]) * len(summary["budget"]["seeds"])
+    assert sorted({r["arm"] for r in runs}) == sorted(arms) and len(runs) == expected, (arms, len(runs))
+    assert all(r["status"] == "ok" and 0.0 <= r["raw"]["dice"] <= 1.0 for r in runs), runs
+    assert all(p["status"] == "ok" for p in summary["pretraining"].values())
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert all(arm in table for arm in arms), table
     # --report rebuilds the table from the results alone
     assert bench("bench_methods").main(["--report", "--out", str(out), "--data-root", str(data_root)]) == 0
 

@@ -18,8 +18,9 @@ from MedSSL.tasks.infer.predict import PredictOptions, segment
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.models.genesis_unet import GenesisUNet
 from finetune_helpers import blobs_ct, volume
-from medssl_testing import StepClock, official_checkpoint
+from medssl_testing import StepClock, published_genesis_checkpoint, record_initial_state
 from MedSSL.engine import loop as loop_module
+from MedSSL.engine.loop import TrainingLoop
 from MedSSL.tasks.finetune import common as finetune_common
 
 torch.set_num_threads(1)
@@ -240,7 +241,7 @@ def small_case(tmp_path_factory):
     return folder
 
 
-def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
+def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path, monkeypatch):
     torch.manual_seed(123)  # not finetune's seed: a fresh network must differ from these weights
     backbone = GenesisUNet(1, 1, 4)
     save_bundle(tmp_path / "pre", {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
@@ -268,9 +269,17 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path):
     assert torch.allclose(enc_only[key], backbone.state_dict()[key], atol=1e-6)
     assert not torch.allclose(enc_only[dec], backbone.state_dict()[dec], atol=1e-3)
     assert read_meta(tmp_path / "e")["transfer"] == "encoder"
-    official_checkpoint(tmp_path / "g.pt", width=4)
+    # an official Models Genesis .pt (the release's key names and layout, width 4): the fine-tuned network
+    # starts with every tensor of the file (weights and BatchNorm statistics), but the 1-channel output layer
+    official = published_genesis_checkpoint(tmp_path / "g.pt", width=4, seed=9)
+    seen = record_initial_state(monkeypatch)
     assert main([*base, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "g.pt"), *args]) == 0
-    assert read_meta(tmp_path / "b")["init"]["source"] == "official-pt"
+    assert read_meta(tmp_path / "b")["init"] == {"source": "official-pt", "width": 4}
+    copied = [key[len("module."):] for key in official if not key.startswith("module.out_tr.")]
+    assert len(copied) == len(official) - 2 and set(copied) < set(seen)
+    for key in copied:
+        assert torch.equal(seen[key], official["module." + key].to(seen[key].dtype)), key
+    assert seen["out_tr.final_conv.weight"].shape[0] == 2  # background + blob: the head is the network's own
     assert main([*base, "--out", str(tmp_path / "c"), "--init", "none", "--width", "4", *args]) == 0
     assert read_meta(tmp_path / "c")["init"] == {"source": "scratch"}
 
@@ -309,7 +318,11 @@ def test_progress_json_and_bundle_fields(small_case, tmp_path, capsys):
     assert meta["data_summary"]["spacings_mm"] == [[1.5, 1.5, 3.0]]
 
 
-def test_resume_several_images_validation_and_spacing(small_case, tmp_path):
+class Killed(Exception):
+    """A run that dies (as a killed process would) right after writing a checkpoint."""
+
+
+def test_resume_several_images_validation_and_spacing(small_case, tmp_path, monkeypatch):
     image, labels = blobs_ct((24, 24, 16), seed=6, n=3, radius=3)
     write_volume(volume(image, spacing=(1.5, 1.5, 3.0)), tmp_path / "img2.nii.gz")
     write_volume(volume(labels, spacing=(1.5, 1.5, 3.0)), tmp_path / "lab2.nii.gz")
@@ -318,10 +331,31 @@ def test_resume_several_images_validation_and_spacing(small_case, tmp_path):
     base = ["finetune", *pairs, "--out", str(tmp_path / "m"), "--width", "4", "--patch", "16", "16", "8",
             "--val-fraction", "0.5", "--val-every", "2", "--checkpoint-every", "2", "--spacing", "2", "2", "3",
             "--device", "cpu", "--progress", "none"]
-    assert main([*base, "--steps", "4"]) == 0
+    whole = [a if a != str(tmp_path / "m") else str(tmp_path / "whole") for a in base]
+    assert main([*whole, "--steps", "6"]) == 0  # the uninterrupted run, same seed
+    with monkeypatch.context() as patch:  # the run dies right after its step-4 checkpoint
+        real = TrainingLoop._checkpoint
+
+        def _checkpoint(self):
+            real(self)
+            if self.step == 4:
+                raise Killed("killed after step 4")
+
+        patch.setattr(TrainingLoop, "_checkpoint", _checkpoint)
+        with pytest.raises(Killed):
+            main([*base, "--steps", "6"])
+    assert torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"] == 4
     assert main([*base, "--steps", "6"]) == 2  # the folder holds a run: --resume or another --out
     assert main([*base, "--steps", "6", "--resume"]) == 0
+    # resumed, it ends with the uninterrupted run's weights, Adam moments and losses (bit for bit on the CPU)
+    ended, expected = (torch.load(folder / "checkpoint.pt", weights_only=True) for folder in (tmp_path / "m", tmp_path / "whole"))
+    assert ended["step"] == expected["step"] == 6 and ended["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(ended["model"][k], expected["model"][k]) for k in expected["model"]), \
+        [k for k in expected["model"] if not torch.equal(ended["model"][k], expected["model"][k])][:5]
+    for a, b in zip(ended["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     meta = read_meta(tmp_path / "m")
+    assert [r["loss"] for r in meta["history"]] == [r["loss"] for r in read_meta(tmp_path / "whole")["history"]]
     assert meta["training"]["steps"] == 6 and meta["training"]["best_val_loss"] is not None
     assert any("val_loss" in r for r in meta["history"])
     assert meta["preprocessing"]["target_spacing_mm"] == [2.0, 2.0, 3.0]

@@ -22,13 +22,21 @@ SPACING, ORIGIN = (0.6, 0.8, 2.5), (10.0, -20.0, 30.0)
 
 
 def disc(seed: int, n: int = 48) -> tuple[np.ndarray, np.ndarray]:
-    """A noisy one-slice CT-like image (X, Y) with a bright disc, and the disc's label."""
+    """A noisy one-slice CT-like image (X, Y) with a bright disc and an equally bright bar (5 x 30 pixels,
+    on the side of Y the disc leaves free), and the disc's label: an intensity threshold cannot tell them
+    apart, the shape can."""
     rng = np.random.default_rng(seed)
     x, y = np.mgrid[:n, :n]
     cx, cy = rng.uniform(15, n - 15, 2)
     mask = (x - cx) ** 2 + (y - cy) ** 2 <= rng.uniform(7, 10) ** 2
-    image = np.where(mask, 400.0, 0.0) + rng.normal(0, 20, (n, n))
+    bar = (x >= 9) & (x < 39) & ((y >= 38) & (y < 43) if cy < n / 2 else (y >= 5) & (y < 10))
+    image = np.where(mask | bar, 400.0, 0.0) + rng.normal(0, 20, (n, n))
     return image.round().astype(np.int16), mask.astype(np.uint8)
+
+
+def best_threshold_dice(image: np.ndarray, truth: np.ndarray) -> float:
+    """The trivial baseline: the best Dice of ``image > t`` against ``truth`` over every threshold t."""
+    return max(dice(image > t, truth == 1) for t in np.unique(image))
 
 
 def write_2d(array: np.ndarray, path, spacing=SPACING, origin=ORIGIN, direction=None) -> None:
@@ -117,9 +125,12 @@ def test_predict_writes_a_one_slice_label_map_on_the_input_grid(files, trained, 
     assert np.allclose(pred.GetSpacing(), ref.GetSpacing()) and np.allclose(pred.GetOrigin(), ref.GetOrigin())
     assert np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
     assert sitk.ReadImage(str(prob)).GetSize() == (48, 48, 1)
-    _, truth = disc(3)
+    image3, truth = disc(3)
     labels = sitk.GetArrayFromImage(pred)[0].T
-    assert dice(labels == 1, truth == 1) > 0.8  # width 8, 80 steps: 0.976-1.0 over --seed 0-9 (width 4, 60 steps failed once)
+    # the bar as bright as the disc: the best threshold scores 0.788 on this image (0.790 on img2); the network
+    # (width 8, 80 steps) 0.960 with the default --seed 0, 0.984-1.0 with --seed 1-4 (measured 2026-12-07)
+    baseline = best_threshold_dice(image3, truth)
+    assert dice(labels == 1, truth == 1) > baseline + 0.1, (dice(labels == 1, truth == 1), baseline)
     found = json.loads(det.read_text())
     assert found and found[0]["label"] == 1 and found[0]["area_mm2"] == pytest.approx(found[0]["voxels"] * 0.6 * 0.8, rel=1e-3)
     # --annotation: the painted pixels are copied, components away from the painting dropped
@@ -127,7 +138,7 @@ def test_predict_writes_a_one_slice_label_map_on_the_input_grid(files, trained, 
     assert main(["predict", "--device", "cpu", "--model", str(trained), "--image", str(image), "--out", str(cleaned),
                  "--annotation", str(files / "painted3.nii.gz"), "--window", "16", "16", "--tta", "--progress", "none"]) == 0
     clean = sitk.GetArrayFromImage(sitk.ReadImage(str(cleaned)))[0].T
-    assert (clean[:6] == 0).all() and dice(clean == 1, truth == 1) > 0.8
+    assert (clean[:6] == 0).all() and dice(clean == 1, truth == 1) > baseline + 0.1
 
 
 def test_2d_pretraining_bundle_initialises_finetune(files, pretrained, tmp_path):

@@ -16,9 +16,8 @@ from MedSSL.commands.cli import main
 from MedSSL.data.phantom import make_phantom
 from MedSSL.io.volumes import write_volume
 from MedSSL.engine import loop as loop_module
-from MedSSL.engine.loop import TrainingLoop
 from MedSSL.engine.runtime import OutputLock
-from medssl_testing import StepClock, official_checkpoint
+from medssl_testing import StepClock, published_genesis_checkpoint, record_initial_state
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -90,22 +89,9 @@ def test_a_second_run_on_the_same_output_is_refused(volumes, tmp_path, capsys):
     assert not (out / "model.json").exists()
 
 
-def _record_initial_state(monkeypatch):
-    """The method's state when training starts (after --init), captured from the training loop."""
-    seen = {}
-    real = TrainingLoop.run
-
-    def run(self, *args, **kwargs):
-        seen.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(TrainingLoop, "run", run)
-    return seen
-
-
 def test_init_from_official_checkpoint(volumes, tmp_path, monkeypatch):
-    official = official_checkpoint(tmp_path / "Genesis_Chest_CT.pt", width=4, seed=5)
-    seen = _record_initial_state(monkeypatch)
+    official = published_genesis_checkpoint(tmp_path / "Genesis_Chest_CT.pt", width=4, seed=5)
+    seen = record_initial_state(monkeypatch)
     out = tmp_path / "from_pt"
     assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--init", str(tmp_path / "Genesis_Chest_CT.pt"), "--progress", "none")) == 0
     assert read_meta(out)["training"]["init"] == {"source": "official-pt", "width": 4}
@@ -118,14 +104,14 @@ def test_init_from_a_bundle_starts_from_its_weights(volumes, tmp_path, monkeypat
     first = tmp_path / "first"
     assert main(pretrain_args(volumes, first, tmp_path / "cache", "--steps", "2", "--progress", "none")) == 0
     _, state = load_bundle(first)
-    seen = _record_initial_state(monkeypatch)
+    seen = record_initial_state(monkeypatch)
     out = tmp_path / "second"
     assert main(pretrain_args(volumes, out, tmp_path / "cache", "--steps", "2", "--init", str(first), "--progress", "none")) == 0
     assert read_meta(out)["training"]["init"]["source"] == "bundle"
     backbone = [k for k in state if k.startswith("backbone.")]
     assert backbone and all(torch.equal(seen[k], state[k]) for k in backbone)
     # the same seed without --init starts elsewhere
-    fresh = _record_initial_state(monkeypatch)
+    fresh = record_initial_state(monkeypatch)
     assert main(pretrain_args(volumes, tmp_path / "third", tmp_path / "cache", "--steps", "1", "--progress", "none")) == 0
     assert not torch.equal(fresh["backbone.down_tr64.ops.0.conv1.weight"], state["backbone.down_tr64.ops.0.conv1.weight"])
 
@@ -136,11 +122,13 @@ def _run_cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_sigkill_then_resume_finishes_from_the_last_checkpoint(volumes, tmp_path):
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(volumes, tmp_path):
     """Event-driven: the run is killed as soon as it reports a step after its first checkpoint (no sleep, so
-    a fast or a loaded machine alike kill it mid-run)."""
+    a fast or a loaded machine alike kill it mid-run); resumed, it ends with the weights, Adam moments and
+    losses of an uninterrupted run of the same seed and --steps (bit for bit on the CPU: the checkpoint
+    carries the model, the optimiser and the random streams; restarting any of them fails it)."""
     out, cache = tmp_path / "killed", tmp_path / "cache"
-    args = pretrain_args(volumes, out, cache, "--steps", "400", "--checkpoint-every", "2", "--progress", "json")
+    args = pretrain_args(volumes, out, cache, "--steps", "12", "--checkpoint-every", "2", "--progress", "json")
     child = _run_cli(args)
     try:
         for line in child.stdout:  # progress lines are flushed one by one
@@ -154,13 +142,24 @@ def test_sigkill_then_resume_finishes_from_the_last_checkpoint(volumes, tmp_path
     assert child.returncode == -signal.SIGKILL
     assert (out / "checkpoint.pt").exists() and not (out / "model.json").exists()
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    assert 2 <= saved < 400
-    resumed = _run_cli(pretrain_args(volumes, out, cache, "--steps", str(saved + 4), "--resume", "--progress", "json"))
+    assert 2 <= saved < 12
+    resumed = _run_cli(pretrain_args(volumes, out, cache, "--steps", "12", "--checkpoint-every", "2", "--resume",
+                                     "--progress", "json"))
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     lines = [json.loads(line) for line in stdout.splitlines()]
     assert {"event": "log", "message": f"resumed from step {saved}"} in lines
-    assert read_meta(out)["training"]["steps"] == saved + 4
+    assert read_meta(out)["training"]["steps"] == 12
+    whole = tmp_path / "whole"
+    assert main(pretrain_args(volumes, whole, cache, "--steps", "12", "--checkpoint-every", "2", "--progress", "none")) == 0
+    ended, expected = (torch.load(folder / "checkpoint.pt", weights_only=True) for folder in (out, whole))
+    assert ended["step"] == expected["step"] == 12
+    assert ended["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(ended["model"][k], expected["model"][k]) for k in expected["model"]), \
+        [k for k in expected["model"] if not torch.equal(ended["model"][k], expected["model"][k])][:5]
+    for a, b in zip(ended["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert [r["loss"] for r in read_meta(out)["history"]] == [r["loss"] for r in read_meta(whole)["history"]]
 
 
 RANK_WEIGHTS = """

@@ -72,3 +72,43 @@ def test_no_marker_in_outputs(tmp_path, capsys):
                 assert MARKER.encode() not in path.read_bytes(), f"{path} carries the marker"
     meta = json.loads((model / "model.json").read_text())
     assert MARKER not in json.dumps(meta) and str(tmp_path) not in json.dumps(meta)
+
+
+def test_few_shot_and_suggest_write_and_print_no_marker(tmp_path, capsys):
+    """The few-shot path (a painting fitted by the engine, then predict --annotation to NRRD and NIfTI) and
+    suggest, on a DICOM series whose PatientName/PatientID and folder carry the marker: no file written
+    (bundle, NRRD/NIfTI headers, JSON) and no progress line holds the marker or an input path."""
+    phantom = make_phantom(4, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0))
+    series = tmp_path / f"{MARKER}_patient" / "series"
+    write_dicom_series(phantom.image.array, series, (6.0, 6.0, 8.0), MARKER)
+    painting = np.full(phantom.labels.shape, 255, np.uint8)
+    for k in (5, 9):  # two axial planes of the liver
+        painting[:, :, k] = (phantom.labels.array[:, :, k] == 1).astype(np.uint8)
+    image = sitk.GetImageFromArray(painting.transpose(2, 1, 0))
+    reference = sitk.ImageSeriesReader()
+    reference.SetFileNames(reference.GetGDCMSeriesFileNames(str(series)))
+    image.CopyInformation(reference.Execute())
+    label_path = tmp_path / f"{MARKER}_painting.nrrd"
+    sitk.WriteImage(image, str(label_path))
+    written = tmp_path / "written"
+    model = written / "model"
+    assert main(["finetune", "--device", "cpu", "--image", str(series), "--label", str(label_path), "--out", str(model),
+                 "--progress", "json"]) == 0
+    assert json.loads((model / "model.json").read_text(encoding="utf-8"))["task"] == "fewshot"
+    for name in ("pred.nrrd", "pred.nii.gz"):
+        assert main(["predict", "--device", "cpu", "--model", str(model), "--image", str(series), "--annotation",
+                     str(label_path), "--out", str(written / name), "--progress", "json"]) == 0
+    assert main(["finetune", "--engine", "network", "--device", "cpu", "--image", str(series), "--label", str(label_path),
+                 "--out", str(written / "network"), "--width", "4", "--steps", "2", "--patch", "16", "16", "8",
+                 "--progress", "json"]) == 0
+    assert main(["suggest", "--device", "cpu", "--model", str(written / "network"), "--image", str(series), "--label",
+                 str(label_path), "--count", "2", "--out", str(written / "slices.json"), "--progress", "json"]) == 0
+    printed = capsys.readouterr().out
+    assert '"slices"' in printed and '"event": "done"' in printed
+    leaks = [line for line in printed.splitlines() if MARKER in line]  # both input paths hold the marker
+    assert not leaks, leaks
+    files = [path for path in written.rglob("*") if path.is_file()]
+    assert {"pred.nrrd", "pred.nii.gz", "slices.json", "model.json"} <= {path.name for path in files}
+    for path in files:
+        data = path.read_bytes()
+        assert MARKER.encode() not in data and str(tmp_path).encode() not in data, f"{path} carries the marker or a path"

@@ -81,6 +81,38 @@ def test_layers_by_dims():
         layer("dropout", 3)
 
 
+def test_layers_are_the_classes_monais_factories_give():
+    """MedSSL names the torch classes itself (importing MONAI costs a training process seconds); they are
+    MONAI's factories' classes, kind for kind and in 2D and 3D."""
+    from monai.networks.layers.factories import Conv, Norm, Pool
+
+    factories = {"conv": (Conv, Conv.CONV), "conv_transpose": (Conv, Conv.CONVTRANS), "batch_norm": (Norm, Norm.BATCH),
+                 "instance_norm": (Norm, Norm.INSTANCE), "max_pool": (Pool, Pool.MAX),
+                 "adaptive_avg_pool": (Pool, Pool.ADAPTIVEAVG)}
+    for kind, (factory, name) in factories.items():
+        for dims in (2, 3):
+            assert layer(kind, dims) is factory[name, dims], (kind, dims)
+
+
+def test_a_training_process_does_not_import_monai_before_its_first_step():
+    """pretrain, finetune, predict and suggest import no MONAI module until a network is slid over an image
+    (its import loads all its submodules: 2-3 s of every job the Slicer modules start); the bundle still
+    records MONAI's version."""
+    import subprocess
+    import sys
+
+    code = ("import sys, MedSSL.commands.cli, MedSSL.tasks.pretrain, MedSSL.tasks.finetune.segment, MedSSL.io.bundle, "
+            "MedSSL.tasks.infer.predict, MedSSL.tasks.infer.suggest; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai')[:3]); "
+            "print(MedSSL.io.bundle.versions()['monai'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    imported, version = done.stdout.splitlines()
+    assert imported == "[]", imported
+    import monai
+
+    assert version == monai.__version__
+
+
 def test_2d_and_3d_networks_share_keys():
     net2, net3 = GenesisUNet(width=2, spatial_dims=2), GenesisUNet(width=2, spatial_dims=3)
     assert list(net2.state_dict()) == list(net3.state_dict())

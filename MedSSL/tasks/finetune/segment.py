@@ -167,11 +167,16 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     loop = TrainingLoop(model, replace(config.loop, amp=amp), device, progress, out, "finetune", ctx)
     if config.resume and loop.resume():
         progress.log(f"resumed from step {loop.step}")
-    rng = np.random.default_rng([config.seed, loop.step, ctx.rank])
+    saved = loop.extra_state.get("random", {}).get(str(ctx.rank))
+    start = 0 if saved else loop.step  # with saved streams, built as at step 0 and then continued
+    rng = np.random.default_rng([config.seed, start, ctx.rank])
     painted_axes = slice_axes(summary["annotations"])
     sampler = _Float32Sampler(train_volumes, patch, mapping.n_channels, rng, full_axes=painted_axes,
                               spatial_dims=spatial_dims)
-    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + loop.step + 7919 * ctx.rank)
+    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + start + 7919 * ctx.rank)
+    if saved:  # continue the random streams where the checkpoint left them: a resumed run = an uninterrupted one
+        sampler.continue_stream(saved["batches"])
+        generator.set_state(saved["transforms"].cpu())
     augment = AugmentConfig.for_task("segment", majority(modalities))
     loss_fn = MaskedDiceCELoss()
     progress.log(f"{len(train_volumes)} training {'image' if spatial_dims == 2 else 'volume'}(s), "
@@ -185,6 +190,9 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         if config.augment:
             x, y = augment_batch(x, y, augment, generator)
         loss, parts = loss_fn(wrapped(x), y)
+        # what the next checkpoint saves (the streams as a run continuing after this step would find them)
+        loop.extra_state["random"] = {str(ctx.rank): {"batches": sampler.stream_state(),
+                                                      "transforms": generator.get_state()}}
         return loss, {**parts, "batch": config.batch_size}
 
     if config.steps_from_time and config.loop.max_time and not loop.step:

@@ -33,18 +33,20 @@ def backendAvailable():
     return None
 
 
+MARKER = "ZZPHIMARKER42"
 REASON = backendAvailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
-def test_finetune_segment_detect_suggest(scene, real_backend):
+def test_finetune_segment_detect_suggest(scene, real_backend, work_dir):
     from MedSSLCommonLib import geometry, nodes
     from MedSSLSegmentLib.logic import MedSSLSegmentLogic
     from MedSSLTrainerLib.logic import MedSSLTrainerLogic
 
     array = phantom()
     matrix = obliqueMatrix(spacing=(1.1, 0.9, 2.5))
-    volume = nodes.addVolumeFromArray(array, matrix, "ct", scene=scene)
+    # named as Slicer names a volume loaded from DICOM (series number, patient name): no file may carry it
+    volume = nodes.addVolumeFromArray(array, matrix, f"2: {MARKER}^JANE ct", scene=scene)
     painted = np.zeros(array.shape, np.uint8)
     for k in (7, 9):
         painted[k][array[k] > 0] = 1
@@ -54,6 +56,7 @@ def test_finetune_segment_detect_suggest(scene, real_backend):
 
     trainer = MedSSLTrainerLogic()
     trainer.device = "cpu"
+    trainer.keepJobFiles = True  # the job folders (log.txt, inputs' NRRD copies removed, outputs) are checked below
     events = []
     bundle = trainer.finetune(volume, annotation, initModel="none", steps=2, width=8, detection=True,
                               onEvent=events.append)
@@ -95,6 +98,13 @@ def test_finetune_segment_detect_suggest(scene, real_backend):
     for item in slices:
         center = geometry.sliceCenterIndex(array.shape, item["axis"], item["index"])
         np.testing.assert_allclose(item["center_ras"], geometry.indexToRas(matrix, center), atol=1e-3)
+
+    # PHI: the job folders (log.txt, prediction.nrrd headers, detections, the bundle) and the progress lines
+    # hold no patient name
+    written = [path for path in work_dir.rglob("*") if path.is_file()]
+    assert {"log.txt", "prediction.nrrd", "model.json", "detections.json"} <= {path.name for path in written}
+    assert [str(path) for path in written if MARKER.encode() in path.read_bytes()] == []
+    assert not [event for event in events if MARKER in json.dumps(event)]
 
 
 def test_environment_probe_runs_in_a_child():
