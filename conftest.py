@@ -32,6 +32,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 HELPERS = os.path.join(ROOT, "MedSSLCommon", "Testing", "Python")
 SLICER_PATHS = [HELPERS] + [os.path.join(ROOT, module) for module in ("MedSSLCommon", "MedSSLSegment", "MedSSLTrainer")]
 
+#: under pytest-xdist (``-n 2``: the README's test command) each worker computes on one thread, so two
+#: workers share two cores instead of fighting over them; child processes inherit it
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 for _path in reversed(SLICER_PATHS):
     if _path not in sys.path:
         sys.path.insert(0, _path)

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--largest-component", action="store_true",
                    help="also score each network prediction with only its largest component per class (arm+lcc)")
     p.add_argument("--keep-models", action="store_true", help="keep the trained bundles under --out/models")
+    p.add_argument("--models", type=Path, default=None, metavar="DIR",
+                   help="score the bundles an earlier run kept (its --out/models) instead of training (train_s 0)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN",
                    help="merge the results.jsonl of these --out folders into --out/table.md and cohort.png; no training")
@@ -263,11 +265,12 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
         models = {}
+        kept = args.models / f"seed{seed}_n{n}" if args.models else None
         for mode in ("dense", "sparse"):
             if mode in args.arms:
-                models[mode] = train(args, train_cases, axis, mode, work, seed)
+                models[mode] = (kept / mode, 0.0) if kept else train(args, train_cases, axis, mode, work, seed)
         if {"cohort", "correct1", "correct2"} & set(args.arms):
-            models["cohort"] = train(args, train_cases, axis, "painted", work, seed)
+            models["cohort"] = (kept / "cohort", 0.0) if kept else train(args, train_cases, axis, "painted", work, seed)
         if args.keep_models and args.out:
             keep_models(models, args.out / "models" / f"seed{seed}_n{n}")
         for case in test_cases:

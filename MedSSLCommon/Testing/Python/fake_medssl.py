@@ -34,7 +34,7 @@ DEFAULTS = {
                  "checkpoint-every": 100, "no-amp": False, "transfer": "all", "bn-recalibration": 16,
                  "engine": "auto", "no-completion": False, "completion-confidence": 0.7, "device": "auto", "seed": 0,
                  "progress": None, "threads": None},
-    "predict": {"annotation": None, "tta": False, "largest-component": False, "overlap": 0.5, "window": None,
+    "predict": {"annotation": None, "tta": False, "largest-component": False, "all-components": False, "overlap": 0.5, "window": None,
                 "min-volume": 0.0, "min-score": None, "max-findings": None, "memory-mb": 1024.0, "fp32": False,
                 "device": "auto", "seed": 0, "progress": None, "threads": None},
     "suggest": {"label": None, "out": None, "count": 5, "axis": 2, "min-gap": 1, "memory-mb": 1024.0,
