@@ -14,6 +14,7 @@ from MedSSL.io.bundle import read_meta
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.tasks import FinetuneConfig
 from MedSSL.tasks.cohort.completion import PaintingCompleter, complete_painting
+from MedSSL.tasks.cohort.components import DROP_SHARE
 from MedSSL.tasks.cohort.correction import correct_draft, correction_painting, worst_planes
 from MedSSL.tasks.cohort.grid import class_diameters_mm, working_spacing
 from MedSSL.tasks.cohort.train import DEFAULT_STEPS, DEFAULT_WIDTH, cohort_config, painted_diameters_mm
@@ -209,7 +210,8 @@ def test_finetune_on_painted_scans_trains_on_completed_labels(cohort_model):
     # the network trained on dense (completed) labels: whole-volume windows, no painted-axis sampling
     assert meta["fewshot"]["annotation"] == "dense"
     assert "/" not in json.dumps(meta["cohort"])  # no paths in the bundle
-    assert meta["cohort"]["postprocess"] == {"largest_component": [1]}  # the completed livers are one piece
+    # the completed livers are one piece: predictions lose the liver's small stray pieces
+    assert meta["cohort"]["postprocess"] == {"one_piece_classes": [1], "drop_pieces_below": DROP_SHARE}
 
 
 def test_a_refresh_without_a_budget_trains_a_quarter_of_the_previous_models_steps(cohort_model, tmp_path):
@@ -235,15 +237,30 @@ def test_one_piece_classes_from_the_training_labels():
     other = labels.copy()
     other[2:8, 2:8, 9] = 1               # class 1 in two pieces in another scan (216 + 36 voxels)
     survey.add(other)
-    assert survey.record == {"largest_component": [3]}
+    assert survey.record == {"one_piece_classes": [3], "drop_pieces_below": DROP_SHARE}
 
 
-def test_predict_keeps_one_piece_of_a_one_piece_class_unless_asked_not_to(cohort_model, tmp_path):
-    """The cohort model's post-processing (model.json cohort.postprocess) runs by default; --all-components
-    keeps what the network found; both together are refused."""
-    from scipy import ndimage
+def test_small_pieces_are_dropped_and_comparable_ones_kept():
+    """The clean-up removes pieces under the share of the largest; a piece nearly as large stays (the largest
+    one is not always the right one)."""
+    from MedSSL.tasks.infer.postprocess import drop_small_pieces
 
-    from MedSSL.tasks.infer.postprocess import largest_component_per_class
+    labels = np.zeros((30, 30, 10), np.uint8)
+    labels[0:10, 0:10, 0:5] = 1        # 500 voxels
+    labels[20:28, 0:10, 0:5] = 1       # 400: kept at 0.2
+    labels[0:3, 20:23, 0:3] = 1        # 27: dropped
+    labels[20:23, 20:23, 0:3] = 2      # another class: untouched
+    labels[25:26, 25:26, 5:6] = 2
+    out = drop_small_pieces(labels, [1], 0.2)
+    assert (out == 1).sum() == 900 and not out[0:3, 20:23, 0:3].any()
+    assert np.array_equal(out == 2, labels == 2)
+    assert (drop_small_pieces(labels, [1], 1.0) == 1).sum() == 500
+
+
+def test_predict_drops_small_pieces_of_a_one_piece_class_unless_asked_not_to(cohort_model, tmp_path):
+    """The cohort model's clean-up (model.json cohort.postprocess) runs by default; --all-components keeps
+    what the network found; both options together are refused."""
+    from MedSSL.tasks.infer.postprocess import drop_small_pieces
 
     image, truth = liver_case(3)
     write_volume(image, tmp_path / "new.nii.gz")
@@ -253,8 +270,8 @@ def test_predict_keeps_one_piece_of_a_one_piece_class_unless_asked_not_to(cohort
                          "--out", tmp_path / f"{name}.nii.gz", *extra)
         assert result.returncode == 0, result.stderr
         outs[name] = read_volume(tmp_path / f"{name}.nii.gz").array
-    assert (outs["all"] == 1).any() and ndimage.label(outs["default"] == 1)[1] == 1
-    assert np.array_equal(outs["default"], largest_component_per_class(outs["all"], [1]))
+    assert (outs["all"] == 1).any()
+    assert np.array_equal(outs["default"], drop_small_pieces(outs["all"], [1], DROP_SHARE))
     both = _medssl("predict", "--model", cohort_model / "model", "--image", tmp_path / "new.nii.gz",
                    "--out", tmp_path / "x.nii.gz", "--all-components", "--largest-component")
     assert both.returncode == 2 and "--all-components" in both.stderr and not (tmp_path / "x.nii.gz").exists()

@@ -16,7 +16,7 @@ from MedSSL.io.settings import at_least, option
 @dataclass(frozen=True)
 class PredictOptions:
     """tta: average flipped predictions; largest_component: keep each class's largest component;
-    all_components: not even a cohort model's default (model.json ``cohort.postprocess``);
+    all_components: not even a cohort model's default clean-up (model.json ``cohort.postprocess``);
     annotation: path of the painted label map of this image (few-shot clean-up, see
     :func:`~.postprocess.keep_connected_to_annotation`); overlap: sliding-window overlap (0..0.95; the
     command's default is the bundle's); memory_mb: target size of the sliding-window accumulator;
@@ -34,12 +34,11 @@ class PredictOptions:
                                           "structure and copy the painted voxels (clean-up)")
     tta: bool = option(False, action="store_true", help="average the predictions of flipped copies (4x slower)")
     largest_component: bool = option(False, action="store_true",
-                                     help="keep only the largest connected component of each class (a cohort "
-                                          "model does so by default for the classes that were one piece in "
-                                          "every training label)")
+                                     help="keep only the largest connected component of each class")
     all_components: bool = option(False, action="store_true",
-                                  help="keep every connected component, also where a cohort model would keep the "
-                                       "largest one only")
+                                  help="keep every connected component (a cohort model by default removes the "
+                                       "small stray pieces of the classes that were one piece in every training "
+                                       "label)")
     overlap: float = option(0.5, type=float, cli_default=None,
                             help="sliding-window overlap 0..0.95 (default: the bundle's, {default})")
     window: tuple | str | None = option(None, nargs="+", metavar="X Y Z | plane",

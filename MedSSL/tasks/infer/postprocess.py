@@ -24,13 +24,10 @@ def _bbox_slices(mask: np.ndarray, pad: int = 1):
     return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(box[0], mask.shape))
 
 
-def largest_component_per_class(labels: np.ndarray, values=None) -> np.ndarray:
-    """Keep, for every class value (or those in ``values``), only its largest connected component (the rest
-    becomes 0)."""
+def largest_component_per_class(labels: np.ndarray) -> np.ndarray:
+    """Keep, for every class value, only its largest connected component (the rest becomes 0)."""
     out = labels.copy()
     for value in _class_values(labels):
-        if values is not None and value not in values:
-            continue
         mask = labels == value
         box = _bbox_slices(mask)
         sub = mask[box]
@@ -41,6 +38,27 @@ def largest_component_per_class(labels: np.ndarray, values=None) -> np.ndarray:
         sizes[0] = 0
         drop = (comp != int(np.argmax(sizes))) & sub
         out[box][drop] = 0
+    return out
+
+
+def drop_small_pieces(labels: np.ndarray, values, share: float) -> np.ndarray:
+    """For each class value in ``values``, remove (set to 0) its connected pieces smaller than ``share`` (0..1)
+    of its largest piece; ``share`` 1 keeps the largest piece only (ties: all of them)."""
+    out = labels.copy()
+    for value in _class_values(labels):
+        if value not in values:
+            continue
+        mask = labels == value
+        box = _bbox_slices(mask)
+        sub = mask[box]
+        comp, n = ndimage.label(sub)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.reshape(-1))
+        sizes[0] = 0
+        small = sizes < share * sizes.max()
+        small[0] = False
+        out[box][small[comp] & sub] = 0
     return out
 
 

@@ -27,7 +27,7 @@ from MedSSL.engine.progress import Progress
 from MedSSL.tasks.infer import PredictOptions  # noqa: F401  (kept light for the CLI)
 from MedSSL.tasks.infer.detect import find_detections
 from MedSSL.tasks.infer.model import LoadedModel, inference_window, prepare
-from MedSSL.tasks.infer.postprocess import keep_connected_to_annotation, largest_component_per_class
+from MedSSL.tasks.infer.postprocess import drop_small_pieces, keep_connected_to_annotation, largest_component_per_class
 from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, run_slabs
 
 
@@ -96,11 +96,13 @@ def upsample_labels(labels: np.ndarray, work: Volume, volume: Volume) -> np.ndar
     return out
 
 
-def one_piece_classes(meta) -> list[int]:
-    """The classes a cohort model keeps as one piece (model.json ``cohort.postprocess.largest_component``,
-    chosen from the training labels by :mod:`MedSSL.tasks.cohort.components`); [] for other bundles."""
-    cohort = meta.cohort if isinstance(meta.cohort, dict) else {}
-    return [int(v) for v in (cohort.get("postprocess") or {}).get("largest_component", [])]
+def cohort_clean_up(meta) -> tuple[list[int], float] | None:
+    """(classes, share): a cohort model's clean-up, pieces of these classes smaller than ``share`` of their
+    largest piece removed (model.json ``cohort.postprocess``, chosen from the training labels by
+    :mod:`MedSSL.tasks.cohort.components`); None for other bundles or when no class qualifies."""
+    record = (meta.cohort if isinstance(meta.cohort, dict) else {}).get("postprocess") or {}
+    classes = [int(v) for v in record.get("one_piece_classes", [])]
+    return (classes, float(record["drop_pieces_below"])) if classes and "drop_pieces_below" in record else None
 
 
 def read_annotation(path, volume: Volume, image_path) -> np.ndarray:
@@ -129,8 +131,8 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
         labels = keep_connected_to_annotation(labels, annotation)
     if options.largest_component:
         labels = largest_component_per_class(labels)
-    elif not options.all_components and one_piece_classes(model.meta):
-        labels = largest_component_per_class(labels, one_piece_classes(model.meta))
+    elif not options.all_components and cohort_clean_up(model.meta):
+        labels = drop_small_pieces(labels, *cohort_clean_up(model.meta))
     out = volume.with_array(labels.astype(np.uint8))
     return SegmentationResult(out, max_prob, fg_prob)
 
