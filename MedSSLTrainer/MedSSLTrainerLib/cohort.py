@@ -4,10 +4,11 @@ A cohort is a folder (default ``<job folder>/cohorts/default``) that holds a cop
 its label map, the class table and the current model. Adding a scan (:meth:`MedSSLCohortLogic.addScan`) copies
 the volume and its segmentation there and refreshes the model with ``medssl finetune`` on every scan of the
 cohort: the first model from ``initModel`` (a pretrained bundle, or none) with the full budget, later ones from
-the previous model with a quarter of it. A scan is either painted on a few planes (the backend completes the
+the previous model with a quarter of it (a budget given here is scaled by :data:`REFRESH_FRACTION`; none given:
+the backend trains a quarter of the previous model's steps). A scan is either painted on a few planes (the backend completes the
 painting with the few-shot engine) or a reviewed, complete segmentation (``complete=True``), such as a
 corrected draft. :meth:`segmentNext` drafts the next scan with the model; :meth:`correct` redoes the draft
-near the planes the user repainted (``medssl predict --annotation``).
+from the planes the user repainted and a few planes of the draft (``medssl predict --annotation``).
 
 The cohort folder keeps copies of the scans (patient data) so that the model can be refreshed later: it is
 the user's to keep or delete (:meth:`MedSSLCohortLogic.forget`). No torch in this process.
@@ -26,7 +27,7 @@ from MedSSLCommonLib.runner import BackendRunner, removesUnstartedJobFolders
 
 from .annotation import NOT_ANNOTATED, sparseLabels
 
-#: a refresh of the cohort model (from the previous one) gets this fraction of the first model's budget
+#: a refresh of the cohort model (from the previous one) gets this fraction of a budget given to addScan
 REFRESH_FRACTION = 0.25
 
 
