@@ -13,8 +13,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("status", [0, 1])
 def test_ci_runs_pytest_and_removes_its_cube_cache(status, tmp_path):
-    script = (REPO / ".ci" / "run").read_text()
-    assert script.rstrip().endswith("python -m pytest -q")  # the README's command, last
+    script = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    setup = next(line for line in readme.splitlines() if '-e ".[test]" && ' in line)
+    test_command = setup.rsplit("&& ", 1)[1].strip()
+    assert test_command.startswith("python -m pytest -q")
+    assert script.rstrip().endswith(test_command)  # the README's command, last
     body = [line for line in script.splitlines()
             if not line.startswith(("python3 -m venv", ". .venv/bin/activate", "python -m pip"))]
     body[-1] = (f'echo "$MEDSSL_CACHE" > {tmp_path / "cache_path"}; mkdir -p "$MEDSSL_CACHE/sub"; '

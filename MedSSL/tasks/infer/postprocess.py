@@ -25,20 +25,9 @@ def _bbox_slices(mask: np.ndarray, pad: int = 1):
 
 
 def largest_component_per_class(labels: np.ndarray) -> np.ndarray:
-    """Keep, for every class value, only its largest connected component (the rest becomes 0)."""
-    out = labels.copy()
-    for value in _class_values(labels):
-        mask = labels == value
-        box = _bbox_slices(mask)
-        sub = mask[box]
-        comp, n = ndimage.label(sub)
-        if n <= 1:
-            continue
-        sizes = np.bincount(comp.reshape(-1))
-        sizes[0] = 0
-        drop = (comp != int(np.argmax(sizes))) & sub
-        out[box][drop] = 0
-    return out
+    """Keep, for every class value, only its largest connected component (the rest becomes 0; components
+    of equal largest size are all kept)."""
+    return drop_small_pieces(labels, _class_values(labels), 1.0)
 
 
 def drop_small_pieces(labels: np.ndarray, values, share: float) -> np.ndarray:
