@@ -36,6 +36,16 @@ def write_dicom_series(volume_hu: np.ndarray, folder: Path, spacing, patient_nam
         writer.Execute(sl)
 
 
+def write_on_series_grid(labels, series, path):
+    """Write ``labels`` (X, Y, Z) uint8 on the grid of the DICOM ``series`` folder to ``path``; returns it."""
+    image = sitk.GetImageFromArray(labels.transpose(2, 1, 0))
+    reference = sitk.ImageSeriesReader()
+    reference.SetFileNames(reference.GetGDCMSeriesFileNames(str(series)))
+    image.CopyInformation(reference.Execute())
+    sitk.WriteImage(image, str(path))
+    return path
+
+
 def test_no_marker_in_outputs(tmp_path, capsys):
     phantom = make_phantom(3, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0))
     series = tmp_path / f"{MARKER}_patient" / "series"
@@ -49,12 +59,7 @@ def test_no_marker_in_outputs(tmp_path, capsys):
                  "--steps", "3", "--batch-size", "2", "--cubes-per-volume", "4", *tiny]) == 0
     label = np.full(phantom.labels.shape, 255, np.uint8)
     label[:, :, 12] = (phantom.labels.array[:, :, 12] == 1).astype(np.uint8)
-    image = sitk.GetImageFromArray(label.transpose(2, 1, 0))
-    reference = sitk.ImageSeriesReader()
-    reference.SetFileNames(reference.GetGDCMSeriesFileNames(str(series)))
-    image.CopyInformation(reference.Execute())
-    label_path = tmp_path / f"{MARKER}_label.nii.gz"
-    sitk.WriteImage(image, str(label_path))
+    label_path = write_on_series_grid(label, series, tmp_path / f"{MARKER}_label.nii.gz")
     assert main(["finetune", "--engine", "network", "--device", "cpu", "--image", str(series), "--label", str(label_path), "--init", str(bundle),
                  "--out", str(model), "--steps", "2", *tiny]) == 0
     report = tmp_path / "report"
@@ -70,7 +75,7 @@ def test_no_marker_in_outputs(tmp_path, capsys):
         for path in folder.rglob("*"):
             if path.is_file():
                 assert MARKER.encode() not in path.read_bytes(), f"{path} carries the marker"
-    meta = json.loads((model / "model.json").read_text())
+    meta = json.loads((model / "model.json").read_text(encoding="utf-8"))
     assert MARKER not in json.dumps(meta) and str(tmp_path) not in json.dumps(meta)
 
 
@@ -84,12 +89,7 @@ def test_few_shot_and_suggest_write_and_print_no_marker(tmp_path, capsys):
     painting = np.full(phantom.labels.shape, 255, np.uint8)
     for k in (5, 9):  # two axial planes of the liver
         painting[:, :, k] = (phantom.labels.array[:, :, k] == 1).astype(np.uint8)
-    image = sitk.GetImageFromArray(painting.transpose(2, 1, 0))
-    reference = sitk.ImageSeriesReader()
-    reference.SetFileNames(reference.GetGDCMSeriesFileNames(str(series)))
-    image.CopyInformation(reference.Execute())
-    label_path = tmp_path / f"{MARKER}_painting.nrrd"
-    sitk.WriteImage(image, str(label_path))
+    label_path = write_on_series_grid(painting, series, tmp_path / f"{MARKER}_painting.nrrd")
     written = tmp_path / "written"
     model = written / "model"
     assert main(["finetune", "--device", "cpu", "--image", str(series), "--label", str(label_path), "--out", str(model),
