@@ -129,10 +129,11 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
     fg_prob = to_input_grid(reducer.fg_prob, work, volume, nearest=False)
     if annotation is not None:
         labels = keep_connected_to_annotation(labels, annotation)
+    clean_up = None if options.all_components else cohort_clean_up(model.meta)
     if options.largest_component:
         labels = largest_component_per_class(labels)
-    elif not options.all_components and cohort_clean_up(model.meta):
-        labels = drop_small_pieces(labels, *cohort_clean_up(model.meta))
+    elif clean_up:
+        labels = drop_small_pieces(labels, *clean_up)
     out = volume.with_array(labels.astype(np.uint8))
     return SegmentationResult(out, max_prob, fg_prob)
 
