@@ -71,7 +71,7 @@ def fake_backend(tmp_path, monkeypatch, work_dir):
     """A ``MedSSL`` package whose ``__main__`` is fake_medssl.py, used by the logic's child processes."""
     root = tmp_path / "fake_backend"
     (root / "MedSSL").mkdir(parents=True)
-    (root / "MedSSL" / "__init__.py").write_text("")
+    (root / "MedSSL" / "__init__.py").write_text("", encoding="utf-8")
     shutil.copy(os.path.join(HELPERS, "fake_medssl.py"), root / "MedSSL" / "__main__.py")
     monkeypatch.setenv("MEDSSL_BACKEND_PATH", str(root))
     monkeypatch.setenv("MEDSSL_PYTHON", sys.executable)

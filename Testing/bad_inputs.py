@@ -39,7 +39,7 @@ def build_corpus(folder: Path) -> dict[str, Path]:
     cases["missing_path"] = folder / "does-not-exist.nii.gz"
     (empty := folder / "empty.nii.gz").write_bytes(b"")
     cases["empty_file"] = empty
-    (text := folder / "notes.nii.gz").write_text("this is a text file, not an image\n")
+    (text := folder / "notes.nii.gz").write_text("this is a text file, not an image\n", encoding="utf-8")
     cases["text_named_nii"] = text
     whole = good_image(folder / "whole.nii").read_bytes()
     (truncated := folder / "truncated.nii.gz").write_bytes(gzip.compress(whole[: len(whole) // 3]))
@@ -57,7 +57,7 @@ def build_corpus(folder: Path) -> dict[str, Path]:
     cases["non_finite"] = _write(nonfinite, folder / "non_finite.nrrd")
     no_dicom = folder / "no_dicom"
     no_dicom.mkdir(exist_ok=True)
-    (no_dicom / "readme.txt").write_text("no images here\n")
+    (no_dicom / "readme.txt").write_text("no images here\n", encoding="utf-8")
     cases["folder_without_dicom"] = no_dicom
     cases["image"] = good_image(folder / "image.nii.gz")
     cases["label_off_grid"] = _write(np.zeros((16, 20, 24), np.uint8), folder / "label_off_grid.nii.gz")
@@ -65,18 +65,18 @@ def build_corpus(folder: Path) -> dict[str, Path]:
     fractional[8] = 0.5
     cases["fractional_label"] = _write(fractional, folder / "fractional_label.nii.gz")
     cases["nothing_annotated"] = _write(np.full((16, 24, 24), 255, np.uint8), folder / "nothing_annotated.nii.gz")
-    (not_model := folder / "not_a_model.pt").write_text("definitely not a checkpoint\n")
+    (not_model := folder / "not_a_model.pt").write_text("definitely not a checkpoint\n", encoding="utf-8")
     cases["not_a_model"] = not_model
     (empty_model := folder / "empty_model").mkdir(exist_ok=True)
     cases["empty_model_folder"] = empty_model
     broken = folder / "broken_model"
     broken.mkdir(exist_ok=True)
-    (broken / "model.json").write_text('{"format": "medssl-bundle", "architecture": ')
+    (broken / "model.json").write_text('{"format": "medssl-bundle", "architecture": ', encoding="utf-8")
     (broken / "weights.safetensors").write_bytes(b"\x00" * 16)
     cases["broken_model_json"] = broken
     # a folder that cannot be created: its parent is a regular file (chmod would not stop root, as in CI)
-    (blocker := folder / "a_file_not_a_folder").write_text("x")
+    (blocker := folder / "a_file_not_a_folder").write_text("x", encoding="utf-8")
     cases["unwritable_output"] = blocker / "out"
-    (classes := folder / "classes.json").write_text(json.dumps({"1": {"name": "liver"}}))
+    (classes := folder / "classes.json").write_text(json.dumps({"1": {"name": "liver"}}), encoding="utf-8")
     cases["classes"] = classes
     return cases

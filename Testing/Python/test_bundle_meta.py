@@ -191,7 +191,7 @@ def test_every_writer_s_output_parses(tmp_path):
         image = np.random.default_rng(i).normal(0, 15, (12, 12, 8)) + (500 if i % 2 else 0)
         write_volume(volume(image.astype(np.int16), spacing=(2.0, 2.0, 3.0)), tmp_path / f"v{i}.nii.gz")
         rows.append(f"v{i}.nii.gz,{'lesion' if i % 2 else 'normal'}")
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     assert main(["finetune", "--device", "cpu", "--task", "classify", "--csv", str(tmp_path / "train.csv"), "--out", str(tmp_path / "cls"),
                  "--width", "4", "--patch", "8", "8", "8", "--steps", "1", *quiet]) == 0
     cls = check_written(tmp_path / "cls")

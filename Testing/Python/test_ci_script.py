@@ -25,11 +25,11 @@ def test_ci_runs_pytest_and_removes_its_cube_cache(status, tmp_path):
                 f'touch "$MEDSSL_CACHE/sub/cube.npy"; exit {status}')
     stub = tmp_path / "ci" / "run"
     stub.parent.mkdir()
-    stub.write_text("\n".join(body) + "\n")
+    stub.write_text("\n".join(body) + "\n", encoding="utf-8")
     temp = tmp_path / "tmp"
     temp.mkdir()
     done = subprocess.run(["bash", str(stub)], env={**os.environ, "TMPDIR": str(temp)}, capture_output=True, text=True)
     assert done.returncode == status, done.stderr
-    cache = Path((tmp_path / "cache_path").read_text().strip())
+    cache = Path((tmp_path / "cache_path").read_text(encoding="utf-8").strip())
     assert cache.parent == temp and cache.name.startswith("medssl-ci-cache-")
     assert not cache.exists() and not any(temp.iterdir())

@@ -36,7 +36,7 @@ def dataset(tmp_path_factory):
         # different sizes: every volume is resized to the patch
         write_volume(volume(case(kind, i, shape=(20 + i % 3 * 4, 20, 12)), spacing=(2.0, 2.0, 3.0)), folder / "vols" / f"v{i}.nii.gz")
         rows.append(f"vols/v{i}.nii.gz,{kind}")
-    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    (folder / "train.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
 
 
@@ -71,7 +71,7 @@ def test_predict_writes_probabilities_json(bundle, dataset, tmp_path, capsys):
         assert main(["predict", "--model", str(bundle), "--image", str(tmp_path / f"t{i}.nrrd"), "--out", str(out),
                      "--device", "cpu", "--progress", "none"]) == 0
         printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        result = json.loads(out.read_text())
+        result = json.loads(out.read_text(encoding="utf-8"))
         assert printed == result
         assert set(result["probabilities"]) == {"lesion", "normal"}
         assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -85,7 +85,7 @@ def test_predict_writes_probabilities_json(bundle, dataset, tmp_path, capsys):
 
 def test_integer_labels_classes_option_and_init_from_the_classifier(dataset, bundle, tmp_path):
     rows = [f"{dataset / 'vols' / f'v{i}.nii.gz'},{i % 2 * 5}" for i in range(6)]  # absolute paths, values 0 and 5
-    (tmp_path / "t.csv").write_text("\n".join(rows))
+    (tmp_path / "t.csv").write_text("\n".join(rows), encoding="utf-8")
     assert main(["finetune", "--task", "classify", "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "m"),
                  "--classes", "0=normal,5=lesion", "--init", str(bundle), "--patch", "16", "16", "8", "--steps", "2",
                  "--device", "cpu", "--progress", "none"]) == 0
@@ -96,7 +96,7 @@ def test_integer_labels_classes_option_and_init_from_the_classifier(dataset, bun
 
 
 def test_csv_rows_and_resizing(tmp_path):
-    (tmp_path / "a.csv").write_text("x.nii.gz, 1\n\n/abs/y.nrrd,benign\n")
+    (tmp_path / "a.csv").write_text("x.nii.gz, 1\n\n/abs/y.nrrd,benign\n", encoding="utf-8")
     rows = read_csv_rows(tmp_path / "a.csv")
     assert rows[0][0] == tmp_path / "x.nii.gz" and rows[0][1] == "1" and rows[1][0].as_posix() == "/abs/y.nrrd"
     assert rows[1][2] == 3  # row numbers as in the file

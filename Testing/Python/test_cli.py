@@ -66,7 +66,7 @@ def test_demo_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--volumes", "2", "--pretrain-time", "3", "--width", "4",
                  "--device", "cpu", "--progress", "none"]) == 0
-    report = json.loads((out / "demo_report.json").read_text())
+    report = json.loads((out / "demo_report.json").read_text(encoding="utf-8"))
     assert set(report["dice_on_unpainted_slices"]) == {"liver", "spleen"}
     assert report["mean_dice"] >= report["interpolation_mean_dice"] + 0.03
     assert min(report["dice_on_unpainted_slices"].values()) >= 0.80

@@ -52,7 +52,7 @@ def test_optimizer_option_picks_the_optimiser(name, cls, state_key, volumes, tmp
     assert type(built[0].optimizer) is cls
     state = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
     assert state and all(state_key in s for s in state.values())
-    assert json.loads((out / "model.json").read_text())["training"]["optimizer"] == name
+    assert json.loads((out / "model.json").read_text(encoding="utf-8"))["training"]["optimizer"] == name
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")

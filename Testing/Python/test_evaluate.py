@@ -160,7 +160,7 @@ def test_cli_segmentation_writes_json_and_png(tmp_path, capsys):
     rc = main(["evaluate", "--pred", str(tmp_path / "pred.nii.gz"), "--truth", str(tmp_path / "truth.nii.gz"),
                "--json", str(out), "--figure", str(fig), "--classes", '{"1": "liver", "2": {"name": "spleen"}}'])
     assert rc == 0
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     assert set(result["per_class"]) == {"1", "2"}
     entry = result["per_class"]["1"]
     assert set(entry) >= {"dice", "iou", "hd95_mm", "asd_mm", "truth_voxels", "pred_voxels"}
@@ -181,7 +181,7 @@ def test_cli_resamples_a_prediction_on_another_grid(tmp_path, capsys):
     rc = main(["evaluate", "--pred", str(tmp_path / "crop.nii.gz"), "--truth", str(tmp_path / "truth.nii.gz"), "--json", str(out)])
     assert rc == 0
     assert "resampled" in capsys.readouterr().err
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     assert result["prediction_resampled"] is True
     assert result["per_class"]["2"]["dice"] == pytest.approx(1.0)  # wholly inside the cropped grid
     assert result["per_class"]["1"]["pred_voxels"] == 7 * 7 * 5  # the crop cut the first row/column
@@ -200,11 +200,11 @@ def test_cli_bad_inputs_exit_2_and_leave_no_output(tmp_path, capsys, case):
         write_volume(_volume(pred, (0.8, 0.8, 2.0), (500.0, 3.0, 10.0)), tmp_path / "far.nii.gz")
         args[2], named = str(tmp_path / "far.nii.gz"), "far.nii.gz"
     elif case == "detections":
-        (tmp_path / "det.json").write_text('{"center_mm": [1, 2, 3]}')
+        (tmp_path / "det.json").write_text('{"center_mm": [1, 2, 3]}', encoding="utf-8")
         args = ["evaluate", "--detections", str(tmp_path / "det.json"), "--truth", str(tmp_path / "truth.nii.gz")]
         named = "det.json"
     else:
-        (tmp_path / "r.csv").write_text("truth,score\n0,0.1\n1,abc\n")
+        (tmp_path / "r.csv").write_text("truth,score\n0,0.1\n1,abc\n", encoding="utf-8")
         args, named = ["evaluate", "--classification", str(tmp_path / "r.csv")], "r.csv"
     before = sorted(p.name for p in tmp_path.iterdir())
     rc = main(args + ["--json", str(tmp_path / "out.json"), "--figure", str(tmp_path / "out.png")])
@@ -235,12 +235,12 @@ def test_froc_on_a_hand_made_case(tmp_path):
         det(va, [3, 3, 2], 0.9), det(va, [4, 4, 3], 0.8),  # two hits on A1: the second is no false positive
         det(va, [15, 15, 5], 0.7),  # false positive
         det(va, [22.2, 21.8, 6.1], 0.3),  # A2 (rounded to the nearest voxel)
-    ]))
+    ]), encoding="utf-8")
     (tmp_path / "b.json").write_text(json.dumps({"detections": [
         det(vb, [0, 29, 9], 0.95),  # false positive
         det(vb, [11, 12, 4], 0.6),  # B1
         det(vb, [27, 2, 1], 0.5),  # on unannotated voxels: left out
-    ]}))
+    ]}), encoding="utf-8")
     result = froc_from_files([tmp_path / "a.json", tmp_path / "b.json"], [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"])
     # pooled by score: .95 FP (0.5 FP/scan) | .9 A1 1/3 | .8 A1 again | .7 FP (1 FP/scan) | .6 B1 2/3 | .3 A2 3/3
     assert result["froc"] == pytest.approx({"0.5": 1 / 3, "1": 1.0, "2": 1.0, "4": 1.0, "8": 1.0})
@@ -250,7 +250,7 @@ def test_froc_on_a_hand_made_case(tmp_path):
     assert main(["evaluate", "--detections", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                  "--truth", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"),
                  "--lesion-label", "1", "--json", str(out), "--figure", str(fig)]) == 0
-    assert json.loads(out.read_text())["froc"]["0.5"] == pytest.approx(1 / 3)
+    assert json.loads(out.read_text(encoding="utf-8"))["froc"]["0.5"] == pytest.approx(1 / 3)
     assert fig.read_bytes().startswith(PNG)
 
 
@@ -268,10 +268,10 @@ def test_auc_on_hand_made_cases(tmp_path):
     multi = classification_metrics(["a", "b", "c"], [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]], ["a", "b", "c"])
     assert multi["per_class"]["a"]["auc"] == pytest.approx(1.0) and multi["auc"] == pytest.approx(1.0)
 
-    (tmp_path / "r.csv").write_text("image,truth,score\ncase1,0,0.1\ncase2,0,0.4\ncase3,1,0.35\ncase4,1,0.8\n")
+    (tmp_path / "r.csv").write_text("image,truth,score\ncase1,0,0.1\ncase2,0,0.4\ncase3,1,0.35\ncase4,1,0.8\n", encoding="utf-8")
     out, fig = tmp_path / "auc.json", tmp_path / "roc.png"
     assert main(["evaluate", "--classification", str(tmp_path / "r.csv"), "--json", str(out), "--figure", str(fig)]) == 0
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     assert result["auc"] == pytest.approx(0.75) and (result["positives"], result["negatives"]) == (2, 2)
     assert fig.read_bytes().startswith(PNG)
 

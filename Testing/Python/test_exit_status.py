@@ -48,7 +48,7 @@ def test_prefetcher_close_waits_for_a_worker_inside_torch(tmp_path):
         prefetcher()          # one step trained; the worker is drawing the next batches
         prefetcher.close()
         assert not any(t.is_alive() for t in prefetcher._threads)
-    """))
+    """), encoding="utf-8")
     for _ in range(3):
         result = run([str(script)], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]

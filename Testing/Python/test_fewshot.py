@@ -206,7 +206,7 @@ def _predict(files, model, label, out, *extra):
 def test_cli_finetune_predict_suggest_and_a_correction_round(painted_files, capsys):
     f = painted_files
     assert _finetune(f, "round1.nii.gz", f / "m1") == 0
-    meta = json.loads((f / "m1" / "model.json").read_text())
+    meta = json.loads((f / "m1" / "model.json").read_text(encoding="utf-8"))
     assert meta["task"] == "fewshot" and meta["classes"]["1"]["name"] == "organ"
     assert meta["fewshot"]["painted_planes"]["k"] == [8, 16]
     assert _predict(f, f / "m1", "round1.nii.gz", f / "p1.nii.gz", "--probabilities", str(f / "prob.nii.gz"),
@@ -214,11 +214,11 @@ def test_cli_finetune_predict_suggest_and_a_correction_round(painted_files, caps
     truth = read_volume(f / "truth.nii.gz").array
     pred1 = read_volume(f / "p1.nii.gz").array
     assert dice_off(pred1, truth, 2, [8, 16]) > 0.85
-    findings = json.loads((f / "det.json").read_text())
+    findings = json.loads((f / "det.json").read_text(encoding="utf-8"))
     assert len(findings) == 1 and findings[0]["name"] == "organ"
     assert _predict(f, f / "m1", "round1.nii.gz", f / "p0.nii.gz", "--detections", str(f / "none.json"),
                     "--min-score", "1.01") == 0
-    assert json.loads((f / "none.json").read_text()) == []
+    assert json.loads((f / "none.json").read_text(encoding="utf-8")) == []
     prob = read_volume(f / "prob.nii.gz").array
     assert prob[truth > 0].mean() > 0.8 and prob[(truth == 0)].mean() < 0.1
     capsys.readouterr()
@@ -230,7 +230,7 @@ def test_cli_finetune_predict_suggest_and_a_correction_round(painted_files, caps
     assert _finetune(f, "round2.nii.gz", f / "m2", "--init", str(f / "m1"), "--progress", "json") == 0
     out = capsys.readouterr().out
     assert "correction round" in out
-    meta2 = json.loads((f / "m2" / "model.json").read_text())
+    meta2 = json.loads((f / "m2" / "model.json").read_text(encoding="utf-8"))
     assert meta2["init"]["fewshot_round"] is True and meta2["fewshot"]["painted_planes"]["k"] == [8, 12, 16]
     assert _predict(f, f / "m2", "round2.nii.gz", f / "p2.nii.gz") == 0
     assert dice_off(read_volume(f / "p2.nii.gz").array, truth, 2, [8, 12, 16]) > 0.85
@@ -275,7 +275,7 @@ def test_fewshot_with_a_pretrained_network_adds_its_decoder_features(painted_fil
     f = painted_files
     official_checkpoint(tmp_path / "genesis.pt", width=4)
     assert _finetune(f, "round1.nii.gz", f / "m", "--init", str(tmp_path / "genesis.pt")) == 0
-    meta = json.loads((f / "m" / "model.json").read_text())
+    meta = json.loads((f / "m" / "model.json").read_text(encoding="utf-8"))
     assert meta["architecture"]["features"] == 10 + 8 and meta["architecture"]["backbone_width"] == 4
     assert _predict(f, f / "m", "round1.nii.gz", f / "p.nii.gz") == 0
     assert dice_off(read_volume(f / "p.nii.gz").array, read_volume(f / "truth.nii.gz").array, 2, [8, 16]) > 0.8
@@ -286,7 +286,7 @@ def test_a_detector_on_a_painting_is_a_network(painted_files):
     f = painted_files
     assert _finetune(f, "round1.nii.gz", f / "det", "--detection", "--steps", "2", "--width", "4",
                      "--patch", "16", "16", "8") == 0
-    meta = json.loads((f / "det" / "model.json").read_text())
+    meta = json.loads((f / "det" / "model.json").read_text(encoding="utf-8"))
     assert meta["task"] == "segment" and meta["detection"] is True
 
 

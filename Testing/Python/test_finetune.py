@@ -188,7 +188,7 @@ def test_class_names_from_list_json_and_sidecar(tmp_path):
     assert parse_classes("1=spleen, 2=liver") == {1: {"name": "spleen", "color": parse_classes("1=spleen")[1]["color"]},
                                                   2: {"name": "liver", "color": parse_classes("2=x")[2]["color"]}}
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"7": {"name": "aorta", "color": [1, 0, 0]}, "9": "vein"}))
+    path.write_text(json.dumps({"7": {"name": "aorta", "color": [1, 0, 0]}, "9": "vein"}), encoding="utf-8")
     classes = parse_classes(str(path))
     assert classes[7] == {"name": "aorta", "color": [1.0, 0.0, 0.0]} and classes[9]["name"] == "vein"
     assert sidecar_path(tmp_path / "label.nii.gz") == tmp_path / "label.classes.json"
@@ -197,7 +197,7 @@ def test_class_names_from_list_json_and_sidecar(tmp_path):
     image, labels = blobs_ct((16, 16, 16), seed=2, n=2, radius=3, values=(4,))
     write_volume(volume(image), tmp_path / "img.nii.gz")
     write_volume(volume(labels), tmp_path / "seg.nii.gz")
-    (tmp_path / "seg.classes.json").write_text(json.dumps({"4": {"name": "kidney", "color": [0, 0.5, 1]}}))
+    (tmp_path / "seg.classes.json").write_text(json.dumps({"4": {"name": "kidney", "color": [0, 0.5, 1]}}), encoding="utf-8")
     assert finetune(tmp_path / "img.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "m", "--steps", "2",
                     "--patch", "16", "16", "16") == 0
     assert read_meta(tmp_path / "m")["classes"] == {"4": {"name": "kidney", "color": [0.0, 0.5, 1.0]}}

@@ -131,7 +131,7 @@ def test_predict_writes_a_one_slice_label_map_on_the_input_grid(files, trained, 
     # (width 8, 80 steps) 0.960 with the default --seed 0, 0.984-1.0 with --seed 1-4 (measured 2026-12-07)
     baseline = best_threshold_dice(image3, truth)
     assert dice(labels == 1, truth == 1) > baseline + 0.1, (dice(labels == 1, truth == 1), baseline)
-    found = json.loads(det.read_text())
+    found = json.loads(det.read_text(encoding="utf-8"))
     assert found and found[0]["label"] == 1 and found[0]["area_mm2"] == pytest.approx(found[0]["voxels"] * 0.6 * 0.8, rel=1e-3)
     # --annotation: the painted pixels are copied, components away from the painting dropped
     cleaned = tmp_path / "clean.nii.gz"
@@ -160,7 +160,7 @@ def test_2d_pretraining_bundle_initialises_finetune(files, pretrained, tmp_path)
     assert torch.allclose(state[dec], backbone[dec], atol=1e-6)  # decoder too (--transfer all)
     # the fine-tuned 2D bundle itself initialises a further fine-tuning (and classification)
     csv = tmp_path / "cls.csv"
-    csv.write_text("image,label\n" + "".join(f"{files / f'img{s}.nii.gz'},{s % 2}\n" for s in range(4)))
+    csv.write_text("image,label\n" + "".join(f"{files / f'img{s}.nii.gz'},{s % 2}\n" for s in range(4)), encoding="utf-8")
     assert main(["finetune", "--device", "cpu", "--task", "classify", "--csv", str(csv), "--out", str(tmp_path / "cls"), "--init", str(out),
                  "--steps", "2", "--patch", "32", "32", "1", "--progress", "none", "--threads", "1"]) == 0
     cls_meta, cls_state = load_bundle(tmp_path / "cls")
@@ -169,7 +169,7 @@ def test_2d_pretraining_bundle_initialises_finetune(files, pretrained, tmp_path)
     pred = tmp_path / "cls.json"
     assert main(["predict", "--device", "cpu", "--model", str(tmp_path / "cls"), "--image", str(files / "img2.nii.gz"), "--out", str(pred),
                  "--tta", "--progress", "none"]) == 0
-    result = json.loads(pred.read_text())
+    result = json.loads(pred.read_text(encoding="utf-8"))
     assert set(result["probabilities"]) == {"class_0", "class_1"} and result["label"] in (0, 1)
 
 
@@ -193,7 +193,7 @@ def test_2d_and_3d_mismatches_are_refused(files, pretrained, trained, tmp_path, 
     run_bad([*base, *vol, "--patch", "16", "16"], capsys, "--patch 16 16", [out])
     # classification: a 3D init for one-slice images
     csv = tmp_path / "c.csv"
-    csv.write_text(f"{files / 'img0.nii.gz'},a\n{files / 'img1.nii.gz'},b\n")
+    csv.write_text(f"{files / 'img0.nii.gz'},a\n{files / 'img1.nii.gz'},b\n", encoding="utf-8")
     run_bad(["finetune", "--task", "classify", "--csv", str(csv), "--out", str(out), "--init", str(files / "seg3d"),
              "--steps", "1", "--progress", "none"], capsys, str(files / "seg3d"), [out])
     # prediction: 2D model on a volume, 3D model on a one-slice image; suggest has no slice to rank

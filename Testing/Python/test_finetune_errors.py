@@ -37,10 +37,10 @@ def files(tmp_path_factory):
     segment_bundle(d / "two_channels", in_channels=2, patch=(16, 16, 8))
     segment_bundle(d / "pretrain", task="pretrain", patch=(16, 16, 8))
     segment_bundle(d / "flat", spatial_dims=2, patch=(16, 16, 8))
-    (d / "empty.csv").write_text("image,label\n")
-    (d / "unknown.csv").write_text(f"{d / 'img.nii.gz'},benign\n{d / 'img.nii.gz'},malignant\n")
-    (d / "missing.csv").write_text("nope.nii.gz,a\nimg.nii.gz,b\n")
-    (d / "one_class.csv").write_text("img.nii.gz,a\nimg.nii.gz,a\n")
+    (d / "empty.csv").write_text("image,label\n", encoding="utf-8")
+    (d / "unknown.csv").write_text(f"{d / 'img.nii.gz'},benign\n{d / 'img.nii.gz'},malignant\n", encoding="utf-8")
+    (d / "missing.csv").write_text("nope.nii.gz,a\nimg.nii.gz,b\n", encoding="utf-8")
+    (d / "one_class.csv").write_text("img.nii.gz,a\nimg.nii.gz,a\n", encoding="utf-8")
     return d
 
 
@@ -123,7 +123,7 @@ def test_models_that_do_not_fit(files, tmp_path, capsys):
 
 
 def test_suggest_refuses_a_classifier(files, tmp_path, capsys):
-    (tmp_path / "t.csv").write_text("img.nii.gz,a\nimg.nii.gz,b\n".replace("img.nii.gz", str(files / "img.nii.gz")))
+    (tmp_path / "t.csv").write_text("img.nii.gz,a\nimg.nii.gz,b\n".replace("img.nii.gz", str(files / "img.nii.gz")), encoding="utf-8")
     assert main(["finetune", "--device", "cpu", "--task", "classify", "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "cls"),
                  *TINY]) == 0
     out = tmp_path / "s.json"

@@ -42,7 +42,7 @@ def imported_modules(path, package_root=PACKAGE):
     """(line, dotted name) of every MedSSL import in a file, relative ones resolved."""
     own = module_name(path, package_root).split(".")
     package = own if path.name == "__init__.py" else own[:-1]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -97,9 +97,9 @@ def test_the_checker_catches_upward_and_private_imports(tmp_path):
     """The checker itself can fail: an io module importing a task, or a private module of another package."""
     copy = tmp_path / "MedSSL"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "io" / "probe.py").write_text("from MedSSL.tasks.infer import predict\n")
-    (copy / "methods" / "_private_probe.py").write_text("")
-    (copy / "tasks" / "infer" / "probe.py").write_text("from MedSSL.methods import _private_probe\n")
+    (copy / "io" / "probe.py").write_text("from MedSSL.tasks.infer import predict\n", encoding="utf-8")
+    (copy / "methods" / "_private_probe.py").write_text("", encoding="utf-8")
+    (copy / "tasks" / "infer" / "probe.py").write_text("from MedSSL.methods import _private_probe\n", encoding="utf-8")
     found = violations(copy)
     assert any("io/probe.py:1 imports MedSSL.tasks.infer.predict" in v for v in found)
     assert any("tasks/infer/probe.py:1 imports MedSSL.methods._private_probe: a private" in v for v in found)

@@ -220,7 +220,7 @@ def ark_2d(tmp_path_factory):
         {"name": "liver-set", "classes": {"1": "liver"}, "cases": [_write_case(folder, f"l{s}", s, [1]) for s in range(2)]},
         {"name": "lung-set", "classes": {"1": "lung"}, "cases": [_write_case(folder, f"s{s}", 10 + s, [5, 6]) for s in range(2)]},
     ]}
-    (folder / "spec.json").write_text(json.dumps(spec))
+    (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
     return folder, spec
 
 
@@ -285,7 +285,7 @@ def test_ark_2d_short_run_lowers_the_task_loss_and_writes_a_2d_bundle(ark_2d, tm
     # Dice + CE, mean of the first / last 8 steps; seeds 0-3: late / early 0.71-0.79
     early, late = float(np.mean(task[:8])), float(np.mean(task[-8:]))
     assert late < 0.9 * early, (early, late)
-    text = (out / "model.json").read_text()
+    text = (out / "model.json").read_text(encoding="utf-8")
     assert str(folder) not in text and "l0_img" not in text
 
 
@@ -300,7 +300,7 @@ def test_ark_2d_spec_mixing_a_3d_case_is_refused(ark_2d, tmp_path, capsys):
             case[key] = str(folder / case[key])
     bad["datasets"][0]["cases"].append({"image": str(tmp_path / "vol_img.nii.gz"), "label": str(tmp_path / "vol_lab.nii.gz")})
     path = tmp_path / "mixed.json"
-    path.write_text(json.dumps(bad))
+    path.write_text(json.dumps(bad), encoding="utf-8")
     out = tmp_path / "out"
     assert main(["pretrain", "--device", "cpu", "--method", "ark", "--datasets", str(path), "--out", str(out), "--steps", "1",
                  "--cache", str(tmp_path / "cache"), "--width", "4", "--patch", "32", "32", "8", "--progress", "none"]) == 2

@@ -230,7 +230,7 @@ def ark_data(tmp_path_factory):
         {"name": "lung-set", "classes": {"1": {"name": "lung", "color": [0.6, 0.4, 0.6]}},
          "cases": [_write_case(folder, f"s{s}", 10 + s, [5, 6]) for s in range(2)]},
     ]}
-    (folder / "spec.json").write_text(json.dumps(spec))
+    (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
     write_volume(make_phantom(99, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0)).image, folder / "test_img.nii.gz")
     ph = make_phantom(99, shape=(32, 32, 16), spacing=(6.0, 6.0, 8.0))
     write_volume(ph.labels, folder / "test_lab.nii.gz")
@@ -244,7 +244,7 @@ def _bad_spec(folder, spec, tmp_path, change):
             case[key] = str(folder / case[key])
     change(bad, tmp_path)
     path = tmp_path / "bad_spec.json"
-    path.write_text(json.dumps(bad))
+    path.write_text(json.dumps(bad), encoding="utf-8")
     return path
 
 
@@ -515,7 +515,7 @@ def test_ark_short_run_predicts_both_classes_and_initialises_finetuning(ark_data
     task = [r["task"] for r in history]
     early, late = float(np.mean(task[:10])), float(np.mean(task[-10:]))
     assert late < 0.9 * early, (early, late)
-    text = (out / "model.json").read_text()
+    text = (out / "model.json").read_text(encoding="utf-8")
     assert str(folder) not in text and "l0_img" not in text
     pred = tmp_path / "pred.nii.gz"
     assert main(["predict", "--model", str(out), "--image", str(folder / "test_img.nii.gz"), "--out", str(pred),

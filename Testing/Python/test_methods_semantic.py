@@ -201,7 +201,7 @@ def test_short_run_lowers_the_restoration_loss_and_initialises_finetuning(name, 
     assert main(["pretrain", "--device", "cpu", "--data", str(phantoms), "--method", name, "--method-settings", settings, "--out", str(out),
                  "--width", "4", "--patch", "16", "16", "8", "--steps", "40", "--batch-size", "8", "--lr", "2e-3", "--progress", "none",
                  "--cache", str(tmp_path / "cache"), "--seed", "0"]) == 0
-    meta = json.loads((out / "model.json").read_text())
+    meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
     assert meta["method"]["name"] == name and meta["method"]["classes"] == 6
     assert meta["method"]["discovered"]["classes_found"] == 6
     mse = [r["mse"] for r in meta["history"] if "mse" in r]

@@ -30,7 +30,7 @@ def test_official_layout_at_width_32():
 
 @pytest.mark.skipif(not KEYS_JSON.is_file(), reason="../shared/research not present")
 def test_keys_and_shapes_match_the_published_list():
-    expected = json.loads(KEYS_JSON.read_text())["keys"]
+    expected = json.loads(KEYS_JSON.read_text(encoding="utf-8"))["keys"]
     state = GenesisUNet().state_dict()
     assert list(state) == [k for k, _, _ in expected]
     for key, shape, _ in expected:
@@ -109,7 +109,7 @@ def test_broken_bundles_are_rejected(tmp_path):
         read_meta(empty)
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model.json").write_text("{not json")
+    (broken / "model.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(MedSSLError, match="broken model.json"):
         read_meta(broken)
 

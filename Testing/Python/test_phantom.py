@@ -140,7 +140,7 @@ def test_write_phantom_round_trip(tmp_path):
     image, labels = read_volume(image_path), read_volume(label_path)
     assert np.array_equal(image.array, p.image.array) and image.same_grid(p.image)
     assert np.array_equal(labels.array, p.labels.array)
-    classes = json.loads(classes_path.read_text())
+    classes = json.loads(classes_path.read_text(encoding="utf-8"))
     assert classes["1"]["name"] == "liver" and classes["8"]["name"] == "nodule"
     assert set(classes) == {str(k) for k in CLASSES}
     assert all(len(c["color"]) == 3 for c in classes.values())

@@ -176,7 +176,7 @@ def test_detections_json_end_to_end(trained, tmp_path, capsys):
                  "--progress", "json"]) == 0
     done = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert done["event"] == "done" and done["outputs"]["detections"] == str(tmp_path / "det.json")
-    found = json.loads((tmp_path / "det.json").read_text())
+    found = json.loads((tmp_path / "det.json").read_text(encoding="utf-8"))
     assert found and all(set(d) >= {"label", "name", "center_mm", "score", "volume_mm3", "bbox_mm"} for d in found)
     assert [d["score"] for d in found] == sorted((d["score"] for d in found), reverse=True)
     assert all(d["name"] == "blob" and d["label"] == 1 for d in found)

@@ -271,9 +271,9 @@ def test_cache_entry_summary_has_no_paths(tmp_path, phantom_files):
     assert summary["shapes"] == [[64, 64, 32]] * 3 and summary["spacings_mm"] == [[3.0, 3.0, 6.0]] * 3
     assert all(len(i) == 12 for i in summary["ids"])
     for meta in cache.glob("*.json"):
-        info = json.loads(meta.read_text())
+        info = json.loads(meta.read_text(encoding="utf-8"))
         assert info["n_cubes"] == 4 and info["modality"] == "CT"
-        assert str(tmp_path) not in meta.read_text() and "p0" not in meta.read_text()
+        assert str(tmp_path) not in meta.read_text(encoding="utf-8") and "p0" not in meta.read_text(encoding="utf-8")
     assert np.load(next(cache.glob("*.npy"))).dtype == np.float16
 
 

@@ -49,7 +49,7 @@ def test_pretrain_writes_a_complete_bundle(volumes, tmp_path, capsys):
     assert meta["data_summary"]["volumes"] == 3 and meta["training"]["steps"] == 12
     assert any("val_loss" in record for record in meta["history"])
     assert "backbone.down_tr64.ops.0.conv1.weight" in state
-    text = (out / "model.json").read_text()
+    text = (out / "model.json").read_text(encoding="utf-8")
     assert str(volumes) not in text and "case_" not in text
 
 
@@ -182,7 +182,7 @@ def test_torchrun_two_cpu_processes(volumes, tmp_path):
     without syncing differ, they even start from different seeds), and the result differs from one process."""
     out = tmp_path / "ddp"
     script = tmp_path / "rank_weights.py"
-    script.write_text(RANK_WEIGHTS)
+    script.write_text(RANK_WEIGHTS, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = pretrain_args(volumes, out, tmp_path / "cache", "--steps", "4", "--device", "cpu", "--progress", "none")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),

@@ -33,7 +33,7 @@ subprocess.Popen.__init__ = _recording_init
 
 
 def test_every_command_line_sent_to_the_stand_in_is_accepted_by_the_real_cli(tmp_path):
-    (tmp_path / "medssl_argv_recorder.py").write_text(RECORDER)
+    (tmp_path / "medssl_argv_recorder.py").write_text(RECORDER, encoding="utf-8")
     log = tmp_path / "argv.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "MEDSSL_ARGV_LOG": str(log),
            "OMP_NUM_THREADS": "1"}
@@ -41,7 +41,7 @@ def test_every_command_line_sent_to_the_stand_in_is_accepted_by_the_real_cli(tmp
                            "-p", "no:cacheprovider", *STAND_IN_TESTS], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
     commands = [argv for argv in lines if argv and argv[0] != "sleep"]
     # the Slicer modules' whole vocabulary reaches the stand-in in these tests
     assert {"pretrain", "finetune", "predict", "suggest", "methods"} <= {argv[0] for argv in commands}

@@ -57,7 +57,7 @@ def test_suggest_cli_prints_and_writes_valid_slices(tmp_path, capsys):
     assert main(["suggest", "--device", "cpu", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "ct.nii.gz"), "--count", "4",
                  "--label", str(tmp_path / "painted.nii.gz"), "--out", str(tmp_path / "s" / "sug.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    written = json.loads((tmp_path / "s" / "sug.json").read_text())
+    written = json.loads((tmp_path / "s" / "sug.json").read_text(encoding="utf-8"))
     assert printed == written
     slices = written["slices"]
     assert len(slices) == 4 and len({s["index"] for s in slices}) == 4
