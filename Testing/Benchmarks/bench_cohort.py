@@ -52,6 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--train", type=int, nargs="+", default=[1, 2, 4], help="training subjects per draw")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--test", type=int, default=4, help="test subjects per draw (default %(default)s)")
+    p.add_argument("--held-out", type=int, default=None, metavar="K",
+                   help="K subjects (a fixed draw) are the test set of every draw and never trained or pretrained "
+                        "on; training subjects are drawn from the others (the pool)")
+    p.add_argument("--print-pool", action="store_true",
+                   help="print the pool's image paths (with --held-out: what `medssl pretrain` may read) and exit")
     p.add_argument("--planes", type=int, default=5, help="planes painted per training scan (default %(default)s)")
     p.add_argument("--arms", nargs="+", default=["cohort", "correct1", "correct2", "dense", "atlas", "engine5"],
                    choices=ARMS)
@@ -255,11 +260,28 @@ def corrections(draft: np.ndarray, case, axis, counts, gaps, draft_planes) -> di
 
 
 # ----------------------------------------------------------------------------------------------- run
+def split(cases: list[dict], held_out: int | None) -> tuple[list[dict], list[dict]]:
+    """(pool, held-out test subjects): without ``held_out`` every subject is in the pool; with it, a fixed
+    draw (seed 2020) of ``held_out`` subjects is set aside for testing only."""
+    if not held_out:
+        return cases, []
+    if not 0 < held_out < len(cases):
+        raise SystemExit(f"--held-out {held_out}: the cohort has {len(cases)} subjects")
+    order = np.random.default_rng(2020).permutation(len(cases))
+    return [cases[i] for i in sorted(order[held_out:])], [cases[i] for i in sorted(order[:held_out])]
+
+
+def draw(args, cases: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training subjects, test subjects) of one draw; never the same subject in both."""
+    pool, held_out = split(cases, args.held_out)
+    order = np.random.default_rng([seed, n]).permutation(len(pool))
+    train_cases = [pool[i] for i in order[:n]]
+    test_cases = held_out[:args.test] if held_out else [pool[i] for i in order[n:n + args.test]]
+    return train_cases, test_cases
+
+
 def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
-    rng = np.random.default_rng([seed, n])
-    order = rng.permutation(len(cases))
-    train_cases = [cases[i] for i in order[:n]]
-    test_cases = [cases[i] for i in order[n:n + args.test]]
+    train_cases, test_cases = draw(args, cases, n, seed)
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
             "train": [c["name"] for c in train_cases]}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
@@ -413,6 +435,9 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     cases, classes, axis = cohort_cases(args)
+    if args.print_pool:
+        print("\n".join(str(c["image"]) for c in split(cases, args.held_out)[0]))
+        return 0
     rows = []
     sink = None
     if args.out:
