@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fewshot_cases import DATA, paint  # noqa: E402
 
-ARMS = ("cohort", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
+ARMS = ("cohort", "refine", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
 
 
 def parse_args(argv=None):
@@ -291,7 +291,7 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
         for mode in ("dense", "sparse"):
             if mode in args.arms:
                 models[mode] = (kept / mode, 0.0) if kept else train(args, train_cases, axis, mode, work, seed)
-        if {"cohort", "correct1", "correct2"} & set(args.arms):
+        if {"cohort", "refine", "correct1", "correct2"} & set(args.arms):
             models["cohort"] = (kept / "cohort", 0.0) if kept else train(args, train_cases, axis, "painted", work, seed)
         if args.keep_models and args.out:
             keep_models(models, args.out / "models" / f"seed{seed}_n{n}")
@@ -306,6 +306,14 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                 if args.largest_component:
                     emit({**row, "arm": f"{arm}+lcc",
                           "dice": dice_per_class(largest_component_per_class(labels), truth, classes)})
+                if arm == "cohort" and "refine" in args.arms:
+                    from MedSSL.tasks.cohort.correction import refine_draft
+
+                    image, _ = read_case(case)
+                    started = time.perf_counter()
+                    refined = refine_draft(image.array, image.spacing, labels, axis)
+                    emit({**row, "arm": "refine", "dice": dice_per_class(refined, truth, classes),
+                          "seconds": round(time.perf_counter() - started, 2)})
                 if arm == "cohort":
                     wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
                     found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes)

@@ -43,7 +43,7 @@ def correction_painting(draft: np.ndarray, corrected: np.ndarray, axis: int, spa
     """The engine's painting (X, Y, Z) uint8: the corrected planes of ``corrected`` (X, Y, Z; 255 elsewhere)
     and, of the planes of ``axis`` farther than ``gap_mm`` from all of them, the draft on ``draft_planes``
     per class spread over the draft's extent (None: on every one); 255 elsewhere."""
-    planes = corrected_planes(corrected).planes[axis]
+    planes = corrected_planes(corrected).planes[axis] if np.any(corrected != IGNORE) else ()
     positions = np.arange(draft.shape[axis]) * float(spacing[axis])
     near = np.zeros(draft.shape[axis], bool)
     for k in planes:
@@ -69,6 +69,18 @@ def correct_draft(image: np.ndarray, spacing, draft: np.ndarray, corrected: np.n
     painting = correction_painting(draft, corrected, axis, spacing, gap_mm, draft_planes)
     if not np.any((painting > 0) & (painting != IGNORE)):  # nothing left to complete: all background
         return np.where(painting == IGNORE, 0, painting).astype(np.uint8)
+    _, result = segment_painted(np.asarray(image, np.float32), spacing, painting, settings)
+    return result.labels.astype(np.uint8)
+
+
+def refine_draft(image: np.ndarray, spacing, draft: np.ndarray, axis: int = 2,
+                 settings: FewShotSettings = FewShotSettings(), draft_planes: int = DRAFT_PLANES) -> np.ndarray:
+    """(X, Y, Z) uint8 labels: the scan redone by the few-shot engine from ``draft_planes`` planes per class of
+    ``draft`` along ``axis`` alone (no correction). image: (X, Y, Z) intensities; spacing: (3,) mm."""
+    painting = correction_painting(draft, np.full(draft.shape, IGNORE, np.uint8), axis, spacing,
+                                   draft_planes=draft_planes)
+    if not np.any((painting > 0) & (painting != IGNORE)):
+        return np.asarray(draft, np.uint8)
     _, result = segment_painted(np.asarray(image, np.float32), spacing, painting, settings)
     return result.labels.astype(np.uint8)
 
