@@ -72,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--draft-planes", nargs="+", default=None,
                    help="corrections: planes of the draft per class given to the engine, or 'all' (every plane "
                         "beyond the gap; the first design) (default: predict's); several: one row per value")
+    p.add_argument("--target", type=float, default=None, metavar="DICE",
+                   help="also count the planes a user corrects, worst first, until the draft reaches this mean "
+                        "Dice (rows 'to<DICE>' with planes_to_target; null when --cap planes were not enough)")
+    p.add_argument("--cap", type=int, default=8, help="most planes corrected with --target (default %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--largest-component", action="store_true",
                    help="also score each network prediction with only its largest component per class (arm+lcc)")
@@ -259,6 +263,30 @@ def corrections(draft: np.ndarray, case, axis, counts, gaps, draft_planes) -> di
     return out
 
 
+def planes_to_target(draft: np.ndarray, case, axis, classes, target: float, cap: int) -> tuple[int | None, float, list]:
+    """A simulated user correcting the draft plane by plane, each time on the plane where the current result
+    is worst (not one already corrected), until the mean Dice over classes reaches ``target``: (planes
+    corrected, or None when ``cap`` planes were not enough; the last Dice; the planes)."""
+    from MedSSL.tasks.cohort.correction import correct_draft
+
+    image, truth = read_case(case)
+    corrected = np.full(truth.shape, 255, np.uint8)
+    result, planes = draft, []
+    other = tuple(a for a in range(3) if a != axis)
+    while True:
+        score = float(np.mean(list(dice_per_class(result, truth, classes).values())))
+        if score >= target or len(planes) == cap:
+            return (len(planes) if score >= target else None), score, planes
+        errors = (result != truth).sum(axis=other).astype(float)
+        errors[planes] = -1
+        plane = int(np.argmax(errors))
+        planes.append(plane)
+        index = [slice(None)] * 3
+        index[axis] = plane
+        corrected[tuple(index)] = truth[tuple(index)]
+        result = correct_draft(image.array.astype(np.float32), image.spacing, draft, corrected)
+
+
 # ----------------------------------------------------------------------------------------------- run
 def split(cases: list[dict], held_out: int | None) -> tuple[list[dict], list[dict]]:
     """(pool, held-out test subjects): without ``held_out`` every subject is in the pool; with it, a fixed
@@ -283,7 +311,7 @@ def draw(args, cases: list[dict], n: int, seed: int) -> tuple[list[dict], list[d
 def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     train_cases, test_cases = draw(args, cases, n, seed)
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
-            "train": [c["name"] for c in train_cases]}
+            "train": [c["name"] for c in train_cases], "init": Path(args.init).name if args.init else None}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
         models = {}
@@ -314,6 +342,11 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                     refined = refine_draft(image.array, image.spacing, labels, axis)
                     emit({**row, "arm": "refine", "dice": dice_per_class(refined, truth, classes),
                           "seconds": round(time.perf_counter() - started, 2)})
+                if arm == "cohort" and args.target is not None:
+                    started = time.perf_counter()
+                    count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap)
+                    emit({**row, "arm": f"to{args.target:g}", "planes_to_target": count, "planes": planes,
+                          "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)})
                 if arm == "cohort":
                     wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
                     found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes)
@@ -352,13 +385,19 @@ def report(runs: list[Path], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for cohort, table in tables.items():
-        arms = sorted({arm for cells in table.values() for arm in cells}, key=_arm_order)
+        arms = sorted({arm for cells in table.values() for arm, cell in cells.items() if "dice" in cell}, key=_arm_order)
         lines += [f"**{cohort}**: mean Dice on new scans (draws x test scans)", "",
                   "| training scans | " + " | ".join(arms) + " |", "| --- |" + " --- |" * len(arms)]
         for key in sorted(table, key=lambda k: int(k.split("=")[1])):
             cells = [f"{table[key][a]['dice']:.3f} ({table[key][a]['draws']} x {table[key][a]['scans'] // table[key][a]['draws']})"
                      if a in table[key] else "" for a in arms]
             lines.append(f"| {key.split('=')[1]} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for key in sorted(table, key=lambda k: int(k.split("=")[1])):
+            for arm, cell in table[key].items():
+                if "planes_median" in cell:
+                    lines.append(f"n = {key.split('=')[1]}, {arm}: median {cell['planes_median']} corrected planes; "
+                                 f"{cell['reached']} of {cell['scans']} scans reached the target")
         lines.append("")
     (out / "table.md").write_text("\n".join(lines), encoding="utf-8")
     _figure(tables, out / "cohort.png")
@@ -377,7 +416,8 @@ def _figure(tables: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.6), squeeze=False)
     for ax, (cohort, table) in zip(axes[0], tables.items()):
-        arms = sorted({arm for cells in table.values() for arm in cells if "@" not in arm}, key=_arm_order)
+        arms = sorted({arm for cells in table.values() for arm, cell in cells.items() if "@" not in arm and "dice" in cell},
+                      key=_arm_order)
         for arm in arms:
             points = sorted((int(k.split("=")[1]), cells[arm]["dice"]) for k, cells in table.items() if arm in cells)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
@@ -395,18 +435,31 @@ def _figure(tables: dict, path: Path) -> None:
 def summarise(rows: list[dict]) -> dict:
     """Mean Dice (over classes, then test scans and draws) per (n, arm), with the spread over draws."""
     table: dict = {}
+    counts: dict = {}
     for r in rows:
-        key = f"n={r['n']}"
-        table.setdefault(key, {}).setdefault(r["arm"], {}).setdefault(r["seed"], []).append(float(np.mean(list(r["dice"].values()))))
-    out = {}
+        key, arm = f"n={r['n']}", r["arm"] + ("+pretrained" if r.get("init") else "")
+        if "dice" not in r:  # planes to the target Dice
+            counts.setdefault(key, {}).setdefault(arm, []).append(r["planes_to_target"])
+            continue
+        table.setdefault(key, {}).setdefault(arm, {}).setdefault(r["seed"], []).append(float(np.mean(list(r["dice"].values()))))
+    out = {key: {arm: _planes_summary(found) for arm, found in arms.items()} for key, arms in counts.items()}
     for key, arms in table.items():
-        out[key] = {}
+        out.setdefault(key, {})
         for arm, seeds in arms.items():
             per_seed = [float(np.mean(v)) for v in seeds.values()]
             out[key][arm] = {"dice": round(float(np.mean(per_seed)), 4),
                              "seed_std": round(float(np.std(per_seed)), 4), "draws": len(per_seed),
                              "scans": sum(len(v) for v in seeds.values())}
     return out
+
+
+def _planes_summary(found: list) -> dict:
+    """Planes corrected until the target Dice: median over scans (a scan that never reached it counts as
+    more than any), and how many scans reached it."""
+    reached = [p for p in found if p is not None]
+    ordered = sorted(reached) + [float("inf")] * (len(found) - len(reached))
+    median = ordered[len(ordered) // 2] if len(ordered) % 2 else 0.5 * (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2])
+    return {"planes_median": None if median == float("inf") else median, "reached": len(reached), "scans": len(found)}
 
 
 def hardware() -> dict:

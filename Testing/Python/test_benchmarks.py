@@ -186,13 +186,20 @@ def test_bench_methods_quick(data_root, tmp_path, capsys, c_locale):
 def test_bench_cohort_quick(tmp_path, capsys):
     """Every arm of the cohort benchmark on a phantom cohort: rows per arm and test scan, Dice in 0..1, the
     summary table per arm, the files written (what docs/cohort.md quotes)."""
-    arms = ["cohort", "correct1", "atlas", "engine3"]
-    assert bench("bench_cohort").main(["--quick", "--arms", *arms, "--out", str(tmp_path)]) == 0
+    arms = ["cohort", "refine", "correct1", "atlas", "engine3"]
+    assert bench("bench_cohort").main(["--quick", "--arms", *arms, "--target", "0.5", "--cap", "2", "--out", str(tmp_path)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     rows, summary = lines[:-1], lines[-1]
-    assert sorted({r["arm"] for r in rows}) == sorted(arms) and len(rows) == 2 * len(arms)  # 2 test scans
-    assert all(0.0 <= d <= 1.0 for r in rows for d in r["dice"].values())
-    assert set(summary["table"]["n=1"]) == set(arms) and summary["table"]["n=1"]["atlas"]["scans"] == 2
+    scored, counted = [r for r in rows if "dice" in r], [r for r in rows if r["arm"] == "to0.5"]
+    assert sorted({r["arm"] for r in scored}) == sorted(arms) and len(scored) == 2 * len(arms)  # 2 test scans
+    assert all(0.0 <= d <= 1.0 for r in scored for d in r["dice"].values())
+    assert set(summary["table"]["n=1"]) == set(arms) | {"to0.5"} and summary["table"]["n=1"]["atlas"]["scans"] == 2
+    # --target: corrected planes, worst first, until the mean Dice reaches 0.5 (at most --cap 2)
+    assert len(counted) == 2 and len(rows) == len(scored) + 2
+    for r in counted:
+        reached = r["planes_to_target"] is not None
+        assert reached == (r["dice_reached"] >= 0.5) and len(r["planes"]) == (r["planes_to_target"] if reached else 2)
+    assert summary["table"]["n=1"]["to0.5"]["reached"] == sum(r["planes_to_target"] is not None for r in counted)
     assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").count("\n") == len(rows)
     assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["table"] == summary["table"]
     # --report: the table and figure of docs/cohort.md, from the rows just written
@@ -202,6 +209,27 @@ def test_bench_cohort_quick(tmp_path, capsys):
     cells = table.splitlines()[4].split("|")[2:-1]
     assert [float(c.split()[0]) for c in cells] == [round(summary["table"]["n=1"][a]["dice"], 3) for a in arms]
     assert (tmp_path / "report" / "cohort.png").read_bytes()[:4] == b"\x89PNG"
+    assert "to0.5: median" in table
+
+
+def test_bench_cohort_held_out_subjects_are_the_same_for_every_draw_and_never_trained_on():
+    """--held-out K: one fixed test set for every seed and n (the pretraining comparison pairs its scans), the
+    training subjects drawn from the others, and --print-pool's list (what `medssl pretrain` reads) holds no
+    held-out subject."""
+    module = bench("bench_cohort")
+    cases = [{"name": f"s{i:02d}", "image": Path(f"s{i:02d}_image.nii.gz")} for i in range(20)]
+    args = module.parse_args(["--held-out", "8", "--test", "8"])
+    pool, held_out = module.split(cases, 8)
+    assert len(held_out) == 8 and len(pool) == 12 and not {c["name"] for c in pool} & {c["name"] for c in held_out}
+    for seed in (0, 1, 4):
+        for n in (1, 2, 4):
+            train, test = module.draw(args, cases, n, seed)
+            assert test == held_out and len(train) == n and all(c in pool for c in train)
+    plain = module.parse_args(["--test", "4"])
+    train, test = module.draw(plain, cases, 4, 0)
+    assert len(test) == 4 and not {c["name"] for c in train} & {c["name"] for c in test}
+    with pytest.raises(SystemExit):
+        module.split(cases, 20)
 
 
 def test_bench_session_quick(capsys):
