@@ -1,96 +1,190 @@
 """How the default detection filter (MedSSL.tasks.infer.detect: DEFAULT_MIN_SCORE, DEFAULT_MIN_VOLUME_MM3,
-DEFAULT_MAX_FINDINGS) was chosen: FROC of a detector fine-tuned the way a clinician would, on real data.
+DEFAULT_MAX_FINDINGS) is chosen: FROC of cohort models' findings on new scans.
 
-Data: shared/data/totalseg_examples/example_ct.nii.gz (abdomen-pelvis CT, 3 mm) with its
-TotalSegmentator labels (model output, not manual): the vertebrae T9..S1 present are the "lesions" (one
-finding per vertebra expected). A detector is fine-tuned on three painted axial slices (each through a
-different vertebra; 255 elsewhere) with `medssl finetune --detection`, applied to the same scan with
-`medssl predict --detections` (the network engine, as in the reported flood: no few-shot clean-up, which
-would keep only components touching the painting), and every component it returns is scored: a finding is a hit when its
-centre falls in a vertebra, each vertebra counts once, anything else is a false positive.
+Detection rides on the segmentation network: a finding is a connected component of a predicted class, its
+score the mean probability inside it (:func:`MedSSL.tasks.infer.detect.find_detections`). The detectors
+here are the cohort models that ``bench_cohort.py --keep-models`` trained (a few painted scans of a cohort
+in ``../shared/data``); each is applied, as ``medssl predict --detections --all-components`` would, to the
+test subjects of its own draw (never a subject it trained on), and every component is scored against
+the truth, class by class, with the CAD-PE rules of ``medssl evaluate --detections``
+(:mod:`MedSSL.tasks.evaluate.detection`): a finding is a hit when its centre falls inside a true
+component of its class, each true component counts once, anything else is a false positive.
 
-For each (minimum score, minimum volume) it reports sensitivity, false positives and the number of
-findings a reader would see; the cap (DEFAULT_MAX_FINDINGS) then bounds what is shown.
+Printed (JSON; ``--out`` keeps it as froc.json): the pooled FROC (sensitivity at 0.5, 1, 2, 4 and 8 false
+positives per scan), and for a grid of (minimum score, minimum volume, cap) the sensitivity, false
+positives per scan and findings shown per scan. ``choice`` is the setting a reader would want by the rule
+stated in :func:`choose`: the most sensitive with at most ``--max-fp`` false positives per scan.
 
-    python Testing/Benchmarks/bench_detection_defaults.py --work /tmp/froc [--steps 150 --width 8]
-
-Status: the defaults are not FROC-tuned yet. On this project's 2 shared CPU cores, 150 steps did not finish
-in 15 minutes; 40 steps (width 8) gave 37 findings, none in a vertebra, at every setting (minimum volume
-100 mm3 and the cap of 10 left 10 of them). A detector that finds something is needed (a GPU run, or the
-few-shot engine with --detection once its components are separated) before this sweep can pick thresholds.
+    python Testing/Benchmarks/bench_cohort.py --cohort la_lge_mri --train 4 --seeds 0 --arms cohort --keep-models --out runs/la
+    python Testing/Benchmarks/bench_detection_defaults.py --cohort la_lge_mri --models runs/la/models --out runs/froc_la
+    python Testing/Benchmarks/bench_detection_defaults.py --quick     # phantom cohort, a tiny model (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "totalseg_examples"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_cohort  # noqa: E402
+
+MIN_SCORES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_VOLUMES_MM3 = (0.0, 20.0, 100.0, 1000.0)
+CAPS = (None, 10, 3, 1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cohort", default="la_lge_mri")
+    p.add_argument("--data", type=Path, default=bench_cohort.DATA)
+    p.add_argument("--models", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="folders of bundles kept by bench_cohort.py --keep-models (seed<S>_n<N>/cohort)")
+    p.add_argument("--test", type=int, default=4, help="test subjects per draw, as bench_cohort.py was run")
+    p.add_argument("--held-out", type=int, default=None, help="as bench_cohort.py was run")
+    p.add_argument("--max-fp", type=float, default=1.0, help="false positives per scan a reader accepts (default 1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="a phantom cohort and a 4-step model (smoke test)")
+    return p.parse_args(argv)
+
+
+def findings_of(model_dir: Path, case: dict) -> list[dict]:
+    """Every component of the model's prediction on ``case`` (no clean-up, no filter)."""
+    import torch
+
+    from MedSSL.io.volumes import read_volume
+    from MedSSL.tasks.infer import PredictOptions
+    from MedSSL.tasks.infer.detect import find_detections
+    from MedSSL.tasks.infer.model import load_model
+    from MedSSL.tasks.infer.predict import segment
+
+    model = load_model(model_dir, torch.device("cpu"))
+    volume = read_volume(case["image"])
+    seg = segment(model, volume, case["image"], PredictOptions(all_components=True))
+    prob = np.where(seg.labels.array > 0, seg.max_prob, 0).astype(np.float32)
+    return find_detections(seg.labels.array, prob, volume, {v: model.name_of(v) for v in model.classes})
+
+
+def match_by_class(found: list[dict], case: dict) -> tuple[list[tuple], int]:
+    """(per finding: (finding, true component id or 0 = false positive), true components): a finding hits
+    only a component of its own class; ids are unique across classes."""
+    from MedSSL.io.volumes import read_volume
+    from MedSSL.tasks.evaluate.detection import match_detections
+
+    truth = read_volume(case["label"])
+    truth.array = np.rint(truth.array).astype(np.uint8)
+    matched, total = [], 0
+    for value in sorted({int(v) for v in np.unique(truth.array) if v} | {f["label"] for f in found}):
+        mine = [f for f in found if f["label"] == value]
+        pairs, count, _ = match_detections(mine, truth, lesion_label=value, ignore_value=None)
+        matched += [(f, total + lesion if lesion > 0 else 0) for f, (_, lesion) in zip(mine, pairs)]
+        total += count
+    return matched, total
+
+
+def sweep(scans: list[tuple[list, int]]) -> list[dict]:
+    """Sensitivity, false positives and findings shown per scan for each (min score, min volume, cap)."""
+    from MedSSL.tasks.infer.detect import select_findings
+
+    lesions = sum(total for _, total in scans)
+    rows = []
+    for min_score in MIN_SCORES:
+        for min_volume in MIN_VOLUMES_MM3:
+            for cap in CAPS:
+                found, fp, shown = 0, 0, 0
+                for matched, _ in scans:
+                    hit = {id(f): lesion for f, lesion in matched}
+                    kept = select_findings([f for f, _ in matched], min_score, min_volume, cap)
+                    found += len({hit[id(f)] for f in kept if hit[id(f)]})
+                    fp += sum(1 for f in kept if not hit[id(f)])
+                    shown += len(kept)
+                rows.append({"min_score": min_score, "min_volume_mm3": min_volume, "cap": cap,
+                             "sensitivity": round(found / lesions, 4) if lesions else None,
+                             "fp_per_scan": round(fp / len(scans), 3), "shown_per_scan": round(shown / len(scans), 2)})
+    return rows
+
+
+def choose(rows: list[dict], max_fp: float) -> dict | None:
+    """The most sensitive setting with at most ``max_fp`` false positives per scan; among equals the one with
+    fewer false positives, then the least restrictive (lower score and volume, larger cap): a filter should
+    hide what is wrong, not what might be right."""
+    allowed = [r for r in rows if r["sensitivity"] is not None and r["fp_per_scan"] <= max_fp]
+    if not allowed:
+        return None
+    return min(allowed, key=lambda r: (-r["sensitivity"], r["fp_per_scan"], r["min_score"], r["min_volume_mm3"],
+                                       -(r["cap"] or 10**6)))
+
+
+def default_row(rows: list[dict]) -> dict:
+    from MedSSL.tasks.infer.detect import DEFAULT_MAX_FINDINGS, DEFAULT_MIN_SCORE, DEFAULT_MIN_VOLUME_MM3
+
+    return next((r for r in rows if r["min_score"] == DEFAULT_MIN_SCORE and r["min_volume_mm3"] == DEFAULT_MIN_VOLUME_MM3
+                 and r["cap"] == DEFAULT_MAX_FINDINGS), None)
+
+
+def model_draws(models: Path) -> list[tuple[int, int, Path]]:
+    """(seed, n, bundle) of each seed<S>_n<N>/cohort under ``models``."""
+    out = []
+    for folder in sorted(models.glob("seed*_n*")):
+        seed, n = folder.name[4:].split("_n")
+        if (folder / "cohort" / "model.json").is_file():
+            out.append((int(seed), int(n), folder / "cohort"))
+    return out
+
+
+def run(args, models: list[Path]) -> dict:
+    from MedSSL.tasks.evaluate.detection import froc
+
+    cohort_args = bench_cohort.parse_args(["--cohort", args.cohort, "--data", str(args.data), "--test", str(args.test)]
+                                          + (["--held-out", str(args.held_out)] if args.held_out else [])
+                                          + (["--quick"] if args.quick else []))
+    if args.quick:
+        cohort_args.phantom_dir = args.phantom_dir
+    cases, _, _ = bench_cohort.cohort_cases(cohort_args)
+    scans, per_scan = [], []
+    for folder in models:
+        for seed, n, bundle in model_draws(folder):
+            _, test_cases = bench_cohort.draw(cohort_args, cases, n, seed)
+            for case in test_cases:
+                matched, total = match_by_class(findings_of(bundle, case), case)
+                scans.append((matched, total))
+                per_scan.append({"seed": seed, "n": n, "test": case["name"], "true_components": total,
+                                 "findings": len(matched), "hits": len({lesion for _, lesion in matched if lesion})})
+                print(json.dumps(per_scan[-1]), flush=True)
+    if not scans:
+        raise SystemExit("no seed<S>_n<N>/cohort bundle under --models (bench_cohort.py --keep-models writes them)")
+    curve = froc([[(f["score"], lesion) for f, lesion in matched] for matched, _ in scans], [t for _, t in scans])
+    rows = sweep(scans)
+    return {"cohort": "phantom" if args.quick else args.cohort, "scans": len(scans), "per_scan": per_scan,
+            "froc": curve["froc"], "mean_sensitivity": curve["mean_sensitivity"],
+            "false_positives_total": curve["false_positives"], "default": default_row(rows),
+            "choice": choose(rows, args.max_fp), "max_fp": args.max_fp, "rows": rows,
+            "hardware": bench_cohort.hardware()}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--width", type=int, default=8)
-    args = parser.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    classmap = json.loads((args.data / "totalsegmentator_classmap.json").read_text(encoding="utf-8"))["total"]
-    vertebrae = {int(k) for k, v in classmap.items() if v.startswith("vertebrae_")}
-    image = sitk.ReadImage(str(args.data / "example_ct.nii.gz"))
-    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(args.data / "example_seg_fast_force_split.nii.gz")))
-    present = sorted(v for v in vertebrae if (seg == v).any())
-    truth = np.isin(seg, present)
-    # three axial slices, each through the middle of a different vertebra
-    centres = {v: int(round(np.nonzero(seg == v)[0].mean())) for v in present}
-    picks = [centres[present[i]] for i in (1, len(present) // 2, len(present) - 2)]
-    label = np.full(seg.shape, 255, np.uint8)
-    for z in picks:
-        label[z] = truth[z].astype(np.uint8)
-    label_image = sitk.GetImageFromArray(label)
-    label_image.CopyInformation(image)
-    sitk.WriteImage(label_image, str(args.work / "painted.nii.gz"))
-    sitk.WriteImage(image, str(args.work / "ct.nii.gz"))
-    run = [sys.executable, "-m", "MedSSL"]
-    budget = ["--steps", str(args.steps), "--width", str(args.width), "--engine", "network"]
-    subprocess.run(run + ["finetune", "--image", str(args.work / "ct.nii.gz"), "--label", str(args.work / "painted.nii.gz"),
-                          "--classes", "1=vertebra", "--detection", "--out", str(args.work / "model"), "--device", "cpu",
-                          "--progress", "none", *budget], check=True)
-    subprocess.run(run + ["predict", "--model", str(args.work / "model"), "--image", str(args.work / "ct.nii.gz"),
-                          "--out", str(args.work / "pred.nii.gz"),
-                          "--detections", str(args.work / "det.json"), "--device", "cpu", "--progress", "none"],
-                   check=True)
-    found = json.loads((args.work / "det.json").read_text(encoding="utf-8"))
-    hits = []
-    for finding in found:
-        index = image.TransformPhysicalPointToIndex([float(c) for c in finding["center_mm"]])
-        inside = all(0 <= i < n for i, n in zip(index, image.GetSize()))
-        value = int(seg[index[2], index[1], index[0]]) if inside else 0
-        hits.append(value if value in present else 0)
-    print(f"{len(found)} findings from the detector; {len(present)} vertebrae in the scan; painted z = {picks}")
-    rows = []
-    for min_score in (0.0, 0.3, 0.5, 0.7, 0.9):
-        for min_volume in (0.0, 20.0, 100.0, 500.0, 2000.0):
-            kept = [(f, h) for f, h in zip(found, hits) if f["score"] >= min_score and f["volume_mm3"] >= min_volume]
-            kept.sort(key=lambda fh: -fh[0]["score"])
-            for cap in (None, 10):
-                shown = kept if cap is None else kept[:cap]
-                tp = len({h for _, h in shown if h})
-                fp = sum(1 for _, h in shown if not h)
-                rows.append({"min_score": min_score, "min_volume_mm3": min_volume, "cap": cap, "shown": len(shown),
-                             "vertebrae_found": tp, "sensitivity": round(tp / len(present), 3), "false_positives": fp})
-    print(f"{'score>=':>8} {'mm3>=':>7} {'cap':>4} {'shown':>6} {'found':>6} {'sens':>6} {'FP':>5}")
-    for r in rows:
-        print(f"{r['min_score']:>8} {r['min_volume_mm3']:>7} {str(r['cap']):>4} {r['shown']:>6} {r['vertebrae_found']:>6} "
-              f"{r['sensitivity']:>6} {r['false_positives']:>5}")
-    (args.work / "froc.json").write_text(json.dumps({"findings": len(found), "vertebrae": len(present), "rows": rows}, indent=1), encoding="utf-8")
+    import torch
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="medssl-froc-") as tmp:
+            args.phantom_dir = Path(tmp) / "phantom"
+            args.phantom_dir.mkdir()
+            models = Path(tmp) / "models"
+            bench_cohort.main(["--quick", "--arms", "cohort", "--keep-models", "--out", str(models.parent / "run")])
+            result = run(args, [models.parent / "run" / "models"])
+    else:
+        result = run(args, args.models)
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "froc.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
