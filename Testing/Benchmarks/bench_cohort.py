@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fewshot_cases import DATA, paint  # noqa: E402
 
-ARMS = ("cohort", "refine", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
+ARMS = ("cohort", "refine", "engine-to", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
 
 
 def parse_args(argv=None):
@@ -74,7 +74,8 @@ def parse_args(argv=None):
                         "beyond the gap; the first design) (default: predict's); several: one row per value")
     p.add_argument("--target", type=float, default=None, metavar="DICE",
                    help="also count the planes a user corrects, worst first, until the draft reaches this mean "
-                        "Dice (rows 'to<DICE>' with planes_to_target; null when --cap planes were not enough)")
+                        "Dice (rows 'to<DICE>' with planes_to_target; null when --cap planes were not enough); with "
+                        "arm engine-to, the planes painted from nothing the engine alone needs (rows 'engine-to<DICE>')")
     p.add_argument("--cap", type=int, default=8, help="most planes corrected with --target (default %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--largest-component", action="store_true",
@@ -287,6 +288,25 @@ def planes_to_target(draft: np.ndarray, case, axis, classes, target: float, cap:
         result = correct_draft(image.array.astype(np.float32), image.spacing, draft, corrected)
 
 
+def engine_planes_to_target(case, axis, classes, target: float, cap: int) -> dict:
+    """The same count from nothing: the fewest planes (1..``cap``, spread over each structure) painted on the
+    new scan for which the few-shot engine alone reaches ``target``."""
+    started = time.perf_counter()
+    score = 0.0
+    from MedSSL.errors import MedSSLError
+
+    for k in range(1, cap + 1):
+        try:
+            pred, _ = engine_alone(case, axis, k)
+        except MedSSLError:  # too few planes for the engine
+            continue
+        score = float(np.mean(list(dice_per_class(pred, read_case(case)[1], classes).values())))
+        if score >= target:
+            break
+    return {"arm": f"engine-to{target:g}", "planes_to_target": k if score >= target else None,
+            "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)}
+
+
 # ----------------------------------------------------------------------------------------------- run
 def split(cases: list[dict], held_out: int | None) -> tuple[list[dict], list[dict]]:
     """(pool, held-out test subjects): without ``held_out`` every subject is in the pool; with it, a fixed
@@ -358,6 +378,8 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
             if "atlas" in args.arms:
                 pred, seconds = atlas(train_cases, case, classes)
                 emit({**row, "arm": "atlas", "dice": dice_per_class(pred, truth, classes), "seconds": round(seconds, 1)})
+            if args.target is not None and "engine-to" in args.arms:
+                emit({**row, **engine_planes_to_target(case, axis, classes, args.target, args.cap)})
             for k in (3, 5):
                 if f"engine{k}" in args.arms:
                     pred, seconds = engine_alone(case, axis, k)

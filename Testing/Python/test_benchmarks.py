@@ -187,15 +187,18 @@ def test_bench_cohort_quick(tmp_path, capsys):
     """Every arm of the cohort benchmark on a phantom cohort: rows per arm and test scan, Dice in 0..1, the
     summary table per arm, the files written (what docs/cohort.md quotes)."""
     arms = ["cohort", "refine", "correct1", "atlas", "engine3"]
-    assert bench("bench_cohort").main(["--quick", "--arms", *arms, "--target", "0.5", "--cap", "2", "--out", str(tmp_path)]) == 0
+    assert bench("bench_cohort").main(["--quick", "--arms", *arms, "engine-to", "--target", "0.5", "--cap", "2",
+                                       "--out", str(tmp_path)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     rows, summary = lines[:-1], lines[-1]
     scored, counted = [r for r in rows if "dice" in r], [r for r in rows if r["arm"] == "to0.5"]
+    from_nothing = [r for r in rows if r["arm"] == "engine-to0.5"]
     assert sorted({r["arm"] for r in scored}) == sorted(arms) and len(scored) == 2 * len(arms)  # 2 test scans
     assert all(0.0 <= d <= 1.0 for r in scored for d in r["dice"].values())
-    assert set(summary["table"]["n=1"]) == set(arms) | {"to0.5"} and summary["table"]["n=1"]["atlas"]["scans"] == 2
+    assert set(summary["table"]["n=1"]) == set(arms) | {"to0.5", "engine-to0.5"} and summary["table"]["n=1"]["atlas"]["scans"] == 2
     # --target: corrected planes, worst first, until the mean Dice reaches 0.5 (at most --cap 2)
-    assert len(counted) == 2 and len(rows) == len(scored) + 2
+    assert len(counted) == 2 and len(from_nothing) == 2 and len(rows) == len(scored) + 4
+    assert all(r["planes_to_target"] in (None, 1, 2) for r in from_nothing)
     for r in counted:
         reached = r["planes_to_target"] is not None
         assert reached == (r["dice_reached"] >= 0.5) and len(r["planes"]) == (r["planes_to_target"] if reached else 2)
@@ -230,6 +233,38 @@ def test_bench_cohort_held_out_subjects_are_the_same_for_every_draw_and_never_tr
     assert len(test) == 4 and not {c["name"] for c in train} & {c["name"] for c in test}
     with pytest.raises(SystemExit):
         module.split(cases, 20)
+
+
+def test_detection_defaults_score_findings_class_by_class_and_choose_by_the_stated_rule(tmp_path):
+    """A finding hits only a true component of its own class; each component counts once; the sweep counts
+    per scan; the choice is the most sensitive setting within the false-positive budget."""
+    from MedSSL.io.volumes import write_volume
+
+    module = bench("bench_detection_defaults")
+    phantom = make_phantom(seed=0, shape=(48, 48, 24), spacing=(4.0, 4.0, 6.0))
+    truth = np.where(np.isin(phantom.labels.array, (1, 2)), phantom.labels.array, 0).astype(np.uint8)
+    write_volume(phantom.labels.with_array(truth), tmp_path / "truth.nii.gz")
+    case = {"name": "p0", "label": tmp_path / "truth.nii.gz"}
+
+    def centre_of(value):
+        index = np.argwhere(truth == value).mean(axis=0)
+        index = np.argwhere(truth == value)[np.argmin(np.abs(np.argwhere(truth == value) - index).sum(axis=1))]
+        return [float(c) for c in phantom.labels.index_to_physical(index[None].astype(float))[0]]
+
+    found = [{"label": 1, "center_mm": centre_of(1), "score": 0.95, "volume_mm3": 5000.0},   # hit
+             {"label": 1, "center_mm": centre_of(1), "score": 0.90, "volume_mm3": 4000.0},   # same component again
+             {"label": 1, "center_mm": centre_of(2), "score": 0.80, "volume_mm3": 3000.0},   # the other class: FP
+             {"label": 2, "center_mm": centre_of(2), "score": 0.55, "volume_mm3": 50.0}]     # hit, small, doubtful
+    matched, total = module.match_by_class(found, case)
+    assert total == 2 and [lesion > 0 for _, lesion in matched] == [True, True, False, True]
+    rows = module.sweep([(matched, total)])
+    everything = next(r for r in rows if r["min_score"] == 0.0 and r["min_volume_mm3"] == 0.0 and r["cap"] is None)
+    assert everything["sensitivity"] == 1.0 and everything["fp_per_scan"] == 1.0 and everything["shown_per_scan"] == 4
+    strict = next(r for r in rows if r["min_score"] == 0.9 and r["min_volume_mm3"] == 0.0 and r["cap"] is None)
+    assert strict["sensitivity"] == 0.5 and strict["fp_per_scan"] == 0.0
+    assert module.choose(rows, max_fp=1.0)["sensitivity"] == 1.0
+    chosen = module.choose(rows, max_fp=0.0)
+    assert chosen["sensitivity"] == 0.5 and chosen["fp_per_scan"] == 0.0
 
 
 def test_bench_session_quick(capsys):
