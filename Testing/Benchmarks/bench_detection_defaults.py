@@ -33,9 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cohort  # noqa: E402
 
-MIN_SCORES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_SCORES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_VOLUMES_MM3 = (0.0, 20.0, 100.0, 1000.0)
-CAPS = (None, 10, 3, 1)
+CAPS = (None, 10, 5, 3, 1)
 
 
 def parse_args(argv=None):
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--max-fp", type=float, default=1.0, help="false positives per scan a reader accepts (default 1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN",
+                   help="the froc.json of runs on several cohorts: one setting for all (the most sensitive on average "
+                        "with at most --max-fp false positives per scan in every cohort)")
     p.add_argument("--quick", action="store_true", help="a phantom cohort and a 4-step model (smoke test)")
     return p.parse_args(argv)
 
@@ -156,6 +159,8 @@ def run(args, models: list[Path]) -> dict:
                 per_scan.append({"seed": seed, "n": n, "test": case["name"], "true_components": total,
                                  "findings": len(matched), "hits": len({lesion for _, lesion in matched if lesion})})
                 print(json.dumps(per_scan[-1]), flush=True)
+                per_scan[-1]["scored"] = [{"label": f["label"], "score": f["score"], "volume_mm3": f["volume_mm3"],
+                                           "component": lesion} for f, lesion in matched]
     if not scans:
         raise SystemExit("no seed<S>_n<N>/cohort bundle under --models (bench_cohort.py --keep-models writes them)")
     curve = froc([[(f["score"], lesion) for f, lesion in matched] for matched, _ in scans], [t for _, t in scans])
@@ -167,10 +172,40 @@ def run(args, models: list[Path]) -> dict:
             "hardware": bench_cohort.hardware()}
 
 
+def scans_of(result: dict) -> list[tuple[list, int]]:
+    """(matched findings, true components) per scan, back from a froc.json."""
+    return [([(f, f["component"]) for f in scan["scored"]], scan["true_components"]) for scan in result["per_scan"]]
+
+
+def report(paths: list[Path], max_fp: float) -> dict:
+    """One setting for every cohort: per (min score, min volume, cap), each cohort's sensitivity and false
+    positives per scan; the choice maximises the mean sensitivity over cohorts with at most ``max_fp`` false
+    positives per scan in each (ties as in :func:`choose`)."""
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    sweeps = {run["cohort"]: sweep(scans_of(run)) for run in runs}
+    merged = []
+    for i, first in enumerate(next(iter(sweeps.values()))):
+        cells = {cohort: rows[i] for cohort, rows in sweeps.items()}
+        merged.append({**{k: first[k] for k in ("min_score", "min_volume_mm3", "cap")},
+                       "sensitivity": round(float(np.mean([c["sensitivity"] for c in cells.values()])), 4),
+                       "fp_per_scan": max(c["fp_per_scan"] for c in cells.values()),
+                       "per_cohort": {k: {"sensitivity": c["sensitivity"], "fp_per_scan": c["fp_per_scan"],
+                                          "shown_per_scan": c["shown_per_scan"]} for k, c in cells.items()}})
+    return {"cohorts": list(sweeps), "max_fp": max_fp, "choice": choose(merged, max_fp), "default": default_row(merged),
+            "rows": merged}
+
+
 def main(argv=None) -> int:
     import torch
 
     args = parse_args(argv)
+    if args.report:
+        result = report(args.report, args.max_fp)
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "froc_report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        return 0
     torch.set_num_threads(args.threads)
     if args.quick:
         with tempfile.TemporaryDirectory(prefix="medssl-froc-") as tmp:

@@ -253,7 +253,7 @@ def test_detection_defaults_score_findings_class_by_class_and_choose_by_the_stat
 
     found = [{"label": 1, "center_mm": centre_of(1), "score": 0.95, "volume_mm3": 5000.0},   # hit
              {"label": 1, "center_mm": centre_of(1), "score": 0.90, "volume_mm3": 4000.0},   # same component again
-             {"label": 1, "center_mm": centre_of(2), "score": 0.80, "volume_mm3": 3000.0},   # the other class: FP
+             {"label": 1, "center_mm": centre_of(2), "score": 0.80, "volume_mm3": 10.0},     # the other class: FP
              {"label": 2, "center_mm": centre_of(2), "score": 0.55, "volume_mm3": 50.0}]     # hit, small, doubtful
     matched, total = module.match_by_class(found, case)
     assert total == 2 and [lesion > 0 for _, lesion in matched] == [True, True, False, True]
@@ -263,8 +263,20 @@ def test_detection_defaults_score_findings_class_by_class_and_choose_by_the_stat
     strict = next(r for r in rows if r["min_score"] == 0.9 and r["min_volume_mm3"] == 0.0 and r["cap"] is None)
     assert strict["sensitivity"] == 0.5 and strict["fp_per_scan"] == 0.0
     assert module.choose(rows, max_fp=1.0)["sensitivity"] == 1.0
-    chosen = module.choose(rows, max_fp=0.0)
-    assert chosen["sensitivity"] == 0.5 and chosen["fp_per_scan"] == 0.0
+    chosen = module.choose(rows, max_fp=0.0)  # the small false positive goes, the small true one stays
+    assert chosen["sensitivity"] == 1.0 and chosen["fp_per_scan"] == 0.0 and chosen["min_volume_mm3"] == 20.0
+    # --report: one setting for several cohorts, within the false-positive budget in every one
+    scored = [{"label": f["label"], "score": f["score"], "volume_mm3": f["volume_mm3"], "component": lesion}
+              for f, lesion in matched]
+    clean = [dict(f, score=0.3) for f in scored if f["component"]]  # a second model, less sure, no false positive
+    for name, findings in (("a", scored), ("b", clean)):
+        run = {"cohort": name, "per_scan": [{"true_components": 2, "scored": findings}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(run), encoding="utf-8")
+    both = module.report([tmp_path / "a.json", tmp_path / "b.json"], max_fp=0.0)
+    assert both["cohorts"] == ["a", "b"] and all(r["fp_per_scan"] == 0.0 for r in [both["choice"]])
+    assert both["choice"]["sensitivity"] == 1.0 and both["choice"]["min_score"] <= 0.3
+    assert both["choice"]["per_cohort"]["a"] == {"sensitivity": 1.0, "fp_per_scan": 0.0, "shown_per_scan": 3.0}
+    assert both["default"]["per_cohort"]["b"]["sensitivity"] == 0.0  # a score of 0.5 hides the less sure model's
 
 
 def test_bench_session_quick(capsys):
