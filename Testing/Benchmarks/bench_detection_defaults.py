@@ -4,8 +4,9 @@ DEFAULT_MAX_FINDINGS) is chosen: FROC of cohort models' findings on new scans.
 Detection rides on the segmentation network: a finding is a connected component of a predicted class, its
 score the mean probability inside it (:func:`MedSSL.tasks.infer.detect.find_detections`). The detectors
 here are the cohort models that ``bench_cohort.py --keep-models`` trained (a few painted scans of a cohort
-in ``../shared/data``); each is applied, as ``medssl predict --detections --all-components`` would, to the
-test subjects of its own draw (never a subject it trained on), and every component is scored against
+in ``../shared/data``); each is applied, as ``medssl predict --detections`` would, to the
+test subjects of its own draw (never a subject it trained on; the cohort model's clean-up applied, as
+predict does, unless ``--all-components``), and every component is scored against
 the truth, class by class, with the CAD-PE rules of ``medssl evaluate --detections``
 (:mod:`MedSSL.tasks.evaluate.detection`): a finding is a hit when its centre falls inside a true
 component of its class, each true component counts once, anything else is a false positive.
@@ -34,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cohort  # noqa: E402
 
 MIN_SCORES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-MIN_VOLUMES_MM3 = (0.0, 20.0, 100.0, 1000.0)
+#: at most 100 mm3 (about 6 mm across): the cohorts hold organs, and a larger minimum chosen on them would
+#: hide the small lesions a detector is also used for
+MIN_VOLUMES_MM3 = (0.0, 20.0, 100.0)
 CAPS = (None, 10, 5, 3, 1)
 
 
@@ -46,6 +49,9 @@ def parse_args(argv=None):
                    help="folders of bundles kept by bench_cohort.py --keep-models (seed<S>_n<N>/cohort)")
     p.add_argument("--test", type=int, default=4, help="test subjects per draw, as bench_cohort.py was run")
     p.add_argument("--held-out", type=int, default=None, help="as bench_cohort.py was run")
+    p.add_argument("--all-components", action="store_true",
+                   help="score every component (predict --all-components) instead of the prediction after the cohort "
+                        "model's clean-up")
     p.add_argument("--max-fp", type=float, default=1.0, help="false positives per scan a reader accepts (default 1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
@@ -56,8 +62,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def findings_of(model_dir: Path, case: dict) -> list[dict]:
-    """Every component of the model's prediction on ``case`` (no clean-up, no filter)."""
+def findings_of(model_dir: Path, case: dict, all_components: bool = False) -> list[dict]:
+    """Every component of the model's prediction on ``case`` as ``medssl predict --detections`` finds them (the
+    cohort model's clean-up applied unless ``all_components``), before any filter."""
     import torch
 
     from MedSSL.io.volumes import read_volume
@@ -68,7 +75,7 @@ def findings_of(model_dir: Path, case: dict) -> list[dict]:
 
     model = load_model(model_dir, torch.device("cpu"))
     volume = read_volume(case["image"])
-    seg = segment(model, volume, case["image"], PredictOptions(all_components=True))
+    seg = segment(model, volume, case["image"], PredictOptions(all_components=all_components))
     prob = np.where(seg.labels.array > 0, seg.max_prob, 0).astype(np.float32)
     return find_detections(seg.labels.array, prob, volume, {v: model.name_of(v) for v in model.classes})
 
@@ -154,7 +161,7 @@ def run(args, models: list[Path]) -> dict:
         for seed, n, bundle in model_draws(folder):
             _, test_cases = bench_cohort.draw(cohort_args, cases, n, seed)
             for case in test_cases:
-                matched, total = match_by_class(findings_of(bundle, case), case)
+                matched, total = match_by_class(findings_of(bundle, case, args.all_components), case)
                 scans.append((matched, total))
                 per_scan.append({"seed": seed, "n": n, "test": case["name"], "true_components": total,
                                  "findings": len(matched), "hits": len({lesion for _, lesion in matched if lesion})})
@@ -165,7 +172,7 @@ def run(args, models: list[Path]) -> dict:
         raise SystemExit("no seed<S>_n<N>/cohort bundle under --models (bench_cohort.py --keep-models writes them)")
     curve = froc([[(f["score"], lesion) for f, lesion in matched] for matched, _ in scans], [t for _, t in scans])
     rows = sweep(scans)
-    return {"cohort": "phantom" if args.quick else args.cohort, "scans": len(scans), "per_scan": per_scan,
+    return {"cohort": "phantom" if args.quick else args.cohort, "all_components": args.all_components, "scans": len(scans), "per_scan": per_scan,
             "froc": curve["froc"], "mean_sensitivity": curve["mean_sensitivity"],
             "false_positives_total": curve["false_positives"], "default": default_row(rows),
             "choice": choose(rows, args.max_fp), "max_fp": args.max_fp, "rows": rows,
