@@ -53,6 +53,10 @@ def parse_args(argv=None):
                    help="score every component (predict --all-components) instead of the prediction after the cohort "
                         "model's clean-up")
     p.add_argument("--max-fp", type=float, default=1.0, help="false positives per scan a reader accepts (default 1)")
+    p.add_argument("--cap", type=int, default=10,
+                   help="choose the score and volume with the cap held at this (default 10: the cohorts hold 1 or 4 "
+                        "structures per scan, which cannot choose how many lesions a reader should see); 0 = choose "
+                        "the cap too")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN",
@@ -119,15 +123,21 @@ def sweep(scans: list[tuple[list, int]]) -> list[dict]:
     return rows
 
 
-def choose(rows: list[dict], max_fp: float) -> dict | None:
-    """The most sensitive setting with at most ``max_fp`` false positives per scan; among equals the one with
-    fewer false positives, then the least restrictive (lower score and volume, larger cap): a filter should
-    hide what is wrong, not what might be right."""
-    allowed = [r for r in rows if r["sensitivity"] is not None and r["fp_per_scan"] <= max_fp]
+def choose(rows: list[dict], max_fp: float, cap: int | None = None) -> dict | None:
+    """The most sensitive setting with at most ``max_fp`` false positives per scan (with ``cap``: among the
+    settings with that cap only); among equals the one with fewer false positives, then today's defaults when
+    they are among them (a default changes only when the data say so), then the least restrictive (lower
+    score and volume, larger cap): a filter should hide what is wrong, not what might be right."""
+    allowed = [r for r in rows if r["sensitivity"] is not None and r["fp_per_scan"] <= max_fp
+               and (cap is None or r["cap"] == cap)]
     if not allowed:
         return None
-    return min(allowed, key=lambda r: (-r["sensitivity"], r["fp_per_scan"], r["min_score"], r["min_volume_mm3"],
+    best = min(allowed, key=lambda r: (-r["sensitivity"], r["fp_per_scan"], r["min_score"], r["min_volume_mm3"],
                                        -(r["cap"] or 10**6)))
+    current = default_row(allowed)
+    if current is not None and (current["sensitivity"], current["fp_per_scan"]) == (best["sensitivity"], best["fp_per_scan"]):
+        return current
+    return best
 
 
 def default_row(rows: list[dict]) -> dict:
@@ -175,7 +185,7 @@ def run(args, models: list[Path]) -> dict:
     return {"cohort": "phantom" if args.quick else args.cohort, "all_components": args.all_components, "scans": len(scans), "per_scan": per_scan,
             "froc": curve["froc"], "mean_sensitivity": curve["mean_sensitivity"],
             "false_positives_total": curve["false_positives"], "default": default_row(rows),
-            "choice": choose(rows, args.max_fp), "max_fp": args.max_fp, "rows": rows,
+            "choice": choose(rows, args.max_fp, args.cap or None), "max_fp": args.max_fp, "rows": rows,
             "hardware": bench_cohort.hardware()}
 
 
@@ -184,7 +194,7 @@ def scans_of(result: dict) -> list[tuple[list, int]]:
     return [([(f, f["component"]) for f in scan["scored"]], scan["true_components"]) for scan in result["per_scan"]]
 
 
-def report(paths: list[Path], max_fp: float) -> dict:
+def report(paths: list[Path], max_fp: float, cap: int | None = None) -> dict:
     """One setting for every cohort: per (min score, min volume, cap), each cohort's sensitivity and false
     positives per scan; the choice maximises the mean sensitivity over cohorts with at most ``max_fp`` false
     positives per scan in each (ties as in :func:`choose`)."""
@@ -198,7 +208,8 @@ def report(paths: list[Path], max_fp: float) -> dict:
                        "fp_per_scan": max(c["fp_per_scan"] for c in cells.values()),
                        "per_cohort": {k: {"sensitivity": c["sensitivity"], "fp_per_scan": c["fp_per_scan"],
                                           "shown_per_scan": c["shown_per_scan"]} for k, c in cells.items()}})
-    return {"cohorts": list(sweeps), "max_fp": max_fp, "choice": choose(merged, max_fp), "default": default_row(merged),
+    return {"cohorts": list(sweeps), "max_fp": max_fp, "cap": cap, "choice": choose(merged, max_fp, cap),
+            "default": default_row(merged),
             "rows": merged}
 
 
@@ -207,7 +218,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     if args.report:
-        result = report(args.report, args.max_fp)
+        result = report(args.report, args.max_fp, args.cap or None)
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -263,6 +263,10 @@ def test_detection_defaults_score_findings_class_by_class_and_choose_by_the_stat
     strict = next(r for r in rows if r["min_score"] == 0.9 and r["min_volume_mm3"] == 0.0 and r["cap"] is None)
     assert strict["sensitivity"] == 0.5 and strict["fp_per_scan"] == 0.0
     assert module.choose(rows, max_fp=1.0)["sensitivity"] == 1.0
+    assert module.choose(rows, max_fp=1.0, cap=1) == next(  # the cap held: the best of those rows
+        r for r in rows if r["cap"] == 1 and r["min_score"] == 0.0 and r["min_volume_mm3"] == 0.0)
+    tied = [dict(r, sensitivity=0.5, fp_per_scan=0.0) for r in rows]  # all equal: today's defaults stay
+    assert module.choose(tied, max_fp=1.0) == module.default_row(tied)
     chosen = module.choose(rows, max_fp=0.0)  # the small false positive goes, the small true one stays
     assert chosen["sensitivity"] == 1.0 and chosen["fp_per_scan"] == 0.0 and chosen["min_volume_mm3"] == 20.0
     # --report: one setting for several cohorts, within the false-positive budget in every one
