@@ -180,6 +180,25 @@ def test_a_correction_may_erase_what_the_draft_found():
         assert dice(fixed == 1, truth == 1) > 0.95
 
 
+def test_refine_draft_redoes_a_draft_from_its_own_planes():
+    """The no-touch refinement measured in docs/cohort.md (and not used by predict): the engine redoes the scan
+    from DRAFT_PLANES planes of the draft, which it keeps exactly; an empty draft comes back as it was."""
+    from MedSSL.data.painted_planes import spread_planes
+    from MedSSL.tasks.cohort.correction import DRAFT_PLANES, refine_draft
+
+    image, truth = liver_case(1)
+    draft = truth.copy()
+    planes = spread_planes(truth, 2, DRAFT_PLANES)
+    hole = next(int(k) for k in np.flatnonzero(truth.any(axis=(0, 1)))[1:-1] if k not in planes)
+    draft[..., hole] = 0  # a plane the draft missed, not one of those the engine is given
+    assert spread_planes(draft, 2, DRAFT_PLANES) == planes
+    refined = refine_draft(image.array, image.spacing, draft, axis=2)
+    assert np.array_equal(refined[..., planes], draft[..., planes])
+    assert dice(refined[..., hole] == 1, truth[..., hole] == 1) > 0.8 and dice(refined == 1, truth == 1) > 0.9
+    empty = np.zeros_like(truth)
+    assert np.array_equal(refine_draft(image.array, image.spacing, empty), empty)
+
+
 def _medssl(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "MedSSL", *map(str, args), "--device", "cpu", "--progress", "none"],
                           capture_output=True, text=True, cwd=cwd)
