@@ -26,9 +26,9 @@ from MedSSL.tasks.finetune.segment import finetune_segmentation
 
 #: U-Net width of a cohort network trained from scratch (``--width`` overrides; ``--init`` sets its own)
 DEFAULT_WIDTH = 8
-#: optimiser steps of a first cohort model when neither ``--steps`` nor ``--max-time`` is given: what 2 cores
-#: (AVX2, fp32) train in about 8 minutes at width 8, so that 5 painted scans, completion included, take at
-#: most 10 (docs/cohort.md)
+#: optimiser steps of a first cohort model when neither ``--steps`` nor ``--max-time`` is given: 5 painted
+#: scans, completion included, took 6.5 minutes on 2 idle AVX2 cores in fp32 at width 8 (target 10;
+#: docs/cohort.md)
 DEFAULT_STEPS = 300
 #: a refresh (``--init`` a cohort model) without a budget trains this share of the previous model's steps
 REFRESH_FRACTION = 0.25
