@@ -291,16 +291,17 @@ def planes_to_target(draft: np.ndarray, case, axis, classes, target: float, cap:
 def engine_planes_to_target(case, axis, classes, target: float, cap: int) -> dict:
     """The same count from nothing: the fewest planes (1..``cap``, spread over each structure) painted on the
     new scan for which the few-shot engine alone reaches ``target``."""
-    started = time.perf_counter()
-    score = 0.0
     from MedSSL.errors import MedSSLError
 
+    started = time.perf_counter()
+    truth = read_case(case)[1]
+    score = 0.0
     for k in range(1, cap + 1):
         try:
             pred, _ = engine_alone(case, axis, k)
         except MedSSLError:  # too few planes for the engine
             continue
-        score = float(np.mean(list(dice_per_class(pred, read_case(case)[1], classes).values())))
+        score = float(np.mean(list(dice_per_class(pred, truth, classes).values())))
         if score >= target:
             break
     return {"arm": f"engine-to{target:g}", "planes_to_target": k if score >= target else None,

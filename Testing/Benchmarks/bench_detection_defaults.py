@@ -66,18 +66,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def findings_of(model_dir: Path, case: dict, all_components: bool = False) -> list[dict]:
-    """Every component of the model's prediction on ``case`` as ``medssl predict --detections`` finds them (the
-    cohort model's clean-up applied unless ``all_components``), before any filter."""
-    import torch
-
+def findings_of(model, case: dict, all_components: bool = False) -> list[dict]:
+    """Every component of ``model``'s prediction on ``case`` as ``medssl predict --detections`` finds them (the
+    cohort model's clean-up applied unless ``all_components``), before any filter. model: a loaded bundle."""
     from MedSSL.io.volumes import read_volume
     from MedSSL.tasks.infer import PredictOptions
     from MedSSL.tasks.infer.detect import find_detections
-    from MedSSL.tasks.infer.model import load_model
     from MedSSL.tasks.infer.predict import segment
 
-    model = load_model(model_dir, torch.device("cpu"))
     volume = read_volume(case["image"])
     seg = segment(model, volume, case["image"], PredictOptions(all_components=all_components))
     prob = np.where(seg.labels.array > 0, seg.max_prob, 0).astype(np.float32)
@@ -158,7 +154,10 @@ def model_draws(models: Path) -> list[tuple[int, int, Path]]:
 
 
 def run(args, models: list[Path]) -> dict:
+    import torch
+
     from MedSSL.tasks.evaluate.detection import froc
+    from MedSSL.tasks.infer.model import load_model
 
     cohort_args = bench_cohort.parse_args(["--cohort", args.cohort, "--data", str(args.data), "--test", str(args.test)]
                                           + (["--held-out", str(args.held_out)] if args.held_out else [])
@@ -170,8 +169,9 @@ def run(args, models: list[Path]) -> dict:
     for folder in models:
         for seed, n, bundle in model_draws(folder):
             _, test_cases = bench_cohort.draw(cohort_args, cases, n, seed)
+            model = load_model(bundle, torch.device("cpu"))
             for case in test_cases:
-                matched, total = match_by_class(findings_of(bundle, case, args.all_components), case)
+                matched, total = match_by_class(findings_of(model, case, args.all_components), case)
                 scans.append((matched, total))
                 per_scan.append({"seed": seed, "n": n, "test": case["name"], "true_components": total,
                                  "findings": len(matched), "hits": len({lesion for _, lesion in matched if lesion})})
