@@ -102,14 +102,14 @@ def sweep(scans: list[tuple[list, int]]) -> list[dict]:
     from MedSSL.tasks.infer.detect import select_findings
 
     lesions = sum(total for _, total in scans)
+    per_scan = [([f for f, _ in matched], {id(f): lesion for f, lesion in matched}) for matched, _ in scans]
     rows = []
     for min_score in MIN_SCORES:
         for min_volume in MIN_VOLUMES_MM3:
             for cap in CAPS:
                 found, fp, shown = 0, 0, 0
-                for matched, _ in scans:
-                    hit = {id(f): lesion for f, lesion in matched}
-                    kept = select_findings([f for f, _ in matched], min_score, min_volume, cap)
+                for findings, hit in per_scan:
+                    kept = select_findings(findings, min_score, min_volume, cap)
                     found += len({hit[id(f)] for f in kept if hit[id(f)]})
                     fp += sum(1 for f in kept if not hit[id(f)])
                     shown += len(kept)
