@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from MedSSL.data.labels import IGNORE
+from MedSSL.data.position import PositionFrame
 
 #: at most this many candidate centres are kept per channel and volume (a random subset)
 MAX_CANDIDATES = 200_000
@@ -31,10 +32,12 @@ MAX_CANDIDATES = 200_000
 @dataclass
 class TrainingVolume:
     """image: float32 (X, Y, Z) in [0, 1]; target: uint8 (X, Y, Z) channels, 255 = not annotated
-    (Z = 1 for a one-slice image)."""
+    (Z = 1 for a one-slice image); position: None, or the frame of the position channels that follow the
+    image channel in every patch (:mod:`.position`)."""
 
     image: np.ndarray
     target: np.ndarray
+    position: PositionFrame | None = None
 
 
 def crop(array: np.ndarray, start: np.ndarray, size, fill) -> np.ndarray:
@@ -100,22 +103,27 @@ class PatchSampler:
             self._queue = list(self.rng.permutation(self.channels))
         return int(self._queue.pop())
 
-    def sample_one(self) -> tuple[np.ndarray, np.ndarray]:
-        """One patch: image float32 (X, Y, Z) and target uint8 (X, Y, Z)."""
+    def _draw(self) -> tuple[TrainingVolume, np.ndarray]:
+        """The next patch: its volume and its start (X, Y, Z) voxel index (may lie outside the volume)."""
         channel = self._next_channel()
         choices = self.candidates[channel]
         vol_index, idx = choices[int(self.rng.integers(len(choices)))]
         vol = self.volumes[vol_index]
         voxel = np.array(np.unravel_index(int(idx[self.rng.integers(idx.size)]), vol.target.shape))
-        start = voxel - self.rng.integers(self.depth_lo, self.depth_hi + 1)
-        return crop(vol.image, start, self.patch, 0.0), crop(vol.target, start, self.patch, IGNORE)
+        return vol, voxel - self.rng.integers(self.depth_lo, self.depth_hi + 1)
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """image (N, 1, X, Y, Z) float32, target (N, X, Y, Z) uint8."""
-        pairs = [self.sample_one() for _ in range(batch)]
-        images = np.stack([p[0] for p in pairs])[:, None]
-        targets = np.stack([p[1] for p in pairs])
-        return images, targets
+        """image (N, C, X, Y, Z) float32 (C = 1, or 3 when the volumes have position frames: the image and
+        its position channels), target (N, X, Y, Z) uint8."""
+        images, targets = [], []
+        for _ in range(batch):
+            vol, start = self._draw()
+            image = crop(vol.image, start, self.patch, 0.0)[None]
+            if vol.position is not None:
+                image = np.concatenate([image.astype(np.float32), vol.position.channels(start, self.patch)])
+            images.append(image)
+            targets.append(crop(vol.target, start, self.patch, IGNORE))
+        return np.stack(images), np.stack(targets)
 
 
 def auto_patch(spacings: list, shapes: list, base: int = 64, max_z: int = 32) -> tuple[int, int, int]:

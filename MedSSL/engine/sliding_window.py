@@ -156,7 +156,8 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
               reduce: Callable[[torch.Tensor, int, int], None], *, overlap: float = 0.5, sw_batch_size: int = 2,
               memory_mb: float = 1024.0, device: torch.device = torch.device("cpu"),
               on_slab: Callable[[int, int], None] | None = None, spatial_dims: int = 3) -> None:
-    """Slide ``predictor`` over ``array`` (float32 (X, Y, Z)) slab by slab.
+    """Slide ``predictor`` over ``array`` (float32 (X, Y, Z), or (C, X, Y, Z) for a network of C input
+    channels: the image and its position channels) slab by slab.
 
     ``reduce(block, z0, z1, x0=0)`` receives each kept part: (channels, X', Y, z1 - z0) probabilities
     for slices ``[z0, z1)`` and X indices ``[x0, x0 + X')`` of the volume (float32 from the rolling
@@ -174,10 +175,11 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
     from monai.inferers import sliding_window_inference  # here: importing MONAI takes seconds (few-shot runs need none)
 
     monai_predictor = lambda x: predictor(x).contiguous()  # noqa: E731 (MONAI blends faster in the default layout)
+    array = array[None] if array.ndim == 3 else array  # (C, X, Y, Z)
     if spatial_dims == 2:
-        if array.shape[2] != 1:
-            raise ValueError(f"a 2D sliding window needs a one-slice image (X, Y, 1), got {array.shape}")
-        inputs = torch.from_numpy(np.ascontiguousarray(array[:, :, 0])).to(device).half()[None, None]
+        if array.shape[3] != 1:
+            raise ValueError(f"a 2D sliding window needs a one-slice image (X, Y, 1), got {array.shape[1:]}")
+        inputs = torch.from_numpy(np.ascontiguousarray(array[..., 0])).to(device).half()[None]
         out = sliding_window_inference(inputs, roi_size=tuple(int(p) for p in patch[:2]), sw_batch_size=sw_batch_size,
                                        predictor=monai_predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
                                        cval=0.0)
@@ -185,10 +187,10 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
         if on_slab is not None:
             on_slab(1, 1)
         return
-    x_size, y_size, depth = array.shape
+    x_size, y_size, depth = array.shape[1:]
     roi = tuple(int(p) for p in patch)
     per_x = (channels + 1) * y_size * roi[2] * 4  # bytes of the rolling float32 accumulator per X index
-    fits = all(s >= r for s, r in zip(array.shape, roi))
+    fits = all(s >= r for s, r in zip(array.shape[1:], roi))
     if fits and x_size * per_x / 2**20 <= memory_mb:
         _run_rolling(array, predictor, roi, channels, reduce, overlap, sw_batch_size, device, on_slab)
         return
@@ -199,7 +201,7 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
         def strip_reduce(block, z0, z1, lo=lo, hi=hi, x0=strip.core_start):
             reduce(block[:, lo:hi], z0, z1, x0)
 
-        _run_rolling(array[strip.start:strip.stop], predictor, roi, channels, strip_reduce, overlap, sw_batch_size,
+        _run_rolling(array[:, strip.start:strip.stop], predictor, roi, channels, strip_reduce, overlap, sw_batch_size,
                      device, None)
         if on_slab is not None:
             on_slab(i + 1, len(strips))
@@ -207,8 +209,8 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
         return
     slabs = plan_slabs(depth, int(patch[2]), channels, x_size * y_size, memory_mb)
     for i, slab in enumerate(slabs):
-        inputs = torch.from_numpy(np.ascontiguousarray(array[:, :, slab.start:slab.stop])).to(device)
-        inputs = inputs.half()[None, None]
+        inputs = torch.from_numpy(np.ascontiguousarray(array[..., slab.start:slab.stop])).to(device)
+        inputs = inputs.half()[None]
         out = sliding_window_inference(inputs, roi_size=tuple(int(p) for p in patch), sw_batch_size=sw_batch_size,
                                        predictor=monai_predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
                                        cval=0.0)
@@ -221,14 +223,15 @@ def run_slabs(array: np.ndarray, predictor: Callable, patch, channels: int,
 
 def _run_rolling(array: np.ndarray, predictor: Callable, roi: tuple, channels: int, reduce: Callable, overlap: float,
                  sw_batch_size: int, device: torch.device, on_slab: Callable | None) -> None:
-    """MONAI's sliding window (same windows, same Gaussian weights) with a rolling float32 accumulator one
+    """MONAI's sliding window (same windows, same Gaussian weights) over ``array`` (C, X, Y, Z) with a
+    rolling float32 accumulator one
     window deep: windows run in Z order, and slices no later window reaches are blended, handed to
     ``reduce`` and dropped. Every window runs once (no recomputed slab margins) and the accumulator holds
     ``channels + 1`` maps of X x Y x patch_z voxels whatever the depth."""
     from monai.data.utils import compute_importance_map, dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    shape = tuple(int(s) for s in array.shape)
+    shape = tuple(int(s) for s in array.shape[1:])
     interval = _get_scan_interval(shape, roi, 3, (overlap,) * 3)
     windows = sorted(dense_patch_slices(shape, roi, interval), key=lambda w: (w[2].start, w[0].start, w[1].start))
     weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
@@ -260,7 +263,7 @@ def _run_rolling(array: np.ndarray, predictor: Callable, roi: tuple, channels: i
         row = [w for w in windows if w[2].start == z0]
         for i in range(0, len(row), sw_batch_size):
             batch = row[i:i + sw_batch_size]
-            x = torch.stack([inputs[w[0], w[1], w[2]] for w in batch])[:, None]
+            x = torch.stack([inputs[:, w[0], w[1], w[2]] for w in batch])
             out = predictor(x)
             for w, o in zip(batch, out):
                 local = (w[0], w[1], slice(w[2].start - base, w[2].stop - base))

@@ -144,3 +144,28 @@ def apply_initial_weights(model: nn.Module, init: InitialWeights, what: str = "m
         )
     model.load_state_dict(loaded, strict=False)
     return {"loaded": len(loaded), "skipped": skipped}
+
+
+#: the key of the network's first convolution, whose kernel's dim 1 is the input channels
+FIRST_KERNEL = "down_tr64.ops.0.conv1.weight"
+
+
+def input_channels(init: InitialWeights) -> int:
+    """The input channels of the initial weights' network (1 = the image only)."""
+    return int(init.state_dict[FIRST_KERNEL].shape[1])
+
+
+def with_input_channels(init: InitialWeights, channels: int) -> InitialWeights:
+    """``init`` for a network of ``channels`` inputs: the weights of extra inputs (position channels, see
+    :mod:`MedSSL.data.position`) start at zero, so the network starts computing what ``init`` computed.
+    MedSSLError when ``init`` has more inputs than ``channels``."""
+    have = input_channels(init)
+    if have == channels:
+        return init
+    if have > channels:
+        raise MedSSLError(f"the initial weights take {have} input channels (image and position channels) but the "
+                          f"network {channels}; keep --position on (or auto) with this --init")
+    kernel = init.state_dict[FIRST_KERNEL]
+    extra = torch.zeros((kernel.shape[0], channels - have, *kernel.shape[2:]), dtype=kernel.dtype)
+    return InitialWeights({**init.state_dict, FIRST_KERNEL: torch.cat([kernel, extra], dim=1)}, init.width,
+                          init.source, init.bundle, init.spatial_dims)

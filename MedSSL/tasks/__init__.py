@@ -132,6 +132,12 @@ class FinetuneConfig:
     completion_confidence: float = option(0.7, type=float, metavar="P",
                                           help="network: voxels the few-shot engine completed with a probability below P "
                                                "are left out of training (default {default}; 0 keeps all)")
+    #: network path: the voxels' positions in the body as extra input channels (:mod:`MedSSL.data.position`)
+    position: str = option("auto", choices=("auto", "on", "off"),
+                           help="network: give the U-Net each voxel's left-right and anterior-posterior position in the "
+                                "body as two extra input channels, so that paired structures (kidneys, lungs, "
+                                "hippocampi) are told apart (default auto: on for 3D images, off for one-slice images; "
+                                "an --init model without them starts with zero weights on them)")
     #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
     steps_from_time: bool = False
 

@@ -112,13 +112,16 @@ def _intensity(image: torch.Tensor, config: AugmentConfig, generator) -> torch.T
 
 def augment_batch(image: torch.Tensor, target: torch.Tensor, config: AugmentConfig,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """image (N, 1, X, Y, Z) float in [0, 1], target (N, X, Y, Z) long channels (255 = ignored)
-    -> the same shapes, randomly augmented (the target only geometrically). 2D: image (N, 1, X, Y),
-    target (N, X, Y) -> the same shapes (see the module docstring)."""
+    """image (N, C, X, Y, Z) float in [0, 1], target (N, X, Y, Z) long channels (255 = ignored)
+    -> the same shapes, randomly augmented (the target only geometrically). Channel 0 is the image; more
+    channels (position channels, :mod:`MedSSL.data.position`) are warped with it but get no intensity
+    jitter. 2D: image (N, C, X, Y), target (N, X, Y) -> the same shapes (see the module docstring)."""
     if image.dim() == 4:
         image, target = augment_batch(image.unsqueeze(-1), target.unsqueeze(-1), config, generator)
         return image.squeeze(-1), target.squeeze(-1)
     if config.p_affine > 0:
         image, target = _affine(image, target, config, generator)
     image, target = _flip(image, target, config.flip_axes, generator)
-    return _intensity(image, config, generator), target
+    if image.shape[1] == 1:
+        return _intensity(image, config, generator), target
+    return torch.cat([_intensity(image[:, :1], config, generator), image[:, 1:]], dim=1), target

@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--spacing", type=float, nargs=3, default=None)
     p.add_argument("--confidence", type=float, default=None, help="--completion-confidence (default: finetune's)")
     p.add_argument("--init", default=None, help="pretrained bundle for --init")
+    p.add_argument("--position", choices=("auto", "on", "off"), default="auto",
+                   help="finetune --position (position channels; default: finetune's)")
     p.add_argument("--gaps", type=float, nargs="+", default=None,
                    help="corrections: planes nearer than this (mm) are redone (default: predict's); several: one "
                         "row per value")
@@ -173,7 +175,7 @@ def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, fl
     config = FinetuneConfig(
         out=work / f"model_{mode}", images=[c["image"] for c in cases], labels=labels, init=args.init,
         width=args.width, spacing=tuple(args.spacing) if args.spacing else None, seed=seed, device="cpu", loop=loop,
-        complete_paintings=mode != "sparse",
+        complete_paintings=mode != "sparse", position=args.position,
         completion_confidence=defaults.completion_confidence if args.confidence is None else args.confidence)
     started = time.perf_counter()
     finetune_cohort(config, Progress("bar"), budget_given=args.steps is not None or args.max_time is not None)
@@ -332,7 +334,8 @@ def draw(args, cases: list[dict], n: int, seed: int) -> tuple[list[dict], list[d
 def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     train_cases, test_cases = draw(args, cases, n, seed)
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
-            "train": [c["name"] for c in train_cases], "init": Path(args.init).name if args.init else None}
+            "train": [c["name"] for c in train_cases], "init": Path(args.init).name if args.init else None,
+            "position": args.position}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
         models = {}
@@ -460,7 +463,8 @@ def summarise(rows: list[dict]) -> dict:
     table: dict = {}
     counts: dict = {}
     for r in rows:
-        key, arm = f"n={r['n']}", r["arm"] + ("+pretrained" if r.get("init") else "")
+        key, arm = f"n={r['n']}", r["arm"] + ("+pretrained" if r.get("init") else "") + (
+            f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "")
         if "dice" not in r:  # planes to the target Dice
             counts.setdefault(key, {}).setdefault(arm, []).append(r["planes_to_target"])
             continue

@@ -112,7 +112,9 @@ def test_models_that_do_not_fit(files, tmp_path, capsys):
     img = str(files / "img.nii.gz")
     run_bad(["predict", "--model", str(files / "seg"), "--image", str(files / "one_slice.nii.gz"), "--out", str(pred)],
             capsys, "one_slice.nii.gz", [pred])
-    run_bad(["predict", "--model", str(files / "two_channels"), "--image", img, "--out", str(pred)], capsys, img, [pred])
+    # a network of 2 input channels with no position channels described: the model is refused, by name
+    assert "input channels" in run_bad(["predict", "--model", str(files / "two_channels"), "--image", img, "--out", str(pred)],
+                                       capsys, str(files / "two_channels"), [pred])
     run_bad(["predict", "--model", str(files / "flat"), "--image", img, "--out", str(pred)], capsys, img, [pred])
     assert "fine-tune it first" in run_bad(["predict", "--model", str(files / "pretrain"), "--image", img, "--out", str(pred)],
                                            capsys, str(files / "pretrain"), [pred])

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from MedSSL.data.painted_planes import IGNORE, find_painted_planes, is_painting
-from MedSSL.data.spatial import is_one_slice
+from MedSSL.data.spatial import is_one_slice, is_one_slice_file
 from MedSSL.engine.progress import Progress
 from MedSSL.io.volumes import read_volume
 from MedSSL.tasks import FinetuneConfig
@@ -23,6 +23,7 @@ from MedSSL.tasks.cohort.components import ComponentSurvey
 from MedSSL.tasks.cohort.grid import class_diameters_mm, working_spacing
 from MedSSL.tasks.finetune.common import load_init, preprocessing_from_init
 from MedSSL.tasks.finetune.segment import finetune_segmentation
+from MedSSL.models.initial_weights import input_channels
 
 #: U-Net width of a cohort network trained from scratch (``--width`` overrides; ``--init`` sets its own)
 DEFAULT_WIDTH = 8
@@ -83,6 +84,9 @@ def cohort_config(config: FinetuneConfig, log=None, budget_given: bool = True) -
         record["steps"] = f"{steps} ({why})"
         if log:
             log(f"{steps} optimiser steps ({why}; --steps or --max-time overrides)")
+    config, record["position"] = position_setting(config, init)
+    if log and config.position == "on":
+        log("position channels on: the U-Net also sees where each voxel lies in the body (--position off: not)")
     if init is None and config.width is None:
         config = replace(config, width=DEFAULT_WIDTH)
         record["width"] = f"{DEFAULT_WIDTH} (default for a network from scratch)"
@@ -97,6 +101,19 @@ def cohort_config(config: FinetuneConfig, log=None, budget_given: bool = True) -
                     log(f"working grid {auto[0]:g} x {auto[1]:g} x {auto[2]:g} mm (coarser than the scans' for the "
                         "CPU; predict resamples back; --spacing overrides)")
     return config, record
+
+
+def position_setting(config: FinetuneConfig, init) -> tuple[FinetuneConfig, str]:
+    """``config`` with ``--position auto`` resolved, and the record: on for 3D images (or an ``--init``
+    model trained with position channels), off for one-slice images; an explicit on/off is kept."""
+    if config.position != "auto":
+        return config, f"{config.position} (--position {config.position})"
+    if init is not None and input_channels(init) > 1:
+        return replace(config, position="on"), "on (the --init model has position channels)"
+    flat = bool(config.images) and all(is_one_slice_file(p) for p in config.images)
+    if flat:
+        return replace(config, position="off"), "off (one-slice images)"
+    return replace(config, position="on"), "on (default for 3D images)"
 
 
 def default_steps(init) -> tuple[int, str]:

@@ -35,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from MedSSL.io.bundle import save_bundle
 from MedSSL.data.spatial import validate_patch
 from MedSSL.errors import MedSSLError
-from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims
+from MedSSL.data.position import POSITION_AXES, describe as describe_position
+from MedSSL.models.initial_weights import apply_initial_weights, check_initial_dims, with_input_channels
 from MedSSL.models.genesis_unet import GenesisUNet
 from MedSSL.engine.acceleration import prepare_for_training
 from MedSSL.engine.checkpoint import load_checkpoint
@@ -133,6 +134,8 @@ def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, de
     if init is not None:
         check_initial_dims(init, spatial_dims, f"--init {config.init}",
                            "the --image inputs" if len(config.images) > 1 else f"--image {config.images[0]}")
+    if config.position == "on" and spatial_dims == 2:
+        raise MedSSLError("--position on: position channels are for 3D images; these are one-slice images")
     mapping, classes = mapping_and_classes(volumes, config)
     for v in volumes:
         v.target = mapping.to_channels(v.target)
@@ -157,9 +160,12 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     network on the (X, Y) plane of one-slice images."""
     out = Path(config.out)
     seed_everything(config.seed + ctx.rank)
-    model = GenesisUNet(in_channels=1, out_channels=mapping.n_channels, width=width, spatial_dims=spatial_dims).to(device)
+    in_channels = 1 + (len(POSITION_AXES) if config.position == "on" else 0)
+    model = GenesisUNet(in_channels=in_channels, out_channels=mapping.n_channels, width=width,
+                        spatial_dims=spatial_dims).to(device)
     if init is not None:
-        apply_initial_weights(model, init if config.transfer == "all" else encoder_only(init), what=f"--init {config.init}")
+        weights = init if config.transfer == "all" else encoder_only(init)
+        apply_initial_weights(model, with_input_channels(weights, in_channels), what=f"--init {config.init}")
     amp, _ = prepare_for_training(model, device, spatial_dims, [patch[:spatial_dims]], config.loop.amp, False,
                                   progress.log)
     train_volumes, val_volumes = _split(volumes, config.val_fraction, config.seed)
@@ -226,6 +232,9 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
                        result=result, batch_size=config.batch_size, seed=config.seed, device=device,
                        spatial_dims=spatial_dims)
     sparse = all(a["kind"] == "slices" for a in summary["annotations"])
+    if in_channels > 1:
+        meta = replace(meta, architecture=replace(meta.architecture, in_channels=in_channels),
+                       preprocessing={**meta.preprocessing, "position": describe_position()})
     meta = replace(
         meta, classes=classes_to_json(classes), channels=[int(v) for v in mapping.channel_values()],
         detection=bool(config.detection),

@@ -6,6 +6,7 @@ import numpy as np
 
 from MedSSL.data.labels import (IGNORE, LabelMapping, annotation_summary, label_array, parse_classes, present_values,
                                 read_classes_file, resolve_classes, sidecar_path)
+from MedSSL.data.position import PositionFrame
 from MedSSL.data.preprocess import resample_to_spacing
 from MedSSL.data.sampling import TrainingVolume
 from MedSSL.data.spatial import image_dims
@@ -36,6 +37,7 @@ def given_classes(config: FinetuneConfig) -> tuple[dict | None, str]:
 def load_segmentation_data(config: FinetuneConfig, intensity, spacing, complete=None):
     """Read, check and preprocess every (image, label) pair.
 
+    With ``config.position`` "on" each volume gets its position frame (:mod:`MedSSL.data.position`).
     ``complete``: None, or a function ``(image Volume, labels (X, Y, Z) uint8, index) -> labels`` applied to
     each pair on its own grid before any resampling (the cohort model completes paintings with it,
     :mod:`MedSSL.tasks.cohort`); the summary describes the labels trained on (completed ones are dense).
@@ -67,7 +69,8 @@ def load_segmentation_data(config: FinetuneConfig, intensity, spacing, complete=
             labels = _resample_label(raw_label.with_array(labels), spacing).array
         array, modality = normalize(image, intensity)
         modalities.append(modality)
-        volumes.append(TrainingVolume(array.astype(np.float16), labels))
+        frame = PositionFrame.of(array, image.spacing, image.direction) if config.position == "on" else None
+        volumes.append(TrainingVolume(array.astype(np.float16), labels, frame))
         summary["volumes"] += 1
         summary["shapes"].append(list(image.shape))
         summary["spacings_mm"].append([round(float(s), 4) for s in image.spacing])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from MedSSL.io.bundle import BundleMeta, open_bundle
+from MedSSL.data.position import POSITION_AXES, with_position_channels
 from MedSSL.data.preprocess import IntensityConfig, detect_modality, normalize_intensity, resample_to_spacing
 from MedSSL.data.spatial import validate_patch
 from MedSSL.errors import MedSSLError
@@ -31,7 +32,8 @@ class LoadedModel:
     channel_values: (C,) uint8, channel -> original label value (segment). class_values: ordered class
     values (classify). classes: {value: {"name", "color"}}. patch: (X, Y, Z) voxels ((X, Y, 1) for a 2D
     network). spacing: target mm or None. intensity: the training intensity settings (modality fixed to
-    the one trained on). spatial_dims: 3, or 2 for a network on one-slice images.
+    the one trained on). spatial_dims: 3, or 2 for a network on one-slice images. position: the network
+    takes position channels after the image (model.json ``preprocessing.position``, :mod:`MedSSL.data.position`).
     """
 
     meta: BundleMeta
@@ -45,6 +47,7 @@ class LoadedModel:
     channel_values: np.ndarray | None = None
     class_values: list | None = None
     spatial_dims: int = 3
+    position: bool = False
 
     def name_of(self, value: int) -> str:
         entry = self.classes.get(int(value))
@@ -82,8 +85,13 @@ def load_model(bundle_dir, device: torch.device, allowed=TASKS, what: str = "--m
     if modality in ("CT", "MR"):
         intensity = IntensityConfig(modality, intensity.ct_window, intensity.mr_percentiles)
     spacing = meta.preprocessing_setting("target_spacing_mm")
+    position = meta.preprocessing_setting("position") is not None
+    expected = 1 + (len(POSITION_AXES) if position else 0)
+    if meta.in_channels != expected:
+        raise MedSSLError(f"{what} {bundle_dir}: the network takes {meta.in_channels} input channels but model.json "
+                          f"describes {expected} (the image{' and its position channels' if position else ''})")
     model = LoadedModel(meta, network, task, classes, meta.patch, tuple(float(s) for s in spacing) if spacing else None,
-                        intensity, device, spatial_dims=dims)
+                        intensity, device, spatial_dims=dims, position=position)
     if task == "segment":
         values = meta.channel_values
         if len(values) != arch.out_channels:
@@ -129,11 +137,9 @@ def inference_window(model: LoadedModel, shape, requested=None, sw_batch_size: i
 
 
 def check_image(model: LoadedModel, volume: Volume, path) -> None:
-    """The image must suit the network: one channel (scalar); a 3D volume for a 3D network, a one-slice
-    image (X, Y, 1) for a 2D one."""
-    in_channels, dims = model.meta.in_channels, model.meta.spatial_dims
-    if in_channels != 1:
-        raise MedSSLError(f"{path}: the model expects {in_channels} input channels; the image has 1 (a scalar volume)")
+    """The image must suit the network: a 3D volume for a 3D network, a one-slice image (X, Y, 1) for a
+    2D one (images are scalar: :func:`load_model` checked that the network takes one image channel)."""
+    dims = model.meta.spatial_dims
     shape = "x".join(map(str, volume.shape))
     single = min(volume.shape) < 2
     if dims == 3 and single:
@@ -145,7 +151,9 @@ def check_image(model: LoadedModel, volume: Volume, path) -> None:
 
 
 def prepare(model: LoadedModel, volume: Volume, path, log=None) -> tuple[np.ndarray, Volume]:
-    """Image -> (float32 (X, Y, Z) in [0, 1] on the model's grid, the volume on that grid).
+    """Image -> (the network's input on the model's grid, the volume on that grid). The input is float32
+    (X, Y, Z) in [0, 1], or for a model with position channels (3, X, Y, Z): that image and its channels
+    (:func:`MedSSL.data.position.with_position_channels`).
 
     The grid is the input's, or the bundle's target spacing (linear resampling) when it has one; a
     one-slice image (X, Y, 1) is resampled in-plane only (it keeps its one slice).
@@ -157,4 +165,6 @@ def prepare(model: LoadedModel, volume: Volume, path, log=None) -> tuple[np.ndar
             log(f"warning: the image looks like {detected} but the model was trained on {model.intensity.modality}")
     work = resample_to_spacing(volume, model.spacing) if model.spacing else volume
     array, _ = normalize_intensity(work, model.intensity)
+    if model.position:
+        array = with_position_channels(array, work.spacing, work.direction)
     return array, work
