@@ -20,12 +20,13 @@ class MaskedDiceCELoss(torch.nn.Module):
 
     Dice is computed over the whole batch (``batch=True``), including background, so a class absent
     from one patch does not produce a spurious 0/0 term. With no annotated voxel at all the loss is 0
-    (with a graph, so ``backward`` still works).
+    (with a graph, so ``backward`` still works). ``skip_absent``: the Dice term averages only the classes
+    annotated somewhere in the batch (see :func:`masked_dice_loss`).
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0):
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, skip_absent: bool = False):
         super().__init__()
-        self.dice_weight, self.ce_weight = dice_weight, ce_weight
+        self.dice_weight, self.ce_weight, self.skip_absent = dice_weight, ce_weight, skip_absent
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits = logits.float()
@@ -36,12 +37,13 @@ class MaskedDiceCELoss(torch.nn.Module):
             return zero, {"dice_loss": 0.0, "ce": 0.0}
         log_probs = F.log_softmax(logits, dim=1)  # once for both terms
         ce = F.nll_loss(log_probs, target, ignore_index=IGNORE)
-        dice = masked_dice_loss(log_probs.exp(), target, mask)
+        dice = masked_dice_loss(log_probs.exp(), target, mask, skip_absent=self.skip_absent)
         loss = self.dice_weight * dice + self.ce_weight * ce
         return loss, {"dice_loss": float(dice.detach()), "ce": float(ce.detach())}
 
 
-def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5,
+                     skip_absent: bool = False) -> torch.Tensor:
     """MONAI's ``DiceLoss(include_background=True, batch=True, smooth_nr=smooth, smooth_dr=smooth)`` of
     ``probs * mask`` against ``one_hot(target) * mask``, without building the one-hot tensor.
 
@@ -49,6 +51,11 @@ def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     is False); mask (N, *S) bool annotated voxels. Returns the mean over the C classes of
     1 - (2 I_c + smooth) / (P_c + G_c + smooth), with I_c the summed probability of class c on the
     voxels annotated c, P_c the summed probability of class c on the annotated voxels and G_c their count.
+
+    ``skip_absent``: the mean over the classes with G_c > 0 only. A class absent from the batch otherwise
+    adds a term of about 1 whose only way down is to predict that class nowhere: with several classes and
+    2 patches per step most classes are absent from most batches, and that pull (not the cross-entropy,
+    which still penalises false positives) is what made classes vanish in short trainings (docs/cohort.md).
     """
     classes = probs.shape[1]
     labels = target[mask]  # (M,)
@@ -56,4 +63,5 @@ def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     intersection = torch.zeros(classes, dtype=probs.dtype, device=probs.device).index_add(0, labels, own)
     predicted = (probs * mask.unsqueeze(1).to(probs.dtype)).sum(dim=[0, *range(2, probs.dim())])
     truth = torch.bincount(labels, minlength=classes).to(probs.dtype)
-    return (1.0 - (2.0 * intersection + smooth) / (predicted + truth + smooth)).mean()
+    terms = 1.0 - (2.0 * intersection + smooth) / (predicted + truth + smooth)
+    return terms[truth > 0].mean() if skip_absent else terms.mean()

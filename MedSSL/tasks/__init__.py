@@ -138,6 +138,8 @@ class FinetuneConfig:
                                 "body as two extra input channels, so that paired structures (kidneys, lungs, "
                                 "hippocampi) are told apart (default auto: on for 3D images, off for one-slice images; "
                                 "an --init model without them starts with zero weights on them)")
+    #: segmentation loss: the Dice term over the classes present in each batch only (:mod:`MedSSL.losses.segmentation`)
+    dice_skip_absent: bool = False
     #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
     steps_from_time: bool = False
 

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: finetune's for a cohort model)")
     p.add_argument("--max-time", type=float, default=None, help="fine-tuning seconds (default: none)")
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: finetune's)")
+    p.add_argument("--dice-absent", choices=("default", "skip", "keep"), default="default",
+                   help="the Dice term over the classes present in each batch (skip) or over all (keep)")
     p.add_argument("--spacing", type=float, nargs=3, default=None)
     p.add_argument("--confidence", type=float, default=None, help="--completion-confidence (default: finetune's)")
     p.add_argument("--init", default=None, help="pretrained bundle for --init")
@@ -171,11 +174,12 @@ def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, fl
         labels.append(path)
     defaults = FinetuneConfig(out=work)
     loop = LoopConfig(steps=args.steps or defaults.loop.steps, max_time=args.max_time, val_every=10**6,
-                      checkpoint_every=10**6)
+                      checkpoint_every=10**6, lr=args.lr or defaults.loop.lr)
     config = FinetuneConfig(
         out=work / f"model_{mode}", images=[c["image"] for c in cases], labels=labels, init=args.init,
         width=args.width, spacing=tuple(args.spacing) if args.spacing else None, seed=seed, device="cpu", loop=loop,
         complete_paintings=mode != "sparse", position=args.position,
+        **({} if args.dice_absent == "default" else {"dice_skip_absent": args.dice_absent == "skip"}),
         completion_confidence=defaults.completion_confidence if args.confidence is None else args.confidence)
     started = time.perf_counter()
     finetune_cohort(config, Progress("bar"), budget_given=args.steps is not None or args.max_time is not None)
@@ -335,7 +339,7 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     train_cases, test_cases = draw(args, cases, n, seed)
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
             "train": [c["name"] for c in train_cases], "init": Path(args.init).name if args.init else None,
-            "position": args.position}
+            "position": args.position, "lr": args.lr, "dice_absent": args.dice_absent}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
         models = {}
@@ -464,7 +468,9 @@ def summarise(rows: list[dict]) -> dict:
     counts: dict = {}
     for r in rows:
         key, arm = f"n={r['n']}", r["arm"] + ("+pretrained" if r.get("init") else "") + (
-            f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "")
+            f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "") + (
+            f"+lr{r['lr']:g}" if r.get("lr") else "") + (
+            f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "")
         if "dice" not in r:  # planes to the target Dice
             counts.setdefault(key, {}).setdefault(arm, []).append(r["planes_to_target"])
             continue

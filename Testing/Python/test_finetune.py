@@ -90,6 +90,28 @@ def test_masked_dice_is_monais_dice_on_masked_one_hot_targets(classes, channels_
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
+def test_dice_can_leave_out_the_classes_absent_from_the_batch():
+    """skip_absent: the Dice term is the mean over the annotated classes only; an absent class then pulls
+    its probability down through the cross-entropy alone (no Dice term of about 1 for it)."""
+    from MedSSL.losses.segmentation import masked_dice_loss
+
+    torch.manual_seed(3)
+    probs = torch.softmax(torch.randn(2, 5, 8, 6, 4), dim=1)
+    target = torch.randint(0, 3, (2, 8, 6, 4))  # classes 3 and 4 absent
+    target[1, :2] = IGNORE
+    mask = target != IGNORE
+    every = masked_dice_loss(probs, target, mask)
+    present = masked_dice_loss(probs, target, mask, skip_absent=True)
+    assert float(present) == pytest.approx(np.mean([
+        1 - 2 * float(probs[:, c][mask & (target == c)].sum()) / (float(probs[:, c][mask].sum()) + float((target[mask] == c).sum()))
+        for c in range(3)]), abs=1e-5)
+    assert float(every) > float(present)  # with the absent classes' terms of about 1
+    logits = torch.randn(2, 5, 8, 6, 4, requires_grad=True)
+    loss, _ = MaskedDiceCELoss(skip_absent=True)(logits, target)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_loss_is_the_same_for_channels_last_logits():
     """The CPU training network is channels-last; the loss must not depend on the memory layout."""
     torch.manual_seed(1)

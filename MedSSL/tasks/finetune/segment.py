@@ -184,7 +184,7 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
         sampler.continue_stream(saved["batches"])
         generator.set_state(saved["transforms"].cpu())
     augment = AugmentConfig.for_task("segment", majority(modalities))
-    loss_fn = MaskedDiceCELoss()
+    loss_fn = MaskedDiceCELoss(skip_absent=config.dice_skip_absent)
     progress.log(f"{len(train_volumes)} training {'image' if spatial_dims == 2 else 'volume'}(s), "
                  f"{mapping.n_channels - 1} class(es), {'2D ' if spatial_dims == 2 else ''}patch {patch}, "
                  f"width {width}, init {init.source if init else 'scratch'}, on {device_description(device)}")
