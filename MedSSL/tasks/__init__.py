@@ -136,8 +136,8 @@ class FinetuneConfig:
     position: str = option("auto", choices=("auto", "on", "off"),
                            help="network: give the U-Net each voxel's left-right and anterior-posterior position in the "
                                 "body as two extra input channels, so that paired structures (kidneys, lungs, "
-                                "hippocampi) are told apart (default auto: on for 3D images, off for one-slice images; "
-                                "an --init model without them starts with zero weights on them)")
+                                "hippocampi) are told apart; 3D images only; an --init model without them starts with "
+                                "zero weights on them (default auto: on when the --init model has them, else off)")
     #: segmentation loss: the Dice term over the classes present in each batch only (:mod:`MedSSL.losses.segmentation`)
     dice_skip_absent: bool = False
     #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing

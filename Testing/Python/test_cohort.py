@@ -104,8 +104,8 @@ def test_cohort_config_fills_in_width_and_grid_and_leaves_given_values(tmp_path)
     assert config.width == DEFAULT_WIDTH and config.spacing is None and "working_spacing_mm" not in record
     given, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "img.nii.gz"],
                                                  labels=[tmp_path / "lab.nii.gz"], width=4, spacing=(1.0, 1.0, 1.0)))
-    assert given.width == 4 and given.spacing == (1.0, 1.0, 1.0) and record == {"position": "on (default for 3D images)"}
-    assert config.position == given.position == "on"
+    assert given.width == 4 and given.spacing == (1.0, 1.0, 1.0) and record == {"position": "off (default)"}
+    assert config.position == given.position == "off"
     # no --steps / --max-time: the cohort default, recorded and logged
     lines = []
     chosen, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "img.nii.gz"],

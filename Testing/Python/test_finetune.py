@@ -283,14 +283,12 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path, monk
 
     _, state = load_bundle(tmp_path / "a")
     key = "down_tr64.ops.0.conv1.weight"
-    # the image's kernel as pretrained; the position channels' (3D images: --position auto) start at zero
-    assert torch.allclose(state[key][:, :1], backbone.state_dict()[key], atol=1e-6)
-    assert state[key].shape[1] == 3 and torch.allclose(state[key][:, 1:], torch.zeros(1), atol=1e-6)
+    assert torch.allclose(state[key], backbone.state_dict()[key], atol=1e-6)
     dec = "up_tr64.ops.0.conv1.weight"
     assert torch.allclose(state[dec], backbone.state_dict()[dec], atol=1e-6)  # decoder copied too (default)
     assert main([*base, "--out", str(tmp_path / "e"), "--init", str(tmp_path / "pre"), "--transfer", "encoder", *args]) == 0
     _, enc_only = load_bundle(tmp_path / "e")
-    assert torch.allclose(enc_only[key][:, :1], backbone.state_dict()[key], atol=1e-6)
+    assert torch.allclose(enc_only[key], backbone.state_dict()[key], atol=1e-6)
     assert not torch.allclose(enc_only[dec], backbone.state_dict()[dec], atol=1e-3)
     assert read_meta(tmp_path / "e")["transfer"] == "encoder"
     # an official Models Genesis .pt (the release's key names and layout, width 4): the fine-tuned network
@@ -301,9 +299,8 @@ def test_init_from_pretraining_bundle_and_official_pt(small_case, tmp_path, monk
     assert read_meta(tmp_path / "b")["init"] == {"source": "official-pt", "width": 4}
     copied = [key[len("module."):] for key in official if not key.startswith("module.out_tr.")]
     assert len(copied) == len(official) - 2 and set(copied) < set(seen)
-    for key in copied:  # the first kernel: the image's input channel (position channels start at zero)
-        got = seen[key][:, :1] if key == "down_tr64.ops.0.conv1.weight" else seen[key]
-        assert torch.equal(got, official["module." + key].to(seen[key].dtype)), key
+    for key in copied:
+        assert torch.equal(seen[key], official["module." + key].to(seen[key].dtype)), key
     assert seen["out_tr.final_conv.weight"].shape[0] == 2  # background + blob: the head is the network's own
     assert main([*base, "--out", str(tmp_path / "c"), "--init", "none", "--width", "4", *args]) == 0
     assert read_meta(tmp_path / "c")["init"] == {"source": "scratch"}

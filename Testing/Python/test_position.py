@@ -122,10 +122,10 @@ def twins_model(tmp_path, position: str):
 
 
 def test_a_cohort_network_with_position_channels_tells_left_from_right(tmp_path):
-    bundle, labels, predicted = twins_model(tmp_path, "auto")  # --position auto: on for 3D images
+    bundle, labels, predicted = twins_model(tmp_path, "on")
     meta = read_meta(bundle)
     assert meta["architecture"]["in_channels"] == 3 and meta["preprocessing"]["position"]["unit_mm"] == SCALE_MM
-    assert meta["cohort"]["position"].startswith("on")
+    assert meta["cohort"]["position"] == "on (--position on)"
     for value in (1, 2):
         truth, found = labels == value, predicted == value
         assert 2 * np.sum(truth & found) / (truth.sum() + found.sum()) > 0.8, value
@@ -133,3 +133,14 @@ def test_a_cohort_network_with_position_channels_tells_left_from_right(tmp_path)
     _, _, blind = twins_model(tmp_path, "off")
     share = [np.mean(blind[labels == value] == 1) for value in (1, 2)]
     assert abs(share[0] - share[1]) < 0.1
+
+
+def test_a_refresh_keeps_the_position_channels_of_its_init_model(tmp_path):
+    from MedSSL.tasks.cohort.train import position_setting
+
+    config = FinetuneConfig(out=tmp_path / "m")
+    with_channels = InitialWeights(GenesisUNet(3, 2, width=4).state_dict(), 4, "bundle", None)
+    without = InitialWeights(GenesisUNet(1, 2, width=4).state_dict(), 4, "bundle", None)
+    assert position_setting(config, with_channels)[0].position == "on"
+    assert position_setting(config, without)[0].position == "off" == position_setting(config, None)[0].position
+    assert position_setting(FinetuneConfig(out=tmp_path / "m", position="on"), without)[0].position == "on"

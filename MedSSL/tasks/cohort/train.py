@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from MedSSL.data.painted_planes import IGNORE, find_painted_planes, is_painting
-from MedSSL.data.spatial import is_one_slice, is_one_slice_file
+from MedSSL.data.spatial import is_one_slice
 from MedSSL.engine.progress import Progress
 from MedSSL.io.volumes import read_volume
 from MedSSL.tasks import FinetuneConfig
@@ -86,7 +86,7 @@ def cohort_config(config: FinetuneConfig, log=None, budget_given: bool = True) -
             log(f"{steps} optimiser steps ({why}; --steps or --max-time overrides)")
     config, record["position"] = position_setting(config, init)
     if log and config.position == "on":
-        log("position channels on: the U-Net also sees where each voxel lies in the body (--position off: not)")
+        log("position channels on: the U-Net also sees where each voxel lies in the body")
     if init is None and config.width is None:
         config = replace(config, width=DEFAULT_WIDTH)
         record["width"] = f"{DEFAULT_WIDTH} (default for a network from scratch)"
@@ -104,16 +104,14 @@ def cohort_config(config: FinetuneConfig, log=None, budget_given: bool = True) -
 
 
 def position_setting(config: FinetuneConfig, init) -> tuple[FinetuneConfig, str]:
-    """``config`` with ``--position auto`` resolved, and the record: on for 3D images (or an ``--init``
-    model trained with position channels), off for one-slice images; an explicit on/off is kept."""
+    """``config`` with ``--position auto`` resolved, and the record: on when the ``--init`` model was trained
+    with position channels (a refresh keeps its inputs), else off (on CHAOS they helped one draw of three
+    and hurt two, docs/cohort.md); an explicit on/off is kept."""
     if config.position != "auto":
         return config, f"{config.position} (--position {config.position})"
     if init is not None and input_channels(init) > 1:
         return replace(config, position="on"), "on (the --init model has position channels)"
-    flat = bool(config.images) and all(is_one_slice_file(p) for p in config.images)
-    if flat:
-        return replace(config, position="off"), "off (one-slice images)"
-    return replace(config, position="on"), "on (default for 3D images)"
+    return replace(config, position="off"), "off (default)"
 
 
 def default_steps(init) -> tuple[int, str]:
