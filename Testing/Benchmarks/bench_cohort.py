@@ -16,6 +16,10 @@ chaos_t2_mri); the test subjects are drawn from the others, so no scored subject
   information), its dense label propagated, majority vote;
 * ``engine3`` / ``engine5``: the few-shot engine alone with 3 / 5 planes painted on the test scan.
 
+Training variants measured against the defaults (docs/cohort.md): ``--position on`` (position channels),
+``--dice-absent skip`` (the Dice term over the classes present in each batch), ``--lr``; rows carry them and
+the summary names such arms ``cohort+position-on``, ``cohort+lr0.003+dice-skip``, ...
+
 Runs in-process (the CLI's functions) with ``--threads`` torch threads. Prints one JSON object per result
 line and a summary; ``--out`` keeps them (results.jsonl, summary.json). ``--report`` merges the
 results.jsonl of several runs into one table (table.md) and a figure (cohort.png: mean Dice on new scans
