@@ -385,6 +385,7 @@ def test_union_of_classes_in_spec_order():
 def test_ark_folded_head_keeps_the_heads_decisions(ark_data, tmp_path):
     from MedSSL.data.preprocess import normalize_intensity
 
+    torch.manual_seed(0)  # the backbone's random weights: the same whatever ran before in this process
     method = method_class("ark")(width=4)
     method.configure(["a", "b", "c"], [{1: {"name": "liver"}}, {1: {"name": "spleen"}, 2: {"name": "liver"}},
                                        {3: {"name": "aorta"}}])
@@ -412,17 +413,20 @@ def test_ark_folded_head_keeps_the_heads_decisions(ark_data, tmp_path):
     net.eval()
     with torch.no_grad():
         feats = method.features(method.backbone, x)
-        per_head = [h(feats).argmax(1)[0] for h in method.heads]
+        logits = [h(feats)[0] for h in method.heads]
+        per_head = [z.argmax(0) for z in logits]
         fused = net(x).argmax(1)[0]
+    # voxels where a head is within float rounding of a tie are left out (the fused layer sums in another order)
+    clear = torch.stack([z.topk(2, dim=0).values.diff(dim=0).abs()[0] > 1e-4 for z in logits]).all(0)
     claims = [torch.zeros_like(fused) for _ in per_head]  # global class each head claims (0 = background)
     for claim, decision, mapping in zip(claims, per_head, method.mappings):
         for channel, g in mapping.items():
             claim[decision == channel] = g
-    none = sum((c > 0).long() for c in claims) == 0
+    none = (sum((c > 0).long() for c in claims) == 0) & clear
     assert int(none.sum()) > 100 and bool((fused[none] == 0).all())  # background where every head says so
     for g in (1, 2, 3):  # g claimed by every head that has it and no other class claimed: fused says g
         having = [h for h, mapping in enumerate(method.mappings) if g in mapping.values()]
-        agree = torch.ones_like(fused, dtype=torch.bool)
+        agree = clear.clone()
         for h, claim in enumerate(claims):
             agree &= (claim == g) if h in having else (claim == 0)
         assert int(agree.sum()) > 100, g
