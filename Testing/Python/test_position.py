@@ -144,3 +144,18 @@ def test_a_refresh_keeps_the_position_channels_of_its_init_model(tmp_path):
     assert position_setting(config, with_channels)[0].position == "on"
     assert position_setting(config, without)[0].position == "off" == position_setting(config, None)[0].position
     assert position_setting(FinetuneConfig(out=tmp_path / "m", position="on"), without)[0].position == "on"
+
+
+def test_position_channels_are_refused_for_one_slice_images(tmp_path, capsys):
+    from MedSSL.commands.cli import main
+
+    image = np.random.default_rng(0).random((32, 32, 1)).astype(np.float32)
+    labels = np.zeros((32, 32, 1), np.uint8)
+    labels[8:16, 8:16] = 1
+    write_volume(volume(image, modality="CT"), tmp_path / "xray.nii.gz")
+    write_volume(volume(labels), tmp_path / "labels.nii.gz")
+    argv = ["finetune", "--image", str(tmp_path / "xray.nii.gz"), "--label", str(tmp_path / "labels.nii.gz"),
+            "--engine", "network", "--position", "on", "--steps", "1", "--device", "cpu", "--progress", "none",
+            "--out", str(tmp_path / "model")]
+    assert main(argv) == 2
+    assert "--position on" in capsys.readouterr().err and not (tmp_path / "model").exists()
