@@ -44,8 +44,7 @@ class PositionFrame:
     def of(cls, array: np.ndarray, spacing, direction) -> "PositionFrame":
         """The frame of a normalised image ``array`` (X, Y, Z) in [0, 1] with ``spacing`` (3,) mm and
         ``direction`` (3, 3) (columns: the voxel axes in LPS)."""
-        body = np.argwhere(array > BODY_THRESHOLD)
-        centre = body.mean(axis=0) if len(body) else (np.asarray(array.shape, np.float64) - 1) / 2
+        centre = _centroid(array > BODY_THRESHOLD)
         matrix = (np.asarray(direction, np.float64) * np.asarray(spacing, np.float64)[None, :])[:2] / SCALE_MM
         return cls(matrix, -matrix @ centre)
 
@@ -59,6 +58,17 @@ class PositionFrame:
             out[c] = (self.offset[c] + m[0] * axes[0][:, None, None] + m[1] * axes[1][None, :, None]
                       + m[2] * axes[2][None, None, :])
         return out
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    """(3,) mean voxel index of ``mask`` (X, Y, Z) bool, from its per-axis counts (no list of voxels); the
+    volume's centre when ``mask`` is empty."""
+    total = int(mask.sum())
+    if total == 0:
+        return (np.asarray(mask.shape, np.float64) - 1) / 2
+    axes = range(mask.ndim)
+    return np.array([np.dot(mask.sum(axis=tuple(b for b in axes if b != a), dtype=np.int64), np.arange(mask.shape[a]))
+                     for a in axes], np.float64) / total
 
 
 def with_position_channels(array: np.ndarray, spacing, direction) -> np.ndarray:
