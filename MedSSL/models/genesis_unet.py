@@ -140,14 +140,22 @@ class GenesisUNet(nn.Module):
         return self.out_tr(self.decode(bottleneck, skips)), bottleneck
 
 
+#: the state-dict key of the first convolution: (width, input channels, *kernel)
+FIRST_KERNEL = "down_tr64.ops.0.conv1.weight"
+
+
 def spatial_dims_from_state_dict(state: dict) -> int:
     """2 or 3: the number of spatial dimensions of a GenesisUNet state dict's kernels."""
-    return int(state["down_tr64.ops.0.conv1.weight"].dim()) - 2
+    return int(state[FIRST_KERNEL].dim()) - 2
 
 
 def width_from_state_dict(state: dict) -> int:
     """Base width of a GenesisUNet state dict (the first convolution's output channels)."""
-    key = "down_tr64.ops.0.conv1.weight"
-    if key not in state:
-        raise KeyError(key)
-    return int(state[key].shape[0])
+    if FIRST_KERNEL not in state:
+        raise KeyError(FIRST_KERNEL)
+    return int(state[FIRST_KERNEL].shape[0])
+
+
+def in_channels_from_state_dict(state: dict) -> int:
+    """Input channels of a GenesisUNet state dict (1 = the image only; more with position channels)."""
+    return int(state[FIRST_KERNEL].shape[1])

@@ -18,7 +18,8 @@ from torch import nn
 
 from MedSSL.io.bundle import BundleMeta, is_bundle, open_bundle
 from MedSSL.errors import MedSSLError
-from MedSSL.models.genesis_unet import spatial_dims_from_state_dict, width_from_state_dict
+from MedSSL.models.genesis_unet import (FIRST_KERNEL, in_channels_from_state_dict, spatial_dims_from_state_dict,
+                                        width_from_state_dict)
 
 _PREFIXES = ("module.", "classficationNet.", "backbone.", "encoder_q.")
 
@@ -97,7 +98,7 @@ def load_initial_weights(path) -> InitialWeights:
     try:
         width = width_from_state_dict(state)
     except KeyError:
-        raise MedSSLError(f"{path}: not a Models Genesis GenesisUNet (no down_tr64.ops.0.conv1.weight)") from None
+        raise MedSSLError(f"{path}: not a Models Genesis GenesisUNet (no {FIRST_KERNEL})") from None
     spatial_dims = spatial_dims_from_state_dict(state)
     if spatial_dims not in (2, 3):
         raise MedSSLError(f"{path}: not a Models Genesis GenesisUNet (its first kernel has {spatial_dims} spatial dimensions)")
@@ -146,13 +147,9 @@ def apply_initial_weights(model: nn.Module, init: InitialWeights, what: str = "m
     return {"loaded": len(loaded), "skipped": skipped}
 
 
-#: the key of the network's first convolution, whose kernel's dim 1 is the input channels
-FIRST_KERNEL = "down_tr64.ops.0.conv1.weight"
-
-
 def input_channels(init: InitialWeights) -> int:
     """The input channels of the initial weights' network (1 = the image only)."""
-    return int(init.state_dict[FIRST_KERNEL].shape[1])
+    return in_channels_from_state_dict(init.state_dict)
 
 
 def with_input_channels(init: InitialWeights, channels: int) -> InitialWeights:
