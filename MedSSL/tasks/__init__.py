@@ -140,6 +140,8 @@ class FinetuneConfig:
                                 "zero weights on them (default auto: on when the --init model has them, else off)")
     #: segmentation loss: the Dice term over the classes present in each batch only (:mod:`MedSSL.losses.segmentation`)
     dice_skip_absent: bool = False
+    #: augmentation: out-of-plane rotations up to this many degrees (:class:`MedSSL.transforms.augment.AugmentConfig`)
+    augment_tilt_deg: float = 0.0
     #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
     steps_from_time: bool = False
 

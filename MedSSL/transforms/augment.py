@@ -35,6 +35,9 @@ class AugmentConfig:
     brightness: float = 0.05
     gamma: tuple = (0.8, 1.25)
     noise_std: float = 0.01
+    #: out-of-plane rotation (degrees, about each in-plane axis): only for dense labels on a near-isotropic
+    #: grid (it resamples across slices); 0 keeps painted planes exact
+    tilt_deg: float = 0.0
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -77,6 +80,8 @@ def _affine(image: torch.Tensor, target: torch.Tensor, config: AugmentConfig, ge
     theta[:, 0, 0] = 1.0  # no resampling across slices (often thick): painted planes stay exact
     theta[:, 1, 1], theta[:, 1, 2] = cos, -sin
     theta[:, 2, 1], theta[:, 2, 2] = sin, cos
+    if config.tilt_deg > 0:
+        theta[:, :, :3] = _tilted(theta[:, :, :3], image.shape[2:], apply, config.tilt_deg, generator)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     shifted = (target.float() + 1.0).unsqueeze(1)  # 0 after sampling = outside the patch
@@ -84,6 +89,24 @@ def _affine(image: torch.Tensor, target: torch.Tensor, config: AugmentConfig, ge
     warped = warped.squeeze(1).round().long() - 1
     target = torch.where(warped < 0, torch.full_like(warped, IGNORE), warped)
     return image, target
+
+
+def _tilted(linear: torch.Tensor, size, apply: torch.Tensor, tilt_deg: float, generator) -> torch.Tensor:
+    """``linear`` (N, 3, 3), the in-plane warp in affine_grid's (Z, Y, X) order, followed by rotations of up to
+    ``tilt_deg`` about the array's X and Y axes; made rigid in voxels (affine_grid's coordinates run from -1
+    to 1 along each axis, so a rotation mixing axes of different lengths is conjugated by their half sizes)."""
+    n, device = linear.shape[0], linear.device
+    a, b = (torch.where(apply, _uniform(n, -tilt_deg, tilt_deg, generator, device) * (math.pi / 180), 0.0)
+            for _ in range(2))
+    about_x = torch.zeros(n, 3, 3, device=device)  # mixes Z and Y
+    about_x[:, 0, 0], about_x[:, 0, 1], about_x[:, 1, 0], about_x[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+    about_x[:, 2, 2] = 1.0
+    about_y = torch.zeros(n, 3, 3, device=device)  # mixes Z and X
+    about_y[:, 0, 0], about_y[:, 0, 2], about_y[:, 2, 0], about_y[:, 2, 2] = b.cos(), -b.sin(), b.sin(), b.cos()
+    about_y[:, 1, 1] = 1.0
+    half = torch.tensor([size[2], size[1], size[0]], dtype=linear.dtype, device=device) / 2.0
+    rotation = linear @ about_x @ about_y
+    return rotation * half.view(1, 1, 3) / half.view(1, 3, 1)
 
 
 def _flip(image: torch.Tensor, target: torch.Tensor, axes, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,9 @@ chaos_t2_mri); the test subjects are drawn from the others, so no scored subject
 * ``engine3`` / ``engine5``: the few-shot engine alone with 3 / 5 planes painted on the test scan.
 
 Training variants measured against the defaults (docs/cohort.md): ``--position on`` (position channels),
-``--dice-absent skip`` (the Dice term over the classes present in each batch), ``--lr``; rows carry them and
-the summary names such arms ``cohort+position-on``, ``cohort+lr0.003+dice-skip``, ...
+``--dice-absent skip`` (the Dice term over the classes present in each batch), ``--lr``, ``--patch``,
+``--batch``, ``--steps``; rows carry them and the summary names such arms ``cohort+position-on``,
+``cohort+lr0.003+dice-skip``, ``cohort+patch128x128x8``, ...
 
 Runs in-process (the CLI's functions) with ``--threads`` torch threads. Prints one JSON object per result
 line and a summary; ``--out`` keeps them (results.jsonl, summary.json). ``--report`` merges the
@@ -68,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--max-time", type=float, default=None, help="fine-tuning seconds (default: none)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: finetune's)")
+    p.add_argument("--patch", type=int, nargs=3, default=None, help="training patch (default: finetune's)")
+    p.add_argument("--batch", type=int, default=None, help="patches per step (default: finetune's)")
+    p.add_argument("--tilt", type=float, default=0.0, help="augmentation: out-of-plane rotations up to this many "
+                   "degrees (default 0: in-plane only)")
     p.add_argument("--dice-absent", choices=("default", "skip", "keep"), default="default",
                    help="the Dice term over the classes present in each batch (skip) or over all (keep)")
     p.add_argument("--spacing", type=float, nargs=3, default=None)
@@ -183,6 +188,8 @@ def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, fl
         out=work / f"model_{mode}", images=[c["image"] for c in cases], labels=labels, init=args.init,
         width=args.width, spacing=tuple(args.spacing) if args.spacing else None, seed=seed, device="cpu", loop=loop,
         complete_paintings=mode != "sparse", position=args.position,
+        patch=tuple(args.patch) if args.patch else None, batch_size=args.batch or defaults.batch_size,
+        augment_tilt_deg=args.tilt,
         **({} if args.dice_absent == "default" else {"dice_skip_absent": args.dice_absent == "skip"}),
         completion_confidence=defaults.completion_confidence if args.confidence is None else args.confidence)
     started = time.perf_counter()
@@ -343,7 +350,9 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     train_cases, test_cases = draw(args, cases, n, seed)
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
             "train": [c["name"] for c in train_cases], "init": Path(args.init).name if args.init else None,
-            "position": args.position, "lr": args.lr, "dice_absent": args.dice_absent}
+            "position": args.position, "lr": args.lr, "dice_absent": args.dice_absent,
+            "patch": args.patch, "batch": args.batch, "steps": args.steps,
+            "tilt": args.tilt}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
         models = {}
@@ -474,7 +483,10 @@ def summarise(rows: list[dict]) -> dict:
         key, arm = f"n={r['n']}", r["arm"] + ("+pretrained" if r.get("init") else "") + (
             f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "") + (
             f"+lr{r['lr']:g}" if r.get("lr") else "") + (
-            f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "")
+            f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "") + (
+            "+patch" + "x".join(str(v) for v in r["patch"]) if r.get("patch") else "") + (
+            f"+batch{r['batch']}" if r.get("batch") else "") + (f"+steps{r['steps']}" if r.get("steps") else "") + (
+            f"+tilt{r['tilt']:g}" if r.get("tilt") else "")
         if "dice" not in r:  # planes to the target Dice
             counts.setdefault(key, {}).setdefault(arm, []).append(r["planes_to_target"])
             continue
