@@ -17,7 +17,8 @@ from MedSSL.tasks.cohort.completion import PaintingCompleter, complete_painting
 from MedSSL.tasks.cohort.components import DROP_SHARE
 from MedSSL.tasks.cohort.correction import correct_draft, correction_painting, worst_planes
 from MedSSL.tasks.cohort.grid import class_diameters_mm, working_spacing
-from MedSSL.tasks.cohort.train import DEFAULT_STEPS, DEFAULT_WIDTH, cohort_config, painted_diameters_mm
+from MedSSL.tasks.cohort.train import (DEFAULT_STEPS, DEFAULT_WIDTH, MAX_DEFAULT_STEPS, cohort_config, default_steps,
+                                      painted_diameters_mm)
 
 SIZE = {"shape": (48, 48, 24), "spacing": (4.0, 4.0, 6.0)}
 LIVER = 1
@@ -112,6 +113,13 @@ def test_cohort_config_fills_in_width_and_grid_and_leaves_given_values(tmp_path)
                                                   labels=[tmp_path / "lab.nii.gz"]), lines.append, budget_given=False)
     assert chosen.loop.steps == DEFAULT_STEPS != FinetuneConfig(out=".").loop.steps
     assert record["steps"].startswith(f"{DEFAULT_STEPS} (") and any(line.startswith(f"{DEFAULT_STEPS} optimiser steps") for line in lines)
+    # several classes: more steps (each class centred in as many patches as one class gets), capped
+    two = label.with_array(np.where(truth > 0, 1 + (np.indices(truth.shape)[0] > truth.shape[0] // 2), 0).astype(np.uint8))
+    write_volume(two, tmp_path / "two.nii.gz")
+    chosen, record = cohort_config(FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "img.nii.gz"],
+                                                  labels=[tmp_path / "two.nii.gz"]), budget_given=False)
+    assert chosen.loop.steps == DEFAULT_STEPS * 3 // 2 and "2 classes" in record["steps"]
+    assert default_steps(None, 4)[0] == default_steps(None, 3)[0] == MAX_DEFAULT_STEPS < DEFAULT_STEPS * 5 // 2
 
 
 def test_correction_with_every_draft_plane_redoes_only_the_planes_near_the_corrected_one():
