@@ -351,7 +351,7 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
             "train": [c["name"] for c in train_cases], "init": Path(args.init).name if args.init else None,
             "position": args.position, "lr": args.lr, "dice_absent": args.dice_absent,
-            "patch": args.patch, "batch": args.batch, "steps": args.steps,
+            "patch": args.patch, "batch": args.batch, "steps": args.steps_given,
             "tilt": args.tilt}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
@@ -475,18 +475,26 @@ def _figure(tables: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def arm_label(r: dict) -> str:
+    """The row's arm with the training variants it ran with (``cohort+steps600``, ``correct1+lr0.003``, ...);
+    the atlas and the engine alone do not depend on the network and keep their names."""
+    if r["arm"] == "atlas" or r["arm"].startswith("engine"):
+        return r["arm"]
+    return r["arm"] + ("+pretrained" if r.get("init") else "") + (
+        f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "") + (
+        f"+lr{r['lr']:g}" if r.get("lr") else "") + (
+        f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "") + (
+        "+patch" + "x".join(str(v) for v in r["patch"]) if r.get("patch") else "") + (
+        f"+batch{r['batch']}" if r.get("batch") else "") + (f"+steps{r['steps']}" if r.get("steps") else "") + (
+        f"+tilt{r['tilt']:g}" if r.get("tilt") else "")
+
+
 def summarise(rows: list[dict]) -> dict:
     """Mean Dice (over classes, then test scans and draws) per (n, arm), with the spread over draws."""
     table: dict = {}
     counts: dict = {}
     for r in rows:
-        key, arm = f"n={r['n']}", r["arm"] + ("+pretrained" if r.get("init") else "") + (
-            f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "") + (
-            f"+lr{r['lr']:g}" if r.get("lr") else "") + (
-            f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "") + (
-            "+patch" + "x".join(str(v) for v in r["patch"]) if r.get("patch") else "") + (
-            f"+batch{r['batch']}" if r.get("batch") else "") + (f"+steps{r['steps']}" if r.get("steps") else "") + (
-            f"+tilt{r['tilt']:g}" if r.get("tilt") else "")
+        key, arm = f"n={r['n']}", arm_label(r)
         if "dice" not in r:  # planes to the target Dice
             counts.setdefault(key, {}).setdefault(arm, []).append(r["planes_to_target"])
             continue
@@ -532,6 +540,7 @@ def main(argv=None) -> int:
             raise SystemExit("--report needs --out (where table.md and cohort.png go)")
         print(json.dumps(report(args.report, args.out)))
         return 0
+    args.steps_given = args.steps  # a variant of the rows only when asked for (not the smoke test's few steps)
     if args.quick:
         args.train, args.seeds, args.test, args.steps = [1], [0], 2, args.steps or 4
         args.width, args.planes = args.width or 4, 3

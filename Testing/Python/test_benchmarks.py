@@ -212,6 +212,10 @@ def test_bench_cohort_quick(tmp_path, capsys):
     cells = table.splitlines()[4].split("|")[2:-1]
     assert [float(c.split()[0]) for c in cells] == [round(summary["table"]["n=1"][a]["dice"], 3) for a in arms]
     assert (tmp_path / "report" / "cohort.png").read_bytes()[:4] == b"\x89PNG"
+    # training variants name the network's arms, not the atlas or the engine alone
+    label = bench("bench_cohort").arm_label
+    assert label({"arm": "cohort", "steps": 600, "lr": 0.003}) == "cohort+lr0.003+steps600"
+    assert label({"arm": "atlas", "steps": 600}) == "atlas" and label({"arm": "engine3", "tilt": 15.0}) == "engine3"
     assert "to0.5: median" in table
 
 
