@@ -106,7 +106,8 @@ class FinetuneConfig:
     seed: int = RuntimeOptions.seed
     resume: bool = option(False, action="store_true", help="continue from the checkpoint in --out")
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=500), metadata={"help": {
-        "steps": "optimiser steps (default {default}; a cohort model (several scans, --engine network): 300, a refresh "
+        "steps": "optimiser steps (default {default}; a cohort model (several scans, --engine network): 300 for one "
+                 "class, 300 x (classes + 1) / 2 for several, at most 600; a refresh "
                  "from a cohort model a quarter of its steps; with --max-time alone: as many as fit in that time, "
                  "measured on a few steps, so the learning-rate schedule spans the budget)"}})
     #: which initial weights to copy: "all" (encoder and decoder, as Models Genesis) or "encoder"
@@ -140,7 +141,8 @@ class FinetuneConfig:
                                 "zero weights on them (default auto: on when the --init model has them, else off)")
     #: segmentation loss: the Dice term over the classes present in each batch only (:mod:`MedSSL.losses.segmentation`)
     dice_skip_absent: bool = False
-    #: augmentation: out-of-plane rotations up to this many degrees (:class:`MedSSL.transforms.augment.AugmentConfig`)
+    #: augmentation: out-of-plane rotations up to this many degrees (:class:`MedSSL.transforms.augment.AugmentConfig`);
+    #: dense labels of volumes only (painted planes would be smeared); measured off by default (docs/cohort.md)
     augment_tilt_deg: float = 0.0
     #: only ``--max-time`` bounds training: set the step count (and so the lr schedule) from a timing
     steps_from_time: bool = False

@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -247,6 +248,26 @@ def test_a_refresh_without_a_budget_trains_a_quarter_of_the_previous_models_step
                                                   labels=[cohort_model / "paint0.nii.gz"], init=str(cohort_model / "model")),
                                    budget_given=False)
     assert chosen.loop.steps == 2 and "0.25 of the 6 steps" in record["steps"]  # round(6 / 4)
+
+
+def test_paintings_are_never_tilted(tmp_path):
+    """An out-of-plane rotation (``augment_tilt_deg``) would smear painted planes into their unpainted
+    neighbours: asked for on a painting trained without completion, it is left out."""
+    from MedSSL.engine.loop import LoopConfig
+    from MedSSL.engine.progress import Progress
+    from MedSSL.tasks.finetune.segment import finetune_segmentation
+
+    image, truth = liver_case(0)
+    write_volume(image, tmp_path / "scan.nii.gz")
+    write_volume(image.with_array(painted(truth, liver_planes(truth, 3))), tmp_path / "paint.nii.gz")
+    config = FinetuneConfig(out=tmp_path / "m", images=[tmp_path / "scan.nii.gz"], labels=[tmp_path / "paint.nii.gz"],
+                            width=4, patch=(32, 32, 16), device="cpu", complete_paintings=False, augment_tilt_deg=15.0,
+                            loop=LoopConfig(steps=1))
+    meta = read_meta(finetune_segmentation(config, Progress("none")))
+    assert meta["fewshot"]["annotation"] == "slices" and meta["fewshot"]["augmentation"]["tilt_deg"] == 0.0
+    dense = replace(config, out=tmp_path / "d", labels=[tmp_path / "truth.nii.gz"])
+    write_volume(image.with_array(truth), tmp_path / "truth.nii.gz")
+    assert read_meta(finetune_segmentation(dense, Progress("none")))["fewshot"]["augmentation"]["tilt_deg"] == 15.0
 
 
 def test_one_piece_classes_from_the_training_labels():

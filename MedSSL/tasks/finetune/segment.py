@@ -183,7 +183,9 @@ def _train(config, progress, init, width, intensity, spacing, device, volumes, s
     if saved:  # continue the random streams where the checkpoint left them: a resumed run = an uninterrupted one
         sampler.continue_stream(saved["batches"])
         generator.set_state(saved["transforms"].cpu())
-    augment = replace(AugmentConfig.for_task("segment", majority(modalities)), tilt_deg=config.augment_tilt_deg)
+    dense = all(a["kind"] == "dense" for a in summary["annotations"])  # a tilt would smear painted planes
+    augment = replace(AugmentConfig.for_task("segment", majority(modalities)),
+                      tilt_deg=config.augment_tilt_deg if dense and spatial_dims == 3 else 0.0)
     loss_fn = MaskedDiceCELoss(skip_absent=config.dice_skip_absent)
     progress.log(f"{len(train_volumes)} training {'image' if spatial_dims == 2 else 'volume'}(s), "
                  f"{mapping.n_channels - 1} class(es), {'2D ' if spatial_dims == 2 else ''}patch {patch}, "
