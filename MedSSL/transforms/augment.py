@@ -35,8 +35,8 @@ class AugmentConfig:
     brightness: float = 0.05
     gamma: tuple = (0.8, 1.25)
     noise_std: float = 0.01
-    #: out-of-plane rotation (degrees, about each in-plane axis): only for dense labels on a near-isotropic
-    #: grid (it resamples across slices); 0 keeps painted planes exact
+    #: out-of-plane rotation (degrees, about each in-plane axis): it resamples across slices, so only for
+    #: dense labels (best on a near-isotropic grid); 0 keeps painted planes exact
     tilt_deg: float = 0.0
 
     def to_dict(self) -> dict:

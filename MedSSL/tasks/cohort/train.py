@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from MedSSL.data.labels import present_values
 from MedSSL.data.painted_planes import IGNORE, find_painted_planes, is_painting
 from MedSSL.data.spatial import is_one_slice
 from MedSSL.engine.progress import Progress
@@ -64,8 +65,7 @@ def survey(config: FinetuneConfig) -> dict:
         shapes.append(label.shape)
         if _plain_label(label.array):  # bad labels: refused when read
             labels = np.rint(label.array).astype(np.uint8)
-            counts = np.bincount(labels.reshape(-1), minlength=256)
-            values |= {int(v) for v in np.flatnonzero(counts[1:IGNORE]) + 1}
+            values.update(present_values(labels))
             if not is_one_slice(label.shape):
                 diameters += painted_diameters_mm(labels, label.spacing, f"--label {label_path}")
     return {"spacings": spacings, "shapes": shapes, "diameters_mm": diameters, "classes": sorted(values)}
