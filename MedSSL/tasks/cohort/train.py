@@ -86,7 +86,8 @@ def cohort_config(config: FinetuneConfig, log=None, budget_given: bool = True) -
     _, spacing = preprocessing_from_init(init, config.modality, config.spacing)
     record: dict = {}
     labelled = bool(config.labels) and len(config.labels) == len(config.images)  # else: refused later
-    found = survey(config) if labelled and (spacing is None or not budget_given) else None
+    counts_classes = not budget_given and previous_steps(init) is None  # a refresh takes its steps from the init
+    found = survey(config) if labelled and (spacing is None or counts_classes) else None
     if not budget_given:
         steps, why = default_steps(init, len(found["classes"]) if found else 1)
         config = replace(config, loop=replace(config.loop, steps=steps))
@@ -122,6 +123,14 @@ def position_setting(config: FinetuneConfig, init) -> tuple[FinetuneConfig, str]
     return replace(config, position="off"), "off (default)"
 
 
+def previous_steps(init) -> int | None:
+    """The steps the ``--init`` model trained when it is a cohort model (a refresh), else None."""
+    meta = init.bundle if init is not None else None
+    training = meta.training if meta is not None and isinstance(meta.cohort, dict) else None
+    previous = training.get("steps") if isinstance(training, dict) else None
+    return int(previous) if previous else None
+
+
 def default_steps(init, n_classes: int = 1) -> tuple[int, str]:
     """(steps, why) of a cohort model trained without ``--steps``/``--max-time``; for a refresh from a cohort
     model :data:`REFRESH_FRACTION` of the steps that model trained.
@@ -130,12 +139,10 @@ def default_steps(init, n_classes: int = 1) -> tuple[int, str]:
     :data:`MAX_DEFAULT_STEPS`. Patches are centred on each channel in turn (background included), so each
     class is at the centre of 2 / (n_classes + 1) of them; this gives each class as many centred patches as the
     one-class default, within the time cap (300 steps for one class, 450 for two, 600 from three on)."""
-    meta = init.bundle if init is not None else None
-    training = meta.training if meta is not None and isinstance(meta.cohort, dict) else None
-    previous = training.get("steps") if isinstance(training, dict) else None
+    previous = previous_steps(init)
     if previous:
-        steps = max(1, int(round(REFRESH_FRACTION * int(previous))))
-        return steps, f"a refresh: {REFRESH_FRACTION:g} of the {int(previous)} steps of the --init cohort model"
+        steps = max(1, int(round(REFRESH_FRACTION * previous)))
+        return steps, f"a refresh: {REFRESH_FRACTION:g} of the {previous} steps of the --init cohort model"
     n_classes = max(1, int(n_classes))
     steps = min(MAX_DEFAULT_STEPS, int(round(DEFAULT_STEPS * (n_classes + 1) / 2)))
     return steps, f"default of a cohort model of {n_classes} class{'es' if n_classes > 1 else ''}"
