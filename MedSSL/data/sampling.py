@@ -33,11 +33,13 @@ MAX_CANDIDATES = 200_000
 class TrainingVolume:
     """image: float32 (X, Y, Z) in [0, 1]; target: uint8 (X, Y, Z) channels, 255 = not annotated
     (Z = 1 for a one-slice image); position: None, or the frame of the position channels that follow the
-    image channel in every patch (:mod:`.position`)."""
+    image channel in every patch (:mod:`.position`); weight: how often the sampler picks this volume relative
+    to the others holding the same channel (1 = as often)."""
 
     image: np.ndarray
     target: np.ndarray
     position: PositionFrame | None = None
+    weight: float = 1.0
 
 
 def crop(array: np.ndarray, start: np.ndarray, size, fill) -> np.ndarray:
@@ -52,6 +54,14 @@ def crop(array: np.ndarray, start: np.ndarray, size, fill) -> np.ndarray:
     out[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
         array[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
     return out
+
+
+def _odds(weights: list) -> np.ndarray | None:
+    """Picking probabilities proportional to ``weights``; None when they are all equal (or there are none)."""
+    w = np.asarray(weights, dtype=float)
+    if w.size == 0 or np.all(w == w[0]):
+        return None
+    return w / w.sum()
 
 
 class PatchSampler:
@@ -83,6 +93,8 @@ class PatchSampler:
                 if idx.size:
                     self.candidates[c].append((i, idx))
         self.channels = [c for c in range(n_channels) if self.candidates[c]]
+        #: per channel, the volumes' picking probabilities; None when every volume weighs the same (uniform draw)
+        self.odds = [_odds([volumes[i].weight for i, _ in self.candidates[c]]) for c in range(n_channels)]
         if not self.channels:
             raise ValueError("no annotated voxels to sample from")
         self._queue: list[int] = []
@@ -106,8 +118,9 @@ class PatchSampler:
     def _draw(self) -> tuple[TrainingVolume, np.ndarray]:
         """The next patch: its volume and its start (X, Y, Z) voxel index (may lie outside the volume)."""
         channel = self._next_channel()
-        choices = self.candidates[channel]
-        vol_index, idx = choices[int(self.rng.integers(len(choices)))]
+        choices, odds = self.candidates[channel], self.odds[channel]
+        pick = self.rng.integers(len(choices)) if odds is None else self.rng.choice(len(choices), p=odds)
+        vol_index, idx = choices[int(pick)]
         vol = self.volumes[vol_index]
         voxel = np.array(np.unravel_index(int(idx[self.rng.integers(idx.size)]), vol.target.shape))
         return vol, voxel - self.rng.integers(self.depth_lo, self.depth_hi + 1)

@@ -74,6 +74,10 @@ class FinetuneConfig:
                           help="image volume (repeat, paired with --label)")
     labels: list = option(flag="--label", action="append", metavar="PATH", default_factory=list,
                           help="label map on the image's grid (repeat, in the order of --image); 255 = not annotated")
+    unlabeled: list = option(flag="--unlabeled", nargs="+", metavar="PATH", default_factory=list,
+                             help="network: scans of the same cohort without labels (files, folders, DICOM series): "
+                                  "self-training in two rounds, the model of the labelled scans segments them and its "
+                                  "confident voxels train a second round of half as many steps (docs/cohort.md)")
     csv: Path | None = option(None, type=Path, metavar="FILE",
                               help="classify: rows image,label (label = class value or name; paths relative to the "
                                    "CSV's folder)")
@@ -156,6 +160,9 @@ class FinetuneConfig:
             raise MedSSLError("--task classify takes --csv FILE, not --image/--label")
         if self.task == "classify" and self.detection:
             raise MedSSLError("--detection applies to segmentation bundles, not --task classify")
+        if self.unlabeled and (self.task != "segment" or self.engine == "fewshot"):
+            raise MedSSLError("--unlabeled: self-training is for the network of a segmentation cohort "
+                              "(--task segment, several scans or --engine network)")
         if self.task == "segment" and self.csv is not None:
             raise MedSSLError("--csv is for --task classify; segmentation takes --image PATH --label PATH pairs")
         object.__setattr__(self, "recalibrate_bn", max(0, int(self.recalibrate_bn)))

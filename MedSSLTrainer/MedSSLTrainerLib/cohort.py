@@ -72,14 +72,16 @@ class MedSSLCohortLogic(BackendRunner):
 
     @removesUnstartedJobFolders
     def addScan(self, volumeNode, segmentationNode, complete=False, initModel=None, steps=None, maxTime=None,
-                width=None, blocking=True, onEvent=None):
+                width=None, unlabeled=None, blocking=True, onEvent=None):
         """Add a scan and refresh the model on the whole cohort; returns the new model folder (or the job).
 
         ``segmentationNode``: a few painted planes (the backend completes them), or, with ``complete``, a
         whole reviewed segmentation (every voxel outside its segments is background). Its segments are matched
         to the cohort's classes by name (new names become new classes). ``initModel``: the first model's
-        initial weights (a pretrained bundle); later models start from the previous one. The scan joins the
-        cohort only when the refreshed model was written.
+        initial weights (a pretrained bundle); later models start from the previous one. ``unlabeled``: scans
+        of the same kind without labels (volume nodes, files or folders) for self-training (``finetune
+        --unlabeled``: a second round on the model's confident voxels of them; they do not join the cohort).
+        The scan joins the cohort only when the refreshed model was written.
         """
         self.checkVolume(volumeNode)
         state = self.state()
@@ -92,6 +94,7 @@ class MedSSLCohortLogic(BackendRunner):
         names = {"image": f"scan-{index:03d}.nrrd", "label": f"scan-{index:03d}-label.nrrd"}
         image = nodes.writeVolume(volumeNode, os.path.join(inputs, names["image"]))
         label = nodes.writeArray(labels, nodes.ijkToRasArray(volumeNode), os.path.join(inputs, names["label"]))
+        unlabeledPaths = self._unlabeledPaths(unlabeled, inputs)
         scans = state["scans"] + [{**names, "annotation": "reviewed segmentation" if complete else "painted planes"}]
         first = state["model"] is None
         # no budget given: the backend's (a first model: its cohort default; a refresh: a share of the previous
@@ -107,6 +110,7 @@ class MedSSLCohortLogic(BackendRunner):
         init = state["model"] if not first else initModel
         args += ["--classes", classesPath, "--out", outputDir, "--engine", "network"]
         args += ["--init", init if str(init).lower() == "none" else self.checkModel(init)] if init else []
+        args += ["--unlabeled", *unlabeledPaths] if unlabeledPaths else []
         args += budget + ["--progress", "json"]
 
         def onFinished(job):
@@ -148,6 +152,19 @@ class MedSSLCohortLogic(BackendRunner):
         classes = {str(i): {"name": s["name"], "color": [float(c) for c in s["color"]]}
                    for i, s in enumerate(segments, start=1)}
         return array.astype(np.uint8), classes
+
+    def _unlabeledPaths(self, unlabeled, inputs) -> list:
+        """``--unlabeled`` paths: volume nodes written under ``inputs``, files and folders as given."""
+        paths = []
+        for i, item in enumerate(unlabeled or []):
+            if isinstance(item, (str, os.PathLike)):
+                if not os.path.exists(item):
+                    raise ValueError(f"unlabelled scan {os.fspath(item)}: no such file or folder")
+                paths.append(os.fspath(item))
+                continue
+            self.checkVolume(item)
+            paths.append(nodes.writeVolume(item, os.path.join(inputs, f"unlabeled-{i + 1:03d}.nrrd")))
+        return paths
 
     def _predict(self, volumeNode, corrections, name, blocking, onEvent):
         """``medssl predict`` with the cohort model (``corrections``: painted planes as a label array, or None

@@ -10,6 +10,8 @@ chaos_t2_mri); the test subjects are drawn from the others, so no scored subject
   corrected on the 1 or 2 worst planes (:func:`MedSSL.tasks.cohort.correction.correct_draft`; ``--gaps``
   and ``--draft-planes`` compare its settings on the same drafts); ``--largest-component`` adds
   ``<arm>+lcc``, the same prediction with only each class' largest component;
+* ``self``: ``cohort`` with self-training (``finetune --unlabeled``): the draw's other subjects, neither
+  trained on nor tested, given without labels;
 * ``dense``: the same network trained on the dense labels of the same subjects (upper bound);
 * ``sparse``: the same network trained on the painted planes only (``--no-completion``);
 * ``atlas``: each training scan registered to the test scan with SimpleITK (affine, Mattes mutual
@@ -47,7 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fewshot_cases import DATA, paint  # noqa: E402
 
-ARMS = ("cohort", "refine", "engine-to", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
+ARMS = ("cohort", "self", "refine", "engine-to", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
 
 
 def parse_args(argv=None):
@@ -162,8 +164,9 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- arms
-def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, float]:
-    """Fine-tune on ``cases`` with labels "painted" (k planes), "dense" or "sparse" (paintings, no completion)."""
+def train(args, cases, axis, mode: str, work: Path, seed: int, unlabeled=()) -> tuple[Path, float]:
+    """Fine-tune on ``cases`` with labels "painted" (k planes), "dense" or "sparse" (paintings, no completion);
+    ``unlabeled``: cases given without labels (self-training)."""
     from MedSSL.engine.loop import LoopConfig
     from MedSSL.engine.progress import Progress
     from MedSSL.io.volumes import read_volume, write_volume
@@ -185,7 +188,7 @@ def train(args, cases, axis, mode: str, work: Path, seed: int) -> tuple[Path, fl
     loop = LoopConfig(steps=args.steps or defaults.loop.steps, max_time=args.max_time, val_every=10**6,
                       checkpoint_every=10**6, lr=args.lr or defaults.loop.lr)
     config = FinetuneConfig(
-        out=work / f"model_{mode}", images=[c["image"] for c in cases], labels=labels, init=args.init,
+        out=work / f"model_{mode}{'_self' if unlabeled else ''}", unlabeled=[c["image"] for c in unlabeled], images=[c["image"] for c in cases], labels=labels, init=args.init,
         width=args.width, spacing=tuple(args.spacing) if args.spacing else None, seed=seed, device="cpu", loop=loop,
         complete_paintings=mode != "sparse", position=args.position,
         patch=tuple(args.patch) if args.patch else None, batch_size=args.batch or defaults.batch_size,
@@ -346,6 +349,12 @@ def draw(args, cases: list[dict], n: int, seed: int) -> tuple[list[dict], list[d
     return train_cases, test_cases
 
 
+def unlabeled_cases(cases: list[dict], train_cases: list[dict], test_cases: list[dict]) -> list[dict]:
+    """The subjects of the cohort that a draw neither trains nor tests on (the ``self`` arm's unlabelled scans)."""
+    used = {c["name"] for c in train_cases + test_cases}
+    return [c for c in cases if c["name"] not in used]
+
+
 def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     train_cases, test_cases = draw(args, cases, n, seed)
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
@@ -362,6 +371,9 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                 models[mode] = (kept / mode, 0.0) if kept else train(args, train_cases, axis, mode, work, seed)
         if {"cohort", "refine", "correct1", "correct2"} & set(args.arms):
             models["cohort"] = (kept / "cohort", 0.0) if kept else train(args, train_cases, axis, "painted", work, seed)
+        if "self" in args.arms:
+            models["self"] = (kept / "self", 0.0) if kept else train(
+                args, train_cases, axis, "painted", work, seed, unlabeled_cases(cases, train_cases, test_cases))
         if args.keep_models and args.out:
             keep_models(models, args.out / "models" / f"seed{seed}_n{n}")
         for case in test_cases:

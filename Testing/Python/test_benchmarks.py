@@ -237,6 +237,9 @@ def test_bench_cohort_held_out_subjects_are_the_same_for_every_draw_and_never_tr
     assert len(test) == 4 and not {c["name"] for c in train} & {c["name"] for c in test}
     with pytest.raises(SystemExit):
         module.split(cases, 20)
+    # the self-training arm's unlabelled scans: every other subject, none trained or tested on
+    unlabeled = module.unlabeled_cases(cases, train, test)
+    assert len(unlabeled) == 12 and not {c["name"] for c in unlabeled} & {c["name"] for c in train + test}
 
 
 def test_detection_defaults_score_findings_class_by_class_and_choose_by_the_stated_rule(tmp_path):

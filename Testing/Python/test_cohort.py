@@ -382,3 +382,88 @@ def test_predict_with_corrected_planes_keeps_them_and_improves_the_draft(cohort_
     fixed = read_volume(tmp_path / "fixed.nii.gz").array
     assert np.array_equal(fixed[..., plane], truth[..., plane])
     assert dice(fixed == 1, truth == 1) > dice(draft == 1, truth == 1)
+
+
+@pytest.fixture(scope="module")
+def self_trained(cohort_model):
+    """Self-training: the two painted phantoms plus one unlabelled phantom (and a painted scan given again as
+    unlabelled, which is skipped)."""
+    unlabeled = cohort_model / "unlabeled"
+    unlabeled.mkdir(exist_ok=True)
+    write_volume(liver_case(2)[0], unlabeled / "scan2.nii.gz")
+    args = []
+    for seed in (0, 1):
+        args += ["--image", cohort_model / f"scan{seed}.nii.gz", "--label", cohort_model / f"paint{seed}.nii.gz"]
+    result = _medssl("finetune", *args, "--unlabeled", unlabeled, cohort_model / "scan0.nii.gz", "--classes",
+                     "1=liver", "--width", 4, "--steps", 8, "--patch", 32, 32, 16, "--out", cohort_model / "self")
+    assert result.returncode == 0, result.stderr
+    return cohort_model / "self"
+
+
+def test_self_training_adds_pseudo_labelled_scans_in_a_second_round(self_trained):
+    meta = read_meta(self_trained)
+    record = meta["cohort"]["self_training"]
+    assert record["unlabeled_scans"] == 1 and record["round1"] == {"steps": 8, "init": {"source": "scratch"}}
+    assert record["round2_steps"] == 4 and meta["training"]["steps"] == 4
+    assert 0.0 < record["kept_fraction"][0] <= 1.0
+    assert meta["data_summary"]["volumes"] == 3 and meta["architecture"]["width"] == 4
+    assert [s["label"] for s in meta["cohort"]["completion"]["scans"]] == (
+        ["painting completed by the few-shot engine"] * 2 + ["pseudo-label (self-training)"])
+    assert record["pseudo_weight"] == 1.0  # 1 pseudo-labelled scan beside 2 labelled ones: not weighed down
+    assert "/" not in json.dumps(meta["cohort"])  # no paths in the bundle
+    # a refresh of a self-trained model counts the steps of both rounds: round(0.25 x 12)
+    chosen, _ = cohort_config(FinetuneConfig(out=self_trained.parent / "refresh", images=[self_trained.parent / "scan0.nii.gz"],
+                                             labels=[self_trained.parent / "paint0.nii.gz"], init=str(self_trained)),
+                              budget_given=False)
+    assert chosen.loop.steps == 3
+
+
+def test_pseudo_labelled_scans_give_at_most_half_the_patches():
+    from MedSSL.tasks.cohort.self_training import PSEUDO_SHARE, sample_weights
+
+    assert PSEUDO_SHARE == 0.5
+    assert sample_weights(4, 12) == [1.0] * 4 + [pytest.approx(1 / 3)] * 12  # 4 x 1 against 12 x 1/3
+    assert sample_weights(4, 4) == [1.0] * 8 and sample_weights(4, 2) == [1.0] * 6
+
+
+def test_pseudo_labels_keep_only_confident_voxels(cohort_model, tmp_path, monkeypatch):
+    from MedSSL.engine.progress import Progress
+    from MedSSL.tasks.cohort import self_training
+
+    image, _ = liver_case(2)
+    write_volume(image, tmp_path / "scan.nii.gz")
+    result = _medssl("predict", "--model", cohort_model / "model", "--image", tmp_path / "scan.nii.gz",
+                     "--out", tmp_path / "draft.nii.gz", "--probabilities", tmp_path / "p.nii.gz")
+    assert result.returncode == 0, result.stderr
+    draft = read_volume(tmp_path / "draft.nii.gz").array
+    monkeypatch.setattr(self_training, "PSEUDO_CONFIDENCE", 0.0)
+    (everything,), (kept,) = self_training.pseudo_labels(cohort_model / "model", [tmp_path / "scan.nii.gz"],
+                                                         tmp_path / "all", "cpu", Progress("none"))
+    assert kept == 1.0 and np.array_equal(read_volume(everything).array, draft)  # the draft, as predict gives it
+    monkeypatch.setattr(self_training, "PSEUDO_CONFIDENCE", 1.01)
+    (nothing,), (kept,) = self_training.pseudo_labels(cohort_model / "model", [tmp_path / "scan.nii.gz"],
+                                                      tmp_path / "none", "cpu", Progress("none"))
+    assert kept == 0.0 and np.all(read_volume(nothing).array == 255)
+
+
+@pytest.mark.parametrize("case", ["missing", "only-labelled", "one-slice", "resume", "classify"])
+def test_self_training_refuses_bad_input_before_writing(cohort_model, tmp_path, case):
+    pairs = ["--image", cohort_model / "scan0.nii.gz", "--label", cohort_model / "paint0.nii.gz"]
+    unlabeled, extra = [tmp_path / "nowhere.nii.gz"], []
+    if case == "only-labelled":
+        unlabeled = [cohort_model / "scan0.nii.gz"]
+    if case == "one-slice":
+        image, _ = liver_case(2)
+        write_volume(replace(image, array=image.array[..., :1]), tmp_path / "slice.nii.gz")
+        unlabeled = [tmp_path / "slice.nii.gz"]
+    if case in ("resume", "classify"):
+        unlabeled = [cohort_model / "scan1.nii.gz"]
+        extra = ["--resume"] if case == "resume" else ["--task", "classify"]
+        pairs = pairs if case == "resume" else ["--csv", tmp_path / "table.csv"]
+    result = _medssl("finetune", *pairs, "--unlabeled", *unlabeled, *extra, "--steps", 2, "--out", tmp_path / "out")
+    expected = {"missing": "nowhere.nii.gz: no such file", "only-labelled": "every scan given is also an --image",
+                "one-slice": "a one-slice image", "resume": "--resume cannot continue",
+                "classify": "self-training is for the network"}[case]
+    assert result.returncode != 0 and "--unlabeled" in result.stderr and expected in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()

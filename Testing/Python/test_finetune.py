@@ -251,6 +251,27 @@ def test_sampler_balances_classes_and_keeps_painted_planes_inside():
     assert all((t != IGNORE).any() for t in targets)  # every patch holds part of the painted plane
 
 
+def test_sampler_draws_volumes_by_their_weights():
+    """Self-training's round 2 weighs pseudo-labelled scans down: a volume of weight 3 gives about three times
+    the patches of one of weight 1; equal weights draw exactly as unweighted volumes do."""
+    rng = np.random.default_rng(0)
+    image = rng.random((16, 16, 8)).astype(np.float32)
+    marked = [np.full((16, 16, 8), value, np.float32) for value in (0.25, 0.75)]  # tells the volumes apart
+    target = np.zeros((16, 16, 8), np.uint8)
+    target[6:10, 6:10, 3:5] = 1
+
+    def patches(weights, seed=0):
+        volumes = [TrainingVolume(m, target.copy(), weight=w) for m, w in zip(marked, weights)]
+        images, _ = PatchSampler(volumes, (8, 8, 8), 2, np.random.default_rng(seed)).sample(400)
+        return images[:, 0].max(axis=(1, 2, 3))  # 0.25 or 0.75 (outside the volume: 0)
+
+    share = np.mean(patches((1.0, 3.0)) == np.float32(0.75))
+    assert 0.68 < share < 0.82
+    assert np.array_equal(patches((2.0, 2.0)), patches((1.0, 1.0)))
+    unweighted = PatchSampler([TrainingVolume(m, target.copy()) for m in marked], (8, 8, 8), 2, np.random.default_rng(0))
+    assert np.array_equal(unweighted.sample(400)[0][:, 0].max(axis=(1, 2, 3)), patches((1.0, 1.0)))
+
+
 # ----- initialisation, budget, bundle --------------------------------------------------------------
 
 

@@ -124,11 +124,15 @@ def position_setting(config: FinetuneConfig, init) -> tuple[FinetuneConfig, str]
 
 
 def previous_steps(init) -> int | None:
-    """The steps the ``--init`` model trained when it is a cohort model (a refresh), else None."""
+    """The steps the ``--init`` model trained when it is a cohort model (a refresh), else None; both rounds of
+    a self-trained one."""
     meta = init.bundle if init is not None else None
     training = meta.training if meta is not None and isinstance(meta.cohort, dict) else None
     previous = training.get("steps") if isinstance(training, dict) else None
-    return int(previous) if previous else None
+    if not previous:
+        return None
+    first_round = (meta.cohort.get("self_training") or {}).get("round1") or {}
+    return int(previous) + int(first_round.get("steps") or 0)
 
 
 def default_steps(init, n_classes: int = 1) -> tuple[int, str]:
@@ -148,15 +152,27 @@ def default_steps(init, n_classes: int = 1) -> tuple[int, str]:
     return steps, f"default of a cohort model of {n_classes} class{'es' if n_classes > 1 else ''}"
 
 
-def finetune_cohort(config: FinetuneConfig, progress: Progress, budget_given: bool = True) -> Path:
+def finetune_cohort(config: FinetuneConfig, progress: Progress, budget_given: bool = True,
+                    pseudo_from: int | None = None, self_training: dict | None = None) -> Path:
     """Complete the paintings, choose the grid and width, fine-tune; returns the bundle folder.
-    ``budget_given``: False when the user gave neither ``--steps`` nor ``--max-time`` (:func:`default_steps`)."""
+    ``budget_given``: False when the user gave neither ``--steps`` nor ``--max-time`` (:func:`default_steps`).
+    With ``--unlabeled``: two rounds (:mod:`.self_training`), which call this with ``pseudo_from`` (the index
+    of the first pseudo-labelled scan: used as it is, not completed, not surveyed) and ``self_training`` (its
+    record for model.json)."""
+    if config.unlabeled:
+        from MedSSL.tasks.cohort.self_training import self_train
+
+        return self_train(config, progress, budget_given, finetune_cohort)
     config, record = cohort_config(config, progress.log, budget_given)
     completer = (PaintingCompleter(config.completion_confidence, config.seed, progress.log)
                  if config.complete_paintings else None)
     survey = ComponentSurvey()
 
     def complete(image, labels: np.ndarray, index: int) -> np.ndarray:
+        if pseudo_from is not None and index >= pseudo_from:
+            if completer is not None:
+                completer.records.append({"scan": index, "label": "pseudo-label (self-training)"})
+            return labels
         three_d = not is_one_slice(labels.shape) and (completer is not None or not is_painting(labels))
         if completer is not None:
             labels = completer(image, labels, index)
@@ -164,8 +180,15 @@ def finetune_cohort(config: FinetuneConfig, progress: Progress, budget_given: bo
             survey.add(labels)
         return labels
 
+    weights = None
+    if pseudo_from is not None:
+        from MedSSL.tasks.cohort.self_training import sample_weights
+
+        weights = sample_weights(pseudo_from, len(config.images) - pseudo_from)
+    if self_training:
+        record["self_training"] = {**self_training, "pseudo_weight": weights[-1] if weights else None}
     return finetune_segmentation(config, progress, complete=complete,
-                                 describe=_describe(record, completer, survey, config))
+                                 describe=_describe(record, completer, survey, config), sample_weights=weights)
 
 
 def _describe(record: dict, completer, survey: ComponentSurvey, config) -> dict:

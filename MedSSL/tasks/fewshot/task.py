@@ -39,13 +39,14 @@ def choose_engine(config, engine: str) -> str:
 
     auto: the few-shot engine for one 3D image whose label is a painting (painted planes, 255 elsewhere);
     the network for dense labels, several images, one-slice (2D) images, detectors (``--detection``: a
-    detector is applied to other scans, which have no painting) and runs under torchrun (WORLD_SIZE > 1).
+    detector is applied to other scans, which have no painting), self-training (``--unlabeled``: a cohort
+    model) and runs under torchrun (WORLD_SIZE > 1).
     """
     if engine not in ENGINES:
         raise MedSSLError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if engine == "fewshot" and getattr(config, "detection", False):
         raise MedSSLError("--detection: a detector is applied to other scans; it needs --engine network (or auto)")
-    if engine == "network" or getattr(config, "detection", False):
+    if engine == "network" or getattr(config, "detection", False) or getattr(config, "unlabeled", None):
         return "network"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the engine is one process of seconds
         if engine == "fewshot":

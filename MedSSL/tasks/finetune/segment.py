@@ -110,17 +110,21 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches, device: torch.device)
     model.eval()
 
 
-def finetune_segmentation(config: FinetuneConfig, progress: Progress, complete=None, describe=None) -> Path:
+def finetune_segmentation(config: FinetuneConfig, progress: Progress, complete=None, describe=None,
+                          sample_weights=None) -> Path:
     """Train and write the bundle; returns its folder. All input checks happen before ``--out`` is touched.
 
     ``complete``: see :func:`.segment_data.load_segmentation_data` (paintings completed into dense labels);
-    ``describe``: None or a dict recorded as model.json's ``cohort`` entry (how the labels were completed)."""
+    ``describe``: None or a dict recorded as model.json's ``cohort`` entry (how the labels were completed);
+    ``sample_weights``: None or one weight per image, how often its patches are drawn relative to the others
+    (:class:`MedSSL.data.sampling.TrainingVolume`)."""
     init = load_init(config.init)
     width = resolve_width(config.width, init)
     intensity, spacing = preprocessing_from_init(init, config.modality, config.spacing)
     ctx, device = init_distributed(config.device)
     try:
-        bundle = _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device, complete, describe)
+        bundle = _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device, complete, describe,
+                                   sample_weights)
         ctx.barrier()  # every rank done (rank 0 has written the bundle) before the process group goes away
         return bundle
     finally:
@@ -128,9 +132,11 @@ def finetune_segmentation(config: FinetuneConfig, progress: Progress, complete=N
 
 
 def _finetune_checked(config, progress, init, width, intensity, spacing, ctx, device, complete=None,
-                      describe=None) -> Path:
+                      describe=None, sample_weights=None) -> Path:
     progress.stage("preprocess", f"reading {len(config.images)} image/label pair(s)")
     volumes, summary, modalities, spatial_dims = load_segmentation_data(config, intensity, spacing, complete)
+    for volume, weight in zip(volumes, sample_weights or ()):
+        volume.weight = float(weight)
     if init is not None:
         check_initial_dims(init, spatial_dims, f"--init {config.init}",
                            "the --image inputs" if len(config.images) > 1 else f"--image {config.images[0]}")

@@ -101,6 +101,20 @@ def test_a_failed_refresh_leaves_the_cohort_as_it_was(scene, real_backend, tmp_p
     assert not (tmp_path / "cohort" / "scans").exists()
 
 
+def test_unlabelled_scans_self_train_the_model_and_do_not_join_the_cohort(scene, real_backend, tmp_path):
+    cohort = cohort_logic(tmp_path)
+    volume, liver = liver_scan(scene, 0, "scan 1")
+    unlabelled = liver_scan(scene, 1, "scan 2")[0]
+    with pytest.raises(ValueError, match="no such file"):
+        cohort.addScan(volume, painted_liver(volume, liver, [8, 12], "painting"), unlabeled=[str(tmp_path / "none")])
+    model = cohort.addScan(volume, painted_liver(volume, liver, [8, 12], "painting"), steps=4, width=4,
+                           unlabeled=[unlabelled])
+    meta = json.loads((tmp_path / "cohort" / "model-001" / "model.json").read_text(encoding="utf-8"))
+    assert model.endswith("model-001") and meta["cohort"]["self_training"]["unlabeled_scans"] == 1
+    assert meta["data_summary"]["volumes"] == 2 and meta["training"]["steps"] == 2  # round 2: half of 4
+    assert len(cohort.state()["scans"]) == 1
+
+
 def test_corrections_must_name_a_class_of_the_cohort():
     from MedSSLTrainerLib.cohort import _matchClasses
 
