@@ -146,6 +146,7 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
         ui.datasetsSpecPathLineEdit.nameFilters = ["Labelled dataset specs (*.json)"]
         ui.datasetsSpecPathLineEdit.settingKey = "MedSSL/PretrainDatasetsSpec"
         ui.initModelPathLineEdit.settingKey = "MedSSL/InitModelPath"
+        ui.cohortUnlabeledPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self._fillMethods(list(backend.DEFAULT_METHODS))
         for value, text in INIT_CHOICES:
             ui.initComboBox.addItem(text, value)
@@ -464,10 +465,11 @@ class MedSSLTrainerWidget(MedSSLWidgetBase):
 
     def _addToCohort(self):
         ui = self.ui
+        unlabeled = ui.cohortUnlabeledPathLineEdit.currentPath.strip()
         job = self.cohort.addScan(ui.fewShotVolumeSelector.currentNode(), ui.fewShotSegmentationSelector.currentNode(),
                                   complete=ui.cohortCompleteCheckBox.checked,
                                   initModel=self._initModel() if not self.cohort.model else None,
-                                  blocking=False, onEvent=self._onEvent)
+                                  unlabeled=[unlabeled] if unlabeled else None, blocking=False, onEvent=self._onEvent)
         self._lossCurveFor(_("Cohort model"))
         self._start(job, ui.addToCohortButton, _("Cohort model"), self.onCohortEnded)
 

@@ -27,7 +27,7 @@ DEFAULTS = {
                  "compile": False, "workers": 1, "channels-last": False, "steps": 1000, "max-time": None,
                  "lr": 0.001, "optimizer": "adam", "val-every": 50, "patience": 20, "checkpoint-every": 100,
                  "no-amp": False, "device": "auto", "seed": 0, "progress": None, "threads": None},
-    "finetune": {"task": "segment", "image": [], "label": [], "csv": None, "init": None, "classes": None,
+    "finetune": {"task": "segment", "image": [], "label": [], "unlabeled": [], "csv": None, "init": None, "classes": None,
                  "width": None, "patch": None, "batch-size": 2, "modality": "auto", "spacing": None,
                  "detection": False, "no-augment": False, "val-fraction": 0.0, "resume": False, "steps": 500,
                  "max-time": None, "lr": 0.001, "optimizer": "adam", "val-every": 50, "patience": 20,
@@ -139,7 +139,11 @@ def cmd_finetune(args):
     task = os.environ.get("FAKE_MEDSSL_TASK", "segment")
     if args.detection:
         task = "detect"
+    for path in args.unlabeled:
+        if not os.path.exists(path):
+            fail(f"--unlabeled {path}: no such file or folder")
     save_bundle(args.out, {"task": task, "classes": classes, "init": args.init, "images": len(args.image),
+                           "unlabeled": len(args.unlabeled),
                            "engine": args.engine,
                            "annotated_slices": annotated,
                            "annotated_planes": {"ijk"[2 - axis]: [int(s) for s in range(labels.shape[axis])
@@ -282,6 +286,7 @@ def main():
         p.add_argument(flag, required=True)
     p.add_argument("--detection", action="store_true")
     p.add_argument("--engine")
+    p.add_argument("--unlabeled", nargs="+", default=[])
     p = sub.add_parser("predict", parents=[common])
     for flag in ("--model", "--out"):
         p.add_argument(flag, required=True)

@@ -172,7 +172,8 @@ def test_trainer_suggest_skips_the_painted_slices(slicer_app, scene, tmp_path):
 def test_trainer_widget_cohort_add_segment_next_and_correct(slicer_app, scene, tmp_path):
     """The cohort buttons from the module's defaults: disabled with a reason until a volume and its painting are
     chosen; Add makes the cohort model (network engine) from the painted scan; Segment the next scan and Correct
-    the draft make segmentation nodes; a second Add refreshes the model from the first on both scans."""
+    the draft make segmentation nodes; a second Add refreshes the model from the first on both scans, with the
+    folder of unlabelled scans given (self-training)."""
     import json
 
     slicer = slicer_app
@@ -200,10 +201,12 @@ def test_trainer_widget_cohort_add_segment_next_and_correct(slicer_app, scene, t
     assert widget.panel.job.status == "done" and widget.panel.job.result.GetName() == "ct corrected"
     ui.cohortCompleteCheckBox.checked = True
     ui.fewShotSegmentationSelector.setCurrentNode(widget.panel.job.result)
+    ui.cohortUnlabeledPathLineEdit.currentPath = str(tmp_path)  # a folder of unlabelled scans: self-training
     widget.onAddToCohortButton()
     runPanel(widget)
     second = json.loads(open(f"{widget.panel.job.result}/model.json", encoding="utf-8").read())
-    assert second["images"] == 2 and second["init"] == first
+    assert second["images"] == 2 and second["init"] == first and second["unlabeled"] == 1
+    assert meta["unlabeled"] == 0
     assert "2 scan(s)" in ui.cohortStatusLabel.text
     widget.exit()
     widget.cleanup()
