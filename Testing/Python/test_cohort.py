@@ -446,7 +446,7 @@ def test_pseudo_labels_keep_only_confident_voxels(cohort_model, tmp_path, monkey
     assert kept == 0.0 and np.all(read_volume(nothing).array == 255)
 
 
-@pytest.mark.parametrize("case", ["missing", "only-labelled", "one-slice", "resume", "classify"])
+@pytest.mark.parametrize("case", ["missing", "only-labelled", "one-slice", "resume", "classify", "out-in-use"])
 def test_self_training_refuses_bad_input_before_writing(cohort_model, tmp_path, case):
     pairs = ["--image", cohort_model / "scan0.nii.gz", "--label", cohort_model / "paint0.nii.gz"]
     unlabeled, extra = [tmp_path / "nowhere.nii.gz"], []
@@ -460,10 +460,15 @@ def test_self_training_refuses_bad_input_before_writing(cohort_model, tmp_path, 
         unlabeled = [cohort_model / "scan1.nii.gz"]
         extra = ["--resume"] if case == "resume" else ["--task", "classify"]
         pairs = pairs if case == "resume" else ["--csv", tmp_path / "table.csv"]
-    result = _medssl("finetune", *pairs, "--unlabeled", *unlabeled, *extra, "--steps", 2, "--out", tmp_path / "out")
+    out = tmp_path / "out"
+    if case == "out-in-use":  # an --out holding another run is refused before round 1, not after it
+        unlabeled, out = [cohort_model / "scan1.nii.gz"], tmp_path / "busy"
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(b"")
+    result = _medssl("finetune", *pairs, "--unlabeled", *unlabeled, *extra, "--steps", 2, "--out", out)
     expected = {"missing": "nowhere.nii.gz: no such file", "only-labelled": "every scan given is also an --image",
                 "one-slice": "a one-slice image", "resume": "--resume cannot continue",
-                "classify": "self-training is for the network"}[case]
-    assert result.returncode != 0 and "--unlabeled" in result.stderr and expected in result.stderr, result.stderr
+                "classify": "self-training is for the network", "out-in-use": "busy: already holds a training run"}[case]
+    assert result.returncode != 0 and expected in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.glob("busy/*")) in ([], ["checkpoint.pt"])

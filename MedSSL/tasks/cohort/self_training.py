@@ -17,6 +17,7 @@ is in docs/cohort.md ("Self-training on unlabelled scans").
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from MedSSL.data.painted_planes import IGNORE
+from MedSSL.engine.checkpoint import CHECKPOINT_FILE
 from MedSSL.engine.progress import Progress
 from MedSSL.errors import MedSSLError
 from MedSSL.io.bundle import read_bundle_meta
@@ -74,10 +76,10 @@ def check_self_training(config: FinetuneConfig) -> None:
         raise MedSSLError("--resume cannot continue a run with --unlabeled (two rounds of training): start it again")
     if config.val_fraction:
         raise MedSSLError("--val-fraction: not with --unlabeled (round 2 would validate on pseudo-labels)")
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MedSSLError("--unlabeled runs in one process: start it without torchrun")
+    if (Path(config.out) / CHECKPOINT_FILE).is_file():
+        raise MedSSLError(f"{config.out}: already holds a training run; choose another --out")
 
 
 def self_train(config: FinetuneConfig, progress: Progress, budget_given: bool, train_round) -> Path:
@@ -98,7 +100,7 @@ def self_train(config: FinetuneConfig, progress: Progress, budget_given: bool, t
         record = {"unlabeled_scans": len(scans), "confidence": PSEUDO_CONFIDENCE,
                   "kept_fraction": [round(float(k), 4) for k in kept],
                   "round1": {"steps": steps, "init": meta.init}, "round2_steps": second_steps}
-        second = replace(config, unlabeled=[], init=str(first), width=None, spacing=None,
+        second = replace(config, unlabeled=[], init=str(first), transfer="all", width=None, spacing=None,
                          patch=tuple(meta.patch_size), images=list(config.images) + scans,
                          labels=list(config.labels) + labels, steps_from_time=False,
                          loop=replace(config.loop, steps=second_steps, max_time=None))
