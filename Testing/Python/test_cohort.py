@@ -418,6 +418,30 @@ def test_self_training_adds_pseudo_labelled_scans_in_a_second_round(self_trained
     assert chosen.loop.steps == 3
 
 
+def test_unlabelled_scans_are_files_folders_and_dicom_series_less_the_labelled_ones(tmp_path):
+    import SimpleITK as sitk
+
+    from MedSSL.tasks.cohort.self_training import unlabeled_scans
+
+    image, _ = liver_case(0)
+    folder = tmp_path / "cohort"
+    (folder / "series").mkdir(parents=True)
+    write_volume(image, folder / "a.nii.gz")
+    write_volume(image, folder / "labelled.nii.gz")
+    series = sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16))
+    for k in range(3):  # a DICOM series folder of 3 slices: taken as one scan, read when it is segmented
+        plane = series[:, :, k]
+        for tag, value in {"0020|000e": "1.2.3.4", "0020|0013": str(k + 1), "0020|0032": f"0\\0\\{k}",
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0060": "CT"}.items():
+            plane.SetMetaData(tag, value)
+        sitk.WriteImage(plane, str(folder / "series" / f"{k}.dcm"))
+    logged = []
+    config = FinetuneConfig(out=tmp_path / "m", images=[folder / "labelled.nii.gz"], labels=[folder / "labelled.nii.gz"],
+                            unlabeled=[folder])
+    assert unlabeled_scans(config, logged.append) == [folder / "a.nii.gz", folder / "series"]
+    assert logged == ["1 --unlabeled scan(s) skipped: they are also --image"]
+
+
 def test_pseudo_labelled_scans_give_at_most_half_the_patches():
     from MedSSL.tasks.cohort.self_training import PSEUDO_SHARE, sample_weights
 

@@ -57,17 +57,22 @@ def unlabeled_scans(config: FinetuneConfig, log=None) -> list[Path]:
         if source.resolve() in labelled:
             skipped += 1
             continue
-        size = read_size(source) if source.is_file() else ()
-        if size is None:
-            raise MedSSLError(f"--unlabeled {source}: not a readable image")
-        if len(size) < 3 or min(size) < 2:
-            raise MedSSLError(f"--unlabeled {source}: a one-slice image; self-training takes 3D scans")
+        if source.is_file():  # a DICOM series folder: read when it is segmented
+            _check_header(source)
         scans.append(source)
     if log and skipped:
         log(f"{skipped} --unlabeled scan(s) skipped: they are also --image")
     if not scans:
         raise MedSSLError("--unlabeled: every scan given is also an --image; give scans without labels")
     return scans
+
+
+def _check_header(source: Path) -> None:
+    size = read_size(source)
+    if size is None:
+        raise MedSSLError(f"--unlabeled {source}: not a readable image")
+    if len(size) < 3 or min(size) < 2:
+        raise MedSSLError(f"--unlabeled {source}: a one-slice image; self-training takes 3D scans")
 
 
 def check_self_training(config: FinetuneConfig) -> None:
