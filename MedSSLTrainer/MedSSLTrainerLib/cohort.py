@@ -160,7 +160,7 @@ class MedSSLCohortLogic(BackendRunner):
             if isinstance(item, (str, os.PathLike)):
                 if not os.path.exists(item):
                     raise ValueError(f"unlabelled scan {os.fspath(item)}: no such file or folder")
-                paths.append(os.fspath(item))
+                paths.append(os.path.abspath(item))  # the backend runs in the job folder
                 continue
             self.checkVolume(item)
             paths.append(nodes.writeVolume(item, os.path.join(inputs, f"unlabeled-{i + 1:03d}.nrrd")))

@@ -49,7 +49,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fewshot_cases import DATA, paint  # noqa: E402
 
-ARMS = ("cohort", "self", "refine", "engine-to", "correct1", "correct2", "dense", "sparse", "atlas", "engine3", "engine5")
+ARMS = ("cohort", "self", "refine", "engine-to", "correct1", "correct2", "dense", "sparse", "atlas", "engine3",
+        "engine5")
 
 
 def parse_args(argv=None):
@@ -188,7 +189,8 @@ def train(args, cases, axis, mode: str, work: Path, seed: int, unlabeled=()) -> 
     loop = LoopConfig(steps=args.steps or defaults.loop.steps, max_time=args.max_time, val_every=10**6,
                       checkpoint_every=10**6, lr=args.lr or defaults.loop.lr)
     config = FinetuneConfig(
-        out=work / f"model_{mode}{'_self' if unlabeled else ''}", unlabeled=[c["image"] for c in unlabeled], images=[c["image"] for c in cases], labels=labels, init=args.init,
+        out=work / f"model_{mode}{'_self' if unlabeled else ''}", images=[c["image"] for c in cases], labels=labels,
+        unlabeled=[c["image"] for c in unlabeled], init=args.init,
         width=args.width, spacing=tuple(args.spacing) if args.spacing else None, seed=seed, device="cpu", loop=loop,
         complete_paintings=mode != "sparse", position=args.position,
         patch=tuple(args.patch) if args.patch else None, batch_size=args.batch or defaults.batch_size,
