@@ -74,7 +74,7 @@ class FinetuneConfig:
                           help="image volume (repeat, paired with --label)")
     labels: list = option(flag="--label", action="append", metavar="PATH", default_factory=list,
                           help="label map on the image's grid (repeat, in the order of --image); 255 = not annotated")
-    unlabeled: list = option(flag="--unlabeled", nargs="+", metavar="PATH", default_factory=list,
+    unlabeled: tuple = option((), flag="--unlabeled", nargs="+", metavar="PATH",
                              help="network: scans of the same cohort without labels (files, folders, DICOM series): "
                                   "self-training in two rounds, the model of the labelled scans segments them and its "
                                   "confident voxels train a second round of half as many steps (docs/cohort.md)")

@@ -94,7 +94,7 @@ def self_train(config: FinetuneConfig, progress: Progress, budget_given: bool, t
     scans = unlabeled_scans(config, progress.log)
     with tempfile.TemporaryDirectory(prefix="medssl-selftrain-") as tmp:
         progress.log(f"self-training round 1: the cohort model from the {len(config.images)} labelled scan(s)")
-        first = train_round(replace(config, unlabeled=[], out=Path(tmp) / "round1",
+        first = train_round(replace(config, unlabeled=(), out=Path(tmp) / "round1",
                                     loop=_first_round_loop(config)), progress, budget_given)
         meta = read_bundle_meta(first)
         steps = int(meta.training.get("steps") or 1)
@@ -105,7 +105,7 @@ def self_train(config: FinetuneConfig, progress: Progress, budget_given: bool, t
         record = {"unlabeled_scans": len(scans), "confidence": PSEUDO_CONFIDENCE,
                   "kept_fraction": [round(float(k), 4) for k in kept],
                   "round1": {"steps": steps, "init": meta.init}, "round2_steps": second_steps}
-        second = replace(config, unlabeled=[], init=str(first), transfer="all", width=None, spacing=None,
+        second = replace(config, unlabeled=(), init=str(first), transfer="all", width=None, spacing=None,
                          patch=tuple(meta.patch_size), images=list(config.images) + scans,
                          labels=list(config.labels) + labels, steps_from_time=False,
                          loop=replace(config.loop, steps=second_steps, max_time=None))
