@@ -116,7 +116,7 @@ def sample_weights(labelled: int, pseudo: int) -> list[float]:
     """Per scan (the labelled ones first), how often round 2 draws its patches: 1 for a labelled scan; a
     pseudo-labelled one less when they outnumber the labelled ones, so that they give at most
     :data:`PSEUDO_SHARE` of the patches."""
-    if pseudo == 0 or PSEUDO_SHARE is None or pseudo / (labelled + pseudo) <= PSEUDO_SHARE:
+    if pseudo == 0 or pseudo / (labelled + pseudo) <= PSEUDO_SHARE:
         return [1.0] * (labelled + pseudo)
     weight = PSEUDO_SHARE / (1.0 - PSEUDO_SHARE) * labelled / pseudo
     return [1.0] * labelled + [weight] * pseudo
@@ -153,4 +153,3 @@ def _first_round_loop(config: FinetuneConfig):
     if config.loop.max_time is None:
         return config.loop
     return replace(config.loop, max_time=config.loop.max_time * FIRST_ROUND_TIME_SHARE)
-
