@@ -20,8 +20,8 @@ chaos_t2_mri); the test subjects are drawn from the others, so no scored subject
 
 Training variants measured against the defaults (docs/cohort.md): ``--position on`` (position channels),
 ``--dice-absent skip`` (the Dice term over the classes present in each batch), ``--lr``, ``--patch``,
-``--batch``, ``--steps``; rows carry them and the summary names such arms ``cohort+position-on``,
-``cohort+lr0.003+dice-skip``, ``cohort+patch128x128x8``, ...
+``--batch``, ``--steps``, ``--no-augment``, ``--init`` with ``--transfer``; rows carry them and the summary names such arms ``cohort+position-on``,
+``cohort+lr0.003+dice-skip``, ``cohort+patch128x128x8``, ``cohort+pretrained-encoder``, ...
 
 Runs in-process (the CLI's functions) with ``--threads`` torch threads. Prints one JSON object per result
 line and a summary; ``--out`` keeps them (results.jsonl, summary.json). ``--report`` merges the
@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: finetune's)")
     p.add_argument("--patch", type=int, nargs=3, default=None, help="training patch (default: finetune's)")
     p.add_argument("--batch", type=int, default=None, help="patches per step (default: finetune's)")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="finetune --no-augment: no random warps or intensity jitter while training")
     p.add_argument("--tilt", type=float, default=0.0, help="augmentation: out-of-plane rotations up to this many "
                    "degrees (default 0: in-plane only)")
     p.add_argument("--dice-absent", choices=("default", "skip", "keep"), default="default",
@@ -81,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--spacing", type=float, nargs=3, default=None)
     p.add_argument("--confidence", type=float, default=None, help="--completion-confidence (default: finetune's)")
     p.add_argument("--init", default=None, help="pretrained bundle for --init")
+    p.add_argument("--transfer", choices=("all", "encoder"), default="all",
+                   help="finetune --transfer: which --init weights are loaded (default: all)")
     p.add_argument("--position", choices=("auto", "on", "off"), default="auto",
                    help="finetune --position (position channels; default: finetune's)")
     p.add_argument("--gaps", type=float, nargs="+", default=None,
@@ -190,11 +194,11 @@ def train(args, cases, axis, mode: str, work: Path, seed: int, unlabeled=()) -> 
                       checkpoint_every=10**6, lr=args.lr or defaults.loop.lr)
     config = FinetuneConfig(
         out=work / f"model_{mode}{'_self' if unlabeled else ''}", images=[c["image"] for c in cases], labels=labels,
-        unlabeled=[c["image"] for c in unlabeled], init=args.init,
+        unlabeled=[c["image"] for c in unlabeled], init=args.init, transfer=args.transfer,
         width=args.width, spacing=tuple(args.spacing) if args.spacing else None, seed=seed, device="cpu", loop=loop,
         complete_paintings=mode != "sparse", position=args.position,
         patch=tuple(args.patch) if args.patch else None, batch_size=args.batch or defaults.batch_size,
-        augment_tilt_deg=args.tilt,
+        augment_tilt_deg=args.tilt, augment=args.augment,
         **({} if args.dice_absent == "default" else {"dice_skip_absent": args.dice_absent == "skip"}),
         completion_confidence=defaults.completion_confidence if args.confidence is None else args.confidence)
     started = time.perf_counter()
@@ -361,9 +365,10 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
     train_cases, test_cases = draw(args, cases, n, seed)
     base = {"cohort": args.cohort if not args.quick else "phantom", "n": n, "seed": seed,
             "train": [c["name"] for c in train_cases], "init": Path(args.init).name if args.init else None,
+            "transfer": args.transfer if args.init else None,
             "position": args.position, "lr": args.lr, "dice_absent": args.dice_absent,
             "patch": args.patch, "batch": args.batch, "steps": args.steps_given,
-            "tilt": args.tilt}
+            "tilt": args.tilt, "augment": args.augment}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
         models = {}
@@ -495,12 +500,13 @@ def arm_label(r: dict) -> str:
     if r["arm"] == "atlas" or r["arm"].startswith("engine"):
         return r["arm"]
     return r["arm"] + ("+pretrained" if r.get("init") else "") + (
+        "-encoder" if r.get("init") and r.get("transfer") == "encoder" else "") + (
         f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "") + (
         f"+lr{r['lr']:g}" if r.get("lr") else "") + (
         f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "") + (
         "+patch" + "x".join(str(v) for v in r["patch"]) if r.get("patch") else "") + (
         f"+batch{r['batch']}" if r.get("batch") else "") + (f"+steps{r['steps']}" if r.get("steps") else "") + (
-        f"+tilt{r['tilt']:g}" if r.get("tilt") else "")
+        f"+tilt{r['tilt']:g}" if r.get("tilt") else "") + ("+no-augment" if r.get("augment") is False else "")
 
 
 def summarise(rows: list[dict]) -> dict:
