@@ -20,8 +20,9 @@ chaos_t2_mri); the test subjects are drawn from the others, so no scored subject
 
 Training variants measured against the defaults (docs/cohort.md): ``--position on`` (position channels),
 ``--dice-absent skip`` (the Dice term over the classes present in each batch), ``--lr``, ``--patch``,
-``--batch``, ``--steps``, ``--no-augment``, ``--init`` with ``--transfer``; rows carry them and the summary names such arms ``cohort+position-on``,
-``cohort+lr0.003+dice-skip``, ``cohort+patch128x128x8``, ``cohort+pretrained-encoder``, ...
+``--batch``, ``--steps``, ``--no-augment``, ``--init`` with ``--transfer``; rows carry them and the summary
+names such arms ``cohort+position-on``, ``cohort+lr0.003+dice-skip``, ``cohort+patch128x128x8``,
+``cohort+pretrained-encoder``, ...
 
 Runs in-process (the CLI's functions) with ``--threads`` torch threads. Prints one JSON object per result
 line and a summary; ``--out`` keeps them (results.jsonl, summary.json). ``--report`` merges the
