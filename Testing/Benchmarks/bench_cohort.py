@@ -500,8 +500,8 @@ def arm_label(r: dict) -> str:
     the atlas and the engine alone do not depend on the network and keep their names."""
     if r["arm"] == "atlas" or r["arm"].startswith("engine"):
         return r["arm"]
-    return r["arm"] + ("+pretrained" if r.get("init") else "") + (
-        "-encoder" if r.get("init") and r.get("transfer") == "encoder" else "") + (
+    pretrained = "+pretrained" + ("-encoder" if r.get("transfer") == "encoder" else "")
+    return r["arm"] + (pretrained if r.get("init") else "") + (
         f"+position-{r['position']}" if r.get("position", "auto") != "auto" else "") + (
         f"+lr{r['lr']:g}" if r.get("lr") else "") + (
         f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "") + (
