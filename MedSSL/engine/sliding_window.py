@@ -282,14 +282,17 @@ class SegmentationReducer:
     (1 - p(background)) as float16: memory independent of the number of classes.
 
     entropy=True expects an extra last channel (see :func:`make_predictor`) and keeps it too.
+    class_probs=True also keeps every foreground channel's probability, (channels - 1, X, Y, Z) float16
+    (memory grows with the class count: the cohort corrections use it, :mod:`MedSSL.tasks.cohort.correction`).
     """
 
-    def __init__(self, shape, n_channels: int, entropy: bool = False, chunk: int = 8):
+    def __init__(self, shape, n_channels: int, entropy: bool = False, chunk: int = 8, class_probs: bool = False):
         self.n_channels, self.chunk = n_channels, chunk
         self.channel = np.zeros(shape, dtype=np.uint8)
         self.max_prob = np.zeros(shape, dtype=np.float16)
         self.fg_prob = np.zeros(shape, dtype=np.float16)
         self.entropy = np.zeros(shape, dtype=np.float16) if entropy else None
+        self.class_probs = np.zeros((n_channels - 1,) + tuple(shape), dtype=np.float16) if class_probs else None
 
     def __call__(self, block: torch.Tensor, z0: int, z1: int, x0: int = 0) -> None:
         """block (channels, X', Y, z1 - z0): X indices [x0, x0 + X'), slices [z0, z1)."""
@@ -304,3 +307,5 @@ class SegmentationReducer:
             self.fg_prob[xs, :, z0 + a:z0 + b] = (1.0 - probs[0]).clamp(0, 1).half().cpu().numpy()
             if self.entropy is not None:
                 self.entropy[xs, :, z0 + a:z0 + b] = part[self.n_channels].half().cpu().numpy()
+            if self.class_probs is not None:
+                self.class_probs[:, xs, :, z0 + a:z0 + b] = probs[1:].clamp(0, 1).half().cpu().numpy()

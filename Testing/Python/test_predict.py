@@ -93,6 +93,22 @@ def test_slabs_agree_with_one_pass():
     assert np.abs(results[0].max_prob.astype(np.float32) - results[1].max_prob.astype(np.float32)).mean() < 0.02
 
 
+def test_the_reducer_keeps_each_foreground_class_probability_when_asked():
+    """class_probs=True: (channels - 1, X, Y, Z) float16, the network's softmax of every foreground channel,
+    consistent with the winning channel and the foreground probability kept anyway."""
+    torch.manual_seed(0)
+    net = GenesisUNet(1, 4, 4).eval()
+    image = np.random.default_rng(1).random((16, 16, 8)).astype(np.float32)
+    reducer = SegmentationReducer(image.shape, 4, class_probs=True)
+    run_slabs(image, make_predictor(net, low_precision=False), (16, 16, 8), 4, reducer)
+    with torch.inference_mode():
+        softmax = torch.softmax(net(torch.from_numpy(image)[None, None]).float(), 1)[0].numpy()
+    assert reducer.class_probs.shape == (3, 16, 16, 8) and reducer.class_probs.dtype == np.float16
+    assert np.abs(reducer.class_probs.astype(np.float32) - softmax[1:]).max() < 0.01
+    assert np.abs(reducer.class_probs.astype(np.float32).sum(0) - reducer.fg_prob.astype(np.float32)).max() < 0.01
+    assert SegmentationReducer(image.shape, 4).class_probs is None  # not kept unless asked
+
+
 def test_test_time_flips_give_probabilities():
     torch.manual_seed(0)
     net = GenesisUNet(1, 3, 4).eval()

@@ -35,11 +35,13 @@ from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, ru
 class SegmentationResult:
     """labels: uint8 volume on the input grid; max_prob: float16 (X, Y, Z) probability of the predicted
     channel; fg_prob: float16 (X, Y, Z) foreground probability (both on the input grid; Z = 1 for a
-    one-slice image)."""
+    one-slice image); class_probs: float16 (C, X, Y, Z) probability of each of the C foreground classes
+    (``model.channel_values[1:]``) on the input grid, only when asked for."""
 
     labels: Volume
     max_prob: np.ndarray
     fg_prob: np.ndarray
+    class_probs: np.ndarray | None = None
 
 
 def check_output_path(path, kinds: tuple, option: str) -> Path:
@@ -111,12 +113,14 @@ def read_annotation(path, volume: Volume, image_path) -> np.ndarray:
 
 
 def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOptions,
-            progress: Progress | None = None, annotation: np.ndarray | None = None) -> SegmentationResult:
-    """Run a segmentation bundle on ``volume``; see the module docstring."""
+            progress: Progress | None = None, annotation: np.ndarray | None = None,
+            class_probs: bool = False) -> SegmentationResult:
+    """Run a segmentation bundle on ``volume``; see the module docstring. ``class_probs``: also return each
+    foreground class' probability on the input grid (:class:`SegmentationResult`)."""
     log = progress.log if progress else None
     array, work = prepare(model, volume, image_path, log)
     n = len(model.channel_values)
-    reducer = SegmentationReducer(work.shape, n)
+    reducer = SegmentationReducer(work.shape, n, class_probs=class_probs)
     if progress:
         progress.stage("predict", f"sliding window over {'x'.join(map(str, work.shape))} voxels", total=1)
     window = inference_window(model, work.shape, options.window, options.sw_batch_size)
@@ -127,6 +131,8 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
     labels = upsample_labels(model.channel_values[reducer.channel], work, volume)
     max_prob = to_input_grid(reducer.max_prob, work, volume, nearest=False)
     fg_prob = to_input_grid(reducer.fg_prob, work, volume, nearest=False)
+    per_class = None if reducer.class_probs is None else np.stack(
+        [to_input_grid(p, work, volume, nearest=False) for p in reducer.class_probs]).astype(np.float16)
     if annotation is not None:
         labels = keep_connected_to_annotation(labels, annotation)
     clean_up = None if options.all_components else cohort_clean_up(model.meta)
@@ -135,7 +141,7 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
     elif clean_up:
         labels = drop_small_pieces(labels, *clean_up)
     out = volume.with_array(labels.astype(np.uint8))
-    return SegmentationResult(out, max_prob, fg_prob)
+    return SegmentationResult(out, max_prob, fg_prob, per_class)
 
 
 def classify(model: LoadedModel, volume: Volume, image_path, tta: bool = False) -> dict:
