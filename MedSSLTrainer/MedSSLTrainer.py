@@ -51,7 +51,8 @@ BUTTON_TIPS = {
                            "model on every scan of the cohort in the background."),
     "segmentNextButton": _("Segment the volume with the cohort model: a draft to review and correct."),
     "correctDraftButton": _("Repaint a plane or two where the draft is wrong (a new segmentation, segments named as "
-                            "the cohort's classes); the planes near them are redone from the draft."),
+                            "the cohort's classes); the scan is redone from them, a few planes of the draft and "
+                            "the network's probabilities."),
 }
 """The tooltips of the start buttons while they can be clicked (else the tooltip says what is missing)."""
 

@@ -129,10 +129,10 @@ class MedSSLCohortLogic(BackendRunner):
 
     @removesUnstartedJobFolders
     def correct(self, volumeNode, correctionsNode, blocking=True, onEvent=None, name=None):
-        """The draft of ``volumeNode`` redone near the planes repainted in ``correctionsNode`` (a segmentation
+        """The draft of ``volumeNode`` corrected with the planes repainted in ``correctionsNode`` (a segmentation
         with one or two whole planes painted, segments named as the cohort's classes): a new segmentation node
-        holding the corrected planes exactly, the planes near them redone by the few-shot engine, the draft
-        elsewhere."""
+        holding the corrected planes exactly, the rest redone by the few-shot engine from them, a few planes
+        of the draft and the network's class probabilities (``medssl predict --annotation``)."""
         self.checkVolume(volumeNode)
         labels, classes, _planes = sparseLabels(correctionsNode, volumeNode)
         labels, _ = _matchClasses(labels, classes, self.state()["classes"], allowNew=False)

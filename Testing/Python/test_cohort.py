@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from MedSSL.data.phantom import make_phantom
+from MedSSL.errors import MedSSLError
 from MedSSL.io.bundle import read_meta
 from MedSSL.io.volumes import read_volume, write_volume
 from MedSSL.tasks import FinetuneConfig
@@ -188,6 +189,41 @@ def test_a_correction_may_erase_what_the_draft_found():
         fixed = correct_draft(image.array, image.spacing, draft, fix, gap_mm=12.0, draft_planes=draft_planes)
         assert not np.any(fixed[..., beyond])
         assert dice(fixed == 1, truth == 1) > 0.95
+
+
+def test_the_networks_probabilities_carry_a_correction_where_the_image_cannot():
+    """``prior``: the draft's class probabilities join the engine's features (as log-odds). On an image of
+    noise (no appearance to learn) a cylinder runs 4 planes past the first and last draft planes: with the
+    network's probabilities the engine ends it where the network does; from the planes alone it tapers it."""
+    from scipy import ndimage
+
+    from MedSSL.data.painted_planes import spread_planes
+    from MedSSL.tasks.cohort.correction import DRAFT_PLANES, prior_features
+    from MedSSL.tasks.fewshot.frame import prepare_frame
+
+    shape, spacing = (40, 40, 30), (2.0, 2.0, 2.0)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    truth = ((((x - 18) ** 2 + (y - 20) ** 2) <= 49) & (z >= 3) & (z <= 26)).astype(np.uint8)
+    draft_planes = spread_planes(truth, 2, DRAFT_PLANES)
+    ends = np.zeros(shape, bool)
+    ends[..., :draft_planes[0]] = ends[..., draft_planes[-1] + 1:] = True
+    assert truth[ends].sum() > 0.1 * truth.sum()
+    image = np.random.default_rng(0).normal(0.0, 1.0, shape).astype(np.float32)
+    prior = np.clip(ndimage.gaussian_filter(truth.astype(np.float32), 1.0), 0.02, 0.98)[None]  # the network: right
+    fix = painted(truth, [draft_planes[len(draft_planes) // 2]])
+    alone = correct_draft(image, spacing, truth, fix)
+    guided = correct_draft(image, spacing, truth, fix, prior=prior)
+    assert dice(guided[ends] == 1, truth[ends] == 1) > 0.9 > dice(alone[ends] == 1, truth[ends] == 1) + 0.1
+    assert dice(guided == 1, truth == 1) > 0.95
+    # the log-odds are clipped and the frame takes them as extra feature channels of the image's shape
+    odds = prior_features(np.array([[[[0.0, 0.5, 1.0]]]]))
+    assert odds.shape == (1, 1, 1, 3) and abs(float(odds[0, 0, 0, 1])) < 1e-3 and 6.5 < float(odds[0, 0, 0, 2]) < 7.0
+    paint = painted(truth, draft_planes)
+    plain, _, _ = prepare_frame(image, spacing, paint, 10.0)
+    extended, _, _ = prepare_frame(image, spacing, paint, 10.0, extra_features=prior_features(prior))
+    assert extended.features.shape[0] == plain.features.shape[0] + 1
+    with pytest.raises(MedSSLError, match="extra features"):
+        prepare_frame(image, spacing, paint, 10.0, extra_features=prior_features(prior)[:, :-1])
 
 
 def test_refine_draft_redoes_a_draft_from_its_own_planes():
@@ -382,6 +418,36 @@ def test_predict_with_corrected_planes_keeps_them_and_improves_the_draft(cohort_
     fixed = read_volume(tmp_path / "fixed.nii.gz").array
     assert np.array_equal(fixed[..., plane], truth[..., plane])
     assert dice(fixed == 1, truth == 1) > dice(draft == 1, truth == 1)
+
+
+def test_predict_corrects_with_the_drafts_class_probabilities(cohort_model, tmp_path, monkeypatch):
+    """``predict --annotation`` hands the engine the draft's class probabilities on the scan's grid (the
+    ``prior`` of :func:`correct_draft`), one map per foreground class, high where the draft found the class."""
+    import torch
+
+    from MedSSL.engine.progress import Progress
+    from MedSSL.tasks.cohort import correction
+    from MedSSL.tasks.infer import PredictOptions
+    from MedSSL.tasks.infer.model import load_model
+
+    image, truth = liver_case(2)
+    write_volume(image, tmp_path / "new.nii.gz")
+    write_volume(image.with_array(painted(truth, liver_planes(truth, 1))), tmp_path / "fix.nii.gz")
+    seen = {}
+
+    def spy(image_array, spacing, draft, corrected, **kwargs):
+        seen.update(draft=draft, prior=kwargs.get("prior"))
+        return correct_draft(image_array, spacing, draft, corrected, **kwargs)
+
+    monkeypatch.setattr(correction, "correct_draft", spy)
+    model = load_model(cohort_model / "model", torch.device("cpu"))
+    correction.predict_corrected(model, tmp_path / "new.nii.gz", tmp_path / "fix.nii.gz", tmp_path / "fixed.nii.gz",
+                                 PredictOptions(), Progress("none"))
+    prior = seen["prior"].astype(np.float32)
+    assert prior.shape == (1,) + truth.shape and 0.0 <= prior.min() and prior.max() <= 1.0
+    found = seen["draft"] == 1
+    assert found.any() and prior[0][found].mean() > 0.5 > prior[0][~found].mean()
+    assert (tmp_path / "fixed.nii.gz").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -159,12 +159,15 @@ def apply_painting(model: FewShotModel, image: np.ndarray, spacing, painted: np.
 
 def segment_painted(image: np.ndarray, spacing, painted: np.ndarray, settings: FewShotSettings = FewShotSettings(),
                     previous: FewShotModel | None = None, backbone=None, backbone_intensity=None,
-                    log=None) -> tuple[FewShotModel, FewShotResult]:
-    """:func:`fit_painting` then :func:`apply_painting` on one shared frame (features computed once)."""
+                    log=None, extra_features: np.ndarray | None = None) -> tuple[FewShotModel, FewShotResult]:
+    """:func:`fit_painting` then :func:`apply_painting` on one shared frame (features computed once).
+    ``extra_features``: (F, X, Y, Z) maps on the image's grid that join the appearance features of this one
+    run (:func:`.frame.prepare_frame`; the returned model cannot be applied without them)."""
     clock = time.perf_counter()
     if previous is not None:
         backbone, backbone_intensity = previous.backbone, previous.backbone_intensity
-    frame, _, _ = prepare_frame(image, spacing, painted, settings.margin_mm, backbone, backbone_intensity)
+    frame, _, _ = prepare_frame(image, spacing, painted, settings.margin_mm, backbone, backbone_intensity,
+                                extra_features)
     t_features = time.perf_counter() - clock
     model = fit_painting(image, spacing, painted, settings, previous, backbone, backbone_intensity, log, frame)
     t_fit = time.perf_counter() - clock - t_features

@@ -80,8 +80,11 @@ def moved(planes: PaintedPlanes, array: np.ndarray) -> np.ndarray:
 
 
 def prepare_frame(image: np.ndarray, spacing, painted: np.ndarray, margin_mm: float, backbone=None,
-             backbone_intensity=None) -> tuple[Frame, PaintedPlanes, tuple]:
-    """The engine's frame for ``painted`` on ``image``: (frame, planes, moved full shape)."""
+                  backbone_intensity=None, extra_features: np.ndarray | None = None) -> tuple[Frame, PaintedPlanes, tuple]:
+    """The engine's frame for ``painted`` on ``image``: (frame, planes, moved full shape).
+
+    ``extra_features``: (F, X, Y, Z) float32 maps on the image's grid appended to the appearance features
+    (the cohort network's class log-odds when a draft is corrected, :mod:`MedSSL.tasks.cohort.correction`)."""
     if image.shape != painted.shape:
         raise MedSSLError(f"painted label {tuple(painted.shape)} and image {tuple(image.shape)} differ in shape")
     planes = find_painted_planes(painted)
@@ -101,6 +104,12 @@ def prepare_frame(image: np.ndarray, spacing, painted: np.ndarray, margin_mm: fl
 
         features = np.concatenate([features, decoder_features(backbone, coarse, spacing_m * np.array([factor, factor, 1]),
                                                               backbone_intensity)])
+    if extra_features is not None:
+        if tuple(extra_features.shape[1:]) != tuple(image.shape):
+            raise MedSSLError(f"extra features {tuple(extra_features.shape[1:])} and image {tuple(image.shape)} "
+                              "differ in shape")
+        extra = [coarsen(np.ascontiguousarray(moved(planes, f)[box], np.float32), factor) for f in extra_features]
+        features = np.concatenate([features, np.stack(extra)])
     in_roi = [k - box[2].start for k in planes.planes[main] if box[2].start <= k < box[2].stop]
     return Frame(roi_labels, known_m[box].copy(), features, spacing_m, in_roi, box, factor, planes), planes, labels_m.shape
 

@@ -29,7 +29,8 @@ class PredictOptions:
                                      help="the painted label map of this image (255 = not annotated). A few-shot bundle "
                                           "needs it: the engine completes this painting. A cohort model (network from "
                                           "`finetune` on several scans): corrections, the painted planes are kept and the "
-                                          "planes near them redone by the few-shot engine from the network's draft. Older "
+                                          "few-shot engine redoes the scan from them, planes of the network's draft and "
+                                          "its class probabilities. Older "
                                           "network bundles: keep only predicted components connected to the painted "
                                           "structure and copy the painted voxels (clean-up)")
     tta: bool = option(False, action="store_true", help="average the predictions of flipped copies (4x slower)")
