@@ -22,7 +22,8 @@ Training variants measured against the defaults (docs/cohort.md): ``--position o
 ``--dice-absent skip`` (the Dice term over the classes present in each batch), ``--lr``, ``--patch``,
 ``--batch``, ``--steps``, ``--no-augment``, ``--init`` with ``--transfer``; rows carry them and the summary
 names such arms ``cohort+position-on``, ``cohort+lr0.003+dice-skip``, ``cohort+patch128x128x8``,
-``cohort+pretrained-encoder``, ...
+``cohort+pretrained-encoder``, ...; ``--no-draft-prior`` corrects without the network's class probabilities
+(``correct1+no-prior``).
 
 Runs in-process (the CLI's functions) with ``--threads`` torch threads. Prints one JSON object per result
 line and a summary; ``--out`` keeps them (results.jsonl, summary.json). ``--report`` merges the
@@ -94,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--draft-planes", nargs="+", default=None,
                    help="corrections: planes of the draft per class given to the engine, or 'all' (every plane "
                         "beyond the gap; the first design) (default: predict's); several: one row per value")
+    p.add_argument("--no-draft-prior", dest="draft_prior", action="store_false",
+                   help="corrections without the network's class probabilities among the engine's features (the "
+                        "design before 2026-12-07; rows and arms marked no-prior)")
     p.add_argument("--target", type=float, default=None, metavar="DICE",
                    help="also count the planes a user corrects, worst first, until the draft reaches this mean "
                         "Dice (rows 'to<DICE>' with planes_to_target; null when --cap planes were not enough); with "
@@ -224,7 +228,8 @@ def predict(model_dir: Path, case: dict):
     model = load_model(model_dir, torch.device("cpu"))
     volume = read_volume(case["image"])
     started = time.perf_counter()
-    seg = segment(model, volume, case["image"], PredictOptions(overlap=float(model.meta.inference_setting("overlap") or 0.5)))
+    seg = segment(model, volume, case["image"], PredictOptions(overlap=float(model.meta.inference_setting("overlap") or 0.5)),
+                  class_probs=True)
     return seg, time.perf_counter() - started
 
 
@@ -269,9 +274,10 @@ def engine_alone(case, axis, k) -> tuple[np.ndarray, float]:
     return result.labels, time.perf_counter() - started
 
 
-def corrections(draft: np.ndarray, case, axis, counts, gaps, draft_planes) -> dict:
+def corrections(draft: np.ndarray, case, axis, counts, gaps, draft_planes, prior=None) -> dict:
     """{(count, gap_mm, draft planes): (labels, seconds, planes)} after correcting the draft on the ``count``
-    worst planes (draft planes: per class given to the engine, "all" for every plane beyond the gap)."""
+    worst planes (draft planes: per class given to the engine, "all" for every plane beyond the gap; prior:
+    the draft's (C, X, Y, Z) class probabilities, or None)."""
     from MedSSL.tasks.cohort.correction import DRAFT_PLANES, GAP_MM, correct_draft, worst_planes
 
     image, truth = read_case(case)
@@ -286,15 +292,17 @@ def corrections(draft: np.ndarray, case, axis, counts, gaps, draft_planes) -> di
             for k in draft_planes or [DRAFT_PLANES]:
                 started = time.perf_counter()
                 labels = correct_draft(image.array.astype(np.float32), image.spacing, draft, painted, gap_mm=gap,
-                                       draft_planes=None if k == "all" else int(k))
+                                       draft_planes=None if k == "all" else int(k), prior=prior)
                 out[count, gap, k] = (labels, time.perf_counter() - started, planes)
     return out
 
 
-def planes_to_target(draft: np.ndarray, case, axis, classes, target: float, cap: int) -> tuple[int | None, float, list]:
+def planes_to_target(draft: np.ndarray, case, axis, classes, target: float, cap: int,
+                     prior=None) -> tuple[int | None, float, list]:
     """A simulated user correcting the draft plane by plane, each time on the plane where the current result
     is worst (not one already corrected), until the mean Dice over classes reaches ``target``: (planes
-    corrected, or None when ``cap`` planes were not enough; the last Dice; the planes)."""
+    corrected, or None when ``cap`` planes were not enough; the last Dice; the planes). prior: the draft's
+    class probabilities for :func:`correct_draft`, or None."""
     from MedSSL.tasks.cohort.correction import correct_draft
 
     image, truth = read_case(case)
@@ -312,7 +320,7 @@ def planes_to_target(draft: np.ndarray, case, axis, classes, target: float, cap:
         index = [slice(None)] * 3
         index[axis] = plane
         corrected[tuple(index)] = truth[tuple(index)]
-        result = correct_draft(image.array.astype(np.float32), image.spacing, draft, corrected)
+        result = correct_draft(image.array.astype(np.float32), image.spacing, draft, corrected, prior=prior)
 
 
 def engine_planes_to_target(case, axis, classes, target: float, cap: int) -> dict:
@@ -369,7 +377,7 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
             "transfer": args.transfer if args.init else None,
             "position": args.position, "lr": args.lr, "dice_absent": args.dice_absent,
             "patch": args.patch, "batch": args.batch, "steps": args.steps_given,
-            "tilt": args.tilt, "augment": args.augment}
+            "tilt": args.tilt, "augment": args.augment, "draft_prior": args.draft_prior}
     with tempfile.TemporaryDirectory(prefix="medssl-cohort-") as tmp:
         work = Path(tmp)
         models = {}
@@ -405,12 +413,14 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                           "seconds": round(time.perf_counter() - started, 2)})
                 if arm == "cohort" and args.target is not None:
                     started = time.perf_counter()
-                    count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap)
+                    count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap,
+                                                            seg.class_probs if args.draft_prior else None)
                     emit({**row, "arm": f"to{args.target:g}", "planes_to_target": count, "planes": planes,
                           "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)})
                 if arm == "cohort":
                     wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
-                    found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes)
+                    found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes,
+                                        seg.class_probs if args.draft_prior else None)
                     for (count, gap, k), (fixed, secs, planes) in found.items():
                         arm_name = (f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
                                     + (f"@draft-{k}" if args.draft_planes and len(args.draft_planes) > 1 else ""))
@@ -507,7 +517,8 @@ def arm_label(r: dict) -> str:
         f"+dice-{r['dice_absent']}" if r.get("dice_absent", "default") != "default" else "") + (
         "+patch" + "x".join(str(v) for v in r["patch"]) if r.get("patch") else "") + (
         f"+batch{r['batch']}" if r.get("batch") else "") + (f"+steps{r['steps']}" if r.get("steps") else "") + (
-        f"+tilt{r['tilt']:g}" if r.get("tilt") else "") + ("+no-augment" if r.get("augment") is False else "")
+        f"+tilt{r['tilt']:g}" if r.get("tilt") else "") + ("+no-augment" if r.get("augment") is False else "") + (
+        "+no-prior" if r.get("draft_prior") is False and r["arm"].startswith(("correct", "to")) else "")
 
 
 def summarise(rows: list[dict]) -> dict:
