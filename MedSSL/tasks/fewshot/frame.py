@@ -83,8 +83,9 @@ def prepare_frame(image: np.ndarray, spacing, painted: np.ndarray, margin_mm: fl
                   backbone_intensity=None, extra_features: np.ndarray | None = None) -> tuple[Frame, PaintedPlanes, tuple]:
     """The engine's frame for ``painted`` on ``image``: (frame, planes, moved full shape).
 
-    ``extra_features``: (F, X, Y, Z) float32 maps on the image's grid appended to the appearance features
-    (the cohort network's class log-odds when a draft is corrected, :mod:`MedSSL.tasks.cohort.correction`)."""
+    ``extra_features``: (F, X, Y, Z) maps on the image's grid (any float dtype; cropped to the region, then
+    float32) appended to the appearance features (the cohort network's class log-odds when a draft is
+    corrected, :mod:`MedSSL.tasks.cohort.correction`)."""
     if image.shape != painted.shape:
         raise MedSSLError(f"painted label {tuple(painted.shape)} and image {tuple(image.shape)} differ in shape")
     planes = find_painted_planes(painted)
