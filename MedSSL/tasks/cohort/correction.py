@@ -36,10 +36,11 @@ PRIOR_CLIP = 1e-3
 def prior_features(class_probs: np.ndarray) -> np.ndarray:
     """(C, X, Y, Z) probabilities of the network's C foreground classes -> (C, X, Y, Z) float16 log-odds,
     clipped at +-log((1 - PRIOR_CLIP) / PRIOR_CLIP) (about +-6.9; float16 keeps the memory of the input)."""
+    from scipy.special import logit
+
     out = np.empty(np.shape(class_probs), np.float16)
     for c, probs in enumerate(class_probs):
-        p = np.clip(np.asarray(probs, np.float32), PRIOR_CLIP, 1.0 - PRIOR_CLIP)
-        out[c] = np.log(p / (1.0 - p))
+        out[c] = logit(np.clip(np.asarray(probs, np.float32), PRIOR_CLIP, 1.0 - PRIOR_CLIP))
     return out
 
 
