@@ -217,7 +217,9 @@ def largest_component_per_class(labels):
     return keep_largest(labels)
 
 
-def predict(model_dir: Path, case: dict):
+def predict(model_dir: Path, case: dict, class_probs: bool = False):
+    """(segmentation, seconds); ``class_probs``: also each class' probability, for the corrections (not timed
+    apart: only rows that correct ask for them)."""
     import torch
 
     from MedSSL.io.volumes import read_volume
@@ -229,7 +231,7 @@ def predict(model_dir: Path, case: dict):
     volume = read_volume(case["image"])
     started = time.perf_counter()
     seg = segment(model, volume, case["image"], PredictOptions(overlap=float(model.meta.inference_setting("overlap") or 0.5)),
-                  class_probs=True)
+                  class_probs=class_probs)
     return seg, time.perf_counter() - started
 
 
@@ -396,7 +398,9 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
             _, truth = read_case(case)
             row = {**base, "test": case["name"]}
             for arm, (model_dir, train_s) in models.items():
-                seg, seconds = predict(model_dir, case)
+                corrects = arm == "cohort" and args.draft_prior and (
+                    args.target is not None or any(a.startswith("correct") for a in args.arms))
+                seg, seconds = predict(model_dir, case, class_probs=corrects)
                 labels = seg.labels.array
                 emit({**row, "arm": arm, "dice": dice_per_class(labels, truth, classes), "train_s": round(train_s, 1),
                       "predict_s": round(seconds, 2)})
@@ -414,13 +418,12 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                 if arm == "cohort" and args.target is not None:
                     started = time.perf_counter()
                     count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap,
-                                                            seg.class_probs if args.draft_prior else None)
+                                                            seg.class_probs)
                     emit({**row, "arm": f"to{args.target:g}", "planes_to_target": count, "planes": planes,
                           "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)})
                 if arm == "cohort":
                     wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
-                    found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes,
-                                        seg.class_probs if args.draft_prior else None)
+                    found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes, seg.class_probs)
                     for (count, gap, k), (fixed, secs, planes) in found.items():
                         arm_name = (f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
                                     + (f"@draft-{k}" if args.draft_planes and len(args.draft_planes) > 1 else ""))

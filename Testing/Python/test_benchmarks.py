@@ -221,6 +221,9 @@ def test_bench_cohort_quick(tmp_path, capsys):
     assert label({"arm": "cohort", "augment": False}) == "cohort+no-augment"
     assert label({"arm": "cohort", "augment": False, "tilt": 0.0}) == "cohort+no-augment"
     assert label({"arm": "cohort", "augment": True}) == "cohort"
+    assert label({"arm": "correct1", "draft_prior": False}) == "correct1+no-prior"
+    assert label({"arm": "cohort", "draft_prior": False}) == "cohort"  # the draft itself does not change
+    assert label({"arm": "correct1", "draft_prior": True}) == "correct1"
     assert "to0.5: median" in table
 
 
