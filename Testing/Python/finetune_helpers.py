@@ -43,8 +43,9 @@ def blobs_ct(shape=(32, 32, 16), seed=0, n=4, radius=4, values=(1,), hu=(300,)) 
 
 
 def segment_bundle(path, values=(0, 1), width=4, patch=(16, 16, 16), spacing=None, in_channels=1,
-                   task="segment", seed=0, spatial_dims=3, names=None) -> None:
-    """An untrained segmentation (or other ``task``) bundle, written without training."""
+                   task="segment", seed=0, spatial_dims=3, names=None, cohort=None) -> None:
+    """An untrained segmentation (or other ``task``) bundle, written without training; ``cohort``: its
+    model.json ``cohort`` entry (a cohort model's)."""
     from MedSSL.models.genesis_unet import GenesisUNet
 
     torch.manual_seed(seed)
@@ -56,4 +57,6 @@ def segment_bundle(path, values=(0, 1), width=4, patch=(16, 16, 16), spacing=Non
             "preprocessing": {"intensity": {"modality": "CT", "ct_window": [-1000, 1000], "mr_percentiles": [0.5, 99.5]},
                               "target_spacing_mm": list(spacing) if spacing else None, "modality": "CT"},
             "patch_size": list(patch)}
+    if cohort is not None:
+        meta["cohort"] = cohort
     save_bundle(path, net.state_dict(), meta)

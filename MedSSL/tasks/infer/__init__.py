@@ -22,7 +22,8 @@ class PredictOptions:
     command's default is the bundle's); memory_mb: target size of the sliding-window accumulator;
     min_volume_mm3: smallest detection; window: sliding-window size (X, Y, Z) voxels or "plane", None =
     :func:`~.model.inference_window`; min_score / max_findings: which detections to report; fp32: no
-    reduced-precision network (see :func:`~MedSSL.engine.sliding_window.make_predictor`). The
+    reduced-precision network (see :func:`~MedSSL.engine.sliding_window.make_predictor`); bn_adaptation:
+    "auto", "on" or "off", see :mod:`.adaptation`. The
     :func:`~MedSSL.io.settings.option` fields are ``medssl predict``'s options."""
 
     annotation: Path | None = option(None, type=Path, metavar="LABEL",
@@ -57,6 +58,10 @@ class PredictOptions:
     fp32: bool = option(False, action="store_true",
                         help="run the network in fp32 (default: bf16 on CPUs that compute it natively, bf16 or fp16 "
                              "on CUDA; probabilities are accumulated in fp32 on the CPU either way)")
+    bn_adaptation: str = option("auto", choices=("auto", "on", "off"),
+                                help="BatchNorm statistics blended with those of each scan, drawn around the classes of a "
+                                     "first prediction, then the scan segmented again (about twice the time); auto: "
+                                     "cohort models (default {default})")
     sw_batch_size: int = 2
     select: object = None  # None, or a function filtering the detections list (``--min-score``, ``--max-findings``)
 

@@ -29,6 +29,7 @@ from MedSSL.tasks.infer.detect import find_detections
 from MedSSL.tasks.infer.model import LoadedModel, inference_window, prepare
 from MedSSL.tasks.infer.postprocess import drop_small_pieces, keep_connected_to_annotation, largest_component_per_class
 from MedSSL.engine.sliding_window import SegmentationReducer, make_predictor, run_slabs
+from MedSSL.tasks.infer.adaptation import adapt_to_scan, wants_adaptation
 
 
 @dataclass
@@ -120,13 +121,15 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
     log = progress.log if progress else None
     array, work = prepare(model, volume, image_path, log)
     n = len(model.channel_values)
+    network = model.network
+    if wants_adaptation(model, options.bn_adaptation):
+        draft = SegmentationReducer(work.shape, n)
+        _sliding_window(model, network, array, work, options, draft, progress, "draft, for the BatchNorm adaptation")
+        network = adapt_to_scan(model, array, draft.channel, work.spacing, work.direction,
+                                low_precision=not options.fp32)
+        del draft
     reducer = SegmentationReducer(work.shape, n, class_probs=class_probs)
-    if progress:
-        progress.stage("predict", f"sliding window over {'x'.join(map(str, work.shape))} voxels", total=1)
-    window = inference_window(model, work.shape, options.window, options.sw_batch_size)
-    run_slabs(array, make_predictor(model.network, options.tta, low_precision=not options.fp32), window, n, reducer, overlap=options.overlap,
-              sw_batch_size=options.sw_batch_size, memory_mb=options.memory_mb, device=model.device,
-              on_slab=(lambda i, k: progress.update(i, k)) if progress else None, spatial_dims=model.spatial_dims)
+    _sliding_window(model, network, array, work, options, reducer, progress, "")
     del array
     labels = upsample_labels(model.channel_values[reducer.channel], work, volume)
     max_prob = to_input_grid(reducer.max_prob, work, volume, nearest=False)
@@ -142,6 +145,19 @@ def segment(model: LoadedModel, volume: Volume, image_path, options: PredictOpti
         labels = drop_small_pieces(labels, *clean_up)
     out = volume.with_array(labels.astype(np.uint8))
     return SegmentationResult(out, max_prob, fg_prob, per_class)
+
+
+def _sliding_window(model: LoadedModel, network, array: np.ndarray, work: Volume, options: PredictOptions,
+                    reducer: SegmentationReducer, progress: Progress | None, purpose: str) -> None:
+    """Run ``network`` over ``array`` (the model's input on ``work``'s grid) into ``reducer``."""
+    if progress:
+        what = f" ({purpose})" if purpose else ""
+        progress.stage("predict", f"sliding window over {'x'.join(map(str, work.shape))} voxels{what}", total=1)
+    window = inference_window(model, work.shape, options.window, options.sw_batch_size)
+    run_slabs(array, make_predictor(network, options.tta, low_precision=not options.fp32), window, len(model.channel_values),
+              reducer, overlap=options.overlap, sw_batch_size=options.sw_batch_size, memory_mb=options.memory_mb,
+              device=model.device, on_slab=(lambda i, k: progress.update(i, k)) if progress else None,
+              spatial_dims=model.spatial_dims)
 
 
 def classify(model: LoadedModel, volume: Volume, image_path, tta: bool = False) -> dict:

@@ -36,7 +36,7 @@ DEFAULTS = {
                  "device": "auto", "seed": 0,
                  "progress": None, "threads": None},
     "predict": {"annotation": None, "tta": False, "largest-component": False, "all-components": False, "overlap": 0.5, "window": None,
-                "min-volume": 0.0, "min-score": None, "max-findings": None, "memory-mb": 1024.0, "fp32": False,
+                "min-volume": 0.0, "min-score": None, "max-findings": None, "memory-mb": 1024.0, "fp32": False, "bn-adaptation": "auto",
                 "device": "auto", "seed": 0, "progress": None, "threads": None},
     "suggest": {"label": None, "out": None, "count": 5, "axis": 2, "min-gap": 1, "memory-mb": 1024.0,
                 "device": "auto", "seed": 0, "progress": None, "threads": None},
