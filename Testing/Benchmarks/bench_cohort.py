@@ -98,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--no-draft-prior", dest="draft_prior", action="store_false",
                    help="corrections without the network's class probabilities among the engine's features (the "
                         "design before 2026-12-07; rows and arms marked no-prior)")
+    p.add_argument("--bn-adaptation", nargs="+", choices=("auto", "on", "off"), default=["auto"],
+                   help="predict --bn-adaptation for the network arms (default auto: on for cohort models); several: "
+                        "each prediction (and its corrections) once per value, arms marked bn-on / bn-off")
     p.add_argument("--target", type=float, default=None, metavar="DICE",
                    help="also count the planes a user corrects, worst first, until the draft reaches this mean "
                         "Dice (rows 'to<DICE>' with planes_to_target; null when --cap planes were not enough); with "
@@ -217,9 +220,9 @@ def largest_component_per_class(labels):
     return keep_largest(labels)
 
 
-def predict(model_dir: Path, case: dict, class_probs: bool = False):
+def predict(model_dir: Path, case: dict, class_probs: bool = False, bn_adaptation: str = "auto"):
     """(segmentation, seconds); ``class_probs``: also each class' probability, for the corrections (not timed
-    apart: only rows that correct ask for them)."""
+    apart: only rows that correct ask for them); ``bn_adaptation``: ``predict --bn-adaptation``."""
     import torch
 
     from MedSSL.io.volumes import read_volume
@@ -230,8 +233,8 @@ def predict(model_dir: Path, case: dict, class_probs: bool = False):
     model = load_model(model_dir, torch.device("cpu"))
     volume = read_volume(case["image"])
     started = time.perf_counter()
-    seg = segment(model, volume, case["image"], PredictOptions(overlap=float(model.meta.inference_setting("overlap") or 0.5)),
-                  class_probs=class_probs)
+    options = PredictOptions(overlap=float(model.meta.inference_setting("overlap") or 0.5), bn_adaptation=bn_adaptation)
+    seg = segment(model, volume, case["image"], options, class_probs=class_probs)
     return seg, time.perf_counter() - started
 
 
@@ -398,37 +401,39 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
             _, truth = read_case(case)
             row = {**base, "test": case["name"]}
             for arm, (model_dir, train_s) in models.items():
-                corrects = arm == "cohort" and args.draft_prior and (
-                    args.target is not None or any(a.startswith("correct") for a in args.arms))
-                seg, seconds = predict(model_dir, case, class_probs=corrects)
-                labels = seg.labels.array
-                emit({**row, "arm": arm, "dice": dice_per_class(labels, truth, classes), "train_s": round(train_s, 1),
-                      "predict_s": round(seconds, 2)})
-                if args.largest_component:
-                    emit({**row, "arm": f"{arm}+lcc",
-                          "dice": dice_per_class(largest_component_per_class(labels), truth, classes)})
-                if arm == "cohort" and "refine" in args.arms:
-                    from MedSSL.tasks.cohort.correction import refine_draft
+                for adaptation in args.bn_adaptation:
+                    net_row = {**row, "bn_adaptation": adaptation}
+                    corrects = arm == "cohort" and args.draft_prior and (
+                        args.target is not None or any(a.startswith("correct") for a in args.arms))
+                    seg, seconds = predict(model_dir, case, class_probs=corrects, bn_adaptation=adaptation)
+                    labels = seg.labels.array
+                    emit({**net_row, "arm": arm, "dice": dice_per_class(labels, truth, classes), "train_s": round(train_s, 1),
+                          "predict_s": round(seconds, 2)})
+                    if args.largest_component:
+                        emit({**net_row, "arm": f"{arm}+lcc",
+                              "dice": dice_per_class(largest_component_per_class(labels), truth, classes)})
+                    if arm == "cohort" and "refine" in args.arms:
+                        from MedSSL.tasks.cohort.correction import refine_draft
 
-                    image, _ = read_case(case)
-                    started = time.perf_counter()
-                    refined = refine_draft(image.array, image.spacing, labels, axis)
-                    emit({**row, "arm": "refine", "dice": dice_per_class(refined, truth, classes),
-                          "seconds": round(time.perf_counter() - started, 2)})
-                if arm == "cohort" and args.target is not None:
-                    started = time.perf_counter()
-                    count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap,
-                                                            seg.class_probs)
-                    emit({**row, "arm": f"to{args.target:g}", "planes_to_target": count, "planes": planes,
-                          "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)})
-                if arm == "cohort":
-                    wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
-                    found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes, seg.class_probs)
-                    for (count, gap, k), (fixed, secs, planes) in found.items():
-                        arm_name = (f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
-                                    + (f"@draft-{k}" if args.draft_planes and len(args.draft_planes) > 1 else ""))
-                        emit({**row, "arm": arm_name, "dice": dice_per_class(fixed, truth, classes),
-                              "planes": planes, "gap_mm": gap, "draft_planes": k, "seconds": round(secs, 2)})
+                        image, _ = read_case(case)
+                        started = time.perf_counter()
+                        refined = refine_draft(image.array, image.spacing, labels, axis)
+                        emit({**net_row, "arm": "refine", "dice": dice_per_class(refined, truth, classes),
+                              "seconds": round(time.perf_counter() - started, 2)})
+                    if arm == "cohort" and args.target is not None:
+                        started = time.perf_counter()
+                        count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap,
+                                                                seg.class_probs)
+                        emit({**net_row, "arm": f"to{args.target:g}", "planes_to_target": count, "planes": planes,
+                              "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)})
+                    if arm == "cohort":
+                        wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
+                        found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes, seg.class_probs)
+                        for (count, gap, k), (fixed, secs, planes) in found.items():
+                            arm_name = (f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
+                                        + (f"@draft-{k}" if args.draft_planes and len(args.draft_planes) > 1 else ""))
+                            emit({**net_row, "arm": arm_name, "dice": dice_per_class(fixed, truth, classes),
+                                  "planes": planes, "gap_mm": gap, "draft_planes": k, "seconds": round(secs, 2)})
             if "atlas" in args.arms:
                 pred, seconds = atlas(train_cases, case, classes)
                 emit({**row, "arm": "atlas", "dice": dice_per_class(pred, truth, classes), "seconds": round(seconds, 1)})
@@ -521,7 +526,8 @@ def arm_label(r: dict) -> str:
         "+patch" + "x".join(str(v) for v in r["patch"]) if r.get("patch") else "") + (
         f"+batch{r['batch']}" if r.get("batch") else "") + (f"+steps{r['steps']}" if r.get("steps") else "") + (
         f"+tilt{r['tilt']:g}" if r.get("tilt") else "") + ("+no-augment" if r.get("augment") is False else "") + (
-        "+no-prior" if r.get("draft_prior") is False and r["arm"].startswith(("correct", "to")) else "")
+        "+no-prior" if r.get("draft_prior") is False and r["arm"].startswith(("correct", "to")) else "") + (
+        f"+bn-{r['bn_adaptation']}" if r.get("bn_adaptation", "auto") != "auto" else "")
 
 
 def summarise(rows: list[dict]) -> dict:
