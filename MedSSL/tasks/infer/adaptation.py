@@ -60,7 +60,6 @@ def adapt_to_scan(model, array: np.ndarray, draft: np.ndarray, spacing, directio
     adapted = copy.deepcopy(model.network).to(memory_format=torch.channels_last_3d)
     bundle = running_statistics(adapted)
     autocast, _ = mixed_precision(model.device, low_precision)
-    recalibrate_batchnorm(adapted, (sampler.sample(2)[0].astype(np.float32) for _ in range(batches)), model.device,
-                          autocast)
+    recalibrate_batchnorm(adapted, (sampler.sample(2)[0] for _ in range(batches)), model.device, autocast)
     blend_statistics(adapted, bundle, share)
     return adapted
