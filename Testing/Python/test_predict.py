@@ -237,26 +237,32 @@ def test_annotation_and_largest_component_options(trained, tmp_path):
 
 def test_fp32_option_reaches_the_network(trained, tmp_path, monkeypatch):
     """--fp32 runs the network without autocast; by default it runs under the loop's reduced precision
-    (bf16 where the CPU computes it natively, so on other CPUs the two runs agree exactly)."""
+    (bf16 where the CPU computes it natively, so on other CPUs the two runs agree exactly). A cohort model
+    runs three times per scan (the draft, the BatchNorm adaptation's patches, the adapted network): each of
+    them in the run's precision."""
     from MedSSL.engine import sliding_window
     from MedSSL.engine.acceleration import cpu_has_native_bf16
+    from MedSSL.tasks.infer import adaptation
 
     folder, _ = trained
-    seen = []
+    seen = {"default": [], "fp32": []}
     real = sliding_window.mixed_precision
+    run = []
 
     def recording(device, enabled):
-        seen.append(enabled)
+        seen[run[-1]].append(enabled)
         return real(device, enabled)
 
     monkeypatch.setattr(sliding_window, "mixed_precision", recording)
+    monkeypatch.setattr(adaptation, "mixed_precision", recording)
     outputs = {}
     for name, extra in (("default", []), ("fp32", ["--fp32"])):
+        run.append(name)
         out = tmp_path / f"{name}.nrrd"
         assert main(["predict", "--device", "cpu", "--model", str(folder / "m"), "--image", str(folder / "ct.nii.gz"), "--out", str(out),
                      "--progress", "none", *extra]) == 0
         outputs[name] = read_volume(out).array
-    assert seen == [True, False]
+    assert seen == {"default": [True] * 3, "fp32": [False] * 3}
     changed = float((outputs["default"] != outputs["fp32"]).mean())
     assert changed < 0.01 if cpu_has_native_bf16() else changed == 0.0
 
