@@ -402,38 +402,8 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
             row = {**base, "test": case["name"]}
             for arm, (model_dir, train_s) in models.items():
                 for adaptation in args.bn_adaptation:
-                    net_row = {**row, "bn_adaptation": adaptation}
-                    corrects = arm == "cohort" and args.draft_prior and (
-                        args.target is not None or any(a.startswith("correct") for a in args.arms))
-                    seg, seconds = predict(model_dir, case, class_probs=corrects, bn_adaptation=adaptation)
-                    labels = seg.labels.array
-                    emit({**net_row, "arm": arm, "dice": dice_per_class(labels, truth, classes), "train_s": round(train_s, 1),
-                          "predict_s": round(seconds, 2)})
-                    if args.largest_component:
-                        emit({**net_row, "arm": f"{arm}+lcc",
-                              "dice": dice_per_class(largest_component_per_class(labels), truth, classes)})
-                    if arm == "cohort" and "refine" in args.arms:
-                        from MedSSL.tasks.cohort.correction import refine_draft
-
-                        image, _ = read_case(case)
-                        started = time.perf_counter()
-                        refined = refine_draft(image.array, image.spacing, labels, axis)
-                        emit({**net_row, "arm": "refine", "dice": dice_per_class(refined, truth, classes),
-                              "seconds": round(time.perf_counter() - started, 2)})
-                    if arm == "cohort" and args.target is not None:
-                        started = time.perf_counter()
-                        count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap,
-                                                                seg.class_probs)
-                        emit({**net_row, "arm": f"to{args.target:g}", "planes_to_target": count, "planes": planes,
-                              "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)})
-                    if arm == "cohort":
-                        wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
-                        found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes, seg.class_probs)
-                        for (count, gap, k), (fixed, secs, planes) in found.items():
-                            arm_name = (f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
-                                        + (f"@draft-{k}" if args.draft_planes and len(args.draft_planes) > 1 else ""))
-                            emit({**net_row, "arm": arm_name, "dice": dice_per_class(fixed, truth, classes),
-                                  "planes": planes, "gap_mm": gap, "draft_planes": k, "seconds": round(secs, 2)})
+                    score_network(args, {**row, "bn_adaptation": adaptation}, arm, model_dir, train_s, case, truth,
+                                  classes, axis, emit)
             if "atlas" in args.arms:
                 pred, seconds = atlas(train_cases, case, classes)
                 emit({**row, "arm": "atlas", "dice": dice_per_class(pred, truth, classes), "seconds": round(seconds, 1)})
@@ -444,6 +414,43 @@ def run_draw(args, cases, classes, axis, n: int, seed: int, emit) -> None:
                     pred, seconds = engine_alone(case, axis, k)
                     emit({**row, "arm": f"engine{k}", "dice": dice_per_class(pred, truth, classes),
                           "seconds": round(seconds, 1)})
+
+
+def score_network(args, row: dict, arm: str, model_dir: Path, train_s: float, case: dict, truth, classes, axis,
+                  emit) -> None:
+    """Score one network arm's prediction of ``case`` (``row`` says with which ``--bn-adaptation``), and for
+    the cohort arm what the other arms derive from its draft: refine, corrections, planes to the target."""
+    corrects = arm == "cohort" and args.draft_prior and (
+        args.target is not None or any(a.startswith("correct") for a in args.arms))
+    seg, seconds = predict(model_dir, case, class_probs=corrects, bn_adaptation=row["bn_adaptation"])
+    labels = seg.labels.array
+    emit({**row, "arm": arm, "dice": dice_per_class(labels, truth, classes), "train_s": round(train_s, 1),
+          "predict_s": round(seconds, 2)})
+    if args.largest_component:
+        emit({**row, "arm": f"{arm}+lcc",
+              "dice": dice_per_class(largest_component_per_class(labels), truth, classes)})
+    if arm == "cohort" and "refine" in args.arms:
+        from MedSSL.tasks.cohort.correction import refine_draft
+
+        image, _ = read_case(case)
+        started = time.perf_counter()
+        refined = refine_draft(image.array, image.spacing, labels, axis)
+        emit({**row, "arm": "refine", "dice": dice_per_class(refined, truth, classes),
+              "seconds": round(time.perf_counter() - started, 2)})
+    if arm == "cohort" and args.target is not None:
+        started = time.perf_counter()
+        count, score, planes = planes_to_target(labels, case, axis, classes, args.target, args.cap,
+                                                seg.class_probs)
+        emit({**row, "arm": f"to{args.target:g}", "planes_to_target": count, "planes": planes,
+              "dice_reached": round(score, 4), "seconds": round(time.perf_counter() - started, 1)})
+    if arm == "cohort":
+        wanted = [int(a[-1]) for a in args.arms if a.startswith("correct")]
+        found = corrections(labels, case, axis, wanted, args.gaps, args.draft_planes, seg.class_probs)
+        for (count, gap, k), (fixed, secs, planes) in found.items():
+            arm_name = (f"correct{count}" + (f"@{gap:g}mm" if args.gaps and len(args.gaps) > 1 else "")
+                        + (f"@draft-{k}" if args.draft_planes and len(args.draft_planes) > 1 else ""))
+            emit({**row, "arm": arm_name, "dice": dice_per_class(fixed, truth, classes),
+                  "planes": planes, "gap_mm": gap, "draft_planes": k, "seconds": round(secs, 2)})
 
 
 def keep_models(models: dict, folder: Path) -> None:
